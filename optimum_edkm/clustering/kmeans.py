@@ -1,0 +1,136 @@
+"""Centroid initialisation (weighted k-means++ then Lloyd, on distinct values) and hard assignment."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from .layout import (check_centroids, check_scale, check_weight, cluster_values, compute_dtype, num_groups,
+                     row_view_shape)
+from .spec import ClusteringSpec
+from .uniquify import UniqueValues, uniquify
+
+
+def _segment_sum(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
+    return torch.zeros(size, dtype=values.dtype, device=values.device).index_add_(0, index, values)
+
+
+def _sample_per_group(weights: torch.Tensor, uv: UniqueValues, starts: torch.Tensor, ends: torch.Tensor,
+                      generator: torch.Generator) -> torch.Tensor:
+    """One pair index per group, drawn with probability proportional to ``weights`` within the group.
+    A group whose weights are all zero (every distinct value already chosen) gets its first pair."""
+    groups = starts.numel()
+    cumulative = weights.to(torch.float64).cumsum(0)
+    before = torch.where(starts > 0, cumulative[(starts - 1).clamp_min(0)], torch.zeros_like(cumulative[:1]))
+    totals = cumulative[ends - 1] - before
+    draws = torch.rand(groups, generator=generator, dtype=torch.float64).to(weights.device)
+    targets = before + draws * totals
+    picked = torch.searchsorted(cumulative, targets, right=True)
+    picked = torch.minimum(torch.maximum(picked, starts), ends - 1)
+    return torch.where(totals > 0, picked, starts)
+
+
+def _nearest(values: torch.Tensor, group: torch.Tensor, centroids: torch.Tensor):
+    distance = (values.unsqueeze(1) - centroids[group]).pow(2)
+    best, label = distance.min(1)
+    return best, label
+
+
+def _lloyd(uv: UniqueValues, centroids: torch.Tensor, max_iter: int):
+    groups, k = centroids.shape
+    for _ in range(max_iter):
+        _, label = _nearest(uv.values, uv.group, centroids)
+        slot = uv.group * k + label
+        mass = _segment_sum(uv.counts, slot, groups * k).view(groups, k)
+        total = _segment_sum(uv.counts * uv.values, slot, groups * k).view(groups, k)
+        updated = torch.where(mass > 0, total / torch.where(mass > 0, mass, torch.ones_like(mass)), centroids)
+        if torch.equal(updated, centroids):
+            break
+        centroids = updated
+    best, _ = _nearest(uv.values, uv.group, centroids)
+    inertia = _segment_sum(uv.counts * best, uv.group, groups)
+    return centroids, inertia
+
+
+@torch.no_grad()
+def init_centroids(weight: torch.Tensor, spec: ClusteringSpec, scale: Optional[torch.Tensor] = None,
+                   seed: int = 0, restarts: int = 3, max_iter: int = 100, name: str = "weight") -> torch.Tensor:
+    """Deterministic k-means centroids, ``[groups, 2**bits]``, sorted ascending within each group.
+
+    Weighted k-means++ seeding on the distinct values of each group (weights = counts), refined by Lloyd
+    iterations, best of ``restarts`` by inertia; all groups are processed together. The same ``seed`` and
+    weights give the same centroids on every device and process. A group with fewer distinct values than
+    clusters gets its distinct values, padded by repeating one of them.
+    """
+    check_weight(weight, name)
+    groups = num_groups(weight, spec.group_size, name)
+    check_scale(scale, weight, name)
+    if not isinstance(restarts, int) or restarts < 1:
+        raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
+    cdt = compute_dtype(weight)
+    uv = uniquify(cluster_values(weight, scale, spec, groups), cdt)
+    k = spec.num_clusters
+    pair_counts = torch.bincount(uv.group, minlength=groups)
+    ends = pair_counts.cumsum(0)
+    starts = ends - pair_counts
+    generator = torch.Generator().manual_seed(int(seed))
+
+    best_centroids, best_inertia = None, None
+    for _ in range(restarts):
+        chosen = [_sample_per_group(uv.counts, uv, starts, ends, generator)]
+        nearest = (uv.values - uv.values[chosen[0]][uv.group]).pow(2)
+        for _ in range(1, k):
+            pick = _sample_per_group(uv.counts * nearest, uv, starts, ends, generator)
+            chosen.append(pick)
+            nearest = torch.minimum(nearest, (uv.values - uv.values[pick][uv.group]).pow(2))
+        centroids = uv.values[torch.stack(chosen, 1)]                       # [G, k]
+        centroids, inertia = _lloyd(uv, centroids, max_iter)
+        if best_centroids is None:
+            best_centroids, best_inertia = centroids, inertia
+        else:
+            better = inertia < best_inertia
+            best_centroids = torch.where(better.unsqueeze(1), centroids, best_centroids)
+            best_inertia = torch.minimum(inertia, best_inertia)
+    return best_centroids.sort(1).values
+
+
+class HardAssignment(NamedTuple):
+    """Nearest-centroid snapping: ``indices`` (uint8, the weight's shape) into ``lut`` (``[groups, 2**bits]``)."""
+
+    indices: torch.Tensor
+    lut: torch.Tensor
+
+
+@torch.no_grad()
+def hard_assign(weight: torch.Tensor, centroids: torch.Tensor, spec: ClusteringSpec,
+                scale: Optional[torch.Tensor] = None, name: str = "weight") -> HardAssignment:
+    """Index of the nearest centroid (lowest index on ties) for every weight, computed on distinct values."""
+    check_weight(weight, name)
+    groups = num_groups(weight, spec.group_size, name)
+    check_centroids(centroids, groups, spec, name)
+    check_scale(scale, weight, name)
+    cdt = compute_dtype(weight)
+    uv = uniquify(cluster_values(weight, scale, spec, groups), cdt)
+    _, label = _nearest(uv.values, uv.group, centroids.to(cdt))
+    indices = label.to(torch.uint8)[uv.index].view(weight.shape)
+    return HardAssignment(indices, centroids.detach().clone())
+
+
+def decode(indices: torch.Tensor, lut: torch.Tensor, scale: Optional[torch.Tensor] = None,
+           dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Dense weight ``scale[row] * lut[group(row), indices]``; groups are consecutive rows (dim 0)."""
+    if indices.dtype != torch.uint8 or lut.dim() != 2:
+        raise TypeError("decode expects uint8 indices and a [groups, 2**bits] LUT")
+    groups, k = lut.shape
+    rows = indices.shape[0]
+    if rows % groups != 0:
+        raise ValueError(f"a LUT with {groups} groups cannot describe {rows} output channels")
+    flat = indices.reshape(groups, -1).long()
+    if int(flat.max()) >= k:
+        raise ValueError(f"indices reach {int(flat.max())} but the LUT has only {k} entries")
+    work = torch.promote_types(lut.dtype, torch.float32)
+    dense = torch.gather(lut.to(work), 1, flat).view(indices.shape)
+    if scale is not None:
+        dense = dense * scale.to(work).view(row_view_shape(indices))
+    return dense if dtype is None else dense.to(dtype)

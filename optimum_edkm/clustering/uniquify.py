@@ -1,0 +1,116 @@
+"""Uniquification: the distinct values of each group, their counts, and where each weight points.
+
+A 16-bit tensor holds at most 65,536 distinct values, so the DKM attention map over distinct values is
+at most 65,536 x k, whatever the size of the tensor. The distinct values are found by counting bit
+patterns with ``bincount`` (no sort).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from .spec import UNIQUE_DTYPES
+
+PATTERNS = 1 << 16
+# Above this many (group, distinct value) bins, counting per group with bincount would need more memory than
+# sorting the per-weight keys, so torch.unique is used instead (many small groups, e.g. one per channel).
+_MAX_DENSE_BINS = 1 << 25
+
+
+@dataclass
+class UniqueValues:
+    """Distinct (group, value) pairs of a ``[groups, n]`` tensor, pairs sorted by group.
+
+    values: (P,) the distinct value of each pair, in the compute dtype.
+    counts: (P,) how many weights of the group hold that value (compute dtype, exact integers).
+    group:  (P,) int64 group of each pair.
+    index:  (groups * n,) int64 pair of each weight, row-major over ``[groups, n]``.
+    """
+
+    values: torch.Tensor
+    counts: torch.Tensor
+    group: torch.Tensor
+    index: torch.Tensor
+
+    @property
+    def num_pairs(self) -> int:
+        return self.values.numel()
+
+
+def bit_patterns(values: torch.Tensor) -> torch.Tensor:
+    """The 16-bit pattern of each bf16/fp16 value as an int64 in [0, 65536)."""
+    return values.contiguous().view(torch.int16).to(torch.int64) & (PATTERNS - 1)
+
+
+@lru_cache(maxsize=16)
+def _pattern_table(dtype: torch.dtype, device: torch.device, compute: torch.dtype) -> torch.Tensor:
+    codes = torch.arange(PATTERNS, dtype=torch.int32, device=device)
+    codes = torch.where(codes >= PATTERNS // 2, codes - PATTERNS, codes).to(torch.int16)
+    table = codes.view(dtype).to(compute)
+    # NaN/Inf patterns never occur in checked weights; zero them so the table is safe to reduce over.
+    return torch.where(torch.isfinite(table), table, torch.zeros_like(table))
+
+
+def pattern_values(dtype: torch.dtype, device, compute: torch.dtype) -> torch.Tensor:
+    """Value of every 16-bit pattern of ``dtype`` (index = pattern), in ``compute`` dtype."""
+    return _pattern_table(dtype, torch.device(device), compute)
+
+
+@torch.no_grad()
+def uniquify(values: torch.Tensor, compute: torch.dtype) -> UniqueValues:
+    """Distinct values per row of ``values`` (shape ``[groups, n]``), with counts and per-weight index."""
+    groups = values.shape[0]
+    if values.dtype in UNIQUE_DTYPES:
+        return _uniquify_patterns(values, compute)
+    return _uniquify_sorted(values.to(compute), groups)
+
+
+def _uniquify_patterns(values: torch.Tensor, compute: torch.dtype) -> UniqueValues:
+    groups = values.shape[0]
+    device = values.device
+    patterns = bit_patterns(values).reshape(-1)
+    pattern_counts = torch.bincount(patterns, minlength=PATTERNS)
+    present = pattern_counts > 0
+    slot = present.cumsum(0) - 1
+    table = pattern_values(values.dtype, device, compute)[present]
+    if groups == 1:
+        return UniqueValues(
+            values=table,
+            counts=pattern_counts[present].to(compute),
+            group=torch.zeros(table.numel(), dtype=torch.int64, device=device),
+            index=slot[patterns],
+        )
+    distinct = table.numel()
+    keys = slot[patterns].view(groups, -1)
+    keys = (keys + torch.arange(groups, device=device).unsqueeze(1) * distinct).reshape(-1)
+    if groups * distinct <= _MAX_DENSE_BINS:
+        key_counts = torch.bincount(keys, minlength=groups * distinct)
+        key_present = key_counts > 0
+        pair_keys = key_present.nonzero().squeeze(1)
+        index = (key_present.cumsum(0) - 1)[keys]
+        counts = key_counts[key_present]
+    else:
+        pair_keys, index, counts = torch.unique(keys, sorted=True, return_inverse=True, return_counts=True)
+    return UniqueValues(
+        values=table[pair_keys % distinct],
+        counts=counts.to(compute),
+        group=pair_keys // distinct,
+        index=index,
+    )
+
+
+def _uniquify_sorted(values: torch.Tensor, groups: int) -> UniqueValues:
+    flat = values.reshape(-1)
+    if groups == 1:
+        uniq, index, counts = torch.unique(flat, sorted=True, return_inverse=True, return_counts=True)
+        return UniqueValues(values=uniq, counts=counts.to(values.dtype),
+                            group=torch.zeros(uniq.numel(), dtype=torch.int64, device=values.device),
+                            index=index)
+    group_of = torch.arange(groups, device=values.device, dtype=values.dtype).repeat_interleave(values.shape[1])
+    pairs, index, counts = torch.unique(torch.stack([group_of, flat], 1), dim=0, sorted=True,
+                                        return_inverse=True, return_counts=True)
+    return UniqueValues(values=pairs[:, 1].contiguous(), counts=counts.to(values.dtype),
+                        group=pairs[:, 0].to(torch.int64), index=index)
