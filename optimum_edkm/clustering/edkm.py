@@ -122,8 +122,7 @@ class _EDKMFunction(torch.autograd.Function):
                                                                    previous=dkm.previous.detach(),
                                                                    centroids=dkm.centroids.detach()), spec)
             per_weight = centroid_path / uv.counts
-            grad_values = grad * local[uv.index] + per_weight[uv.index]
-            grad_values = grad_values.view(weight.shape)
+            grad_values = local[uv.index].mul_(grad).add_(per_weight[uv.index]).view(weight.shape)
             if scale is not None:
                 grad_values = grad_values / scale.to(cdt).view(row_view_shape(weight))
         return grad_values.to(weight.dtype), None, None, None, None

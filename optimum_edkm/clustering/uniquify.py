@@ -27,7 +27,7 @@ class UniqueValues:
     values: (P,) the distinct value of each pair, in the compute dtype.
     counts: (P,) how many weights of the group hold that value (compute dtype, exact integers).
     group:  (P,) int64 group of each pair.
-    index:  (groups * n,) int64 pair of each weight, row-major over ``[groups, n]``.
+    index:  (groups * n,) pair of each weight, row-major over ``[groups, n]`` (int32 below 2**31 weights).
     """
 
     values: torch.Tensor
@@ -41,8 +41,13 @@ class UniqueValues:
 
 
 def bit_patterns(values: torch.Tensor) -> torch.Tensor:
-    """The 16-bit pattern of each bf16/fp16 value as an int64 in [0, 65536)."""
-    return values.contiguous().view(torch.int16).to(torch.int64) & (PATTERNS - 1)
+    """The 16-bit pattern of each bf16/fp16 value as an int32 in [0, 65536)."""
+    return values.contiguous().view(torch.int16).to(torch.int32).bitwise_and_(PATTERNS - 1)
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    """int32 per-weight indices halve the transient memory of the gathers; int64 only for huge tensors."""
+    return torch.int32 if numel < 2 ** 31 else torch.int64
 
 
 @lru_cache(maxsize=16)
@@ -71,29 +76,33 @@ def uniquify(values: torch.Tensor, compute: torch.dtype) -> UniqueValues:
 def _uniquify_patterns(values: torch.Tensor, compute: torch.dtype) -> UniqueValues:
     groups = values.shape[0]
     device = values.device
+    idx_dtype = index_dtype(values.numel())
     patterns = bit_patterns(values).reshape(-1)
     pattern_counts = torch.bincount(patterns, minlength=PATTERNS)
     present = pattern_counts > 0
-    slot = present.cumsum(0) - 1
+    slot = (present.cumsum(0) - 1).to(torch.int32)
     table = pattern_values(values.dtype, device, compute)[present]
+    index = slot[patterns].to(idx_dtype)
+    del patterns
     if groups == 1:
         return UniqueValues(
             values=table,
             counts=pattern_counts[present].to(compute),
             group=torch.zeros(table.numel(), dtype=torch.int64, device=device),
-            index=slot[patterns],
+            index=index,
         )
     distinct = table.numel()
-    keys = slot[patterns].view(groups, -1)
+    keys = index.view(groups, -1).to(torch.int64)
     keys = (keys + torch.arange(groups, device=device).unsqueeze(1) * distinct).reshape(-1)
     if groups * distinct <= _MAX_DENSE_BINS:
         key_counts = torch.bincount(keys, minlength=groups * distinct)
         key_present = key_counts > 0
         pair_keys = key_present.nonzero().squeeze(1)
-        index = (key_present.cumsum(0) - 1)[keys]
+        index = (key_present.cumsum(0) - 1).to(idx_dtype)[keys]
         counts = key_counts[key_present]
     else:
         pair_keys, index, counts = torch.unique(keys, sorted=True, return_inverse=True, return_counts=True)
+        index = index.to(idx_dtype)
     return UniqueValues(
         values=table[pair_keys % distinct],
         counts=counts.to(compute),

@@ -1,0 +1,379 @@
+"""The clustering engine against independent references: plain DKM, float64 recomputation, brute force."""
+
+import importlib
+import itertools
+import math
+
+import pytest
+import torch
+
+from optimum_edkm.clustering import (ClusteringSpec, SavedTensorMeter, decode, dkm_reference, edkm_cluster,
+                                     hard_assign, init_centroids, pack_indices, packed_size, per_channel_scale,
+                                     uniquify, unpack_indices)
+
+uniquify_module = importlib.import_module("optimum_edkm.clustering.uniquify")
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def bf16_representable(shape, std=0.02, seed=0, dtype=torch.float64):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=generator) * std).to(torch.bfloat16).to(dtype)
+
+
+def relative_error(actual, expected):
+    actual, expected = actual.detach().double(), expected.detach().double()
+    return float((actual - expected).norm() / expected.norm())
+
+
+def reference_on_rounded_domain(weight, centroids, spec, scale):
+    """Independent oracle for eDKM with a per-channel scale: plain DKM on bf16(w / s), multiplied back,
+    with the rounding treated as identity in backward (straight-through)."""
+    rows = (-1,) + (1,) * (weight.dim() - 1)
+    scaled = (weight.detach() / scale.view(rows)).to(torch.bfloat16).to(weight.dtype).requires_grad_(True)
+    out = dkm_reference(scaled, centroids, spec)
+    return out, scaled
+
+
+CASES = list(itertools.product(range(1, 9), [None, 2], [False, True]))
+
+
+@pytest.mark.parametrize("bits,group_size,with_scale", CASES)
+def test_edkm_equals_reference_dkm_in_float64(bits, group_size, with_scale):
+    shape = (6, 37) if bits < 7 else (4, 5, 7)      # odd sizes; a conv-like 3-D weight too
+    weight = bf16_representable(shape, seed=bits).requires_grad_(True)
+    # scaled rows live in [-1, 1] instead of ~[-0.05, 0.05]: a temperature on the same relative footing
+    temperature = 0.1 if with_scale else 1e-4
+    spec = ClusteringSpec(bits=bits, group_size=group_size, temperature=temperature, iterations=3)
+    scale = per_channel_scale(weight) if with_scale else None
+    centroids = init_centroids(weight, spec, scale=scale, seed=bits)
+    upstream = torch.randn(shape, generator=torch.Generator().manual_seed(100 + bits), dtype=torch.float64)
+
+    edkm = edkm_cluster(weight, centroids, spec, scale=scale)
+    (grad_edkm,) = torch.autograd.grad(edkm.weight, weight, upstream)
+
+    if with_scale:
+        ref, scaled = reference_on_rounded_domain(weight, centroids, spec, scale)
+        rows = (-1,) + (1,) * (weight.dim() - 1)
+        expected = ref.weight * scale.view(rows)
+        (grad_scaled,) = torch.autograd.grad(expected, scaled, upstream)
+        grad_ref = grad_scaled / scale.view(rows)
+    else:
+        ref = dkm_reference(weight, centroids, spec)
+        expected = ref.weight
+        (grad_ref,) = torch.autograd.grad(expected, weight, upstream)
+
+    assert edkm.iterations == ref.iterations == 3
+    assert relative_error(edkm.weight, expected) < 1e-9
+    assert relative_error(edkm.centroids, ref.centroids) < 1e-9
+    assert relative_error(grad_edkm, grad_ref) < 1e-9
+    assert float(grad_ref.abs().max()) > 0
+
+
+def test_temperature_controls_softness_and_gradients_match_at_any_temperature():
+    weight = bf16_representable((8, 16), seed=3).requires_grad_(True)
+    for temperature in (1e-6, 1e-3):
+        spec = ClusteringSpec(bits=2, temperature=temperature, iterations=2)
+        centroids = init_centroids(weight, spec)
+        upstream = torch.randn(weight.shape, dtype=torch.float64)
+        ref = dkm_reference(weight, centroids, spec)
+        edkm = edkm_cluster(weight, centroids, spec)
+        (g_ref,) = torch.autograd.grad(ref.weight, weight, upstream)
+        (g_edkm,) = torch.autograd.grad(edkm.weight, weight, upstream)
+        assert relative_error(g_edkm, g_ref) < 1e-9
+    # a cold softmax is nearly a hard assignment: the output has (almost) only 4 distinct values
+    cold = edkm_cluster(weight, init_centroids(weight, ClusteringSpec(bits=2, temperature=1e-9)),
+                        ClusteringSpec(bits=2, temperature=1e-9))
+    assert cold.weight.detach().unique().numel() <= 4
+
+
+def test_early_stop_on_tolerance_is_the_same_in_both_engines():
+    weight = bf16_representable((16, 16), seed=5).requires_grad_(True)
+    loose = ClusteringSpec(bits=3, iterations=10, tolerance=1.0)     # every update moves less than 1.0
+    centroids = init_centroids(weight, loose)
+    assert dkm_reference(weight, centroids, loose).iterations == 1
+    assert edkm_cluster(weight, centroids, loose).iterations == 1
+    strict = ClusteringSpec(bits=3, iterations=10, tolerance=0.0)
+    ref = dkm_reference(weight, centroids, strict)
+    edkm = edkm_cluster(weight, centroids, strict)
+    assert ref.iterations == edkm.iterations
+    upstream = torch.randn(weight.shape, dtype=torch.float64)
+    (g_ref,) = torch.autograd.grad(ref.weight, weight, upstream)
+    (g_edkm,) = torch.autograd.grad(edkm.weight, weight, upstream)
+    assert relative_error(g_edkm, g_ref) < 1e-9
+
+
+def test_a_cluster_that_attracts_no_weight_keeps_its_centroid():
+    weight = bf16_representable((8, 8), seed=6).requires_grad_(True)
+    spec = ClusteringSpec(bits=2)
+    centroids = torch.tensor([[-0.01, 0.01, 5.0, 6.0]], dtype=torch.float64)   # two far from every weight
+    ref = dkm_reference(weight, centroids, spec)
+    edkm = edkm_cluster(weight, centroids, spec)
+    assert ref.centroids[0, 2:].tolist() == [5.0, 6.0] and edkm.centroids[0, 2:].tolist() == [5.0, 6.0]
+    upstream = torch.randn(weight.shape, dtype=torch.float64)
+    (g_ref,) = torch.autograd.grad(ref.weight, weight, upstream)
+    (g_edkm,) = torch.autograd.grad(edkm.weight, weight, upstream)
+    assert bool(torch.isfinite(g_ref).all()) and relative_error(g_edkm, g_ref) < 1e-9
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("group_size", [None, 8])
+def test_low_precision_within_dtype_rounding_of_float64_oracle(dtype, group_size):
+    weight = (torch.randn(32, 48, generator=torch.Generator().manual_seed(7)) * 0.02).to(dtype)
+    weight.requires_grad_(True)
+    spec = ClusteringSpec(bits=3, group_size=group_size)
+    centroids = init_centroids(weight, spec)
+    # eDKM clusters 16-bit weights as they are, fp32 weights through their bf16 rounding
+    domain = torch.bfloat16 if dtype == torch.float32 else dtype
+    oracle_weight = weight.detach().to(domain).double().requires_grad_(True)
+    oracle = dkm_reference(oracle_weight, centroids.double(), spec)
+    upstream = torch.randn(weight.shape, generator=torch.Generator().manual_seed(8))
+    (g_oracle,) = torch.autograd.grad(oracle.weight, oracle_weight, upstream.double())
+
+    edkm = edkm_cluster(weight, centroids, spec)
+    (g_edkm,) = torch.autograd.grad(edkm.weight, weight, upstream.to(dtype))
+    tolerance = 2 * torch.finfo(dtype).eps if dtype != torch.float32 else 1e-5
+    assert edkm.weight.dtype == dtype
+    assert relative_error(edkm.weight, oracle.weight) < tolerance
+    assert relative_error(g_edkm, g_oracle) < tolerance
+    # plain DKM computed in the same low precision is no closer to the oracle than eDKM
+    ref = dkm_reference(weight, centroids, spec)
+    assert relative_error(edkm.weight, oracle.weight) <= relative_error(ref.weight, oracle.weight) + tolerance
+
+
+def test_saved_for_backward_is_100x_smaller_than_reference_dkm():
+    weight = (torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
+    weight.requires_grad_(True)
+    spec = ClusteringSpec(bits=3)
+    centroids = init_centroids(weight, spec)
+    with SavedTensorMeter(resident=[weight]) as dkm_meter:
+        dkm_out = dkm_reference(weight, centroids, spec)
+    with SavedTensorMeter(resident=[weight]) as edkm_meter:
+        edkm_out = edkm_cluster(weight, centroids, spec)
+    # plain DKM keeps several |W| x 8 maps per iteration
+    assert dkm_meter.saved_bytes >= 3 * weight.numel() * 8 * weight.element_size()
+    assert edkm_meter.saved_bytes * 100 <= dkm_meter.saved_bytes
+    # even counting the weight itself, eDKM keeps at most 16 bits per weight plus a 65,536 x k table
+    assert edkm_meter.saved_bytes + edkm_meter.resident_bytes <= 2 * weight.numel() + 65536 * 8 * 4
+    # and both still backpropagate
+    dkm_out.weight.float().sum().backward()
+    edkm_out.weight.float().sum().backward()
+    assert weight.grad is not None and bool(torch.isfinite(weight.grad).all())
+
+
+def test_saved_tensor_meter_counts_views_once_and_separates_resident():
+    base = torch.randn(64, 64, requires_grad=True)
+    with SavedTensorMeter(resident=[base]) as meter:
+        hidden = base.exp()                      # saves its output (64*64*4 bytes)
+        (hidden.t() * hidden.t()).sum()          # two saves of a view of the same storage
+        (base * 2).sin()                         # saves base*2 (new) ...
+        (base.view(-1) * 3).sum()                # ... and multiplication by a constant saves nothing
+    assert meter.saved_bytes == 2 * 64 * 64 * 4
+    assert meter.resident_bytes == 0 or meter.resident_bytes == 64 * 64 * 4
+    assert meter.saved_tensors >= 3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_edkm_runs_on_every_device(device):
+    weight = (torch.randn(8, 40) * 0.02).to(device=device, dtype=torch.bfloat16).requires_grad_(True)
+    spec = ClusteringSpec(bits=2, group_size=4)
+    centroids = init_centroids(weight, spec)
+    assert centroids.device.type == device
+    out = edkm_cluster(weight, centroids, spec)
+    out.weight.float().pow(2).sum().backward()
+    assert out.weight.device.type == device and weight.grad.device.type == device
+
+
+def test_fp32_master_weights_get_the_gradient_of_their_bf16_rounding():
+    master = (torch.randn(16, 24, generator=torch.Generator().manual_seed(11)) * 0.02).requires_grad_(True)
+    spec = ClusteringSpec(bits=3)
+    centroids = init_centroids(master, spec)
+    rounded = master.detach().to(torch.bfloat16).float().requires_grad_(True)
+    upstream = torch.randn(master.shape)
+    (g_master,) = torch.autograd.grad(edkm_cluster(master, centroids, spec).weight, master, upstream)
+    (g_rounded,) = torch.autograd.grad(dkm_reference(rounded, centroids, spec).weight, rounded, upstream)
+    assert relative_error(g_master, g_rounded) < 1e-4
+    # with unique_dtype=None the exact fp32 values are clustered (torch.unique fallback)
+    exact = ClusteringSpec(bits=3, unique_dtype=None)
+    ref = dkm_reference(master, centroids, exact)
+    (g_ref,) = torch.autograd.grad(ref.weight, master, upstream)
+    out = edkm_cluster(master, centroids, exact)
+    (g_exact,) = torch.autograd.grad(out.weight, master, upstream)
+    assert relative_error(out.weight, ref.weight) < 1e-5
+    assert relative_error(g_exact, g_ref) < 1e-4
+
+
+# ----------------------------------------------------------------------------------------- uniquification
+@pytest.mark.parametrize("groups", [1, 4])
+@pytest.mark.parametrize("force_sort", [False, True])
+def test_uniquify_reconstructs_values_and_counts(groups, force_sort, monkeypatch):
+    if force_sort:
+        monkeypatch.setattr(uniquify_module, "_MAX_DENSE_BINS", 0)
+    values = (torch.randn(groups, 300) * 0.05).to(torch.bfloat16)
+    values[0, :5] = 0.0
+    values[0, 5] = -0.0
+    uv = uniquify(values, torch.float64)
+    assert torch.equal(uv.values[uv.index].view(groups, -1), values.double())
+    assert torch.equal(uv.group[uv.index].view(groups, -1), torch.arange(groups).unsqueeze(1).expand(groups, 300))
+    assert int(uv.counts.sum()) == values.numel()
+    for g in range(groups):
+        own = uv.values[uv.group == g]
+        assert own.numel() == torch.unique(values[g].float().view(torch.int32)).numel()  # distinct bit patterns
+    assert bool((uv.group[1:] >= uv.group[:-1]).all())
+
+
+# ------------------------------------------------------------------------------- initialisation, snapping
+def optimal_1d_kmeans_inertia(values, counts, k):
+    """Exact weighted 1-D k-means by dynamic programming over sorted distinct values (O(k n^2))."""
+    order = torch.argsort(values)
+    x, w = values[order].tolist(), counts[order].tolist()
+    n = len(x)
+    pw, pwx, pwxx = [0.0], [0.0], [0.0]
+    for xi, wi in zip(x, w):
+        pw.append(pw[-1] + wi)
+        pwx.append(pwx[-1] + wi * xi)
+        pwxx.append(pwxx[-1] + wi * xi * xi)
+
+    def cost(i, j):  # values i..j-1 in one cluster
+        m = pw[j] - pw[i]
+        s = pwx[j] - pwx[i]
+        return pwxx[j] - pwxx[i] - s * s / m
+
+    best = [math.inf] * (n + 1)
+    best[0] = 0.0
+    for _ in range(min(k, n)):
+        nxt = [math.inf] * (n + 1)
+        nxt[0] = 0.0
+        for j in range(1, n + 1):
+            nxt[j] = min(best[i] + cost(i, j) for i in range(j))
+        best = nxt
+    return best[n]
+
+
+def test_init_centroids_close_to_optimal_1d_kmeans():
+    weight = bf16_representable((4, 40), seed=2, std=0.05)
+    spec = ClusteringSpec(bits=2)
+    centroids = init_centroids(weight, spec, seed=0)
+    values = weight.reshape(-1)
+    inertia = float(((values.unsqueeze(1) - centroids[0]).pow(2).min(1).values).sum())
+    uv = uniquify(weight.to(torch.bfloat16).reshape(1, -1), torch.float64)
+    optimal = optimal_1d_kmeans_inertia(uv.values, uv.counts, 4)
+    assert optimal <= inertia + 1e-15
+    assert inertia <= optimal * 1.05
+
+
+def test_init_centroids_is_deterministic_and_batched_groups_match_one_by_one():
+    weight = bf16_representable((12, 50), seed=4)
+    spec = ClusteringSpec(bits=3, group_size=4)
+    first = init_centroids(weight, spec, seed=1)
+    assert torch.equal(first, init_centroids(weight, spec, seed=1))
+    assert bool((first[:, 1:] >= first[:, :-1]).all())
+    per_tensor = ClusteringSpec(bits=3)
+    for g in range(3):
+        alone = init_centroids(weight[4 * g: 4 * g + 4], per_tensor, seed=1)
+        # batched Lloyd reaches a local optimum of each group: never worse than the group alone by > 5 %
+        rows = weight[4 * g: 4 * g + 4].reshape(-1, 1)
+        inertia = lambda c: float((rows - c).pow(2).min(1).values.sum())
+        assert inertia(first[g]) <= inertia(alone[0]) * 1.05
+
+
+def test_fewer_distinct_values_than_clusters_gives_a_padded_lut_of_those_values():
+    weight = torch.tensor([[0.5, -0.25, 0.5, 0.125], [0.125, 0.5, -0.25, -0.25]])
+    spec = ClusteringSpec(bits=3)
+    centroids = init_centroids(weight, spec)
+    assert centroids.shape == (1, 8)
+    assert set(centroids[0].tolist()) == {0.5, -0.25, 0.125}
+    snapped = hard_assign(weight, centroids, spec)
+    assert torch.equal(decode(snapped.indices, snapped.lut), weight)
+    out = edkm_cluster(weight.requires_grad_(True), centroids, spec)
+    assert bool(torch.isfinite(out.weight).all())
+
+
+@pytest.mark.parametrize("group_size,with_scale", [(None, False), (2, False), (None, True), (4, True)])
+def test_hard_assignment_is_the_nearest_lut_entry(group_size, with_scale):
+    weight = bf16_representable((8, 33), seed=9, dtype=torch.float32)
+    spec = ClusteringSpec(bits=3, group_size=group_size)
+    scale = per_channel_scale(weight) if with_scale else None
+    centroids = init_centroids(weight, spec, scale=scale)
+    snapped = hard_assign(weight, centroids, spec, scale=scale)
+    assert snapped.indices.dtype == torch.uint8 and snapped.indices.shape == weight.shape
+    dense = decode(snapped.indices, snapped.lut, scale)
+    groups = snapped.lut.shape[0]
+    rows = weight.shape[0] // groups
+    for g in range(groups):
+        block = dense[g * rows:(g + 1) * rows]
+        lut = snapped.lut[g]
+        row_scale = scale[g * rows:(g + 1) * rows].unsqueeze(1) if with_scale else 1.0
+        allowed = lut.view(1, 1, -1) * (row_scale.unsqueeze(-1) if with_scale else 1.0)    # fp32, as decoded
+        assert bool((block.unsqueeze(-1) == allowed).any(-1).all()), "a value is not in its LUT"
+        lut = lut.double()
+        row_scale = row_scale.double() if with_scale else 1.0
+        # brute force nearest in float64 on the clustered domain
+        domain = (weight[g * rows:(g + 1) * rows].double() / (row_scale if with_scale else 1.0))
+        domain = domain.to(torch.bfloat16).double()
+        nearest = (domain.unsqueeze(-1) - lut).abs().argmin(-1)
+        assert torch.equal(snapped.indices[g * rows:(g + 1) * rows].long(), nearest)
+
+
+def test_per_channel_scale_is_fp16_representable_half_range():
+    weight = torch.tensor([[1.0, -3.0, 0.5], [2.0, 2.0, 2.0], [0.0, 0.0, 0.0]])
+    scale = per_channel_scale(weight)
+    assert torch.equal(scale, torch.tensor([2.0, 2.0, 1.0]))
+    odd = per_channel_scale(torch.tensor([[0.0, 0.1]]))
+    assert torch.equal(odd, odd.to(torch.float16).float())
+
+
+# ----------------------------------------------------------------------------------------------- packing
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("numel", [1, 7, 8, 9, 1000])
+def test_packing_round_trips(bits, numel):
+    indices = torch.randint(0, 2 ** bits, (numel,), generator=torch.Generator().manual_seed(bits * numel))
+    packed = pack_indices(indices, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == packed_size(numel, bits) == math.ceil(numel * bits / 8)
+    assert torch.equal(unpack_indices(packed, bits, numel), indices.to(torch.uint8))
+
+
+@pytest.mark.parametrize("bits", [3, 6])
+def test_packing_is_an_lsb_first_bit_stream(bits):
+    indices = torch.randint(0, 2 ** bits, (13,), generator=torch.Generator().manual_seed(0))
+    stream = [(int(i) >> b) & 1 for i in indices for b in range(bits)]          # LSB of each index first
+    stream += [0] * ((-len(stream)) % 8)
+    expected = [sum(stream[8 * j + b] << b for b in range(8)) for j in range(len(stream) // 8)]
+    assert pack_indices(indices, bits).tolist() == expected
+
+
+# -------------------------------------------------------------------------------------------- bad input
+def test_bad_input_raises_clear_errors():
+    weight = torch.randn(8, 8)
+    for bits in (0, 9, 3.0, "3", True):
+        with pytest.raises(ValueError, match="bits must be an integer from 1 to 8"):
+            ClusteringSpec(bits=bits)
+    with pytest.raises(ValueError, match="group_size=3 does not divide the 8 output channels of 'q_proj.weight'"):
+        init_centroids(weight, ClusteringSpec(bits=2, group_size=3), name="q_proj.weight")
+    with pytest.raises(ValueError, match="'w' is empty"):
+        init_centroids(torch.empty(0, 4), ClusteringSpec(bits=2), name="w")
+    bad = weight.clone()
+    bad[0, 0] = float("nan")
+    bad[1, 1] = float("inf")
+    with pytest.raises(ValueError, match="'layers.3.up_proj.weight' contains 1 NaN and 1 infinite values"):
+        edkm_cluster(bad, torch.zeros(1, 4), ClusteringSpec(bits=2), name="layers.3.up_proj.weight")
+    with pytest.raises(TypeError, match="dtype torch.int8"):
+        init_centroids(torch.ones(4, 4, dtype=torch.int8), ClusteringSpec(bits=2))
+    with pytest.raises(ValueError, match=r"centroids of 'weight' have shape \(1, 3\), expected \(1, 4\)"):
+        edkm_cluster(weight, torch.zeros(1, 3), ClusteringSpec(bits=2))
+    with pytest.raises(ValueError, match=r"per-channel scale of 'weight' has shape \(4,\), expected \(8,\)"):
+        dkm_reference(weight, torch.zeros(1, 4), ClusteringSpec(bits=2), scale=torch.ones(4))
+    with pytest.raises(ValueError, match="must be finite and > 0"):
+        edkm_cluster(weight, torch.zeros(1, 4), ClusteringSpec(bits=2), scale=-torch.ones(8))
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        ClusteringSpec(bits=2, temperature=0)
+    with pytest.raises(ValueError, match="iterations must be an integer >= 1"):
+        ClusteringSpec(bits=2, iterations=0)
+    with pytest.raises(ValueError, match="unique_dtype"):
+        ClusteringSpec(bits=2, unique_dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 8\)"):
+        pack_indices(torch.tensor([0, 8]), 3)
+    with pytest.raises(ValueError, match="truncated"):
+        unpack_indices(torch.zeros(2, dtype=torch.uint8), 3, 8)
+    with pytest.raises(TypeError, match="integer tensor"):
+        pack_indices(torch.tensor([0.0, 1.0]), 3)
