@@ -37,19 +37,43 @@ def _nearest(values: torch.Tensor, group: torch.Tensor, centroids: torch.Tensor)
     return best, label
 
 
-def _lloyd(uv: UniqueValues, centroids: torch.Tensor, max_iter: int):
-    groups, k = centroids.shape
+def _padded_groups(uv: UniqueValues, groups: int, starts: torch.Tensor, pair_counts: torch.Tensor):
+    """Distinct values as a ``[groups, widest group]`` matrix; padding has count 0 (and a finite value, so
+    that ``0 * value`` stays 0)."""
+    width = int(pair_counts.max())
+    position = torch.arange(uv.num_pairs, device=uv.values.device) - starts[uv.group]
+    pad_value = torch.finfo(uv.values.dtype).max / 4
+    values = torch.full((groups, width), pad_value, dtype=uv.values.dtype, device=uv.values.device)
+    counts = torch.zeros((groups, width), dtype=uv.counts.dtype, device=uv.values.device)
+    values[uv.group, position] = uv.values
+    counts[uv.group, position] = uv.counts
+    return values, counts
+
+
+def _interval(values: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest of the sorted ``centroids`` (per row): the number of midpoints below the value."""
+    midpoints = (centroids[:, 1:] + centroids[:, :-1]) / 2
+    if centroids.shape[0] == 1:
+        return torch.bucketize(values[0], midpoints[0]).unsqueeze(0)
+    # batched searchsorted is slow on CPU for short boundary lists; counting is exact and vectorises
+    return (values.unsqueeze(-1) > midpoints.unsqueeze(1)).sum(-1)
+
+
+def _lloyd(values: torch.Tensor, counts: torch.Tensor, centroids: torch.Tensor, max_iter: int):
+    """Weighted 1-D Lloyd on padded groups; with sorted centroids the nearest one is found from the
+    midpoints."""
+    centroids = centroids.sort(1).values
     for _ in range(max_iter):
-        _, label = _nearest(uv.values, uv.group, centroids)
-        slot = uv.group * k + label
-        mass = _segment_sum(uv.counts, slot, groups * k).view(groups, k)
-        total = _segment_sum(uv.counts * uv.values, slot, groups * k).view(groups, k)
+        label = _interval(values, centroids)
+        mass = torch.zeros_like(centroids).scatter_add_(1, label, counts)
+        total = torch.zeros_like(centroids).scatter_add_(1, label, counts * values)
         updated = torch.where(mass > 0, total / torch.where(mass > 0, mass, torch.ones_like(mass)), centroids)
+        updated = updated.sort(1).values
         if torch.equal(updated, centroids):
             break
         centroids = updated
-    best, _ = _nearest(uv.values, uv.group, centroids)
-    inertia = _segment_sum(uv.counts * best, uv.group, groups)
+    label = _interval(values, centroids)
+    inertia = (counts * (values - centroids.gather(1, label)).pow(2)).sum(1)
     return centroids, inertia
 
 
@@ -75,6 +99,7 @@ def init_centroids(weight: torch.Tensor, spec: ClusteringSpec, scale: Optional[t
     ends = pair_counts.cumsum(0)
     starts = ends - pair_counts
     generator = torch.Generator().manual_seed(int(seed))
+    padded_values, padded_counts = _padded_groups(uv, groups, starts, pair_counts)
 
     best_centroids, best_inertia = None, None
     for _ in range(restarts):
@@ -85,14 +110,14 @@ def init_centroids(weight: torch.Tensor, spec: ClusteringSpec, scale: Optional[t
             chosen.append(pick)
             nearest = torch.minimum(nearest, (uv.values - uv.values[pick][uv.group]).pow(2))
         centroids = uv.values[torch.stack(chosen, 1)]                       # [G, k]
-        centroids, inertia = _lloyd(uv, centroids, max_iter)
+        centroids, inertia = _lloyd(padded_values, padded_counts, centroids, max_iter)
         if best_centroids is None:
             best_centroids, best_inertia = centroids, inertia
         else:
             better = inertia < best_inertia
             best_centroids = torch.where(better.unsqueeze(1), centroids, best_centroids)
             best_inertia = torch.minimum(inertia, best_inertia)
-    return best_centroids.sort(1).values
+    return best_centroids
 
 
 class HardAssignment(NamedTuple):

@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny transformers models built from configs (nothing is downloaded)."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def tiny_llama_config(tie: bool = True, **overrides):
+    from transformers import LlamaConfig
+
+    values = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=0)
+    values.update(overrides)
+    return LlamaConfig(**values)
+
+
+def tiny_gpt2_config():
+    from transformers import GPT2Config
+
+    return GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1,
+                      eos_token_id=2)
+
+
+def save_float_model(config, directory, seed=0, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    return save_float_model(tiny_llama_config(tie=True), str(tmp_path_factory.mktemp("tiny-llama")))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_untied_dir(tmp_path_factory):
+    return save_float_model(tiny_llama_config(tie=False), str(tmp_path_factory.mktemp("tiny-llama-untied")))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory):
+    return save_float_model(tiny_gpt2_config(), str(tmp_path_factory.mktemp("tiny-gpt2")))
+
+
+@pytest.fixture
+def input_ids():
+    return torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(0))
