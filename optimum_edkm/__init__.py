@@ -11,6 +11,7 @@ from .config import EDKMConfig  # noqa: E402
 from .quantizer import EDKMHfQuantizer  # noqa: E402  (registers the quantizer)
 from .api import (checkpoint_bytes, model_card_section, palettize, prepare, push_to_hub,  # noqa: E402
                   save_pretrained, size_report)
+from .trainer import EDKMTrainer, EDKMTrainingArguments  # noqa: E402
 from .modules import (EDKMConv1D, EDKMEmbedding, EDKMLinear, PalettizedEmbedding,  # noqa: E402
                       PalettizedLinear)
 
@@ -20,6 +21,8 @@ __all__ = [
     "EDKMEmbedding",
     "EDKMHfQuantizer",
     "EDKMLinear",
+    "EDKMTrainer",
+    "EDKMTrainingArguments",
     "PalettizedEmbedding",
     "PalettizedLinear",
     "checkpoint_bytes",

@@ -49,6 +49,8 @@ class ClusteredWeightMixin:
         self.use_uniquify = bool(uniquify)
         self.lut_dtype = lut_dtype
         self.clustering_enabled = True
+        #: multiplies the stored temperature (annealing schedules set it every step)
+        self.temperature_factor = 1.0
         #: wraps the engine call (saved-tensor marshaling / sharding); set by the integration layer
         self.saved_tensor_policy = None
         self.register_buffer("weight_centroids", torch.zeros(groups, spec.num_clusters, device=device))
@@ -66,7 +68,7 @@ class ClusteredWeightMixin:
         return self.spec.bits
 
     def engine_spec(self) -> ClusteringSpec:
-        return dataclasses.replace(self.spec, temperature=float(self.weight_temperature))
+        return dataclasses.replace(self.spec, temperature=float(self.weight_temperature) * self.temperature_factor)
 
     @torch.no_grad()
     def init_clusters(self, seed: int = 0, name: str = "weight") -> None:
@@ -93,8 +95,10 @@ class ClusteredWeightMixin:
             call = lambda: engine(self._rows(), self.weight_centroids, self.engine_spec(),  # noqa: E731
                                   scale=self.weight_scale)
             out = self.saved_tensor_policy(call) if self.saved_tensor_policy is not None else call()
-            # a new tensor rather than copy_: the previous centroids may still be needed by a pending backward
-            self.weight_centroids = out.centroids.detach().to(self.weight_centroids.dtype)
+            # in place, so that DDP's buffer synchronisation keeps tracking this tensor; the engines keep
+            # their own copy of the starting centroids for backward
+            with torch.no_grad():
+                self.weight_centroids.copy_(out.centroids)
             self._snap_cache = None
             return self._rows(out.weight)
         return self.snapped_weight()
@@ -118,6 +122,54 @@ class ClusteredWeightMixin:
             dense = decode(indices, lut, scale, dtype=self.weight.dtype)
             self._snap_cache = (key, self._rows(dense))
         return self._snap_cache[1]
+
+    @torch.no_grad()
+    def assignment_sample(self, positions: torch.Tensor):
+        """Nearest-centroid labels and soft-assignment entropy (nats) of the weights at flat ``positions``
+        (row-major over ``[out, in]``), at the current temperature."""
+        rows = self._rows().detach()
+        in_channels = rows.shape[1] if rows.dim() > 1 else 1
+        flat = rows.reshape(-1)[positions].float()
+        row = positions // in_channels
+        if self.weight_scale is not None:
+            flat = flat / self.weight_scale[row]
+        values = flat.to(torch.bfloat16 if rows.dtype == torch.float32 else rows.dtype).float()
+        group = torch.zeros_like(row) if self.spec.group_size is None else row // self.spec.group_size
+        centroids = self.weight_centroids[group]
+        distance = (values.unsqueeze(1) - centroids).pow(2)
+        soft = torch.softmax(-distance / self.engine_spec().temperature, dim=1)
+        entropy = -(soft * soft.clamp_min(1e-30).log()).sum(1)
+        return distance.argmin(1).to(torch.uint8), entropy
+
+    @torch.no_grad()
+    def repair_collapsed_centroids(self, tolerance: float) -> int:
+        """Spread centroids that collapsed onto a neighbour (closer than ``tolerance`` times the group's mean
+        spacing): each duplicate moves to the midpoint between itself and the next distinct centroid.
+        Deterministic, so every process makes the same repair. Returns the number of centroids moved."""
+        centroids = self.weight_centroids.sort(1).values
+        k = centroids.shape[1]
+        spacing = ((centroids[:, -1] - centroids[:, 0]) / max(k - 1, 1)).clamp_min(torch.finfo(torch.float32).tiny)
+        moved = 0
+        for group in torch.nonzero((centroids.diff(1) <= tolerance * spacing.unsqueeze(1)).any(1)).flatten():
+            row = centroids[group].tolist()
+            limit = tolerance * float(spacing[group])
+            for j in range(1, k):
+                if row[j] - row[j - 1] > limit:
+                    continue
+                larger = [c for c in row[j + 1:] if c - row[j] > limit]
+                smaller = [c for c in row[:j] if row[j] - c > limit]
+                if larger:
+                    row[j] = (row[j] + larger[0]) / 2
+                elif smaller:
+                    row[j] = (row[j] + smaller[-1]) / 2
+                else:
+                    continue
+                moved += 1
+            centroids[group] = torch.tensor(sorted(row), dtype=centroids.dtype)
+        if moved:
+            self.weight_centroids.copy_(centroids)
+            self._snap_cache = None
+        return moved
 
     def clustering_repr(self) -> str:
         granularity = ("per_tensor" if self.spec.group_size is None

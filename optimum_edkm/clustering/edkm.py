@@ -89,7 +89,8 @@ class _EDKMFunction(torch.autograd.Function):
         groups = centroids.shape[0]
         cdt = compute_dtype(weight)
         uv = uniquify(cluster_values(weight, scale, spec, groups), cdt)
-        start = centroids.detach().to(cdt)
+        # a private copy: the caller may update its centroids in place before this backward runs
+        start = centroids.detach().to(cdt, copy=True)
         dkm = _pair_dkm(uv.values, uv.values, uv, start, spec)
         clustered = dkm.table[uv.index].view(weight.shape)
         if scale is not None:

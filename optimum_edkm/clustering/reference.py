@@ -51,7 +51,7 @@ def dkm_reference(weight: torch.Tensor, centroids: torch.Tensor, spec: Clusterin
     if scale is not None:
         values = values / scale.to(weight.dtype).view(row_view_shape(weight))
     x = values.reshape(groups, -1, 1)                        # [G, n, 1]
-    c = centroids.detach().to(weight.dtype)                  # [G, k]
+    c = centroids.detach().to(weight.dtype, copy=True)       # [G, k]
     iterations = 0
     for _ in range(spec.iterations):
         attention = torch.softmax(-(x - c.unsqueeze(1)).pow(2) / spec.temperature, dim=-1)   # [G, n, k]

@@ -1,0 +1,44 @@
+"""Run by tests/test_trainer.py under ``torchrun`` (or directly for one process): a few EDKMTrainer steps on a
+tiny model, then every rank writes its centroids and weights to ``<out>/rank<r>.pt``.
+
+Usage: ddp_training_worker.py FLOAT_MODEL_DIR OUT_DIR PER_DEVICE_BATCH STEPS
+"""
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def main():
+    float_dir, out_dir, per_device_batch, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    torch.set_num_threads(1)
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    from optimum_edkm import EDKMConfig, EDKMTrainer, EDKMTrainingArguments
+    from optimum_edkm.modules import CLUSTERED_TYPES
+
+    model = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=EDKMConfig(bits=3))
+    sequences = [[(i * 7 + j * 3) % 120 + 3 for j in range(16)] for i in range(64)]
+    dataset = Dataset.from_dict({"input_ids": sequences, "labels": sequences})
+    args = EDKMTrainingArguments(
+        output_dir=os.path.join(out_dir, "trainer"), max_steps=steps, per_device_train_batch_size=per_device_batch,
+        learning_rate=3e-3, logging_steps=1, use_cpu=True, report_to=[], save_strategy="no",
+        palettize_at_end=False, seed=0, dataloader_drop_last=True,
+        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+    )
+    trainer = EDKMTrainer(model=model, args=args, train_dataset=dataset)
+    trainer.train()
+    rank = int(os.environ.get("RANK", 0))
+    state = {name: {"centroids": m.weight_centroids.clone(), "weight": m.weight.detach().clone()}
+             for name, m in model.named_modules() if isinstance(m, CLUSTERED_TYPES)}
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    torch.save({"modules": state, "losses": losses, "world_size": trainer.args.world_size},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""EDKMTrainer: fine-tuning with clustering in the loop, schedules, checkpoints and multi-process runs."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, TrainingArguments
+
+import optimum_edkm
+from optimum_edkm import EDKMConfig, EDKMLinear, EDKMTrainer, EDKMTrainingArguments, PalettizedLinear
+from optimum_edkm.modules import CLUSTERED_TYPES
+from optimum_edkm.trainer import temperature_factor
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def pattern_dataset(count=64, length=16):
+    sequences = [[(i * 7 + j * 3) % 120 + 3 for j in range(length)] for i in range(count)]
+    return Dataset.from_dict({"input_ids": sequences, "labels": sequences})
+
+
+def arguments(tmp_path, **overrides):
+    values = dict(output_dir=str(tmp_path / "run"), max_steps=12, per_device_train_batch_size=8, learning_rate=3e-3,
+                  logging_steps=4, use_cpu=True, report_to=[], save_strategy="no", seed=0,
+                  disable_tqdm=True)
+    values.update(overrides)
+    return EDKMTrainingArguments(**values)
+
+
+def mean_loss(model, dataset):
+    model.eval()
+    ids = torch.tensor(dataset["input_ids"])
+    with torch.no_grad():
+        return float(model(ids, labels=ids).loss)
+
+
+def clustered_state(model):
+    return {name: (m.weight.detach().clone(), m.weight_centroids.clone())
+            for name, m in model.named_modules() if isinstance(m, CLUSTERED_TYPES)}
+
+
+def test_fine_tuning_lowers_the_loss_of_the_palettized_model(tiny_llama_dir, tmp_path):
+    dataset = pattern_dataset()
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=EDKMConfig(bits=3))
+    post_training = mean_loss(model, dataset)            # eval mode = nearest centroids = k-means palettization
+    trainer = EDKMTrainer(model=model, args=arguments(tmp_path, max_steps=30), train_dataset=dataset)
+    trainer.train()
+    assert isinstance(model.model.layers[0].self_attn.q_proj, PalettizedLinear)      # palettize_at_end
+    after = mean_loss(model, dataset)
+    assert after < post_training - 0.2
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logged[-1]["loss"] < logged[0]["loss"]
+    assert 0 < logged[0]["edkm/assignment_entropy"] <= torch.log(torch.tensor(8.0)).item()
+    assert 0 <= logged[-1]["edkm/reassigned_fraction"] <= 1
+    trainer.save_model(str(tmp_path / "final"))
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "final"))
+    assert isinstance(reloaded.model.layers[1].mlp.down_proj, PalettizedLinear)
+    assert mean_loss(reloaded, dataset) == pytest.approx(after, abs=1e-6)
+
+
+def test_resume_from_checkpoint_continues_exactly(tiny_llama_dir, tmp_path):
+    dataset = pattern_dataset()
+
+    def run(output_dir, resume=None):
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=EDKMConfig(bits=3))
+        args = arguments(tmp_path, output_dir=str(output_dir), max_steps=8, logging_steps=1, save_strategy="steps",
+                         save_steps=4, palettize_at_end=False, temperature_schedule="linear")
+        trainer = EDKMTrainer(model=model, args=args, train_dataset=dataset)
+        trainer.train(resume_from_checkpoint=resume)
+        losses = {entry["step"]: entry["loss"] for entry in trainer.state.log_history if "loss" in entry}
+        return clustered_state(model), losses
+
+    full_state, full_losses = run(tmp_path / "full")
+    checkpoint = tmp_path / "full" / "checkpoint-4"
+    assert os.path.exists(checkpoint / "model.safetensors")
+    from safetensors import safe_open
+    with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as handle:
+        assert "model.layers.0.self_attn.q_proj.weight_centroids" in handle.keys()
+    resumed_state, resumed_losses = run(tmp_path / "resumed", resume=str(checkpoint))
+    assert {5, 6, 7, 8} <= set(resumed_losses)
+    for step, loss in resumed_losses.items():
+        assert loss == pytest.approx(full_losses[step], rel=1e-6, abs=1e-7)
+    for name, (weight, centroids) in full_state.items():
+        assert torch.allclose(resumed_state[name][0], weight, rtol=0, atol=1e-6), name
+        assert torch.allclose(resumed_state[name][1], centroids, rtol=0, atol=1e-6), name
+
+
+def test_milestone_trains_plain_weights_first_then_reinitialises_centroids(tiny_llama_dir, tmp_path):
+    dataset = pattern_dataset()
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=EDKMConfig(bits=2))
+    layer = model.model.layers[0].mlp.up_proj
+    trainer = EDKMTrainer(model=model, args=arguments(tmp_path, max_steps=3, clustering_milestone=3,
+                                                      palettize_at_end=False), train_dataset=dataset)
+    trainer.train()
+    assert not layer.clustering_enabled                 # 3 steps of plain fine-tuning
+    layer.train()
+    assert torch.equal(layer.clustered_weight(), layer.weight)
+    trainer._apply_schedule(3, 6, starting=False)       # the step at the milestone
+    assert layer.clustering_enabled
+    expected = optimum_edkm.clustering.init_centroids(layer.weight, layer.spec, seed=0)
+    assert torch.equal(layer.weight_centroids, expected)
+
+
+def test_temperature_schedules():
+    args = EDKMTrainingArguments(output_dir="unused", temperature_schedule="linear", final_temperature_factor=0.2,
+                                 clustering_milestone=10, report_to=[])
+    assert temperature_factor(args, 0, 110) == 1.0
+    assert temperature_factor(args, 60, 110) == pytest.approx(0.6)
+    assert temperature_factor(args, 110, 110) == pytest.approx(0.2)
+    cosine = EDKMTrainingArguments(output_dir="unused", temperature_schedule="cosine", final_temperature_factor=0.2,
+                                   report_to=[])
+    assert temperature_factor(cosine, 50, 100) == pytest.approx(0.6)
+    assert temperature_factor(cosine, 100, 100) == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="temperature_schedule must be one of"):
+        EDKMTrainingArguments(output_dir="unused", temperature_schedule="exp", report_to=[])
+
+
+def test_collapsed_centroids_are_spread_again(tiny_llama_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=EDKMConfig(bits=2))
+    layer = model.model.layers[0].self_attn.o_proj
+    layer.weight_centroids.copy_(torch.tensor([[-0.1, 0.05, 0.05, 0.2]]))
+    assert layer.repair_collapsed_centroids(1e-3) == 1
+    assert torch.allclose(layer.weight_centroids, torch.tensor([[-0.1, 0.05, 0.125, 0.2]]))
+    assert layer.repair_collapsed_centroids(1e-3) == 0
+
+
+def test_trainer_rejects_a_palettized_model(tiny_llama_dir, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=EDKMConfig(bits=3))
+    optimum_edkm.palettize(model)
+    with pytest.raises(ValueError, match="already palettized"):
+        EDKMTrainer(model=model, args=arguments(tmp_path), train_dataset=pattern_dataset())
+
+
+def test_plain_training_arguments_get_the_default_schedule(tiny_llama_dir, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=EDKMConfig(bits=3))
+    args = TrainingArguments(output_dir=str(tmp_path / "plain"), max_steps=2, per_device_train_batch_size=4,
+                             use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True)
+    EDKMTrainer(model=model, args=args, train_dataset=pattern_dataset()).train()
+    assert isinstance(model.model.layers[0].self_attn.q_proj, PalettizedLinear)
+
+
+def _free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tiny_llama_dir, tmp_path):
+    worker = os.path.join(HERE, "ddp_training_worker.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    single = subprocess.run([sys.executable, worker, tiny_llama_dir, str(tmp_path / "one"), "8", "5"],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), worker,
+                             tiny_llama_dir, str(tmp_path / "two"), "4", "5"],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert double.returncode == 0, double.stderr[-3000:]
+    one = torch.load(tmp_path / "one" / "rank0.pt")
+    rank0, rank1 = torch.load(tmp_path / "two" / "rank0.pt"), torch.load(tmp_path / "two" / "rank1.pt")
+    assert rank0["world_size"] == 2 and one["world_size"] == 1
+    assert rank0["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    for name, reference in one["modules"].items():
+        assert torch.equal(rank0["modules"][name]["centroids"], rank1["modules"][name]["centroids"]), name
+        assert torch.equal(rank0["modules"][name]["weight"], rank1["modules"][name]["weight"]), name
+        assert torch.allclose(rank0["modules"][name]["weight"], reference["weight"], rtol=0, atol=1e-5), name
+        assert torch.allclose(rank0["modules"][name]["centroids"], reference["centroids"], rtol=0, atol=1e-5), name
