@@ -38,7 +38,9 @@ def prepare(model, config: EDKMConfig):
 
     if not isinstance(config, EDKMConfig):
         raise TypeError(f"prepare expects an EDKMConfig, got {type(config).__name__}")
-    if getattr(model, "hf_quantizer", None) is not None:
+    existing = getattr(model, "hf_quantizer", None)
+    # transformers de-quantizes GGUF checkpoints to float on load: such a model is a float model for eDKM
+    if existing is not None and _quant_method(existing) != "gguf":
         raise ValueError(f"the model is already quantized ({model.hf_quantizer.quantization_config.quant_method}); "
                          f"load the float model again to prepare it for eDKM")
     if config.palettized:
@@ -49,6 +51,11 @@ def prepare(model, config: EDKMConfig):
     quantizer.postprocess_model(model)
     model.hf_quantizer = quantizer
     return model
+
+
+def _quant_method(quantizer) -> str:
+    method = quantizer.quantization_config.quant_method
+    return str(getattr(method, "value", method))
 
 
 @torch.no_grad()

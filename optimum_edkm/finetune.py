@@ -1,0 +1,56 @@
+"""The clustering-aware fine-tuning recipe used by the example, the main job and the quality benchmark.
+
+A thin layer over :class:`~optimum_edkm.trainer.EDKMTrainer`: it turns a token stream into fixed-length
+training windows (a ``datasets.Dataset``), prepares the model for eDKM if needed, trains for a given number
+of optimizer steps and palettizes the result.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from datasets import Dataset
+
+from .api import prepare
+from .config import EDKMConfig
+from .trainer import EDKMTrainer, EDKMTrainingArguments
+
+
+def window_dataset(token_ids: torch.Tensor, seq_len: int) -> Dataset:
+    """Consecutive, non-overlapping ``seq_len``-token windows of a 1-D token stream (labels = inputs)."""
+    if token_ids.dim() != 1:
+        raise ValueError(f"token_ids must be a 1-D token stream, got shape {tuple(token_ids.shape)}")
+    count = token_ids.numel() // seq_len
+    if count < 1:
+        raise ValueError(f"the text has {token_ids.numel()} tokens, fewer than one window of seq_len={seq_len}")
+    windows = token_ids[: count * seq_len].view(count, seq_len).tolist()
+    return Dataset.from_dict({"input_ids": windows, "labels": windows})
+
+
+def finetune(model, token_ids: torch.Tensor, config: Optional[EDKMConfig] = None, *, output_dir: str,
+             steps: int = 30, seq_len: int = 256, batch_size: int = 8, learning_rate: float = 1e-4,
+             warmup_steps: int = 0, seed: int = 0, logging_steps: int = 5, progress: bool = True,
+             **training_arguments) -> EDKMTrainer:
+    """Fine-tune ``model`` with eDKM on ``token_ids`` for ``steps`` optimizer steps and palettize it.
+
+    ``model`` is either already prepared (loaded with ``quantization_config=EDKMConfig(...)``) or a float model,
+    which is prepared with ``config`` first. Extra keyword arguments go to :class:`EDKMTrainingArguments`.
+    Returns the trainer (``trainer.model`` is the palettized model, ``trainer.state.log_history`` the logs).
+    """
+    if getattr(model, "hf_quantizer", None) is None:
+        if config is None:
+            raise ValueError("pass config=EDKMConfig(...) to fine-tune a float model")
+        prepare(model, config)
+    elif config is not None:
+        raise ValueError("the model is already prepared for eDKM; its own config is used, do not pass config")
+    dataset = window_dataset(token_ids, seq_len)
+    args = EDKMTrainingArguments(
+        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=learning_rate,
+        warmup_steps=warmup_steps, lr_scheduler_type="cosine", weight_decay=0.0, logging_steps=logging_steps,
+        save_strategy="no", report_to=[], seed=seed, disable_tqdm=not progress, use_cpu=not torch.cuda.is_available(),
+        dataloader_drop_last=True, **training_arguments,
+    )
+    trainer = EDKMTrainer(model=model, args=args, train_dataset=dataset)
+    trainer.train()
+    return trainer
