@@ -144,6 +144,11 @@ class EDKMConfig(QuantizationConfigMixin):
         if not isinstance(self.offload, (bool, dict)):
             raise ValueError(f"EDKMConfig.offload must be True, False or a dict of marshaling options, got "
                              f"{self.offload!r}")
+        from .marshal import MarshalPolicy
+        try:
+            MarshalPolicy.from_config(self.offload)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"EDKMConfig.offload: {error}") from None
         if self.lut_dtype not in LUT_DTYPE_NAMES:
             raise ValueError(f"EDKMConfig.lut_dtype must be one of {LUT_DTYPE_NAMES}, got {self.lut_dtype!r}")
 

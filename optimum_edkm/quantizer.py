@@ -6,6 +6,7 @@ Registered under ``quant_method="edkm"`` with transformers' own ``register_quant
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -197,6 +198,46 @@ def init_clusters(model, config: EDKMConfig, progress: bool = True) -> None:
         module.init_clusters(seed=config.seed, name=f"{name}.weight")
 
 
+class ClusteringMarshal:
+    """Runs a module's clustering inside one shared :class:`~optimum_edkm.marshal.TensorMarshal`, so that
+    what the clustering saves for backward is offloaded / sharded as ``EDKMConfig(offload=, shard=)`` asks."""
+
+    def __init__(self, marshal):
+        self.marshal = marshal
+
+    def __call__(self, clustering):
+        with self.marshal:
+            return clustering()
+
+    def counters(self, reset: bool = True) -> dict:
+        values = self.marshal.as_dict(prefix="")
+        if reset:
+            self.marshal.reset()
+        return values
+
+
+def saved_tensor_policy(config: EDKMConfig):
+    """The marshaling policy ``config`` asks for, or ``None``."""
+    from .marshal import MarshalPolicy
+
+    policy = MarshalPolicy.from_config(config.offload)
+    if config.shard:
+        # sharding alone keeps this rank's slice on the compute device (no offload)
+        policy = dataclasses.replace(policy, shard=True) if policy is not None else MarshalPolicy(
+            shard=True, memory_threshold=1.0)
+    return policy
+
+
+def attach_saved_tensor_policy(model, config: EDKMConfig) -> None:
+    from .marshal import TensorMarshal
+
+    policy = saved_tensor_policy(config)
+    shared = ClusteringMarshal(TensorMarshal(policy)) if policy is not None else None
+    for module in model.modules():
+        if isinstance(module, CLUSTERED_TYPES):
+            module.saved_tensor_policy = shared
+
+
 @register_quantizer(QUANT_METHOD)
 class EDKMHfQuantizer(HfQuantizer):
     """Swaps Linear / Conv1D (and, with ``embedding_bits``, Embedding) modules for clustered ones.
@@ -243,6 +284,7 @@ class EDKMHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         if not self.pre_quantized:
             init_clusters(model, self.quantization_config)
+        attach_saved_tensor_policy(model, self.quantization_config)
         model.add_model_tags(["edkm", "palettization"])
         return model
 

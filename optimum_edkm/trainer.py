@@ -248,6 +248,6 @@ def _policy_counters(modules) -> dict:
         if policy is None or id(policy) in seen or not hasattr(policy, "counters"):
             continue
         seen.add(id(policy))
-        for key, value in policy.counters().items():
+        for key, value in policy.counters(reset=True).items():
             totals[f"edkm/{key}"] = totals.get(f"edkm/{key}", 0) + value
     return totals

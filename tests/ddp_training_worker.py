@@ -1,7 +1,10 @@
 """Run by tests/test_trainer.py under ``torchrun`` (or directly for one process): a few EDKMTrainer steps on a
 tiny model, then every rank writes its centroids and weights to ``<out>/rank<r>.pt``.
 
-Usage: ddp_training_worker.py FLOAT_MODEL_DIR OUT_DIR PER_DEVICE_BATCH STEPS
+Usage: ddp_training_worker.py FLOAT_MODEL_DIR OUT_DIR PER_DEVICE_BATCH STEPS [shard]
+
+With ``shard``, plain DKM (no uniquification, so that per-weight maps are saved for backward) runs with the
+saved tensors sharded across the processes, and the per-step marshaling counters are recorded.
 """
 
 import os
@@ -21,7 +24,11 @@ def main():
     from optimum_edkm import EDKMConfig, EDKMTrainer, EDKMTrainingArguments
     from optimum_edkm.modules import CLUSTERED_TYPES
 
-    model = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=EDKMConfig(bits=3))
+    shard = "shard" in sys.argv[5:]
+    config = EDKMConfig(bits=3)
+    if shard:
+        config = EDKMConfig(bits=3, uniquify=False, shard=True, offload={"min_bytes": 1, "memory_threshold": 1.0})
+    model = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=config)
     sequences = [[(i * 7 + j * 3) % 120 + 3 for j in range(16)] for i in range(64)]
     dataset = Dataset.from_dict({"input_ids": sequences, "labels": sequences})
     args = EDKMTrainingArguments(
@@ -36,7 +43,9 @@ def main():
     state = {name: {"centroids": m.weight_centroids.clone(), "weight": m.weight.detach().clone()}
              for name, m in model.named_modules() if isinstance(m, CLUSTERED_TYPES)}
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    torch.save({"modules": state, "losses": losses, "world_size": trainer.args.world_size},
+    kept = [entry["edkm/bytes_on_device"] + entry["edkm/bytes_offloaded"] for entry in trainer.state.log_history
+            if "edkm/bytes_on_device" in entry]
+    torch.save({"modules": state, "losses": losses, "world_size": trainer.args.world_size, "kept_bytes": kept},
                os.path.join(out_dir, f"rank{rank}.pt"))
 
 

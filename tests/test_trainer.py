@@ -170,3 +170,28 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tiny_ll
         assert torch.equal(rank0["modules"][name]["weight"], rank1["modules"][name]["weight"]), name
         assert torch.allclose(rank0["modules"][name]["weight"], reference["weight"], rtol=0, atol=1e-5), name
         assert torch.allclose(rank0["modules"][name]["centroids"], reference["centroids"], rtol=0, atol=1e-5), name
+
+
+@pytest.mark.slow
+def test_sharding_halves_what_each_of_two_processes_keeps_for_backward(tiny_llama_dir, tmp_path):
+    worker = os.path.join(HERE, "ddp_training_worker.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    single = subprocess.run([sys.executable, worker, tiny_llama_dir, str(tmp_path / "one"), "8", "2", "shard"],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), worker,
+                             tiny_llama_dir, str(tmp_path / "two"), "4", "2", "shard"],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert double.returncode == 0, double.stderr[-3000:]
+    one = torch.load(tmp_path / "one" / "rank0.pt")
+    ranks = [torch.load(tmp_path / "two" / f"rank{r}.pt") for r in (0, 1)]
+    # plain DKM keeps 3 iterations of |W| x 8 maps; per step and per rank, measured by the marshaling counters
+    assert one["kept_bytes"] and min(one["kept_bytes"]) > 0
+    for rank in ranks:
+        for single_step, sharded_step in zip(one["kept_bytes"], rank["kept_bytes"]):
+            assert sharded_step == pytest.approx(single_step / 2, rel=0.10)
+    assert ranks[0]["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    for name, reference in one["modules"].items():
+        assert torch.equal(ranks[0]["modules"][name]["weight"], ranks[1]["modules"][name]["weight"]), name
+        assert torch.allclose(ranks[0]["modules"][name]["weight"], reference["weight"], rtol=0, atol=1e-5), name
