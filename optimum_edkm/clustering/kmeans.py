@@ -12,10 +12,6 @@ from .spec import ClusteringSpec
 from .uniquify import UniqueValues, uniquify
 
 
-def _segment_sum(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
-    return torch.zeros(size, dtype=values.dtype, device=values.device).index_add_(0, index, values)
-
-
 def _sample_per_group(weights: torch.Tensor, uv: UniqueValues, starts: torch.Tensor, ends: torch.Tensor,
                       generator: torch.Generator) -> torch.Tensor:
     """One pair index per group, drawn with probability proportional to ``weights`` within the group.
@@ -50,36 +46,48 @@ def _padded_groups(uv: UniqueValues, groups: int, starts: torch.Tensor, pair_cou
     return values, counts
 
 
-def _interval(values: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest of the sorted ``centroids`` (per row): the number of midpoints below the value."""
-    midpoints = (centroids[:, 1:] + centroids[:, :-1]) / 2
-    if centroids.shape[0] == 1:
-        return torch.bucketize(values[0], midpoints[0]).unsqueeze(0)
-    # batched searchsorted is slow on CPU for short boundary lists; counting is exact and vectorises
-    return (values.unsqueeze(-1) > midpoints.unsqueeze(1)).sum(-1)
-
-
 def _lloyd(values: torch.Tensor, counts: torch.Tensor, centroids: torch.Tensor, max_iter: int):
-    """Weighted 1-D Lloyd on padded groups; with sorted centroids the nearest one is found from the
-    midpoints."""
-    centroids = centroids.sort(1).values
+    """Weighted 1-D Lloyd on padded groups of *sorted* values.
+
+    With sorted values and sorted centroids every cluster is a contiguous run of values, bounded by the
+    midpoints between neighbouring centroids; its mass and sum are differences of prefix sums. One iteration
+    is a binary search of the k-1 midpoints per group, whatever the number of values.
+    """
+    zeros = torch.zeros(values.shape[0], 1, dtype=torch.float64, device=values.device)
+    weights = counts.double()
+    prefix_mass = torch.cat([zeros, weights.cumsum(1)], 1)
+    prefix_sum = torch.cat([zeros, (weights * values.double()).cumsum(1)], 1)
+    prefix_square = torch.cat([zeros, (weights * values.double().pow(2)).cumsum(1)], 1)
+    real = counts > 0
+    spread = (torch.where(real, values, -torch.inf).amax(1) - torch.where(real, values, torch.inf).amin(1))
+    spread = spread.double().clamp_min(torch.finfo(torch.float64).tiny) / max(centroids.shape[1] - 1, 1)
+
+    def cluster_sums(c):
+        # a value equal to a midpoint belongs to the lower cluster (as with argmin's first index)
+        bounds = torch.searchsorted(values, ((c[:, 1:] + c[:, :-1]) / 2).to(values.dtype).contiguous(), right=True)
+        edges = torch.cat([torch.zeros_like(bounds[:, :1]), bounds,
+                           torch.full_like(bounds[:, :1], values.shape[1])], 1)
+        take = lambda prefix: prefix.gather(1, edges[:, 1:]) - prefix.gather(1, edges[:, :-1])  # noqa: E731
+        return take(prefix_mass), take(prefix_sum), take(prefix_square)
+
+    c = centroids.double().sort(1).values
     for _ in range(max_iter):
-        label = _interval(values, centroids)
-        mass = torch.zeros_like(centroids).scatter_add_(1, label, counts)
-        total = torch.zeros_like(centroids).scatter_add_(1, label, counts * values)
-        updated = torch.where(mass > 0, total / torch.where(mass > 0, mass, torch.ones_like(mass)), centroids)
+        mass, total, _ = cluster_sums(c)
+        updated = torch.where(mass > 0, total / torch.where(mass > 0, mass, torch.ones_like(mass)), c)
         updated = updated.sort(1).values
-        if torch.equal(updated, centroids):
+        moved = (updated - c).abs().amax(1)
+        c = updated
+        # the last iterations only shuffle the last digits: stop at 1e-4 of each group's mean spacing
+        if bool((moved <= 1e-4 * spread).all()):
             break
-        centroids = updated
-    label = _interval(values, centroids)
-    inertia = (counts * (values - centroids.gather(1, label)).pow(2)).sum(1)
-    return centroids, inertia
+    mass, total, square = cluster_sums(c)
+    inertia = (square - 2 * c * total + c.pow(2) * mass).sum(1)
+    return c.to(centroids.dtype), inertia
 
 
 @torch.no_grad()
 def init_centroids(weight: torch.Tensor, spec: ClusteringSpec, scale: Optional[torch.Tensor] = None,
-                   seed: int = 0, restarts: int = 3, max_iter: int = 100, name: str = "weight") -> torch.Tensor:
+                   seed: int = 0, restarts: int = 3, max_iter: int = 50, name: str = "weight") -> torch.Tensor:
     """Deterministic k-means centroids, ``[groups, 2**bits]``, sorted ascending within each group.
 
     Weighted k-means++ seeding on the distinct values of each group (weights = counts), refined by Lloyd
@@ -100,6 +108,8 @@ def init_centroids(weight: torch.Tensor, spec: ClusteringSpec, scale: Optional[t
     starts = ends - pair_counts
     generator = torch.Generator().manual_seed(int(seed))
     padded_values, padded_counts = _padded_groups(uv, groups, starts, pair_counts)
+    order = padded_values.argsort(1)
+    padded_values, padded_counts = padded_values.gather(1, order), padded_counts.gather(1, order)
 
     best_centroids, best_inertia = None, None
     for _ in range(restarts):
