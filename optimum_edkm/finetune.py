@@ -31,12 +31,14 @@ def window_dataset(token_ids: torch.Tensor, seq_len: int) -> Dataset:
 def finetune(model, token_ids: torch.Tensor, config: Optional[EDKMConfig] = None, *, output_dir: str,
              steps: int = 30, seq_len: int = 256, batch_size: int = 8, learning_rate: float = 1e-4,
              warmup_steps: int = 0, seed: int = 0, logging_steps: int = 5, progress: bool = True,
-             **training_arguments) -> EDKMTrainer:
+             teacher_model=None, **training_arguments) -> EDKMTrainer:
     """Fine-tune ``model`` with eDKM on ``token_ids`` for ``steps`` optimizer steps and palettize it.
 
     ``model`` is either already prepared (loaded with ``quantization_config=EDKMConfig(...)``) or a float model,
     which is prepared with ``config`` first. Extra keyword arguments go to :class:`EDKMTrainingArguments`.
-    Returns the trainer (``trainer.model`` is the palettized model, ``trainer.state.log_history`` the logs).
+    ``teacher_model`` (e.g. a copy of the float model taken before preparing it) enables distillation with
+    ``distillation_weight``. Returns the trainer (``trainer.model`` is the palettized model,
+    ``trainer.state.log_history`` the logs).
     """
     if getattr(model, "hf_quantizer", None) is None:
         if config is None:
@@ -51,6 +53,6 @@ def finetune(model, token_ids: torch.Tensor, config: Optional[EDKMConfig] = None
         save_strategy="no", report_to=[], seed=seed, disable_tqdm=not progress, use_cpu=not torch.cuda.is_available(),
         dataloader_drop_last=True, **training_arguments,
     )
-    trainer = EDKMTrainer(model=model, args=args, train_dataset=dataset)
+    trainer = EDKMTrainer(model=model, args=args, train_dataset=dataset, teacher_model=teacher_model)
     trainer.train()
     return trainer

@@ -51,6 +51,11 @@ class EDKMTrainingArguments(TrainingArguments):
         "help": "weights per module sampled (fixed positions) for the logged cluster statistics"})
     palettize_at_end: bool = field(default=True, metadata={
         "help": "snap the model to its palettized form when train() finishes, so save_model writes it"})
+    distillation_weight: float = field(default=0.0, metadata={
+        "help": "weight of the distillation loss (KL divergence to the teacher's next-token distribution); the "
+                "loss is (1 - w) * cross-entropy + w * KL. Needs EDKMTrainer(teacher_model=...)"})
+    distillation_temperature: float = field(default=1.0, metadata={
+        "help": "softmax temperature of the distillation loss (the KL term is multiplied by its square)"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -66,6 +71,10 @@ class EDKMTrainingArguments(TrainingArguments):
             raise ValueError(f"collapse_tolerance must be >= 0, got {self.collapse_tolerance!r}")
         if self.cluster_stats_sample < 1:
             raise ValueError(f"cluster_stats_sample must be >= 1, got {self.cluster_stats_sample!r}")
+        if not 0 <= self.distillation_weight <= 1:
+            raise ValueError(f"distillation_weight must be in [0, 1], got {self.distillation_weight!r}")
+        if not self.distillation_temperature > 0:
+            raise ValueError(f"distillation_temperature must be > 0, got {self.distillation_temperature!r}")
 
 
 def temperature_factor(args: EDKMTrainingArguments, step: int, max_steps: int) -> float:
@@ -99,9 +108,13 @@ class EDKMTrainer(Trainer):
     schedule). After ``train()`` the model is palettized unless ``palettize_at_end=False``.
     """
 
-    def __init__(self, model=None, args: Optional[TrainingArguments] = None, *positional, **kwargs):
+    def __init__(self, model=None, args: Optional[TrainingArguments] = None, *positional, teacher_model=None,
+                 **kwargs):
         if args is None:
             raise ValueError("EDKMTrainer needs args=EDKMTrainingArguments(output_dir=...)")
+        if _schedule(args).distillation_weight > 0 and teacher_model is None:
+            raise ValueError("distillation_weight > 0 needs a teacher: EDKMTrainer(..., teacher_model=<the float "
+                             "model>)")
         base = _base_model(model)
         config = _edkm_config(base)
         if config.palettized or not any(isinstance(m, CLUSTERED_TYPES) for m in base.modules()):
@@ -109,6 +122,10 @@ class EDKMTrainer(Trainer):
                              "left to fine-tune; load the float or train-format checkpoint instead")
         super().__init__(model, args, *positional, **kwargs)
         self.edkm_config: EDKMConfig = config
+        self.teacher_model = teacher_model
+        if teacher_model is not None:
+            teacher_model.eval().requires_grad_(False)
+            teacher_model.to(self.args.device)
         self._sample_positions = {}
         self._last_labels = {}
         self._collapsed_since_log = 0
@@ -136,6 +153,34 @@ class EDKMTrainer(Trainer):
         if active and args.collapse_tolerance > 0 and not starting:
             for _, module in self.clustered_modules():
                 self._collapsed_since_log += module.repair_collapsed_centroids(args.collapse_tolerance)
+
+    # ------------------------------------------------------------------------------------------ loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Trainer's loss, mixed with the KL divergence to the teacher when ``distillation_weight > 0``."""
+        weight = _schedule(self.args).distillation_weight
+        if self.teacher_model is None or weight == 0 or not model.training:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        labels = inputs.get("labels")
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                             num_items_in_batch=num_items_in_batch)
+        temperature = _schedule(self.args).distillation_temperature
+        with torch.no_grad():
+            teacher_logits = self.teacher_model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+        student = torch.log_softmax(outputs.logits.float() / temperature, dim=-1)
+        teacher = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+        per_token = torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="none").sum(-1)
+        # the positions whose next token is a label, as the causal LM loss counts them
+        mask = torch.ones_like(per_token) if labels is None else torch.nn.functional.pad(
+            labels[:, 1:] != -100, (0, 1), value=False).to(per_token.dtype)
+        if num_items_in_batch is not None:
+            distillation = (per_token * mask).sum() / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                distillation = distillation * self.accelerator.num_processes
+        else:
+            distillation = (per_token * mask).sum() / mask.sum().clamp_min(1)
+        loss = (1 - weight) * loss + weight * temperature ** 2 * distillation
+        return (loss, outputs) if return_outputs else loss
 
     # ------------------------------------------------------------------------------------------ logging
     @torch.no_grad()
