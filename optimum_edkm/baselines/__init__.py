@@ -1,0 +1,27 @@
+"""RTN, GPTQ and AWQ weight quantization baselines in pure torch, applied in place as fake quantization.
+
+Every function quantizes the ``nn.Linear`` layers inside ``model.model.layers`` (embeddings and the LM head stay
+in float), writes the de-quantized weights back, and returns a
+:class:`~optimum_edkm.evaluation.QuantizationReport` whose ``storage`` feeds
+:func:`~optimum_edkm.evaluation.effective_bits`. All three use the same number format
+(:mod:`optimum_edkm.baselines.quantizer`), so they differ only in how the weights are chosen.
+"""
+
+from .awq import awq, search_clip, search_scale
+from .gptq import GPTQResult, gptq, gptq_quantize_weight
+from .quantizer import QuantParams, fake_quantize, minmax_params, quantize_groupwise
+from .rtn import rtn
+
+__all__ = [
+    "GPTQResult",
+    "QuantParams",
+    "awq",
+    "fake_quantize",
+    "gptq",
+    "gptq_quantize_weight",
+    "minmax_params",
+    "quantize_groupwise",
+    "rtn",
+    "search_clip",
+    "search_scale",
+]

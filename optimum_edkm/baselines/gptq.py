@@ -1,0 +1,259 @@
+"""GPTQ (Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers", ICLR 2023), written from the paper and checked against the behaviour of the reference
+code (github.com/IST-DASLab/gptq: ``gptq.py`` ``GPTQ.fasterquant``, ``quant.py``, ``llama.py``) and its maintained
+re-implementations (ModelCloud/GPTQModel ``gptqmodel/quantization/gptq.py``, vllm-project/llm-compressor
+``modifiers/gptq/gptq_quantize.py``).
+
+Per linear layer with weight ``W`` (rows = outputs) and calibration inputs ``X``:
+
+1. ``H = 2/N * sum_x x x^T`` over the N calibration tokens (the Hessian of ``||X W^T - X Q^T||^2``).
+2. Inputs that are always zero ("dead" columns): ``H_ii = 1``, ``W[:, i] = 0``. Damping:
+   ``H += damp * mean(diag H) * I``.
+3. The upper Cholesky factor ``U`` of ``H^-1``. Row ``j`` of ``U`` is, up to the factor ``1/U_jj``, row ``j`` of the
+   inverse Hessian of the columns not yet quantized, so the optimal-brain-quantization update after quantizing
+   column ``j`` is ``W[:, j:] -= (w_j - q_j) / U_jj * U[j, j:]`` - no matrix is re-inverted.
+4. Columns are processed in blocks of ``block_size`` ("lazy batch updates"): updates inside a block are applied at
+   once, the rest of the matrix is updated once per block with ``W[:, i2:] -= Err @ U[i1:i2, i2:]``.
+5. Groups: the scale/zero of a group are computed when the group's first column is reached, from the weights as
+   updated so far. Blocks are cut so that a group starting inside a block also ends inside it; then every group's
+   parameters see fully updated weights and the result equals the column-by-column algorithm for any block size
+   (the reference code reads the not-yet-updated matrix there, which only differs when groups are smaller than
+   or misaligned with blocks). Optional act-order processes columns by decreasing ``diag(H)``; with groups it then
+   needs a per-column group index (``static_groups`` fixes the groups in the original column order instead).
+
+The model is processed decoder layer by decoder layer ("true sequential": inside a layer, q/k/v are quantized
+first, then o, then gate/up, then down, each with inputs produced by the already-quantized earlier linears) and
+the next layer's inputs are the outputs of the quantized layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import NamedTuple, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from ..evaluation.bits import QuantizationReport, WeightStorage
+from .layers import (capture_first_layer_calls, decoder_layers, module_names, named_linears, run_layer, run_until,
+                     sequential_groups)
+from .quantizer import QuantParams, check_bits_and_group, fake_quantize, minmax_params
+
+#: bits of the per-input-column group index that act-order with dynamic groups must store (int32, as in
+#: GPTQ checkpoints' ``g_idx``).
+GROUP_INDEX_BITS = 32
+
+
+class GPTQResult(NamedTuple):
+    weight: torch.Tensor
+    loss: float
+
+
+def _working_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.no_grad()
+def gptq_quantize_weight(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    group_size: Optional[int] = None,
+    symmetric: bool = False,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+    static_groups: bool = False,
+) -> GPTQResult:
+    """Quantize one ``[rows, columns]`` weight with GPTQ given the ``[columns, columns]`` input Hessian.
+
+    Returns the de-quantized weight (dtype of ``weight``) and GPTQ's loss estimate
+    ``sum (w - q)^2 / (2 U_jj^2)`` (proportional to the increase of the layer's output error).
+    """
+    check_bits_and_group(bits, group_size)
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
+    rows, columns = weight.shape
+    if tuple(hessian.shape) != (columns, columns):
+        raise ValueError(f"hessian must be [{columns}, {columns}] for a weight with {columns} columns, got "
+                         f"{tuple(hessian.shape)}")
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
+    if not isinstance(damp, (int, float)) or not damp > 0:
+        raise ValueError(f"damp must be > 0 (fraction of the mean Hessian diagonal added to it), got {damp!r}")
+    with _single_cpu_thread(weight.device):
+        return _gptq(weight, hessian, bits, group_size, symmetric, block_size, damp, act_order, static_groups)
+
+
+def _gptq(weight, hessian, bits, group_size, symmetric, block_size, damp, act_order, static_groups) -> GPTQResult:
+    rows, columns = weight.shape
+    dtype = _working_dtype(weight.dtype)
+    W = weight.detach().to(dtype).clone()
+    H = hessian.detach().to(dtype=dtype, device=W.device).clone()
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    static_params: list[QuantParams] = []
+    if group_size is not None and static_groups:
+        static_params = [minmax_params(W[:, g : g + group_size], bits, symmetric) for g in range(0, columns, group_size)]
+    params = minmax_params(W, bits, symmetric) if group_size is None else None
+
+    permutation = None
+    if act_order:
+        permutation = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, permutation], H[permutation][:, permutation]
+
+    diagonal = torch.arange(columns, device=H.device)
+    H[diagonal, diagonal] += damp * torch.mean(torch.diag(H))
+    U = _upper_cholesky_of_inverse(H)
+
+    dynamic_groups = group_size is not None and not static_groups
+    Q = torch.zeros_like(W)
+    losses = torch.zeros(rows, dtype=dtype, device=W.device)
+    i1 = 0
+    while i1 < columns:
+        i2 = _block_end(i1, block_size, columns, group_size if dynamic_groups else None)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            column = i1 + i
+            if dynamic_groups and column % group_size == 0:
+                # At a block start W holds fully updated weights; inside a block W1 does (and the group fits).
+                source = W[:, column : column + group_size] if i == 0 else W1[:, i : i + group_size]
+                params = minmax_params(source, bits, symmetric)
+            elif static_params:
+                original = int(permutation[column]) if permutation is not None else column
+                params = static_params[original // group_size]
+            w = W1[:, i]
+            d = U1[i, i]
+            q = fake_quantize(w.unsqueeze(1), params).flatten()
+            Q[:, column] = q
+            error = (w - q) / d
+            W1[:, i:] -= error.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            Err1[:, i] = error
+        losses += Err1.pow(2).sum(1) / 2  # (w - q)^2 / (2 U_jj^2) per column
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+        i1 = i2
+
+    if permutation is not None:
+        Q = Q[:, torch.argsort(permutation)]
+    return GPTQResult(Q.to(weight.dtype), float(losses.sum()))
+
+
+@contextlib.contextmanager
+def _single_cpu_thread(device: torch.device):
+    """GPTQ on one matrix is thousands of tiny operations plus small factorizations; on a CPU whose cores are busy
+    with other work, OpenMP threads waiting for a core made them 10-50x slower than one thread (measured on 2
+    shared cores), and on an idle CPU a second thread gains little here."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _upper_cholesky_of_inverse(H: torch.Tensor) -> torch.Tensor:
+    L, info = torch.linalg.cholesky_ex(H)
+    if int(info) == 0:
+        L, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+    if int(info) != 0:
+        raise ValueError(
+            "the damped Hessian is not positive definite (too few or degenerate calibration tokens for this "
+            "layer); increase damp or use more calibration data"
+        )
+    return L
+
+
+def _block_end(i1: int, block_size: int, columns: int, group_size: Optional[int]) -> int:
+    i2 = min(i1 + block_size, columns)
+    if group_size is not None:
+        last_start = ((i2 - 1) // group_size) * group_size
+        if last_start > i1 and min(last_start + group_size, columns) > i2:
+            i2 = last_start  # end the block where the straddling group starts
+    return i2
+
+
+@torch.no_grad()
+def gptq(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    bits: int,
+    group_size: Optional[int] = 128,
+    symmetric: bool = False,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+    static_groups: bool = False,
+    true_sequential: bool = True,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> QuantizationReport:
+    """GPTQ every ``nn.Linear`` of ``model.model.layers`` in place (fake-quantized: de-quantized float weights).
+
+    Args:
+        input_ids: ``[n_samples, seq_len]`` calibration token ids.
+        bits, group_size, symmetric: the number format (see :mod:`optimum_edkm.baselines.quantizer`).
+        block_size: columns per lazy batch update (does not change the result, only the speed).
+        damp: dampening as a fraction of the mean Hessian diagonal.
+        act_order: quantize columns in order of decreasing Hessian diagonal.
+        static_groups: with act-order and groups, compute group parameters up front in the original order.
+        true_sequential: calibrate each linear on inputs from the already-quantized linears before it.
+        batch_size: calibration sequences per forward.
+    """
+    check_bits_and_group(bits, group_size)
+    started = time.perf_counter()
+    names = module_names(model)
+    layers = decoder_layers(model)
+    calls = capture_first_layer_calls(model, input_ids, batch_size)
+    needs_group_index = act_order and group_size is not None and not static_groups
+    storage, losses = {}, {}
+    for layer in tqdm(layers, desc=f"GPTQ {bits}-bit", unit="layer", disable=not progress):
+        linears = named_linears(layer)
+        groups = sequential_groups(layer, calls[0], linears) if true_sequential else [list(linears)]
+        for group in groups:
+            gram = {name: None for name in group}
+            tokens = dict.fromkeys(group, 0)
+
+            def accumulate(name: str, inputs: torch.Tensor):
+                x = inputs.reshape(-1, inputs.shape[-1]).to(_working_dtype(inputs.dtype))
+                gram[name] = x.T @ x if gram[name] is None else gram[name] + x.T @ x
+                tokens[name] += x.shape[0]
+
+            run_until(layer, calls, {name: linears[name] for name in group}, accumulate)
+            for name in group:
+                linear = linears[name]
+                result = gptq_quantize_weight(
+                    linear.weight, 2 * gram[name] / tokens[name], bits, group_size, symmetric, block_size, damp,
+                    act_order, static_groups,
+                )
+                linear.weight.copy_(result.weight)
+                full_name = names[id(linear)]
+                losses[full_name] = result.loss
+                storage[full_name] = WeightStorage.uniform(
+                    tuple(linear.weight.shape), bits, group_size, symmetric,
+                    extra_bits=linear.in_features * GROUP_INDEX_BITS if needs_group_index else 0,
+                )
+            del gram
+        outputs = run_layer(layer, calls)
+        calls = [call.with_hidden_states(output) for call, output in zip(calls, outputs)]
+    return QuantizationReport(
+        method="gptq",
+        bits=bits,
+        group_size=group_size,
+        storage=storage,
+        seconds=time.perf_counter() - started,
+        settings={
+            "symmetric": symmetric, "block_size": block_size, "damp": damp, "act_order": act_order,
+            "static_groups": static_groups, "true_sequential": true_sequential,
+            "calibration_tokens": int(input_ids.numel()),
+        },
+        details={"gptq_loss": losses},
+    )

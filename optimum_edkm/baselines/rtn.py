@@ -1,0 +1,45 @@
+"""Round-to-nearest (RTN): every decoder linear rounded group-wise to its own min-max grid, no calibration data.
+
+The grid is the one of GPTQ's ``quant.py`` (see :mod:`optimum_edkm.baselines.quantizer`); the same rounding is
+what GPTQ applies column by column and what AWQ applies after scaling and clipping, so the three baselines
+differ only in the algorithm, never in the number format.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch
+
+from ..evaluation.bits import QuantizationReport, WeightStorage
+from .layers import decoder_layers, module_names, named_linears
+from .quantizer import check_bits_and_group, quantize_groupwise
+
+
+@torch.no_grad()
+def rtn(model: torch.nn.Module, bits: int, group_size: Optional[int] = 128, symmetric: bool = False
+        ) -> QuantizationReport:
+    """Fake-quantize, in place, every ``nn.Linear`` inside ``model.model.layers`` (embeddings and LM head stay).
+
+    Args:
+        bits: code width.
+        group_size: input columns per scale/zero (``None``: one per output channel).
+        symmetric: symmetric grid (no stored zero point) instead of min-max with a zero point.
+    """
+    check_bits_and_group(bits, group_size)
+    started = time.perf_counter()
+    names = module_names(model)
+    storage = {}
+    for layer in decoder_layers(model):
+        for linear in named_linears(layer).values():
+            linear.weight.copy_(quantize_groupwise(linear.weight, bits, group_size, symmetric))
+            storage[names[id(linear)]] = WeightStorage.uniform(tuple(linear.weight.shape), bits, group_size, symmetric)
+    return QuantizationReport(
+        method="rtn",
+        bits=bits,
+        group_size=group_size,
+        storage=storage,
+        seconds=time.perf_counter() - started,
+        settings={"symmetric": symmetric},
+    )
