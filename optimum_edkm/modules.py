@@ -263,6 +263,11 @@ class PalettizedMixin:
         self.cache_dense_weight = False
         self._dense_cache = None
 
+    @property
+    def dense_shape(self) -> tuple:
+        """``(out, in)``: the shape of the weight the packed indices stand for."""
+        return (self.out_channels, self.in_channels)
+
     def indices(self) -> torch.Tensor:
         """Unpacked uint8 indices, ``[out, in]``."""
         return unpack_indices(self.weight, self.bits, self.out_channels * self.in_channels).view(

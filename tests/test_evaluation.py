@@ -261,11 +261,21 @@ def test_quality_harness_runs_every_method_and_writes_consistent_outputs(tmp_pat
     argv = ["--model", str(tmp_path / "model"), "--text", str(tmp_path / "eval.txt"),
             "--calib-text", str(tmp_path / "calib.txt"), "--bits", "2", "3", "--group-size", "32",
             "--eval-tokens", "300", "--context-length", "64", "--calib-samples", "4", "--calib-seq-len", "32",
+            "--methods", "rtn", "gptq", "awq", "kmeans-channel", "edkm-tensor", "--edkm-steps", "2",
+            "--edkm-batch-size", "2", "--edkm-seq-len", "32",
             "--no-progress"] + [a for key, path in outputs.items() for a in (f"--{key}", str(path))]
     results = quality.run(quality.parse_args(argv))
 
     rows = {(r["method"], r["bits"]): r for r in results["rows"]}
-    assert set(rows) == {("fp", None)} | {(m, b) for m in ("rtn", "gptq", "awq") for b in (2, 3)}
+    methods = ("rtn", "gptq", "awq", "kmeans-channel", "edkm-tensor")
+    assert set(rows) == {("fp", None)} | {(m, b) for m in methods for b in (2, 3)}
+    # one fp16 LUT of 2**bits entries per output channel of every decoder linear, 64 or 128 inputs wide
+    shapes = [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)] * 2
+    for b in (2, 3):
+        expected = sum(o * i * b + o * 2 ** b * 16 for o, i in shapes) / sum(o * i for o, i in shapes)
+        assert rows["kmeans-channel", b]["bits_per_weight_linears"] == pytest.approx(expected)
+        assert rows["edkm-tensor", b]["report"]["settings"]["steps"] == 2
+        assert len(rows["edkm-tensor", b]["report"]["details"]["train_loss"]) >= 1
     model, tokenizer, _ = models.load_causal_lm(str(tmp_path / "model"))
     ids = data.load_text(str(tmp_path / "eval.txt")).token_ids(tokenizer, max_tokens=300)
     assert rows["fp", None]["perplexity"] == pytest.approx(

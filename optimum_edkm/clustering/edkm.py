@@ -32,20 +32,30 @@ from .uniquify import UniqueValues, uniquify
 
 class _PairDKM(NamedTuple):
     table: torch.Tensor          # (P,) soft-clustered value of each distinct (group, value) pair
-    attention: torch.Tensor      # (P, k) last attention, computed with `previous`
+    attention: torch.Tensor      # (k, P) last attention, computed with `previous`
     previous: torch.Tensor       # (G, k) centroids the last attention was computed with
     centroids: torch.Tensor      # (G, k) centroids after the last update
     iterations: int
 
+# Pair tensors are laid out (k, P): a softmax over k is then a reduction across k contiguous rows, which CPUs
+# vectorise along P; over a last dimension of k <= 256 it is several times slower.
 
-def _group_sum(group: torch.Tensor, rows: torch.Tensor, groups: int) -> torch.Tensor:
+
+def _per_pair(centroids: torch.Tensor, uv: UniqueValues) -> torch.Tensor:
+    """(k, P) centroids of each pair's group, or (k, 1) for a single group (broadcast)."""
+    return centroids.t() if centroids.shape[0] == 1 else centroids.t()[:, uv.group]
+
+
+def _group_sum(group: torch.Tensor, pairs: torch.Tensor, groups: int) -> torch.Tensor:
+    """(G, k) sums over the pairs of each group of a (k, P) tensor."""
     if groups == 1:
-        return rows.sum(0, keepdim=True)
-    return torch.zeros(groups, rows.shape[1], dtype=rows.dtype, device=rows.device).index_add(0, group, rows)
+        return pairs.sum(1).unsqueeze(0)
+    return torch.zeros(pairs.shape[0], groups, dtype=pairs.dtype, device=pairs.device).index_add(
+        1, group, pairs).t()
 
 
 def _attention(values: torch.Tensor, centroids_per_pair: torch.Tensor, temperature: float) -> torch.Tensor:
-    return torch.softmax(-(values.unsqueeze(1) - centroids_per_pair).pow(2) / temperature, dim=1)
+    return torch.softmax(-(values.unsqueeze(0) - centroids_per_pair).pow(2) / temperature, dim=0)
 
 
 def _pair_dkm(assign_values: torch.Tensor, update_values: torch.Tensor, uv: UniqueValues,
@@ -54,33 +64,28 @@ def _pair_dkm(assign_values: torch.Tensor, update_values: torch.Tensor, uv: Uniq
     attention of the output table (they are the same numbers; separating them lets the backward pass
     differentiate the centroid path alone). ``iterations`` replays a forward pass exactly."""
     groups = centroids.shape[0]
-    counts = uv.counts.unsqueeze(1)
+    counts = uv.counts.unsqueeze(0)
     c = centroids
     ran = 0
     for _ in range(iterations if iterations is not None else spec.iterations):
-        per_pair = c if groups == 1 else c[uv.group]
-        attention = _attention(update_values, per_pair, spec.temperature) * counts
+        attention = _attention(update_values, _per_pair(c, uv), spec.temperature) * counts
         mass = _group_sum(uv.group, attention, groups)
-        weighted_sum = _group_sum(uv.group, attention * update_values.unsqueeze(1), groups)
+        weighted_sum = _group_sum(uv.group, attention * update_values.unsqueeze(0), groups)
         previous, c = c, update_centroids(mass, weighted_sum, c)
         ran += 1
-        if iterations is None and float((c - previous).abs().max()) <= spec.tolerance:
+        if iterations is None and float((c - previous).detach().abs().max()) <= spec.tolerance:
             break
-    previous_per_pair = previous if groups == 1 else previous[uv.group]
-    attention = _attention(assign_values, previous_per_pair, spec.temperature)
-    table = (attention * (c if groups == 1 else c[uv.group])).sum(1)
+    attention = _attention(assign_values, _per_pair(previous, uv), spec.temperature)
+    table = (attention * _per_pair(c, uv)).sum(0)
     return _PairDKM(table, attention, previous, c, ran)
 
 
 def _local_derivative(values: torch.Tensor, uv: UniqueValues, dkm: _PairDKM, spec: ClusteringSpec):
     """``d table / d u`` with the centroids held fixed: the attention-weighted covariance of the softmax
     logits' slope ``-2 (u - c_prev) / tau`` and the centroids (centred form, for accuracy)."""
-    groups = dkm.centroids.shape[0]
-    previous = dkm.previous if groups == 1 else dkm.previous[uv.group]
-    current = dkm.centroids if groups == 1 else dkm.centroids[uv.group]
-    slope = -2.0 * (values.unsqueeze(1) - previous) / spec.temperature
-    slope = slope - (dkm.attention * slope).sum(1, keepdim=True)
-    return (dkm.attention * slope * (current - dkm.table.unsqueeze(1))).sum(1)
+    slope = -2.0 * (values.unsqueeze(0) - _per_pair(dkm.previous, uv)) / spec.temperature
+    slope = slope - (dkm.attention * slope).sum(0, keepdim=True)
+    return (dkm.attention * slope * (_per_pair(dkm.centroids, uv) - dkm.table.unsqueeze(0))).sum(0)
 
 
 class _EDKMFunction(torch.autograd.Function):

