@@ -58,6 +58,16 @@ class PeakMemory:
         return self._status("VmHWM") - self.base
 
 
+def write_json(path: str, report: dict) -> None:
+    """Write ``report`` to ``path`` through a temporary file renamed into place (never half a file)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".tmp") as handle:
+        json.dump(report, handle, indent=2)
+    os.replace(handle.name, path)
+    print(f"\nwrote {os.path.relpath(path)}")
+
+
 def machine(device: torch.device) -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "device": str(device),
             "threads": torch.get_num_threads(), "os": platform.platform()}
@@ -296,12 +306,7 @@ def main(argv=None) -> dict:
         print(f"DKM / eDKM: saved for backward {report['ratio_saved_bytes']:,.0f}x "
               f"({report['ratio_saved_bytes_including_weights']:.1f}x counting the referenced weights), "
               f"peak memory {report['ratio_peak_bytes']:.1f}x, fwd+bwd time {report['ratio_time']:.1f}x")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(os.path.abspath(args.out)), delete=False,
-                                     suffix=".tmp") as handle:
-        json.dump(report, handle, indent=2)
-    os.replace(handle.name, args.out)
-    print(f"\nwrote {os.path.relpath(args.out)}")
+    write_json(args.out, report)
     return report
 
 

@@ -18,14 +18,13 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-from layer_memory import GIB, PeakMemory, machine  # noqa: E402
+from layer_memory import GIB, PeakMemory, machine, write_json  # noqa: E402
 
 
 def worker(args) -> dict:
@@ -120,12 +119,7 @@ def main(argv=None) -> dict:
     print()
     print(f"eDKM / plain: step time {report['ratio_time']:.2f}x, memory overhead "
           f"{100 * report['memory_overhead']:+.1f}%")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(os.path.abspath(args.out)), delete=False,
-                                     suffix=".tmp") as handle:
-        json.dump(report, handle, indent=2)
-    os.replace(handle.name, args.out)
-    print(f"\nwrote {os.path.relpath(args.out)}")
+    write_json(args.out, report)
     return report
 
 

@@ -9,6 +9,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
+@pytest.fixture(autouse=True)
+def one_cpu_thread():
+    """Test tensors are tiny: on a busy 2-core machine, OpenMP threads waiting for a core made single tests take
+    25 s instead of 0.2 s. Tests that measure multi-process behaviour start their own processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_llama_config(tie: bool = True, **overrides):
     from transformers import LlamaConfig
 

@@ -12,15 +12,6 @@ from optimum_edkm.baselines.awq import search_clip
 from optimum_edkm.baselines.layers import capture_first_layer_calls, sequential_groups
 from optimum_edkm.evaluation import WeightStorage, effective_bits
 
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    """The tensors here are tiny: on a busy 2-core CI machine, OpenMP threads waiting for a core made single tests
-    take 25 s instead of 0.2 s."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 ROW = [-0.2, 0.0, 0.4, 0.9]
 

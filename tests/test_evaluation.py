@@ -11,16 +11,6 @@ from optimum_edkm import data, models
 from optimum_edkm.evaluation import WeightStorage, effective_bits, evaluate_perplexity, perplexity_windows
 
 
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    """The tensors here are tiny: on a busy 2-core CI machine, OpenMP threads waiting for a core made single tests
-    take 25 s instead of 0.2 s."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_llama(seed=0):
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -17,7 +17,7 @@ from transformers.pytorch_utils import Conv1D
 import optimum_edkm
 from optimum_edkm import (EDKMConfig, EDKMConv1D, EDKMEmbedding, EDKMLinear, PalettizedEmbedding, PalettizedLinear,
                           palettize)
-from optimum_edkm.clustering import ClusteringSpec, packed_size
+from optimum_edkm.clustering import packed_size
 from optimum_edkm.modules import palettize_module
 
 LLAMA_LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}

@@ -11,7 +11,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 import optimum_edkm
-from optimum_edkm import EDKMConfig, EDKMLinear, EDKMTrainer, EDKMTrainingArguments, PalettizedLinear
+from optimum_edkm import EDKMConfig, EDKMTrainer, EDKMTrainingArguments, PalettizedLinear
 from optimum_edkm.modules import CLUSTERED_TYPES
 from optimum_edkm.trainer import temperature_factor
 

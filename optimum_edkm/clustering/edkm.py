@@ -123,10 +123,9 @@ class _EDKMFunction(torch.autograd.Function):
             dkm = _pair_dkm(uv.values, update_values, uv, start, spec, iterations=ctx.iterations)
             (centroid_path,) = torch.autograd.grad(dkm.table, update_values, pair_grad)
         with torch.no_grad():
-            local = _local_derivative(uv.values, uv, dkm._replace(table=dkm.table.detach(),
-                                                                   attention=dkm.attention.detach(),
-                                                                   previous=dkm.previous.detach(),
-                                                                   centroids=dkm.centroids.detach()), spec)
+            fixed = _PairDKM(dkm.table.detach(), dkm.attention.detach(), dkm.previous.detach(),
+                             dkm.centroids.detach(), dkm.iterations)
+            local = _local_derivative(uv.values, uv, fixed, spec)
             per_weight = centroid_path / uv.counts
             grad_values = local[uv.index].mul_(grad).add_(per_weight[uv.index]).view(weight.shape)
             if scale is not None:
