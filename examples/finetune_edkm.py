@@ -33,7 +33,9 @@ def parse_args():
     parser.add_argument("--bits", type=int, default=3)
     parser.add_argument("--granularity", default="per_tensor", choices=["per_tensor", "per_grouped_channel"])
     parser.add_argument("--group-size", type=int, default=None)
-    parser.add_argument("--per-channel-scale", action="store_true")
+    parser.add_argument("--per-channel-scale", action=argparse.BooleanOptionalAction, default=True,
+                        help="an fp16 scale per output channel next to each LUT (default on; --no-per-channel-scale "
+                             "for the plain per-tensor LUT)")
     parser.add_argument("--temperature", type=float, default=EDKMConfig().temperature)
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps of eDKM fine-tuning")
     parser.add_argument("--learning-rate", type=float, default=1e-4)

@@ -25,9 +25,12 @@ def main():
     from optimum_edkm.modules import CLUSTERED_TYPES
 
     shard = "shard" in sys.argv[5:]
-    config = EDKMConfig(bits=3)
+    # A soft map gives every weight a gradient well above rounding noise; with a near-hard one Adam normalises
+    # noise-sized gradients into lr-sized steps, and 1 vs 2 processes (different summation order) would diverge.
+    config = EDKMConfig(bits=3, temperature=0.25)
     if shard:
-        config = EDKMConfig(bits=3, uniquify=False, shard=True, offload={"min_bytes": 1, "memory_threshold": 1.0})
+        config = EDKMConfig(bits=3, temperature=0.25, uniquify=False, shard=True,
+                            offload={"min_bytes": 1, "memory_threshold": 1.0})
     model = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=config)
     sequences = [[(i * 7 + j * 3) % 120 + 3 for j in range(16)] for i in range(64)]
     dataset = Dataset.from_dict({"input_ids": sequences, "labels": sequences})

@@ -64,16 +64,17 @@ class EDKMRowOptions:
     learning_rate: float = 1e-4
     batch_size: int = 4
     seq_len: int = 256
-    distillation_weight: float = 1.0
-    temperature: float = 0.25
+    distillation_weight: float = 0.0
+    temperature: float = 0.01
 
 
 EDKM_OPTIONS = EDKMRowOptions()
 
 
-def _palettization(lut_group_size: Optional[int], fine_tune: bool) -> MethodFn:
+def _palettization(lut_group_size: Optional[int], fine_tune: bool, channel_scale: bool = False) -> MethodFn:
     """A row compressed by optimum-edkm: k-means palettization (``fine_tune=False``) or eDKM fine-tuning on the
-    calibration text, with one LUT per tensor (``lut_group_size=None``) or per ``lut_group_size`` output rows."""
+    calibration text, with one LUT per tensor (``lut_group_size=None``) or per ``lut_group_size`` output rows,
+    optionally with a per-output-channel scale."""
 
     def compress(model, bits, group_size, calibration):
         from ..api import palettize, prepare
@@ -85,9 +86,11 @@ def _palettization(lut_group_size: Optional[int], fine_tune: bool) -> MethodFn:
         options = EDKM_OPTIONS
         granularity = {} if lut_group_size is None else {"granularity": "per_grouped_channel",
                                                          "group_size": lut_group_size}
-        config = EDKMConfig(bits=bits, temperature=options.temperature, **granularity)
+        config = EDKMConfig(bits=bits, temperature=options.temperature, enable_per_channel_scale=channel_scale,
+                            **granularity)
         started = time.perf_counter()
-        settings = {"lut_group_size": lut_group_size, "temperature": options.temperature}
+        settings = {"lut_group_size": lut_group_size, "per_channel_scale": channel_scale,
+                    "temperature": options.temperature}
         details = {}
         teacher = copy.deepcopy(model) if fine_tune and options.distillation_weight > 0 else None
         prepare(model, config)
@@ -105,8 +108,10 @@ def _palettization(lut_group_size: Optional[int], fine_tune: bool) -> MethodFn:
             details["train_loss"] = [round(h["loss"], 4) for h in trainer.state.log_history if "loss" in h]
         else:
             palettize(model)
-        storage = {name: WeightStorage.palettized((m.out_channels, m.in_channels), m.bits, m.group_size,
-                                                  lut_entry_bits=torch.finfo(m.weight_lut.dtype).bits)
+        storage = {name: WeightStorage.palettized(
+                       (m.out_channels, m.in_channels), m.bits, m.group_size,
+                       lut_entry_bits=torch.finfo(m.weight_lut.dtype).bits,
+                       channel_scale_bits=None if m.weight_scale is None else torch.finfo(m.weight_scale.dtype).bits)
                    for name, m in model.named_modules() if isinstance(m, PALETTIZED_TYPES)}
         method = "edkm" if fine_tune else "kmeans"
         return QuantizationReport(method, bits, lut_group_size, storage, time.perf_counter() - started, settings,
@@ -117,21 +122,23 @@ def _palettization(lut_group_size: Optional[int], fine_tune: bool) -> MethodFn:
 
 #: name -> callable(model, bits, group_size, calibration) -> QuantizationReport; runs in this order.
 #: ``group_size`` is the input-column group of the uniform methods; the palettization rows have their own LUT
-#: granularity: ``-channel`` one LUT per output channel (about the cost of groups of 128 with fp16 scale and
-#: zero), ``-tensor`` one per weight tensor.
+#: granularity: ``-tensor`` one fp16 LUT per weight tensor; ``-scaled`` the same with an fp16 scale per output
+#: channel; ``-channel`` one LUT per output channel (about the cost of groups of 128 with fp16 scale and zero).
 METHODS: dict[str, MethodFn] = {
     "rtn": _rtn,
     "gptq": _gptq,
     "awq": _awq,
     "kmeans-tensor": _palettization(None, fine_tune=False),
+    "kmeans-scaled": _palettization(None, fine_tune=False, channel_scale=True),
     "kmeans-channel": _palettization(1, fine_tune=False),
     "edkm-tensor": _palettization(None, fine_tune=True),
+    "edkm-scaled": _palettization(None, fine_tune=True, channel_scale=True),
     "edkm-channel": _palettization(1, fine_tune=True),
 }
 
 
 #: what runs without --methods
-DEFAULT_METHODS = ["rtn", "gptq", "awq", "kmeans-channel", "edkm-channel", "edkm-tensor"]
+DEFAULT_METHODS = ["rtn", "gptq", "awq", "kmeans-scaled", "kmeans-channel", "edkm-scaled"]
 
 
 def register_method(name: str, method: MethodFn) -> None:
@@ -432,9 +439,10 @@ def markdown_table(results: dict) -> str:
             f"(no training); `edkm-*` fine-tune with eDKM in the loop on the calibration text "
             f"({edkm.get('steps')} steps of {edkm.get('batch_size')} x {edkm.get('seq_len')} tokens, learning "
             f"rate {edkm.get('learning_rate')}, distillation weight {edkm.get('distillation_weight')} from the "
-            f"uncompressed model, temperature {edkm.get('temperature')}), then palettize. `-channel`: one fp16 "
-            f"LUT of 2^bits entries per output channel; `-tensor`: one per weight tensor. The palettized model "
-            f"itself (LUTs + packed indices) is evaluated.")
+            f"uncompressed model, temperature {edkm.get('temperature')}), then palettize. `-tensor`: one fp16 "
+            f"LUT of 2^bits entries per weight tensor; `-scaled`: the same plus an fp16 scale per output channel; "
+            f"`-channel`: one LUT per output channel. The palettized model itself (LUTs + packed indices) is "
+            f"evaluated.")
     lines += [
         f"- **Machine**: {machine['processor']}, {machine['cpu_count']} CPUs ({machine['torch_threads']} torch threads), "
         f"{machine['device']}; load average at start {machine['load_average_start']}, end "
