@@ -38,7 +38,7 @@ def parse_args():
                              "for the plain per-tensor LUT)")
     parser.add_argument("--temperature", type=float, default=EDKMConfig().temperature)
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps of eDKM fine-tuning")
-    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--train-text", default=None, help="file, folder or datasets id (default: help topics)")

@@ -29,7 +29,7 @@ def window_dataset(token_ids: torch.Tensor, seq_len: int) -> Dataset:
 
 
 def finetune(model, token_ids: torch.Tensor, config: Optional[EDKMConfig] = None, *, output_dir: str,
-             steps: int = 30, seq_len: int = 256, batch_size: int = 8, learning_rate: float = 1e-4,
+             steps: int = 30, seq_len: int = 256, batch_size: int = 8, learning_rate: float = 1e-3,
              warmup_steps: int = 0, seed: int = 0, logging_steps: int = 5, progress: bool = True,
              teacher_model=None, **training_arguments) -> EDKMTrainer:
     """Fine-tune ``model`` with eDKM on ``token_ids`` for ``steps`` optimizer steps and palettize it.

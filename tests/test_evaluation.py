@@ -135,6 +135,18 @@ def test_effective_bits_of_a_model_by_hand():
     assert effective_bits(model, {}).whole_model == 16 and effective_bits(model, {}).linears is None
 
 
+def test_effective_bits_counts_a_palettized_weight_held_as_a_packed_buffer():
+    from optimum_edkm.modules import PalettizedLinear
+
+    model = TiedModel()
+    dense = effective_bits(model, {"proj": WeightStorage.palettized((16, 8), 3)})
+    model.proj = PalettizedLinear(8, 16, bias=True, bits=3)
+    assert not any(p is model.proj.weight for p in model.parameters())      # packed uint8 buffer
+    packed = effective_bits(model, {"proj": WeightStorage.palettized((16, 8), 3)})
+    assert packed.model_parameters == dense.model_parameters == 80 + 128 + 16
+    assert packed.whole_model == dense.whole_model == (128 * 3 + 8 * 16 + (80 + 16) * 16) / 224
+
+
 def test_effective_bits_rejects_wrong_descriptions():
     model = TiedModel()
     with pytest.raises(ValueError, match="shape"):

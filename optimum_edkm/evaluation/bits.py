@@ -153,10 +153,12 @@ def effective_bits(model: torch.nn.Module, storage: Mapping[str, WeightStorage],
         compressed[id(weight)] = name
         compressed_bits += description.total_bits
         compressed_weights += description.numel
-    model_bits, parameters = compressed_bits, 0
+    # a compressed weight counts through its description: a palettized module holds it as a packed buffer, which
+    # model.parameters() does not yield
+    model_bits, parameters = compressed_bits, compressed_weights
     for parameter in model.parameters():  # yields a shared (tied) parameter once
-        parameters += parameter.numel()
         if id(parameter) not in compressed:
+            parameters += parameter.numel()
             model_bits += parameter.numel() * unquantized_bits
     return BitsReport(
         linears=compressed_bits / compressed_weights if compressed_weights else None,

@@ -61,7 +61,7 @@ class EDKMRowOptions:
     """How the palettization rows are made (set from the command line)."""
 
     steps: int = 60
-    learning_rate: float = 1e-4
+    learning_rate: float = 1e-3
     batch_size: int = 4
     seq_len: int = 256
     distillation_weight: float = 0.0
