@@ -28,6 +28,16 @@ def window_dataset(token_ids: torch.Tensor, seq_len: int) -> Dataset:
     return Dataset.from_dict({"input_ids": windows, "labels": windows})
 
 
+def recipe_arguments(output_dir: str, steps: int, batch_size: int, learning_rate: float, warmup_steps: int = 0,
+                     seed: int = 0, logging_steps: int = 5, progress: bool = True) -> dict:
+    """The ``TrainingArguments`` fields of the recipe, shared with the float fine-tuning reference of the quality
+    benchmark so that both train the same way."""
+    return dict(output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch_size,
+                learning_rate=learning_rate, warmup_steps=warmup_steps, lr_scheduler_type="cosine", weight_decay=0.0,
+                logging_steps=logging_steps, save_strategy="no", report_to=[], seed=seed, disable_tqdm=not progress,
+                use_cpu=not torch.cuda.is_available(), dataloader_drop_last=True)
+
+
 def finetune(model, token_ids: torch.Tensor, config: Optional[EDKMConfig] = None, *, output_dir: str,
              steps: int = 30, seq_len: int = 256, batch_size: int = 8, learning_rate: float = 1e-3,
              warmup_steps: int = 0, seed: int = 0, logging_steps: int = 5, progress: bool = True,
@@ -47,12 +57,8 @@ def finetune(model, token_ids: torch.Tensor, config: Optional[EDKMConfig] = None
     elif config is not None:
         raise ValueError("the model is already prepared for eDKM; its own config is used, do not pass config")
     dataset = window_dataset(token_ids, seq_len)
-    args = EDKMTrainingArguments(
-        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=learning_rate,
-        warmup_steps=warmup_steps, lr_scheduler_type="cosine", weight_decay=0.0, logging_steps=logging_steps,
-        save_strategy="no", report_to=[], seed=seed, disable_tqdm=not progress, use_cpu=not torch.cuda.is_available(),
-        dataloader_drop_last=True, **training_arguments,
-    )
+    args = EDKMTrainingArguments(**recipe_arguments(output_dir, steps, batch_size, learning_rate, warmup_steps, seed,
+                                                    logging_steps, progress), **training_arguments)
     trainer = EDKMTrainer(model=model, args=args, train_dataset=dataset, teacher_model=teacher_model)
     trainer.train()
     return trainer

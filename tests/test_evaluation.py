@@ -263,14 +263,20 @@ def test_quality_harness_runs_every_method_and_writes_consistent_outputs(tmp_pat
     argv = ["--model", str(tmp_path / "model"), "--text", str(tmp_path / "eval.txt"),
             "--calib-text", str(tmp_path / "calib.txt"), "--bits", "2", "3", "--group-size", "32",
             "--eval-tokens", "300", "--context-length", "64", "--calib-samples", "4", "--calib-seq-len", "32",
-            "--methods", "rtn", "gptq", "awq", "kmeans-channel", "edkm-tensor", "--edkm-steps", "2",
+            "--methods", "rtn", "gptq", "awq", "kmeans-channel", "edkm-tensor", "fp-finetuned", "--edkm-steps", "2",
             "--edkm-batch-size", "2", "--edkm-seq-len", "32",
             "--no-progress"] + [a for key, path in outputs.items() for a in (f"--{key}", str(path))]
     results = quality.run(quality.parse_args(argv))
 
     rows = {(r["method"], r["bits"]): r for r in results["rows"]}
     methods = ("rtn", "gptq", "awq", "kmeans-channel", "edkm-tensor")
-    assert set(rows) == {("fp", None)} | {(m, b) for m in methods for b in (2, 3)}
+    assert set(rows) == {("fp", None), ("fp-finetuned", None)} | {(m, b) for m in methods for b in (2, 3)}
+    assert len(results["rows"]) == len(rows)        # the float reference runs once, not per bit width
+    for row in rows.values():                       # palettized weights are packed buffers, still counted
+        assert row["model_parameters"] == rows["fp", None]["model_parameters"]
+    tuned = rows["fp-finetuned", None]
+    assert tuned["bits_per_weight_model"] == 16 and tuned["perplexity"] != rows["fp", None]["perplexity"]
+    assert tuned["report"]["settings"]["steps"] == 2 and len(tuned["report"]["details"]["train_loss"]) >= 1
     # one fp16 LUT of 2**bits entries per output channel of every decoder linear, 64 or 128 inputs wide
     shapes = [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)] * 2
     for b in (2, 3):

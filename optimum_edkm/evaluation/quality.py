@@ -120,6 +120,40 @@ def _palettization(lut_group_size: Optional[int], fine_tune: bool, channel_scale
     return compress
 
 
+def _finetuned_float(model, bits, group_size, calibration):
+    """Reference row: the fine-tuning of the ``edkm-*`` rows (same text, steps, batch, learning rate and schedule)
+    on the float model, no clustering. The ``edkm-*`` rows train on text of the evaluation's kind, which the
+    uncompressed row never saw; this row separates that adaptation from the cost of clustering."""
+    from transformers import Trainer, TrainingArguments
+
+    from ..finetune import recipe_arguments, window_dataset
+
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        # transformers de-quantizes a GGUF checkpoint to float on load but leaves it marked quantized, which
+        # Trainer refuses to fine-tune; any other quantizer means the weights really are not float
+        if str(getattr(quantizer.quantization_config.quant_method, "value",
+                       quantizer.quantization_config.quant_method)) != "gguf":
+            raise ValueError("the float fine-tuning reference needs a float model, got a quantized one")
+        model.hf_quantizer, model.is_quantized = None, False
+    options = EDKM_OPTIONS
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as workdir:
+        args = TrainingArguments(**recipe_arguments(workdir, options.steps, options.batch_size,
+                                                    options.learning_rate, logging_steps=max(1, options.steps // 10),
+                                                    progress=False))
+        trainer = Trainer(model=model, args=args,
+                          train_dataset=window_dataset(calibration.token_ids, options.seq_len))
+        trainer.train()
+    model.eval()
+    settings = {"steps": options.steps, "learning_rate": options.learning_rate, "batch_size": options.batch_size,
+                "seq_len": options.seq_len, "tokens_seen": options.steps * options.batch_size * options.seq_len}
+    details = {"train_loss": [round(h["loss"], 4) for h in trainer.state.log_history if "loss" in h]}
+    return QuantizationReport("fp-finetuned", None, None, {}, time.perf_counter() - started, settings, details)
+
+
+_finetuned_float.bits_independent = True
+
 #: name -> callable(model, bits, group_size, calibration) -> QuantizationReport; runs in this order.
 #: ``group_size`` is the input-column group of the uniform methods; the palettization rows have their own LUT
 #: granularity: ``-tensor`` one fp16 LUT per weight tensor; ``-scaled`` the same with an fp16 scale per output
@@ -134,6 +168,7 @@ METHODS: dict[str, MethodFn] = {
     "edkm-tensor": _palettization(None, fine_tune=True),
     "edkm-scaled": _palettization(None, fine_tune=True, channel_scale=True),
     "edkm-channel": _palettization(1, fine_tune=True),
+    "fp-finetuned": _finetuned_float,
 }
 
 
@@ -143,7 +178,8 @@ DEFAULT_METHODS = ["rtn", "gptq", "awq", "kmeans-scaled", "kmeans-channel", "edk
 
 def register_method(name: str, method: MethodFn) -> None:
     """Add (or replace) a benchmark row: ``method(model, bits, group_size, calibration)`` compresses ``model`` in
-    place and returns a :class:`~optimum_edkm.evaluation.QuantizationReport` whose ``storage`` describes it."""
+    place and returns a :class:`~optimum_edkm.evaluation.QuantizationReport` whose ``storage`` describes it.
+    A reference that does not depend on the bit width sets ``method.bits_independent = True`` and runs once."""
     if not isinstance(name, str) or not name or name == UNCOMPRESSED:
         raise ValueError(f"method name must be a non-empty string other than {UNCOMPRESSED!r}, got {name!r}")
     if not callable(method):
@@ -314,7 +350,10 @@ def run(args: argparse.Namespace) -> dict:
         "versions": versions_record(),
         "rows": [],
     }
-    runs = [(UNCOMPRESSED, None)] + [(m, b) for b in args.bits for m in args.methods]
+    # a method marked bits_independent (a float reference) runs once, not per bit width
+    once = [m for m in args.methods if getattr(METHODS[m], "bits_independent", False)]
+    runs = ([(UNCOMPRESSED, None)] + [(m, None) for m in once]
+            + [(m, b) for b in args.bits for m in args.methods if m not in once])
     with tqdm(total=len(runs), desc="benchmark", unit="run", disable=not progress, position=0) as bar:
         for method, bits in runs:
             bar.set_postfix_str(method if bits is None else f"{method} {bits}-bit")
@@ -476,7 +515,11 @@ def write_plot(path: Path, results: dict) -> None:
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
     rows = results["rows"]
-    for method in dict.fromkeys(r["method"] for r in rows if r["method"] != UNCOMPRESSED):
+    for row in rows:
+        if row["bits"] is None and row["method"] != UNCOMPRESSED:
+            axes.axhline(row["perplexity"], color="grey", linestyle=":", linewidth=1,
+                         label=f"{row['method']} ({row['perplexity']:.2f})")
+    for method in dict.fromkeys(r["method"] for r in rows if r["bits"] is not None):
         points = sorted((r["bits_per_weight_linears"], r["perplexity"]) for r in rows if r["method"] == method)
         axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
     fp = next((r for r in rows if r["method"] == UNCOMPRESSED), None)
