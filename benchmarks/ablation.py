@@ -40,7 +40,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from layer_memory import GIB, PeakMemory, machine, make_projections  # noqa: E402  (shared helpers)
+from layer_memory import GIB, PeakMemory, machine, make_projections, write_json  # noqa: E402  (shared helpers)
 
 # As quoted in the issue (the research notes could not check them against the paper's body).
 PAPER_REDUCTION = {"+ marshaling": 2.9, "+ uniquification": 16.4, "+ sharding": 23.5, "all together": 130.0}
@@ -264,14 +264,6 @@ def plot(report: dict, path: str) -> None:
     plt.close(figure)
 
 
-def write_json(report: dict, path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as handle:
-        json.dump(report, handle, indent=2)
-    os.replace(handle.name, path)
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -419,9 +411,9 @@ def main(argv=None) -> dict:
     if "dedup_factor" in summary:
         print(f"deduplication: naive offloading would copy {summary['dedup_factor']:.2f}x the bytes "
               f"marshaling keeps")
-    write_json(report, json_path)
+    write_json(json_path, report)
     plot(report, png_path)
-    print(f"\nwrote {os.path.relpath(json_path)} and {os.path.relpath(png_path)}")
+    print(f"wrote {os.path.relpath(png_path)}")
     return report
 
 

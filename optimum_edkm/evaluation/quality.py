@@ -67,8 +67,17 @@ class EDKMRowOptions:
     distillation_weight: float = 0.0
     temperature: float = 0.01
 
+    def recipe_settings(self) -> dict:
+        """What a fine-tuned row records of its training recipe."""
+        return {"steps": self.steps, "learning_rate": self.learning_rate, "batch_size": self.batch_size,
+                "seq_len": self.seq_len, "tokens_seen": self.steps * self.batch_size * self.seq_len}
+
 
 EDKM_OPTIONS = EDKMRowOptions()
+
+
+def _train_losses(trainer) -> list:
+    return [round(h["loss"], 4) for h in trainer.state.log_history if "loss" in h]
 
 
 def _palettization(lut_group_size: Optional[int], fine_tune: bool, channel_scale: bool = False) -> MethodFn:
@@ -102,10 +111,8 @@ def _palettization(lut_group_size: Optional[int], fine_tune: bool, channel_scale
                                    distillation_weight=options.distillation_weight, progress=False,
                                    logging_steps=max(1, options.steps // 10))
             del teacher
-            settings.update(steps=options.steps, learning_rate=options.learning_rate, batch_size=options.batch_size,
-                            seq_len=options.seq_len, distillation_weight=options.distillation_weight,
-                            tokens_seen=options.steps * options.batch_size * options.seq_len)
-            details["train_loss"] = [round(h["loss"], 4) for h in trainer.state.log_history if "loss" in h]
+            settings.update(options.recipe_settings(), distillation_weight=options.distillation_weight)
+            details["train_loss"] = _train_losses(trainer)
         else:
             palettize(model)
         storage = {name: WeightStorage.palettized(
@@ -126,14 +133,14 @@ def _finetuned_float(model, bits, group_size, calibration):
     uncompressed row never saw; this row separates that adaptation from the cost of clustering."""
     from transformers import Trainer, TrainingArguments
 
+    from ..api import _quant_method
     from ..finetune import recipe_arguments, window_dataset
 
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None:
         # transformers de-quantizes a GGUF checkpoint to float on load but leaves it marked quantized, which
         # Trainer refuses to fine-tune; any other quantizer means the weights really are not float
-        if str(getattr(quantizer.quantization_config.quant_method, "value",
-                       quantizer.quantization_config.quant_method)) != "gguf":
+        if _quant_method(quantizer) != "gguf":
             raise ValueError("the float fine-tuning reference needs a float model, got a quantized one")
         model.hf_quantizer, model.is_quantized = None, False
     options = EDKM_OPTIONS
@@ -146,10 +153,8 @@ def _finetuned_float(model, bits, group_size, calibration):
                           train_dataset=window_dataset(calibration.token_ids, options.seq_len))
         trainer.train()
     model.eval()
-    settings = {"steps": options.steps, "learning_rate": options.learning_rate, "batch_size": options.batch_size,
-                "seq_len": options.seq_len, "tokens_seen": options.steps * options.batch_size * options.seq_len}
-    details = {"train_loss": [round(h["loss"], 4) for h in trainer.state.log_history if "loss" in h]}
-    return QuantizationReport("fp-finetuned", None, None, {}, time.perf_counter() - started, settings, details)
+    return QuantizationReport("fp-finetuned", None, None, {}, time.perf_counter() - started,
+                              options.recipe_settings(), {"train_loss": _train_losses(trainer)})
 
 
 _finetuned_float.bits_independent = True
