@@ -80,7 +80,7 @@ def worker(args) -> None:
     import torch.distributed as dist
     from optimum_edkm.clustering import (ClusteringSpec, SavedTensorMeter, dkm_reference, edkm_cluster,
                                          init_centroids)
-    from optimum_edkm.marshal import TensorMarshal
+    from optimum_edkm.marshaling import TensorMarshal
 
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
@@ -314,7 +314,7 @@ def main(argv=None) -> dict:
     png_path = args.png or (os.path.join(output_dir, "ablation.png") if output_dir
                             else os.path.join(ROOT, "docs", "ablation.png"))
 
-    from optimum_edkm.marshal import MarshalPolicy
+    from optimum_edkm.marshaling import MarshalPolicy
     target = MarshalPolicy().device
     same = target.type == device.type
     info = machine(device)

@@ -3,33 +3,47 @@
 Importing the package registers the ``"edkm"`` quantization method with transformers, so that
 ``AutoModelForCausalLM.from_pretrained(name, quantization_config=EDKMConfig(bits=3))`` and loading a saved
 palettized model both work.
+
+Layers, bottom up: :mod:`.clustering` (pure torch: DKM, eDKM, k-means, packing), :mod:`.marshaling` (what
+backward keeps), :mod:`.nn` (module classes and their conversions), :mod:`.config` / :mod:`.quantizer` /
+:mod:`.checkpoint` / :mod:`.api` / :mod:`.trainer` (the Hugging Face integration); :mod:`.export`,
+:mod:`.baselines`, :mod:`.evaluation` and :mod:`.kernels` are leaves.
 """
 
-__version__ = "0.1.0"
-
-from .config import EDKMConfig  # noqa: E402
-from .quantizer import EDKMHfQuantizer  # noqa: E402  (registers the quantizer)
-from .api import (checkpoint_bytes, model_card_section, palettize, prepare, push_to_hub,  # noqa: E402
-                  save_pretrained, size_report)
-from .trainer import EDKMTrainer, EDKMTrainingArguments  # noqa: E402
-from .modules import (EDKMConv1D, EDKMEmbedding, EDKMLinear, PalettizedEmbedding,  # noqa: E402
-                      PalettizedLinear)
+from .version import __version__
+from .config import EDKMConfig
+from .quantizer import EDKMHfQuantizer  # registers the quantizer with transformers
+from .api import checkpoint_bytes, model_card_section, palettize, prepare, push_to_hub, save_pretrained, size_report
+from .checkpoint import CheckpointError, verify_checksums
+from .marshaling import saved_tensor_policy
+from .trainer import ClusteringSchedule, ClusteringScheduleCallback, EDKMTrainer, EDKMTrainingArguments
+from .nn import (EDKMConv1D, EDKMEmbedding, EDKMLinear, EDKMTiedLinear, PalettizedConv1D, PalettizedEmbedding,
+                 PalettizedLinear, PalettizedTiedLinear)
 
 __all__ = [
+    "CheckpointError",
+    "ClusteringSchedule",
+    "ClusteringScheduleCallback",
     "EDKMConfig",
     "EDKMConv1D",
     "EDKMEmbedding",
     "EDKMHfQuantizer",
     "EDKMLinear",
+    "EDKMTiedLinear",
     "EDKMTrainer",
     "EDKMTrainingArguments",
+    "PalettizedConv1D",
     "PalettizedEmbedding",
     "PalettizedLinear",
+    "PalettizedTiedLinear",
+    "__version__",
     "checkpoint_bytes",
     "model_card_section",
     "palettize",
     "prepare",
     "push_to_hub",
     "save_pretrained",
+    "saved_tensor_policy",
     "size_report",
+    "verify_checksums",
 ]

@@ -1,25 +1,37 @@
 """The model-level life cycle: prepare -> (train) -> palettize -> save / push.
 
 ``from_pretrained(..., quantization_config=EDKMConfig(...))`` is the usual way in; :func:`prepare` does the
-same for a model already in memory.
+same for a model already in memory. ``model.dequantize()`` (transformers) goes back to plain float modules.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import os
-import shutil
+import re
 import tempfile
 from typing import Optional
 
 import torch
 
+from .atomic import commit_folder, resolve_target_folder, write_file
 from .config import EDKMConfig
-from .modules import CLUSTERED_TYPES, PALETTIZED_TYPES, palettize_module
-from .clustering import packed_size
+from .nn import EDKMTiedLinear, is_clustered, is_palettized
+
+logger = logging.getLogger(__name__)
+
+#: top-level files a ``save_pretrained`` of a model owns: a new save replaces them, stale ones are removed
+MODEL_FILE_PATTERN = re.compile(
+    r"(config\.json|generation_config\.json"
+    r"|(model|pytorch_model)(\.[\w-]+)?(-\d{5}-of-\d{5})?\.(safetensors|bin)"
+    r"|(model|pytorch_model)(\.[\w-]+)?\.(safetensors|bin)\.index(\.[\w-]+)?\.json)")
+MODEL_CARD = "README.md"
+CARD_BEGIN = "<!-- optimum-edkm: begin palettization section -->"
+CARD_END = "<!-- optimum-edkm: end palettization section -->"
 
 
-def _edkm_config(model) -> EDKMConfig:
+def edkm_config(model) -> EDKMConfig:
+    """The model's :class:`EDKMConfig`; a clear error for a model that was not prepared for eDKM."""
     config = getattr(getattr(model, "config", None), "quantization_config", None)
     if not isinstance(config, EDKMConfig):
         raise ValueError(
@@ -30,6 +42,16 @@ def _edkm_config(model) -> EDKMConfig:
     return config
 
 
+def quant_method(model_or_quantizer) -> Optional[str]:
+    """The quantization method name of a model or quantizer (``None`` for a float model)."""
+    quantizer = getattr(model_or_quantizer, "hf_quantizer", model_or_quantizer)
+    config = getattr(quantizer, "quantization_config", None)
+    if config is None:
+        return None
+    method = config.quant_method
+    return str(getattr(method, "value", method))
+
+
 def prepare(model, config: EDKMConfig):
     """Make an in-memory transformers model clustering-aware, exactly as ``from_pretrained`` with
     ``quantization_config=config`` would (modules swapped, centroids initialised by k-means). The float
@@ -38,11 +60,11 @@ def prepare(model, config: EDKMConfig):
 
     if not isinstance(config, EDKMConfig):
         raise TypeError(f"prepare expects an EDKMConfig, got {type(config).__name__}")
-    existing = getattr(model, "hf_quantizer", None)
+    existing = quant_method(model)
     # transformers de-quantizes GGUF checkpoints to float on load: such a model is a float model for eDKM
-    if existing is not None and _quant_method(existing) != "gguf":
-        raise ValueError(f"the model is already quantized ({model.hf_quantizer.quantization_config.quant_method}); "
-                         f"load the float model again to prepare it for eDKM")
+    if existing is not None and existing != "gguf":
+        raise ValueError(f"the model is already quantized ({existing}); load the float model again to prepare it "
+                         f"for eDKM")
     if config.palettized:
         raise ValueError("prepare() takes a config with palettized=False; palettize(model) sets it after training")
     quantizer = EDKMHfQuantizer(config, pre_quantized=False)
@@ -53,11 +75,6 @@ def prepare(model, config: EDKMConfig):
     return model
 
 
-def _quant_method(quantizer) -> str:
-    method = quantizer.quantization_config.quant_method
-    return str(getattr(method, "value", method))
-
-
 @torch.no_grad()
 def palettize(model):
     """Finalize: snap every clustered weight to its nearest centroid and replace the module with its
@@ -65,16 +82,22 @@ def palettize(model):
 
     All replacements are computed before the first one is installed, so an error leaves the model unchanged.
     """
-    config = _edkm_config(model)
-    clustered = [(name, module) for name, module in model.named_modules() if isinstance(module, CLUSTERED_TYPES)]
+    config = edkm_config(model)
+    clustered = [(name, module) for name, module in model.named_modules() if is_clustered(module)]
     if not clustered:
         if config.palettized:
-            raise ValueError("the model is already palettized")
+            raise ValueError("the model is already palettized (LUTs and indices only); nothing to snap")
         raise ValueError("the model has no clustered module to palettize")
-    replacements = [(name, palettize_module(module)) for name, module in clustered]
-    for name, replacement in replacements:
-        replacement.train(model.training)
+    replacements = {name: module.palettize() for name, module in clustered}
+    heads = []
+    for name, module in model.named_modules():
+        if isinstance(module, EDKMTiedLinear):
+            source = next(n for n, m in clustered if m is module.tied_embedding)
+            heads.append((name, module.palettize(replacements[source])))
+    for name, replacement in list(replacements.items()) + heads:
         model.set_submodule(name, replacement)
+    for name, _ in heads:
+        getattr(model, "all_tied_weights_keys", {}).pop(f"{name}.weight", None)
     config.palettized = True
     return model
 
@@ -87,36 +110,29 @@ def _tensor_bytes(tensor: torch.Tensor) -> int:
 def size_report(model) -> dict:
     """Bytes and bits per weight of the palettized form of ``model`` (what a checkpoint holds).
 
-    ``theoretical_bytes`` = packed indices + LUTs + scales of the clustered weights + every other tensor of
-    the state dict at its own dtype (tied tensors once). Works before and after :func:`palettize`.
+    ``theoretical_bytes`` = the packed form of every converted weight (:meth:`storage`, indices + LUTs +
+    scales) + every other parameter and buffer at its own dtype (tied tensors once). Works before and after
+    :func:`palettize`.
     """
-    config = _edkm_config(model)
-    seen, clustered_weights, clustered_bytes, other_bytes = set(), 0, 0, 0
-    for name, module in model.named_modules():
-        if isinstance(module, PALETTIZED_TYPES):
-            count = module.out_channels * module.in_channels
-            lut, scale = module.weight_lut, module.weight_scale
-            clustered_weights += count
-            clustered_bytes += packed_size(count, module.bits) + _tensor_bytes(lut)
-            clustered_bytes += _tensor_bytes(scale) if scale is not None else 0
-            seen.update(id(t) for t in (module.weight, lut, scale) if t is not None)
-        elif isinstance(module, CLUSTERED_TYPES):
-            rows = module._rows()
-            count = rows.numel()
-            element = torch.finfo(module.lut_dtype).bits // 8
-            clustered_weights += count
-            clustered_bytes += packed_size(count, module.spec.bits) + module.weight_centroids.numel() * element
-            clustered_bytes += rows.shape[0] * element if module.weight_scale is not None else 0
-            seen.update(id(t) for t in (module.weight, module.weight_centroids, module.weight_temperature,
-                                        module.weight_scale) if t is not None)
-    for tensor in model.state_dict(keep_vars=True).values():
+    config = edkm_config(model)
+    converted, counted = {}, set()
+    for module in model.modules():
+        if is_clustered(module) or is_palettized(module):
+            converted[id(module)] = module.storage()
+            counted.update(id(t) for t in (module.weight, getattr(module, "weight_lut", None),
+                                           getattr(module, "weight_centroids", None),
+                                           getattr(module, "weight_temperature", None), module.weight_scale)
+                           if t is not None)
+    clustered_weights = sum(storage.numel for storage in converted.values())
+    clustered_bytes = sum(storage.stored_bytes for storage in converted.values())
+    other_bytes, other_parameters, seen = 0, 0, set(counted)
+    for tensor in model.state_dict(keep_vars=True).values():     # persistent tensors: what a checkpoint holds
         if id(tensor) in seen:
             continue
         seen.add(id(tensor))
         other_bytes += _tensor_bytes(tensor)
-    total_weights = clustered_weights + sum(
-        p.numel() for p in {id(p): p for p in model.parameters()}.values()
-        if id(p) not in {id(m.weight) for m in model.modules() if isinstance(m, CLUSTERED_TYPES)})
+        if isinstance(tensor, torch.nn.Parameter):
+            other_parameters += tensor.numel()
     theoretical = clustered_bytes + other_bytes
     return {
         "bits": config.bits,
@@ -127,34 +143,36 @@ def size_report(model) -> dict:
         "other_bytes": other_bytes,
         "theoretical_bytes": theoretical,
         "bits_per_clustered_weight": 8 * clustered_bytes / max(clustered_weights, 1),
-        "bits_per_weight": 8 * theoretical / max(total_weights, 1),
+        "bits_per_weight": 8 * theoretical / max(clustered_weights + other_parameters, 1),
         "memory_footprint": model.get_memory_footprint(),
     }
 
 
 def checkpoint_bytes(directory: str) -> dict:
-    """Bytes of the safetensors files in ``directory``: total on disk and the tensors' own bytes."""
-    from safetensors import safe_open
+    """Bytes of the safetensors files in ``directory``: total on disk and the tensors' own bytes (read from the
+    file headers; no tensor is loaded)."""
+    from .checkpoint import read_header
 
     files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
     if not files:
         raise FileNotFoundError(f"no .safetensors file in {directory}")
     tensor_bytes = 0
     for name in files:
-        with safe_open(os.path.join(directory, name), framework="pt") as handle:
-            for key in handle.keys():
-                tensor_bytes += _tensor_bytes(handle.get_tensor(key))
+        tensors, _ = read_header(os.path.join(directory, name))
+        tensor_bytes += sum(stored.end - stored.begin for stored in tensors.values())
     file_bytes = sum(os.path.getsize(os.path.join(directory, f)) for f in files)
     return {"files": files, "file_bytes": file_bytes, "tensor_bytes": tensor_bytes}
 
 
 def model_card_section(model) -> str:
     """Markdown describing the palettization, for the model card (README.md) of a saved model."""
-    config = _edkm_config(model)
+    config = edkm_config(model)
     report = size_report(model)
     granularity = ("one LUT per weight tensor" if config.group_size is None
                    else f"one LUT per {config.group_size} output channels")
+    embedding = config.embedding_bits if config.embedding_bits is not None else "not clustered"
     lines = [
+        CARD_BEGIN,
         "## Palettization (optimum-edkm)",
         "",
         f"This model's weights were clustered with eDKM (train-time differentiable k-means) by "
@@ -165,7 +183,8 @@ def model_card_section(model) -> str:
         f"| bits per index | {config.bits} |",
         f"| granularity | {config.granularity} ({granularity}) |",
         f"| per-channel scale | {'yes' if config.enable_per_channel_scale else 'no'} |",
-        f"| embedding bits | {config.embedding_bits if config.embedding_bits is not None else 'not clustered'} |",
+        f"| embedding bits | {embedding} |",
+        f"| modules with their own bit width | {len(config.module_bits or {})} |",
         f"| LUT dtype | {config.lut_dtype} |",
         f"| clustered weights | {report['clustered_weights']:,} ({report['bits_per_clustered_weight']:.3f} bits each "
         f"with LUTs and scales) |",
@@ -180,43 +199,51 @@ def model_card_section(model) -> str:
         "from transformers import AutoModelForCausalLM",
         "model = AutoModelForCausalLM.from_pretrained(\"<this repo>\")",
         "```",
+        CARD_END,
         "",
     ]
     return "\n".join(lines)
 
 
+def _card_with_section(existing: str, section: str) -> str:
+    """``existing`` model card with the palettization section replaced (or appended)."""
+    start, end = existing.find(CARD_BEGIN), existing.find(CARD_END)
+    if start != -1 and end > start:
+        tail = existing[end + len(CARD_END):]
+        return existing[:start] + section.rstrip("\n") + tail
+    return (existing.rstrip("\n") + "\n\n" if existing.strip() else "") + section
+
+
 # --------------------------------------------------------------------------------------------- saving
-def save_pretrained(model, save_directory: str, **kwargs) -> str:
-    """``model.save_pretrained`` into a temporary folder next to ``save_directory``, then renamed into place:
-    an interrupted save never leaves a half-written model. Adds the palettization section to README.md.
-    Returns the directory."""
-    _edkm_config(model)
-    save_directory = os.path.abspath(save_directory)
-    parent = os.path.dirname(save_directory)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".edkm-save-", dir=parent)
-    try:
-        model.save_pretrained(staging, **kwargs)
-        card = os.path.join(staging, "README.md")
-        existing = open(card).read() + "\n" if os.path.exists(card) else ""
-        with open(card, "w") as handle:
-            handle.write(existing + model_card_section(model))
-        _replace_directory(staging, save_directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return save_directory
+def owns_model_file(name: str) -> bool:
+    """A top-level file that a ``save_pretrained`` of a model writes (config, weights and their index)."""
+    return MODEL_FILE_PATTERN.fullmatch(name) is not None
 
 
-def _replace_directory(source: str, target: str) -> None:
-    if not os.path.exists(target):
-        os.replace(source, target)
-        return
-    retired = tempfile.mkdtemp(prefix=".edkm-old-", dir=os.path.dirname(target))
-    os.rmdir(retired)
-    os.replace(target, retired)
-    os.replace(source, target)
-    shutil.rmtree(retired, ignore_errors=True)
+def save_pretrained(model, save_directory: str, *, is_main_process: bool = True, **kwargs) -> str:
+    """``model.save_pretrained`` into ``save_directory``, atomically: the folder holds the complete old model
+    or the complete new one at every instant (:func:`optimum_edkm.atomic.commit_folder`), and files the model
+    does not own (a tokenizer, trainer outputs, anything else) are kept. Stale weight shards of an earlier model
+    are removed. Adds (or updates) the palettization section of ``README.md``. Symlinked folders are followed;
+    a path that is a regular file is refused. On a non-main process (``is_main_process=False``) nothing is
+    written or removed. Returns the real path of the directory."""
+    edkm_config(model)
+    target = resolve_target_folder(save_directory)
+    if not is_main_process:
+        return target
+    if kwargs.get("safe_serialization") is False:
+        raise ValueError("optimum-edkm saves safetensors only (their header carries the commit record that loading "
+                         "verifies); drop safe_serialization=False")
+    card_path = os.path.join(target, MODEL_CARD)
+    existing_card = open(card_path, encoding="utf-8").read() if os.path.isfile(card_path) else ""
+
+    def stage(staging: str) -> None:
+        model.save_pretrained(staging, is_main_process=True, **kwargs)
+        staged_card = os.path.join(staging, MODEL_CARD)
+        base = open(staged_card, encoding="utf-8").read() if os.path.isfile(staged_card) else existing_card
+        write_file(staged_card, _card_with_section(base, model_card_section(model)))
+
+    return commit_folder(target, stage, owns=owns_model_file)
 
 
 def push_to_hub(model, repo_id: str, *, private: Optional[bool] = None, token: Optional[str] = None,
@@ -224,15 +251,10 @@ def push_to_hub(model, repo_id: str, *, private: Optional[bool] = None, token: O
     """Upload exactly the files :func:`save_pretrained` writes (with the model card section) to the Hub."""
     from huggingface_hub import HfApi
 
-    _edkm_config(model)
+    edkm_config(model)
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory() as workdir:
         folder = save_pretrained(model, os.path.join(workdir, "model"), **save_kwargs)
         api.create_repo(repo_id, private=private, exist_ok=True)
         api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
     return repo_id
-
-
-def describe(model) -> str:
-    """One JSON line: config and size (for logs)."""
-    return json.dumps({"quantization_config": _edkm_config(model).to_dict(), **size_report(model)})

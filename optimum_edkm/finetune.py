@@ -61,4 +61,5 @@ def finetune(model, token_ids: torch.Tensor, config: Optional[EDKMConfig] = None
                                                     logging_steps, progress), **training_arguments)
     trainer = EDKMTrainer(model=model, args=args, train_dataset=dataset, teacher_model=teacher_model)
     trainer.train()
+    trainer.finalize()
     return trainer

@@ -1,29 +1,34 @@
 """The transformers quantizer plug-in: ``from_pretrained(..., quantization_config=EDKMConfig(...))``.
 
 Registered under ``quant_method="edkm"`` with transformers' own ``register_quantization_config`` /
-``register_quantizer``; importing ``optimum_edkm`` is all it takes.
+``register_quantizer``; importing ``optimum_edkm`` is all it takes. Which module becomes what is decided by
+:func:`plan_conversion` from the one type table in :mod:`optimum_edkm.nn.registry`; each module class builds
+itself (``from_float``, ``empty_for``, ``palettize``, ``to_float``).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import logging
 import math
 import os
-import re
+from dataclasses import dataclass
 from functools import reduce
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
-from transformers.pytorch_utils import Conv1D
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.base import get_keys_to_not_convert
 from transformers.quantizers.quantizers_utils import should_convert_module
 
+from .atomic import recover_folder
+from .checkpoint import CheckpointError, checkpoint_state_dict, commit_record, verify_checkpoint
 from .config import QUANT_METHOD, EDKMConfig
-from .modules import (CLUSTERED_TYPES, LUT_DTYPES, PALETTIZED_TYPES, EDKMConv1D, EDKMEmbedding, EDKMLinear,
-                      PalettizedEmbedding, PalettizedLinear)
+from .nn import (CHECKPOINT_WEIGHT_DIM, EDKMTiedLinear, PaletteFormat, PalettizedTiedLinear, clustered_class_for,
+                 is_clustered, is_palettized)
+
+logger = logging.getLogger(__name__)
 
 register_quantization_config(QUANT_METHOD)(EDKMConfig)
 
@@ -31,70 +36,83 @@ register_quantization_config(QUANT_METHOD)(EDKMConfig)
 TRAIN_STATE_PATTERNS = (r"\.weight_centroids$", r"\.weight_temperature$", r"\.weight_scale$")
 
 
-def _tied_module_names(model) -> set:
+@dataclass(frozen=True)
+class ModulePlan:
+    """What one module becomes: ``clustered_class`` with ``palette``; ``tied_to`` names the embedding whose
+    palette an output head reads instead (the head then has no palette of its own)."""
+
+    clustered_class: Optional[type]
+    palette: Optional[PaletteFormat]
+    tied_to: Optional[str] = None
+
+
+def tied_pairs(model) -> dict:
+    """``{output head module: input embedding module}`` of tied weights (transformers' tie mapping)."""
     tied = getattr(model, "all_tied_weights_keys", None) or {}
-    names = set(tied.keys()) | set(tied.values())
-    return {name.removesuffix(".weight") for name in names}
+    return {target.removesuffix(".weight"): source.removesuffix(".weight") for target, source in tied.items()
+            if target.endswith(".weight") and source.endswith(".weight")}
 
 
 def resolve_modules_to_not_convert(model, config: EDKMConfig) -> list:
-    """Modules kept in floating point: the user's list (or transformers' defaults), always with every tied
-    module (clustering one side of a tie would silently change the other), and ``_keep_in_fp32_modules``."""
+    """Modules kept in floating point: the user's list, or transformers' defaults (the output head, tied
+    modules) minus the input embedding when ``embedding_bits`` asks for it; ``_keep_in_fp32_modules`` always."""
     if config.modules_to_not_convert is None:
         skip = set(get_keys_to_not_convert(model))
+        if config.embedding_bits is not None:
+            embedding = _input_embedding_name(model)
+            skip.discard(embedding)
+            skip -= {head for head, source in tied_pairs(model).items() if source == embedding}
     else:
         skip = set(config.modules_to_not_convert)
-    skip |= _tied_module_names(model)
     skip |= set(getattr(model, "_keep_in_fp32_modules", None) or [])
     return sorted(skip)
 
 
-def _candidate(module: nn.Module, config: EDKMConfig) -> Optional[str]:
-    if isinstance(module, CLUSTERED_TYPES + PALETTIZED_TYPES):
-        return None
-    if isinstance(module, (nn.Linear, Conv1D)):
-        return "linear"
-    if isinstance(module, nn.Embedding) and config.embedding_bits is not None:
-        return "embedding"
+def _input_embedding_name(model) -> Optional[str]:
+    getter = getattr(model, "get_input_embeddings", None)
+    embedding = getter() if getter is not None else None
+    for name, module in model.named_modules():
+        if module is embedding:
+            return name
     return None
 
 
 def _out_channels(module: nn.Module) -> int:
-    if isinstance(module, Conv1D):
+    if hasattr(module, "nf"):
         return module.nf
-    if isinstance(module, nn.Embedding):
+    if hasattr(module, "num_embeddings"):
         return module.num_embeddings
     return module.out_features
 
 
-def modules_to_convert(model, config: EDKMConfig, skip: Iterable[str]) -> dict:
-    """``{name: kind}`` of the modules that will be clustered; raises before any change if a module cannot
-    take the requested granularity, or if an embedding to cluster is tied."""
-    selected = {}
-    tied = _tied_module_names(model)
-    user_skip = list(config.modules_to_not_convert or [])
+def plan_conversion(model, config: EDKMConfig, skip) -> dict:
+    """``{name: ModulePlan}`` of the modules to convert; raises before any change when a module cannot take the
+    requested granularity or nothing would be converted."""
+    skip = list(skip)
+    pairs = tied_pairs(model)
+    heads = set(pairs)
+    plans = {}
     for name, module in model.named_modules():
-        kind = _candidate(module, config)
-        if kind is None:
+        clustered_class = clustered_class_for(module)
+        if clustered_class is None or name in heads:
             continue
-        if kind == "embedding" and name in tied and should_convert_module(name, user_skip):
-            raise ValueError(
-                f"EDKMConfig.embedding_bits is set but '{name}' is tied to the output embedding; untie the "
-                f"weights (config.tie_word_embeddings=False) or add '{name}' to modules_to_not_convert"
-            )
-        if not should_convert_module(name, list(skip)):
+        if config.bits_for(name, clustered_class.kind) is None or not should_convert_module(name, skip):
             continue
-        selected[name] = kind
-    if not selected:
+        plans[name] = ModulePlan(clustered_class, config.palette_format(name, clustered_class.kind))
+    for head, source in pairs.items():
+        if source in plans:
+            # one palette serves both uses of a tied weight: the head reads the embedding's
+            plans[head] = ModulePlan(None, None, tied_to=source)
+    if not plans:
         raise ValueError(
             "no module to cluster: eDKM clusters nn.Linear, transformers' Conv1D and (with embedding_bits) "
             "nn.Embedding modules, and every one of them is in modules_to_not_convert or absent"
         )
     if config.group_size is not None:
-        wrong = {name: _out_channels(model.get_submodule(name)) for name in selected
-                 if _out_channels(model.get_submodule(name)) % config.group_size}
+        sized = {name: _out_channels(model.get_submodule(name)) for name, plan in plans.items() if plan.tied_to is None}
+        wrong = {name: channels for name, channels in sized.items() if channels % config.group_size}
         if wrong:
-            common = reduce(math.gcd, (_out_channels(model.get_submodule(name)) for name in selected))
+            common = reduce(math.gcd, sized.values())
             divisors = [d for d in range(1, common + 1) if common % d == 0]
             name, channels = next(iter(wrong.items()))
             raise ValueError(
@@ -102,140 +120,66 @@ def modules_to_convert(model, config: EDKMConfig, skip: Iterable[str]) -> dict:
                 f"'{name}' ({len(wrong)} module(s) affected); choose a divisor of every layer's output channels: "
                 f"{divisors}, or add those modules to modules_to_not_convert"
             )
-    return selected
+    return plans
 
 
-def _build(module: nn.Module, kind: str, config: EDKMConfig, palettized: bool) -> nn.Module:
-    weight = module.weight
-    common = dict(per_channel_scale=config.enable_per_channel_scale, lut_dtype=LUT_DTYPES[config.lut_dtype],
-                  device=weight.device, dtype=weight.dtype)
-    if palettized:
-        bits = config.embedding_bits if kind == "embedding" else config.bits
-        if kind == "embedding":
-            return PalettizedEmbedding(module.num_embeddings, module.embedding_dim, bits,
-                                       padding_idx=module.padding_idx, group_size=config.group_size, **common)
-        if isinstance(module, Conv1D):
-            palettized_conv1d = PalettizedLinear(module.nx, module.nf, True, bits, group_size=config.group_size,
-                                                 **common)
-            palettized_conv1d.from_conv1d = True
-            return palettized_conv1d
-        return PalettizedLinear(module.in_features, module.out_features, module.bias is not None, bits,
-                                group_size=config.group_size, **common)
-    train = dict(relative_temperature=config.temperature, uniquify=config.uniquify, **common)
-    if kind == "embedding":
-        return EDKMEmbedding(module.num_embeddings, module.embedding_dim, config.clustering_spec(embedding=True),
-                             padding_idx=module.padding_idx, **train)
-    spec = config.clustering_spec()
-    if isinstance(module, Conv1D):
-        return EDKMConv1D(module.nf, module.nx, spec, **train)
-    return EDKMLinear(module.in_features, module.out_features, module.bias is not None, spec, **train)
-
-
-def convert_model(model, config: EDKMConfig, skip: Iterable[str], palettized: bool) -> dict:
-    """Swap the selected modules in place; live (non-meta) parameters are carried over as the same
-    ``nn.Parameter`` objects. Returns ``{name: kind}``."""
-    selected = modules_to_convert(model, config, skip)
-    for name, kind in selected.items():
-        module = model.get_submodule(name)
-        with torch.device("meta") if module.weight.device.type == "meta" else torch.device(module.weight.device):
-            replacement = _build(module, kind, config, palettized)
-        if not palettized and module.weight.device.type != "meta":
-            replacement.weight = module.weight
-            if getattr(module, "bias", None) is not None:
-                replacement.bias = module.bias
-        model.set_submodule(name, replacement)
-    return selected
-
-
-def verify_palettized_checkpoint(model, checkpoint_files: Optional[list]) -> None:
-    """Before loading: every palettized tensor the model expects is in the checkpoint, with its exact shape
-    and dtype. Catches truncated or edited files and a ``bits`` that does not match config.json."""
-    files = [f for f in (checkpoint_files or []) if str(f).endswith(".safetensors")]
-    if not files:
-        return
-    from safetensors import safe_open
-
-    found = {}
-    for path in files:
-        with safe_open(path, framework="pt") as handle:
-            for key in handle.keys():
-                tensor_slice = handle.get_slice(key)
-                found[key] = (tuple(tensor_slice.get_shape()), tensor_slice.get_dtype())
-    dtype_names = {torch.uint8: "U8", torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16"}
-    for name, module in model.named_modules():
-        if not isinstance(module, PALETTIZED_TYPES):
+def convert_model(model, config: EDKMConfig, plans: dict, form: str) -> None:
+    """Swap the planned modules in place. ``form``: ``"clustered"`` (train-time modules reusing the float
+    parameters), ``"train-checkpoint"`` (train-time modules to load a train-format checkpoint into: weights
+    shaped as that checkpoint stores them) or ``"palettized"`` (empty palettized modules on the meta device)."""
+    options = config.clustering_options()
+    built = {}
+    for name, plan in plans.items():
+        if plan.tied_to is not None:
             continue
-        for key, tensor in module.state_dict().items():
-            if key == "bias":
-                continue
-            full = f"{name}.{key}"
-            if full not in found:
-                raise ValueError(
-                    f"palettized checkpoint is missing tensor '{full}' (checked {len(files)} safetensors file(s)); "
-                    f"the file is incomplete or was not written by optimum_edkm.palettize: re-save the model"
-                )
-            shape, dtype = found[full]
-            if shape != tuple(tensor.shape):
-                hint = ""
-                if key == "weight":
-                    elements = module.out_channels * module.in_channels
-                    hint = (f"; {module.bits}-bit indices of a {module.out_channels}x{module.in_channels} weight "
-                            f"need {math.ceil(elements * module.bits / 8)} bytes, so the checkpoint does not match "
-                            f"config.json's quantization_config (bits={module.bits}, group_size={module.group_size})")
-                raise ValueError(f"palettized tensor '{full}' has shape {shape} in the checkpoint but the model "
-                                 f"expects {tuple(tensor.shape)}{hint}")
-            if dtype != dtype_names.get(tensor.dtype, dtype):
-                raise ValueError(f"palettized tensor '{full}' is stored as {dtype} but must be "
-                                 f"{dtype_names.get(tensor.dtype)}; the checkpoint is corrupted or was edited")
+        module = model.get_submodule(name)
+        if form == "palettized":
+            replacement = plan.clustered_class.palettized_class.empty_for(module, plan.palette)
+        else:
+            replacement = plan.clustered_class.from_float(module, plan.palette, options)
+            if form == "train-checkpoint":
+                weight = replacement.weight
+                replacement.weight = nn.Parameter(torch.empty((1,) + tuple(weight.shape), dtype=weight.dtype,
+                                                              device="meta"), requires_grad=weight.requires_grad)
+        built[name] = replacement
+        model.set_submodule(name, replacement)
+    for name, plan in plans.items():
+        if plan.tied_to is None:
+            continue
+        head = model.get_submodule(name)
+        embedding = built[plan.tied_to]
+        bias = getattr(head, "bias", None)
+        if form == "palettized":
+            model.set_submodule(name, PalettizedTiedLinear(embedding, bias=bias))
+            # the tie is implemented by the head itself: transformers must not look for a tied parameter
+            getattr(model, "all_tied_weights_keys", {}).pop(f"{name}.weight", None)
+        else:
+            model.set_submodule(name, EDKMTiedLinear(embedding, bias=bias))
+
+
+def finish_train_checkpoint_load(model) -> None:
+    """After loading a train-format checkpoint: weights back to their module layout, tied heads re-tied."""
+    for module in model.modules():
+        if is_clustered(module) and module.weight.dim() == CHECKPOINT_WEIGHT_DIM:
+            module.weight = nn.Parameter(module.weight.data[0], requires_grad=module.weight.requires_grad)
+            module._snap_cache = module._soft_cache = None
+    for module in model.modules():
+        if isinstance(module, EDKMTiedLinear):
+            module.retie()
 
 
 @torch.no_grad()
 def init_clusters(model, config: EDKMConfig, progress: bool = True) -> None:
     """k-means initialisation of every clustered module (seeded, identical on every process)."""
-    modules = [(name, m) for name, m in model.named_modules() if isinstance(m, CLUSTERED_TYPES)]
+    modules = [(name, m) for name, m in model.named_modules() if is_clustered(m)]
     for name, module in tqdm(modules, desc="eDKM: k-means initialisation", disable=not progress or len(modules) < 2,
                              leave=False):
         module.init_clusters(seed=config.seed, name=f"{name}.weight")
 
 
-class ClusteringMarshal:
-    """Runs a module's clustering inside one shared :class:`~optimum_edkm.marshal.TensorMarshal`, so that
-    what the clustering saves for backward is offloaded / sharded as ``EDKMConfig(offload=, shard=)`` asks."""
-
-    def __init__(self, marshal):
-        self.marshal = marshal
-
-    def __call__(self, clustering):
-        with self.marshal:
-            return clustering()
-
-    def counters(self, reset: bool = True) -> dict:
-        values = self.marshal.as_dict(prefix="")
-        if reset:
-            self.marshal.reset()
-        return values
-
-
-def saved_tensor_policy(config: EDKMConfig):
-    """The marshaling policy ``config`` asks for, or ``None``."""
-    from .marshal import MarshalPolicy
-
-    policy = MarshalPolicy.from_config(config.offload)
-    if config.shard:
-        # sharding alone keeps this rank's slice on the compute device (no offload)
-        policy = dataclasses.replace(policy, shard=True) if policy is not None else MarshalPolicy(
-            shard=True, memory_threshold=1.0)
-    return policy
-
-
-def attach_saved_tensor_policy(model, config: EDKMConfig) -> None:
-    from .marshal import TensorMarshal
-
-    policy = saved_tensor_policy(config)
-    shared = ClusteringMarshal(TensorMarshal(policy)) if policy is not None else None
-    for module in model.modules():
-        if isinstance(module, CLUSTERED_TYPES):
-            module.saved_tensor_policy = shared
+def _checkpoint_folder(checkpoint_files) -> Optional[str]:
+    folders = {os.path.dirname(os.path.abspath(str(f))) for f in checkpoint_files or []}
+    return folders.pop() if len(folders) == 1 else None
 
 
 @register_quantizer(QUANT_METHOD)
@@ -245,8 +189,10 @@ class EDKMHfQuantizer(HfQuantizer):
     * float checkpoint: train-time modules, float weights loaded as trainable parameters, centroids
       initialised by k-means after loading;
     * train-format checkpoint (``palettized=False``): train-time modules with their saved centroids;
-    * palettized checkpoint: :class:`PalettizedLinear` / :class:`PalettizedEmbedding` built on the meta
-      device with the exact packed shapes, so no float weight is ever materialised.
+    * palettized checkpoint: palettized modules built on the meta device with the exact packed shapes, so no
+      float weight is ever materialised.
+
+    Saved checkpoints carry a commit record that every load verifies (:mod:`optimum_edkm.checkpoint`).
     """
 
     requires_calibration = False
@@ -265,28 +211,44 @@ class EDKMHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         config = self.quantization_config
-        palettized = self.pre_quantized and config.palettized
         if config.palettized and not self.pre_quantized:
             raise ValueError("EDKMConfig(palettized=True) describes a saved palettized checkpoint; to palettize a "
                              "float model, load it with palettized=False and call optimum_edkm.palettize(model)")
+        if self.pre_quantized:
+            self._repair_interrupted_save(checkpoint_files)
         if self.pre_quantized and config.modules_to_not_convert is not None:
             skip = list(config.modules_to_not_convert)    # exactly the modules the checkpoint was saved with
         else:
             skip = resolve_modules_to_not_convert(model, config)
-        convert_model(model, config, skip, palettized)
+        plans = plan_conversion(model, config, skip)
+        form = ("palettized" if config.palettized else "train-checkpoint") if self.pre_quantized else "clustered"
+        convert_model(model, config, plans, form)
         config.modules_to_not_convert = skip
-        if palettized:
-            verify_palettized_checkpoint(model, checkpoint_files)
+        if self.pre_quantized and checkpoint_files is not None:
+            verify_checkpoint(model, config, checkpoint_files)
         if not self.pre_quantized:
             patterns = set(getattr(model, "_keys_to_ignore_on_load_missing", None) or ())
             model._keys_to_ignore_on_load_missing = patterns | set(TRAIN_STATE_PATTERNS)
 
+    @staticmethod
+    def _repair_interrupted_save(checkpoint_files) -> None:
+        folder = _checkpoint_folder(checkpoint_files)
+        if folder is not None and recover_folder(folder) == "rolled-forward":
+            raise CheckpointError(
+                f"{folder} was being replaced by a save that was interrupted after it committed; optimum-edkm has "
+                f"now completed it, so the folder holds the new model: load it again")
+
     def _process_model_after_weight_loading(self, model, **kwargs):
+        if self.pre_quantized and not self.palettized:
+            finish_train_checkpoint_load(model)
         if not self.pre_quantized:
             init_clusters(model, self.quantization_config)
-        attach_saved_tensor_policy(model, self.quantization_config)
         model.add_model_tags(["edkm", "palettization"])
         return model
+
+    def get_state_dict_and_metadata(self, model):
+        state = checkpoint_state_dict(model)
+        return state, commit_record(model, self.quantization_config, state)
 
     def is_serializable(self, *args, **kwargs):
         return True
@@ -304,32 +266,16 @@ class EDKMHfQuantizer(HfQuantizer):
         return self.quantization_config.bits / 8
 
     def _dequantize(self, model, dtype=None):
-        """Back to plain ``nn.Linear`` / ``Conv1D`` / ``nn.Embedding`` holding the palettized (snapped)
-        weights: a model that loads without optimum-edkm."""
-        for name, module in list(model.named_modules()):
-            if isinstance(module, CLUSTERED_TYPES):
-                rows = module._rows(module.snapped_weight()).detach()
-            elif isinstance(module, PALETTIZED_TYPES):
-                rows = module.dense_weight(dtype or module.output_dtype)
-            else:
-                continue
-            target_dtype = dtype or rows.dtype
-            out_channels, in_channels = rows.shape
-            if isinstance(module, (EDKMEmbedding, PalettizedEmbedding)):
-                plain = nn.Embedding(out_channels, in_channels, padding_idx=module.padding_idx, device=rows.device,
-                                     dtype=target_dtype)
-            elif isinstance(module, EDKMConv1D) or getattr(module, "from_conv1d", False):
-                plain = Conv1D(out_channels, in_channels).to(device=rows.device, dtype=target_dtype)
-                rows = rows.t()
-            else:
-                plain = nn.Linear(in_channels, out_channels, bias=module.bias is not None, device=rows.device,
-                                  dtype=target_dtype)
-            plain.weight.data.copy_(rows)
-            if getattr(module, "bias", None) is not None:
-                plain.bias.data.copy_(module.bias)
+        """Back to plain ``nn.Linear`` / ``Conv1D`` / ``nn.Embedding`` holding the palettized (snapped) weights:
+        a model that loads without optimum-edkm. Tied weights are tied again."""
+        converted = [(name, module) for name, module in model.named_modules()
+                     if is_clustered(module) or is_palettized(module)
+                     or isinstance(module, (EDKMTiedLinear, PalettizedTiedLinear))]
+        tied = any(isinstance(module, (EDKMTiedLinear, PalettizedTiedLinear)) for _, module in converted)
+        # every float module is built before the first one is installed (a tied head reads its embedding)
+        replacements = [(name, module.to_float(dtype)) for name, module in converted]
+        for name, plain in replacements:
             model.set_submodule(name, plain)
+        if tied:
+            model.tie_weights(recompute_mapping=True)
         return model
-
-
-def checkpoint_files_in(path: str) -> list:
-    return sorted(os.path.join(path, f) for f in os.listdir(path) if re.search(r"\.safetensors$", f))

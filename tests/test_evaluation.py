@@ -136,11 +136,11 @@ def test_effective_bits_of_a_model_by_hand():
 
 
 def test_effective_bits_counts_a_palettized_weight_held_as_a_packed_buffer():
-    from optimum_edkm.modules import PalettizedLinear
+    from optimum_edkm.nn import PaletteFormat, PalettizedLinear
 
     model = TiedModel()
     dense = effective_bits(model, {"proj": WeightStorage.palettized((16, 8), 3)})
-    model.proj = PalettizedLinear(8, 16, bias=True, bits=3)
+    model.proj = PalettizedLinear(8, 16, True, PaletteFormat(bits=3))
     assert not any(p is model.proj.weight for p in model.parameters())      # packed uint8 buffer
     packed = effective_bits(model, {"proj": WeightStorage.palettized((16, 8), 3)})
     assert packed.model_parameters == dense.model_parameters == 80 + 128 + 16

@@ -187,7 +187,7 @@ def test_ios16_per_tensor_export_and_torch_export_capture(ct, tiny_llama_dir, tm
 def test_gpt2_conv1d_layers_export_exactly(ct, tiny_gpt2_dir, tmp_path_factory):
     model, result = _export(tmp_path_factory, tiny_gpt2_dir, ("gpt2", 4, 16), bits=4, group_size=16)
     report = result.verification
-    conv1d = [name for name, m in model.named_modules() if getattr(m, "from_conv1d", False)]
+    conv1d = [name for name, m in model.named_modules() if isinstance(m, optimum_edkm.PalettizedConv1D)]
     assert len(conv1d) == 8 and not report.failures
     assert result.op_counts["constexpr_lut_to_dense"] == 8
     assert all(m.consumers == ["linear.weight"] and m.indices_dtype == "uint4" for m in report.modules)

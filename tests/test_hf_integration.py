@@ -18,7 +18,6 @@ import optimum_edkm
 from optimum_edkm import (EDKMConfig, EDKMConv1D, EDKMEmbedding, EDKMLinear, PalettizedEmbedding, PalettizedLinear,
                           palettize)
 from optimum_edkm.clustering import packed_size
-from optimum_edkm.modules import palettize_module
 
 LLAMA_LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
@@ -37,8 +36,8 @@ def logits(model, ids):
 def test_config_round_trips_through_dict_and_json():
     config = EDKMConfig(bits=4, granularity="per_grouped_channel", group_size=8, enable_per_channel_scale=True,
                         temperature=0.5, iterations=2, tolerance=1e-6, embedding_bits=8, seed=3,
-                        modules_to_not_convert=["lm_head"], uniquify=False, shard=True, offload={"min_bytes": 1},
-                        lut_dtype="float32")
+                        modules_to_not_convert=["lm_head"], uniquify=False, lut_dtype="float32",
+                        module_bits={"model.layers.0.mlp.down_proj": 4})
     data = config.to_dict()
     assert data["quant_method"] == "edkm" and data["bits"] == 4 and data["group_size"] == 8
     again = EDKMConfig.from_dict(json.loads(json.dumps(data)))
@@ -93,9 +92,40 @@ def test_modules_to_not_convert_and_embedding_bits(tiny_llama_untied_dir):
     assert isinstance(model.model.layers[1].mlp.up_proj, EDKMLinear)
 
 
-def test_tied_embedding_cannot_be_clustered(tiny_llama_dir):
-    with pytest.raises(ValueError, match="'model.embed_tokens' is tied to the output embedding"):
-        load(tiny_llama_dir, bits=3, embedding_bits=8, modules_to_not_convert=[])
+def test_a_tied_embedding_is_clustered_once_and_the_head_reads_its_palette(tiny_llama_dir, tmp_path, input_ids):
+    model = load(tiny_llama_dir, bits=3, embedding_bits=4)
+    embedding, head = model.model.embed_tokens, model.lm_head
+    assert isinstance(embedding, EDKMEmbedding) and embedding.bits == 4
+    assert isinstance(head, optimum_edkm.EDKMTiedLinear) and head.weight is embedding.weight
+    assert "model.embed_tokens" not in model.config.quantization_config.modules_to_not_convert
+    # training: one clustering per forward serves both uses, gradients of both reach the one weight
+    model.train()
+    centroids = embedding.weight_centroids.clone()
+    model(input_ids, labels=input_ids).loss.backward()
+    assert embedding.weight.grad is not None and float(embedding.weight.grad.abs().sum()) > 0
+    assert not torch.equal(embedding.weight_centroids, centroids)
+    # eval: the head computes with the snapped embedding (an independent decode of the same palette)
+    expected = logits(model, input_ids)
+    hidden = model.model(input_ids).last_hidden_state
+    assert torch.allclose(expected, hidden @ embedding.snapped_weight().t(), atol=1e-5)
+    palettize(model)
+    assert isinstance(model.model.embed_tokens, PalettizedEmbedding)
+    assert isinstance(model.lm_head, optimum_edkm.PalettizedTiedLinear)
+    assert torch.equal(logits(model, input_ids), expected)
+    report = optimum_edkm.size_report(model)
+    vocab, hidden_size = 128, 32
+    assert report["clustered_weights"] == vocab * hidden_size + sum(
+        m.out_channels * m.in_channels for m in model.modules() if isinstance(m, PalettizedLinear))
+    directory = optimum_edkm.save_pretrained(model, str(tmp_path / "tied"))
+    with safe_open(os.path.join(directory, "model.safetensors"), framework="pt") as handle:
+        keys = set(handle.keys())
+    assert "model.embed_tokens.weight_lut" in keys and not any(k.startswith("lm_head") for k in keys)
+    reloaded = AutoModelForCausalLM.from_pretrained(directory)
+    assert isinstance(reloaded.lm_head, optimum_edkm.PalettizedTiedLinear)
+    assert torch.equal(logits(reloaded, input_ids), expected)
+    reloaded.dequantize()
+    assert type(reloaded.lm_head) is nn.Linear and reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    assert torch.allclose(logits(reloaded, input_ids), expected, atol=1e-6)
 
 
 def test_group_size_must_divide_every_layer_before_loading(tiny_llama_dir):
@@ -327,8 +357,6 @@ def test_loading_without_the_package_fails_loudly_instead_of_reinitialising(pale
 
 
 def test_unsupported_modules_are_rejected():
-    with pytest.raises(TypeError, match="cannot palettize Conv2d"):
-        palettize_module(nn.Conv2d(2, 2, 3))
     from transformers import AutoModelForCausalLM as Auto
     from conftest import tiny_llama_config
     model = Auto.from_config(tiny_llama_config())

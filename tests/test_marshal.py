@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from optimum_edkm.clustering import ClusteringSpec, dkm_reference, edkm_cluster, init_centroids
-from optimum_edkm.marshal import MarshalCounters, MarshalPolicy, TensorMarshal, marshal
+from optimum_edkm.marshaling import MarshalCounters, MarshalPolicy, TensorMarshal, marshal
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (none on this machine)")
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])]

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, TrainingArguments
 
 import optimum_edkm
 from optimum_edkm import EDKMConfig, EDKMTrainer, EDKMTrainingArguments, PalettizedLinear
-from optimum_edkm.modules import CLUSTERED_TYPES
+from optimum_edkm.nn import is_clustered
 from optimum_edkm.trainer import temperature_factor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -40,7 +40,7 @@ def mean_loss(model, dataset):
 
 def clustered_state(model):
     return {name: (m.weight.detach().clone(), m.weight_centroids.clone())
-            for name, m in model.named_modules() if isinstance(m, CLUSTERED_TYPES)}
+            for name, m in model.named_modules() if is_clustered(m)}
 
 
 def test_fine_tuning_lowers_the_loss_of_the_palettized_model(tiny_llama_dir, tmp_path):
@@ -49,7 +49,9 @@ def test_fine_tuning_lowers_the_loss_of_the_palettized_model(tiny_llama_dir, tmp
     post_training = mean_loss(model, dataset)            # eval mode = nearest centroids = k-means palettization
     trainer = EDKMTrainer(model=model, args=arguments(tmp_path, max_steps=30), train_dataset=dataset)
     trainer.train()
-    assert isinstance(model.model.layers[0].self_attn.q_proj, PalettizedLinear)      # palettize_at_end
+    assert isinstance(model.model.layers[0].self_attn.q_proj, optimum_edkm.EDKMLinear)    # palettizing is explicit
+    trainer.finalize()
+    assert isinstance(model.model.layers[0].self_attn.q_proj, PalettizedLinear)
     after = mean_loss(model, dataset)
     assert after < post_training - 0.2
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
@@ -68,7 +70,7 @@ def test_resume_from_checkpoint_continues_exactly(tiny_llama_dir, tmp_path):
     def run(output_dir, resume=None):
         model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=EDKMConfig(bits=3))
         args = arguments(tmp_path, output_dir=str(output_dir), max_steps=8, logging_steps=1, save_strategy="steps",
-                         save_steps=4, palettize_at_end=False, temperature_schedule="linear")
+                         save_steps=4, temperature_schedule="linear")
         trainer = EDKMTrainer(model=model, args=args, train_dataset=dataset)
         trainer.train(resume_from_checkpoint=resume)
         losses = {entry["step"]: entry["loss"] for entry in trainer.state.log_history if "loss" in entry}
@@ -90,19 +92,30 @@ def test_resume_from_checkpoint_continues_exactly(tiny_llama_dir, tmp_path):
 
 
 def test_milestone_trains_plain_weights_first_then_reinitialises_centroids(tiny_llama_dir, tmp_path):
+    from transformers import TrainerCallback
+
     dataset = pattern_dataset()
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=EDKMConfig(bits=2))
+    with pytest.raises(ValueError, match="clustering_milestone=3 is at or beyond max_steps=3"):
+        EDKMTrainer(model=model, args=arguments(tmp_path, max_steps=3, clustering_milestone=3),
+                    train_dataset=dataset).train()
     layer = model.model.layers[0].mlp.up_proj
-    trainer = EDKMTrainer(model=model, args=arguments(tmp_path, max_steps=3, clustering_milestone=3,
-                                                      palettize_at_end=False), train_dataset=dataset)
+    captured = {}
+
+    class Capture(TrainerCallback):                     # runs after the schedule callback
+        def on_step_begin(self, args, state, control, **kwargs):
+            captured.setdefault("enabled", []).append(layer.clustering_enabled)
+            if state.global_step == 3:
+                captured["weight"] = layer.weight.detach().clone()
+                captured["centroids"] = layer.weight_centroids.clone()
+
+    trainer = EDKMTrainer(model=model, args=arguments(tmp_path, max_steps=5, clustering_milestone=3),
+                          train_dataset=dataset)
+    trainer.add_callback(Capture())
     trainer.train()
-    assert not layer.clustering_enabled                 # 3 steps of plain fine-tuning
-    layer.train()
-    assert torch.equal(layer.clustered_weight(), layer.weight)
-    trainer._apply_schedule(3, 6, starting=False)       # the step at the milestone
-    assert layer.clustering_enabled
-    expected = optimum_edkm.clustering.init_centroids(layer.weight, layer.spec, seed=0)
-    assert torch.equal(layer.weight_centroids, expected)
+    assert captured["enabled"] == [False, False, False, True, True]
+    expected = optimum_edkm.clustering.init_centroids(captured["weight"], layer.spec, seed=0)
+    assert torch.equal(captured["centroids"], expected)
 
 
 def test_temperature_schedules():
@@ -139,8 +152,30 @@ def test_plain_training_arguments_get_the_default_schedule(tiny_llama_dir, tmp_p
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=EDKMConfig(bits=3))
     args = TrainingArguments(output_dir=str(tmp_path / "plain"), max_steps=2, per_device_train_batch_size=4,
                              use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True)
-    EDKMTrainer(model=model, args=args, train_dataset=pattern_dataset()).train()
+    trainer = EDKMTrainer(model=model, args=args, train_dataset=pattern_dataset())
+    trainer.train()
+    trainer.finalize()
     assert isinstance(model.model.layers[0].self_attn.q_proj, PalettizedLinear)
+    with pytest.raises(ValueError, match="already palettized"):
+        trainer.train()                                 # a second train() after palettizing
+
+
+def test_a_plain_trainer_runs_the_schedule_through_the_callback(tiny_llama_dir, tmp_path):
+    from transformers import Trainer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=EDKMConfig(bits=2))
+    args = TrainingArguments(output_dir=str(tmp_path / "plain"), max_steps=3, per_device_train_batch_size=4,
+                             use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True)
+    callback = optimum_edkm.ClusteringScheduleCallback(optimum_edkm.ClusteringSchedule(
+        clustering_milestone=2, temperature_schedule="linear", final_temperature_factor=0.5))
+    layer = model.model.layers[0].mlp.up_proj
+    seen = []
+    layer.register_forward_pre_hook(lambda m, a: seen.append((m.clustering_enabled, m.temperature_factor)))
+    Trainer(model=model, args=args, train_dataset=pattern_dataset(), callbacks=[callback]).train()
+    assert [enabled for enabled, _ in seen] == [False, False, True]
+    assert seen[2][1] == pytest.approx(1.0)          # step 2 of 3 after a milestone of 2: start of the schedule
+    expected = optimum_edkm.clustering.init_centroids(layer.weight, layer.spec, seed=0)
+    assert not torch.equal(layer.weight_centroids, expected)      # moved by the clustered step since the milestone
 
 
 def _free_port():

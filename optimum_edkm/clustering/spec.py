@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from ..validation import is_int, is_number
 
 MAX_BITS = 8
 #: 16-bit dtypes whose bit patterns can index distinct values (2**16 patterns at most).
 UNIQUE_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def check_bits(bits, what: str = "bits") -> int:
-    if not _is_int(bits) or not 1 <= bits <= MAX_BITS:
+    if not is_int(bits) or not 1 <= bits <= MAX_BITS:
         raise ValueError(
             f"{what} must be an integer from 1 to {MAX_BITS} (2 to {2 ** MAX_BITS} clusters), got {bits!r}; "
             f"palettized weights index a look-up table with at most 8-bit indices"
@@ -53,18 +50,16 @@ class ClusteringSpec:
 
     def __post_init__(self):
         check_bits(self.bits)
-        if self.group_size is not None and (not _is_int(self.group_size) or self.group_size < 1):
+        if self.group_size is not None and (not is_int(self.group_size) or self.group_size < 1):
             raise ValueError(
                 f"group_size must be a positive integer (output channels per LUT) or None for one LUT per "
                 f"tensor, got {self.group_size!r}"
             )
-        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) \
-                or self.temperature <= 0:
+        if not is_number(self.temperature) or self.temperature <= 0:
             raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
-        if not _is_int(self.iterations) or self.iterations < 1:
+        if not is_int(self.iterations) or self.iterations < 1:
             raise ValueError(f"iterations must be an integer >= 1, got {self.iterations!r}")
-        if not isinstance(self.tolerance, (int, float)) or not math.isfinite(self.tolerance) \
-                or self.tolerance < 0:
+        if not is_number(self.tolerance) or self.tolerance < 0:
             raise ValueError(f"tolerance must be a finite number >= 0, got {self.tolerance!r}")
         if self.unique_dtype is not None and self.unique_dtype not in UNIQUE_DTYPES:
             raise ValueError(

@@ -89,8 +89,6 @@ def _palettization(lut_group_size: Optional[int], fine_tune: bool, channel_scale
         from ..api import palettize, prepare
         from ..config import EDKMConfig
         from ..finetune import finetune
-        from ..modules import PALETTIZED_TYPES
-        from .bits import WeightStorage
 
         options = EDKM_OPTIONS
         granularity = {} if lut_group_size is None else {"granularity": "per_grouped_channel",
@@ -115,11 +113,9 @@ def _palettization(lut_group_size: Optional[int], fine_tune: bool, channel_scale
             details["train_loss"] = _train_losses(trainer)
         else:
             palettize(model)
-        storage = {name: WeightStorage.palettized(
-                       (m.out_channels, m.in_channels), m.bits, m.group_size,
-                       lut_entry_bits=torch.finfo(m.weight_lut.dtype).bits,
-                       channel_scale_bits=None if m.weight_scale is None else torch.finfo(m.weight_scale.dtype).bits)
-                   for name, m in model.named_modules() if isinstance(m, PALETTIZED_TYPES)}
+        from ..nn import is_palettized
+
+        storage = {name: m.storage() for name, m in model.named_modules() if is_palettized(m)}
         method = "edkm" if fine_tune else "kmeans"
         return QuantizationReport(method, bits, lut_group_size, storage, time.perf_counter() - started, settings,
                                   details)
@@ -133,14 +129,14 @@ def _finetuned_float(model, bits, group_size, calibration):
     uncompressed row never saw; this row separates that adaptation from the cost of clustering."""
     from transformers import Trainer, TrainingArguments
 
-    from ..api import _quant_method
+    from ..api import quant_method
     from ..finetune import recipe_arguments, window_dataset
 
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None:
         # transformers de-quantizes a GGUF checkpoint to float on load but leaves it marked quantized, which
         # Trainer refuses to fine-tune; any other quantizer means the weights really are not float
-        if _quant_method(quantizer) != "gguf":
+        if quant_method(quantizer) != "gguf":
             raise ValueError("the float fine-tuning reference needs a float model, got a quantized one")
         model.hf_quantizer, model.is_quantized = None, False
     options = EDKM_OPTIONS

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..modules import PALETTIZED_TYPES, PalettizedEmbedding
+from ..nn import PalettizedEmbedding, is_palettized
 from .errors import CoreMLExportError, ExactnessError, import_coremltools
 from .targets import DeploymentTarget, check_target, resolve_target
 
@@ -36,7 +36,7 @@ CAPTURES = ("trace", "export")
 
 def palettized_modules(model) -> dict:
     """``{name: module}`` of the palettized modules, in model order."""
-    return {name: module for name, module in model.named_modules() if isinstance(module, PALETTIZED_TYPES)}
+    return {name: module for name, module in model.named_modules() if is_palettized(module)}
 
 
 def package_stem(path: str) -> str:

@@ -11,7 +11,7 @@ import tempfile
 
 import torch
 
-from ..modules import PalettizedEmbedding
+from ..nn import PalettizedConv1D, PalettizedEmbedding
 
 FORMAT = "optimum-edkm.palettized"
 FORMAT_VERSION = 1
@@ -72,7 +72,7 @@ def build_manifest(model, modules: dict, report, *, package: str, tensors_file, 
         entries.append({
             "name": name,
             "kind": "embedding" if isinstance(module, PalettizedEmbedding) else "linear",
-            "from_conv1d": bool(getattr(module, "from_conv1d", False)),
+            "from_conv1d": isinstance(module, PalettizedConv1D),
             "out_channels": module.out_channels,
             "in_channels": module.in_channels,
             "bits": module.bits,

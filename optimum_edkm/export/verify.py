@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..modules import PalettizedEmbedding
+from ..nn import PalettizedEmbedding
 from .coreml import (INPUT_NAME, METADATA_PREFIX, OUTPUT_NAME, WRAPPER_ATTRIBUTE, export_copy, manifest_path_for,
                      palettized_modules, reference_input_ids)
 from .errors import VerificationError, import_coremltools

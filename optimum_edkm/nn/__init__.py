@@ -1,0 +1,36 @@
+"""Module classes: train-time clustered modules and the palettized modules they snap to.
+
+``nn.Linear -> EDKMLinear -> PalettizedLinear``, ``Conv1D -> EDKMConv1D -> PalettizedConv1D``,
+``nn.Embedding -> EDKMEmbedding -> PalettizedEmbedding`` (one table, :mod:`.registry`); a tied output head
+becomes :class:`EDKMTiedLinear` / :class:`PalettizedTiedLinear`, which read the embedding's palette.
+"""
+
+from .clustered import (CHECKPOINT_WEIGHT_DIM, ClusteredModule, EDKMConv1D, EDKMEmbedding, EDKMLinear,
+                        EDKMTiedLinear, is_clustered)
+from .formats import LUT_DTYPES, ClusteringOptions, PaletteFormat
+from .palettized import (PalettizedConv1D, PalettizedEmbedding, PalettizedLinear, PalettizedModule,
+                         PalettizedTiedLinear, is_palettized, lut_linear)
+from .registry import clustered_class_for, register_clustered_module, registered_float_classes
+
+__all__ = [
+    "CHECKPOINT_WEIGHT_DIM",
+    "ClusteredModule",
+    "ClusteringOptions",
+    "EDKMConv1D",
+    "EDKMEmbedding",
+    "EDKMLinear",
+    "EDKMTiedLinear",
+    "LUT_DTYPES",
+    "PaletteFormat",
+    "PalettizedConv1D",
+    "PalettizedEmbedding",
+    "PalettizedLinear",
+    "PalettizedModule",
+    "PalettizedTiedLinear",
+    "clustered_class_for",
+    "is_clustered",
+    "is_palettized",
+    "lut_linear",
+    "register_clustered_module",
+    "registered_float_classes",
+]
