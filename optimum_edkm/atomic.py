@@ -66,6 +66,20 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _normalize_modes(path: str) -> None:
+    """Give everything staged under ``path`` the user's normal permissions (some writers, safetensors among
+    them, create 0600 files; a folder from ``mkdtemp`` is 0700)."""
+    file_mode = _default_file_mode()
+    folder_mode = file_mode | ((file_mode & 0o444) >> 2)          # x wherever r is granted
+    for root, dirs, files in os.walk(path):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), folder_mode)
+        for name in files:
+            full = os.path.join(root, name)
+            if not os.path.islink(full):
+                os.chmod(full, file_mode)
+
+
 def _fsync_tree(path: str) -> None:
     """Flush every file under ``path`` (and the folders themselves) to disk."""
     for root, dirs, files in os.walk(path):
@@ -305,6 +319,7 @@ def commit_folder(folder: Union[str, os.PathLike], stage: Callable[[str], None],
     with _folder_lock(staging):                       # marks the staging folder as alive for recover_folder
         try:
             stage(staging)
+            _normalize_modes(staging)
             _fsync_tree(staging)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)

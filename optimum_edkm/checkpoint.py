@@ -216,9 +216,9 @@ def verify_checkpoint(model, config, checkpoint_files: Iterable[str], *, check_h
         records.append((path, metadata))
     expected = expected_tensors(model)
     modules = converted_modules(model)
+    record = _check_record(model, config, records, modules)
     _check_structure(model, config, expected, found, modules)
     _check_values(found, expected)
-    record = _check_record(model, config, records, modules)
     if record is not None and (checksums_enabled() if check_hashes is None else check_hashes):
         _check_hashes(found, record)
 
@@ -315,10 +315,6 @@ def _check_record(model, config, records: list, modules: dict) -> Optional[dict]
             f"config.json's quantization_config differs from the one these weights were saved with ({details}): "
             f"config.json was edited after saving, or it belongs to another save. Restore the saved values (they "
             f"are in the safetensors metadata '{KEY_CONFIG}') or re-save the model")
-    architecture = meta.get(KEY_ARCHITECTURE)
-    if architecture and architecture != type(model).__name__:
-        raise CheckpointError(f"the checkpoint was saved from a {architecture} and is being loaded into a "
-                              f"{type(model).__name__}: load it with the class it was saved from")
     if saved_modules and saved_modules != modules:
         only_model = sorted(set(modules) - set(saved_modules))
         only_saved = sorted(set(saved_modules) - set(modules))
@@ -326,6 +322,10 @@ def _check_record(model, config, records: list, modules: dict) -> Optional[dict]
                 else f"the checkpoint has converted module(s) the model does not (e.g. '{only_saved[0]}')"
                 if only_saved else "the modules' kinds differ")
         raise CheckpointError(f"{what}: the checkpoint was saved from another architecture or configuration")
+    architecture = meta.get(KEY_ARCHITECTURE)
+    if architecture and architecture != type(model).__name__:
+        raise CheckpointError(f"the checkpoint was saved from a {architecture} and is being loaded into a "
+                              f"{type(model).__name__}: load it with the class it was saved from")
     return hashes
 
 

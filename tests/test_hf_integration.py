@@ -310,10 +310,13 @@ def palettized_dir(tiny_llama_dir, tmp_path):
 
 
 def _rewrite_checkpoint(directory, change):
+    """Edit the tensors of a saved checkpoint, keeping its header metadata (the commit record)."""
     path = os.path.join(directory, "model.safetensors")
+    with safe_open(path, framework="pt") as handle:
+        metadata = handle.metadata()
     tensors = load_file(path)
     change(tensors)
-    save_file(tensors, path, metadata={"format": "pt"})
+    save_file(tensors, path, metadata=metadata)
 
 
 def test_missing_packed_tensor_is_reported_by_name(palettized_dir):
@@ -337,7 +340,8 @@ def test_bits_in_the_file_not_matching_the_config_is_reported(palettized_dir):
     config = json.load(open(config_path))
     config["quantization_config"]["bits"] = 4
     json.dump(config, open(config_path, "w"))
-    with pytest.raises(ValueError, match=r"does not match config.json's quantization_config \(bits=4"):
+    with pytest.raises(ValueError, match=r"config.json's quantization_config differs from the one these weights were "
+                                         r"saved with \(bits: saved 3, config.json 4\)"):
         AutoModelForCausalLM.from_pretrained(palettized_dir)
 
 
