@@ -40,7 +40,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from layer_memory import GIB, PeakMemory, machine, make_projections, write_json  # noqa: E402  (shared helpers)
+from common import GIB, PeakMemory, machine, write_json  # noqa: E402  (shared helpers)
+from layer_memory import make_projections  # noqa: E402
 
 # As quoted in the issue (the research notes could not check them against the paper's body).
 PAPER_REDUCTION = {"+ marshaling": 2.9, "+ uniquification": 16.4, "+ sharding": 23.5, "all together": 130.0}

@@ -15,71 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import torch
 
-GIB = 2 ** 30
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-# ----------------------------------------------------------------------------------------------- memory
-class PeakMemory:
-    """Peak memory above the level at ``start()``: the CUDA allocator's peak, or the process's VmHWM."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    @staticmethod
-    def _status(field: str) -> int:
-        with open("/proc/self/status") as status:
-            return int(re.search(field + r":\s+(\d+)", status.read()).group(1)) * 1024
-
-    def start(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-        else:
-            with open("/proc/self/clear_refs", "w") as refs:   # resets VmHWM to the current RSS
-                refs.write("5")
-            self.base = self._status("VmRSS")
-
-    def peak(self) -> int:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            return torch.cuda.max_memory_allocated(self.device) - self.base
-        return self._status("VmHWM") - self.base
-
-
-def write_json(path: str, report: dict) -> None:
-    """Write ``report`` to ``path`` through a temporary file renamed into place (never half a file)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".tmp") as handle:
-        json.dump(report, handle, indent=2)
-    os.replace(handle.name, path)
-    print(f"\nwrote {os.path.relpath(path)}")
-
-
-def machine(device: torch.device) -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "device": str(device),
-            "threads": torch.get_num_threads(), "os": platform.platform()}
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            info["cpu"] = re.search(r"model name\s*:\s*(.*)", cpuinfo.read()).group(1).strip()
-    except (OSError, AttributeError):
-        info["cpu"] = platform.processor()
-    info["cpu_count"] = os.cpu_count()
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
+from common import GIB, ROOT, PeakMemory, machine, write_json  # noqa: E402,F401  (shared helpers)
 
 
 # ----------------------------------------------------------------------------------------------- worker
