@@ -143,13 +143,14 @@ class TensorMarshal:
         backend = str(dist.get_backend(group)).lower()
         self._gather_device = torch.device("cpu") if backend == "gloo" else None
 
-    def _count(self, name: str, amount: int) -> None:
+    def count(self, name: str, amount: int) -> None:
+        """Add ``amount`` to counter ``name`` (thread-safe; the storage records report their copies here)."""
         with self._lock:
             setattr(self.counters, name, getattr(self.counters, name) + amount)
 
     # ------------------------------------------------------------------------------------------ packing
     def _pack(self, tensor: torch.Tensor):
-        self._count("tensors_saved", 1)
+        self.count("tensors_saved", 1)
         self._since_prune += 1
         if self._since_prune >= _PRUNE_EVERY:
             self._prune()
@@ -203,10 +204,10 @@ class TensorMarshal:
             if entry[1] == "bytes_offloaded" and self.policy.deduplicate:
                 self._count_dedup(tensor.numel() * tensor.element_size())
             elif entry[1] == "bytes_offloaded":
-                self._count(counter, storage.nbytes())    # naive: every save counts
+                self.count(counter, storage.nbytes())    # naive: every save counts
         else:
             self._kept[key] = (StorageWeakRef(storage), counter)
-            self._count(counter, storage.nbytes())
+            self.count(counter, storage.nbytes())
         return Reference(tensor)
 
     def _held_by_reference(self, key: tuple) -> bool:

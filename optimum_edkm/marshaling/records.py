@@ -104,7 +104,7 @@ class CopiedSpan(HeldBytes):
     def _restore(self, device: torch.device) -> torch.Tensor:
         if self.ready is not None and device.type == "cuda":
             torch.cuda.current_stream(device).wait_event(self.ready)
-        self.owner._count("copies_back", 1)
+        self.owner.count("copies_back", 1)
         return self.data.to(device, non_blocking=self.data.is_pinned())
 
 
@@ -129,11 +129,11 @@ class ShardedSpan(HeldBytes):
             piece = piece.to(self.gather_device, non_blocking=piece.is_pinned())
         full = torch.empty(self.world * self.chunk, dtype=torch.uint8, device=self.gather_device)
         dist.all_gather(list(full.split(self.chunk)), piece, group=self.group)
-        self.owner._count("all_gathers", 1)
+        self.owner.count("all_gathers", 1)
         full = full[:self.end - self.start]
         if full.device != device:
             full = full.to(device)
-            self.owner._count("copies_back", 1)
+            self.owner.count("copies_back", 1)
         return full
 
 
