@@ -48,12 +48,11 @@ def policy_for(offload: Union[bool, str, dict, MarshalPolicy, None] = False, sha
 
 
 def attach(model, policy: Optional[MarshalPolicy]) -> Optional[ClusteringMarshal]:
-    """Give every clustered module of ``model`` one shared marshal for ``policy`` (``None`` removes it)."""
-    from ..nn import is_clustered
-
+    """Give every module of ``model`` that runs its clustering through a ``saved_tensor_policy`` attribute (the
+    train-time modules of :mod:`optimum_edkm.nn`) one shared marshal for ``policy`` (``None`` removes it)."""
     shared = ClusteringMarshal(TensorMarshal(policy)) if policy is not None else None
     for module in model.modules():
-        if is_clustered(module):
+        if hasattr(module, "saved_tensor_policy"):
             module.saved_tensor_policy = shared
     return shared
 
