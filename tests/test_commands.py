@@ -3,12 +3,10 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
-import torch
 
 from tiny_text_model import help_topic_texts, save_tiny_text_model
 

@@ -4,7 +4,6 @@ re-palettized with its error reported) instead of silent."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 peft = pytest.importorskip("peft", reason="peft is not installed (pip install optimum-edkm[dev])")
 
