@@ -5,10 +5,11 @@ text, AdamW on the adapters only (rank ``--rank`` on q_proj and v_proj):
 
 * ``float``: peft LoRA on the float model;
 * ``palettized``: ``optimum_edkm.peft`` LoRA on the model palettized to ``--bits`` (k-means LUTs with an fp16
-  scale per output channel; no eDKM training, which does not change memory or speed), the dense weight decoded
-  again in backward (``EDKMLoraLinear.decode_in_backward = True``, the default);
-* ``palettized-keep``: the same with ``decode_in_backward = False``: autograd keeps every decoded dense weight
-  until backward (peft's plain path).
+  scale per output channel; no eDKM training, which does not change memory or speed), every palettized weight
+  decoded again in backward (``EDKMLoraLinear.decode_in_backward = True``, the default, and
+  ``optimum_edkm.peft.decode_in_backward(model)`` for the layers LoRA does not target);
+* ``palettized-keep``: the same without either: autograd keeps every decoded dense weight until backward
+  (peft's plain path).
 
     python benchmarks/lora_memory.py                     # offline SmolLM2-135M, batch 4 x 256, 3 timed steps
 
@@ -52,7 +53,7 @@ def worker(args) -> dict:
     from optimum_edkm import EDKMConfig
     from optimum_edkm.data import CALIBRATION_SPLIT, load_text
     from optimum_edkm.models import load_causal_lm
-    from optimum_edkm.peft import EDKMLoraLinear, lora_config
+    from optimum_edkm.peft import EDKMLoraLinear, decode_in_backward, lora_config
 
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -66,6 +67,8 @@ def worker(args) -> dict:
         optimum_edkm.palettize(model)
         model = peft.get_peft_model(model, lora_config(**lora))
         EDKMLoraLinear.decode_in_backward = args.mode == "palettized"
+        if args.mode == "palettized":
+            decode_in_backward(model)        # the layers LoRA does not target as well
     import gc
     gc.collect()
     resident = state_bytes(model)

@@ -16,8 +16,9 @@ and train-time eDKM layers to :class:`EDKMLoraLinear`::
 What :class:`EDKMLoraLinear` adds to peft's ``lora.Linear``:
 
 * the frozen palettized base is decoded for the forward pass and decoded *again* in backward instead of
-  keeping the dense weight alive for backward (what bitsandbytes' 4-bit matmul does for QLoRA), so training
-  memory stays close to the packed size of the base; ``decode_in_backward=False`` keeps peft's plain path;
+  keeping the dense weight alive for backward (what bitsandbytes' 4-bit matmul does for QLoRA);
+  ``EDKMLoraLinear.decode_in_backward = False`` keeps peft's plain path. The palettized layers LoRA does not
+  target keep their decoded weight for backward unless :func:`decode_in_backward` is applied to the model;
 * merging is defined and never silent. A palettized layer can only hold values of its LUT, so
   ``merge()`` / ``merge_and_unload()`` raise :class:`PalettizedMergeError` with the two ways out:
   :func:`merge_and_repalettize` (lossy, re-assigns every weight of ``W + BA`` to its nearest LUT entry and
@@ -32,6 +33,7 @@ Only the public attributes of the palettized modules are used (``dense_weight()`
 from __future__ import annotations
 
 import logging
+import types
 from typing import Optional
 
 import torch
@@ -87,9 +89,30 @@ def palettized_linear(x: torch.Tensor, module: PalettizedLinear, decode_in_backw
     """The palettized layer's output; with ``decode_in_backward`` (and a graph being recorded) the dense
     weight is not kept for backward but decoded again there."""
     if not (decode_in_backward and torch.is_grad_enabled() and x.requires_grad):
-        return module(x)
+        return PalettizedLinear.forward(module, x)       # the class's own forward (see decode_in_backward())
     out = _DecodeInBackward.apply(x, module)
     return out if module.bias is None else out + module.bias.to(out.dtype)
+
+
+def decode_in_backward(model, enabled: bool = True) -> int:
+    """Make every :class:`PalettizedLinear` of ``model`` decode its weight again in backward instead of keeping the
+    dense weight for it (the layers LoRA does not target too: they pass gradients to the adapters below them, and
+    by default autograd keeps each one's decoded weight, as much memory as the float weights). Sets an
+    instance-level ``forward``; ``enabled=False`` removes it. Returns the number of layers changed."""
+    changed = 0
+    for module in model.modules():
+        if not isinstance(module, PalettizedLinear):
+            continue
+        if enabled:
+            module.forward = types.MethodType(_recomputing_forward, module)   # deepcopy rebinds it to the copy
+        else:
+            module.__dict__.pop("forward", None)
+        changed += 1
+    return changed
+
+
+def _recomputing_forward(self, x):
+    return palettized_linear(x, self, True)
 
 
 class EDKMLoraLinear(LoraLinear):

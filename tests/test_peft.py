@@ -207,3 +207,35 @@ def test_a_saved_adapter_loads_back_only_through_load_adapter(palettized_dir, tm
 def test_lora_options_that_need_the_dense_base_weight_are_refused(palettized_dir, option, words):
     with pytest.raises(ValueError, match=words):
         peft.get_peft_model(load_palettized(palettized_dir), lora_config(r=2, target_modules=TARGETS, **option))
+
+
+def test_decode_in_backward_covers_the_layers_lora_does_not_target_and_survives_a_copy(palettized_dir):
+    import copy
+
+    from optimum_edkm.peft import decode_in_backward
+
+    peft_model = with_lora(load_palettized(palettized_dir))
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(6))
+    palettized = {id(m): m for m in peft_model.modules() if isinstance(m, PalettizedLinear)}
+    dense_shapes = {s for m in palettized.values() for s in (m.dense_shape, m.dense_shape[::-1])}
+
+    def saved_shapes_and_grads():
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            loss = peft_model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.grad is not None}
+        peft_model.zero_grad(set_to_none=True)
+        return set(saved), grads, float(loss)
+
+    kept, reference, loss = saved_shapes_and_grads()
+    assert decode_in_backward(peft_model) == len(palettized)
+    recomputed, grads, same_loss = saved_shapes_and_grads()
+    assert kept & dense_shapes and not recomputed & dense_shapes
+    assert same_loss == pytest.approx(loss, rel=1e-6) and grads.keys() == reference.keys()
+    assert all(torch.allclose(grads[n], reference[n], atol=1e-6) for n in grads)
+    clone = copy.deepcopy(peft_model)
+    layer = next(m for m in clone.modules() if isinstance(m, PalettizedLinear))
+    assert layer.forward.__self__ is layer                     # bound to the copy, not to the original
+    assert decode_in_backward(peft_model, enabled=False) == len(palettized)
+    assert saved_shapes_and_grads()[0] & dense_shapes
