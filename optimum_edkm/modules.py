@@ -30,6 +30,18 @@ from .clustering import (ClusteringSpec, decode, dkm_reference, edkm_cluster, ha
 
 LUT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
+try:  # FSDP2 shards parameters as DTensors between forward passes
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without torch.distributed
+    DTensor = ()
+
+
+def _whole(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The whole tensor of an FSDP2-sharded parameter (a collective: every rank must call it), others as they are.
+    Inside forward FSDP has already gathered the weight; this is for reads outside it (k-means, snapping,
+    statistics, palettization)."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
 
 class ClusteredWeightMixin:
     """Clustering state and behaviour shared by the train-time modules.
@@ -61,7 +73,7 @@ class ClusteredWeightMixin:
 
     # ------------------------------------------------------------------------------------------ state
     def _rows(self, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.weight if weight is None else weight
+        return _whole(self.weight) if weight is None else weight
 
     @property
     def bits(self) -> int:
@@ -213,7 +225,7 @@ class EDKMConv1D(ClusteredWeightMixin, Conv1D):
                               groups)
 
     def _rows(self, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return (self.weight if weight is None else weight).t()
+        return (_whole(self.weight) if weight is None else weight).t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self._rows(self.clustered_weight()).to(x.dtype), self.bias)
@@ -369,7 +381,7 @@ def palettize_module(module: ClusteredWeightMixin) -> nn.Module:
                                   dtype=module.weight.dtype, **common)
         target.from_conv1d = isinstance(module, EDKMConv1D)
         if module.bias is not None:
-            target.bias.copy_(module.bias)
+            target.bias.copy_(_whole(module.bias))
     target.weight.copy_(pack_indices(indices, module.spec.bits))
     target.weight_lut.copy_(lut)
     if module.weight_scale is not None:

@@ -7,8 +7,9 @@ One process runs without FSDP (the reference). Step ``s`` trains on global seque
 evenly over the ranks, so 2 ranks with batch 4 see what 1 process with batch 8 sees. ``save_at=K`` writes a
 distributed checkpoint (``torch.distributed.checkpoint``: model with centroids, optimizer) after step K;
 ``resume`` loads it from OUT_DIR/checkpoint and continues from step K. Every rank writes ``rank<r>.pt``: losses,
-full weights and centroids, its local shard shapes; with ``export``, what ``optimum_edkm.palettize`` does on the
-sharded model, and rank 0 palettizes the gathered full state dict in an unsharded model and saves it.
+full weights and centroids, its local shard shapes. With ``export`` (2+ processes), every rank computes cluster
+statistics and palettizes the sharded model, and rank 0 checks both against an unsharded model loaded from the
+gathered full state dict, which it palettizes and saves.
 """
 
 import os
@@ -92,23 +93,41 @@ def main():
                 "sharded": isinstance(weight, DTensor),
                 "local_shape": tuple(weight.to_local().shape) if isinstance(weight, DTensor) else tuple(weight.shape),
             }
-    palettize_outcome = None
-    if world > 1 and "export" in options:   # what palettize does with sharded weights (reported, not required)
+    palettize_outcome, palettized_dir, agreement = None, None, {}
+    if world > 1 and "export" in options:
+        from optimum_edkm import PalettizedLinear
+
+        positions = torch.arange(0, 64)
+        # statistics and palettization read whole weights outside forward: every rank takes part (collectives)
+        sharded_stats = {name: module.assignment_sample(positions) for name, module in model.named_modules()
+                         if isinstance(module, CLUSTERED_TYPES)}
+        if rank == 0:
+            # the export that needs no gathering inside the modules: the full state dict in an unsharded model
+            unsharded = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=EDKMConfig(
+                bits=3, temperature=0.25))
+            unsharded.load_state_dict(full)
+            modules_by_name = dict(unsharded.named_modules())
+            agreement["stats"] = all(
+                torch.equal(labels, modules_by_name[name].assignment_sample(positions)[0]) and
+                torch.equal(entropy, modules_by_name[name].assignment_sample(positions)[1])
+                for name, (labels, entropy) in sharded_stats.items())
+            optimum_edkm.palettize(unsharded)
+            palettized_dir = optimum_edkm.save_pretrained(unsharded, os.path.join(out_dir, "palettized"))
+            reference_packed = {name: (m.weight.clone(), m.weight_lut.clone()) for name, m in unsharded.named_modules()
+                                if isinstance(m, PalettizedLinear)}
         try:
             optimum_edkm.palettize(model)
             palettize_outcome = "ok"
         except Exception as error:          # noqa: BLE001  (recorded for the test and the docs)
             palettize_outcome = f"{type(error).__name__}: {str(error)[:200]}"
-    palettized_dir = None
-    if rank == 0 and "export" in options:
-        # the supported way out of FSDP: the full state dict into an unsharded model, palettized there
-        unsharded = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=EDKMConfig(
-            bits=3, temperature=0.25))
-        unsharded.load_state_dict(full)
-        optimum_edkm.palettize(unsharded)
-        palettized_dir = optimum_edkm.save_pretrained(unsharded, os.path.join(out_dir, "palettized"))
+        if rank == 0 and palettize_outcome == "ok":
+            packed = {name: (m.weight, m.weight_lut) for name, m in model.named_modules()
+                      if isinstance(m, PalettizedLinear)}
+            agreement["palettized"] = packed.keys() == reference_packed.keys() and all(
+                torch.equal(packed[n][0], reference_packed[n][0]) and torch.equal(packed[n][1], reference_packed[n][1])
+                for n in packed)
     torch.save({"losses": losses, "modules": modules, "world_size": world, "palettize": palettize_outcome,
-                "palettized_dir": palettized_dir}, os.path.join(out_dir, f"rank{rank}.pt"))
+                "palettized_dir": palettized_dir, "agreement": agreement}, os.path.join(out_dir, f"rank{rank}.pt"))
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
