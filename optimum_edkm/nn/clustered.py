@@ -31,10 +31,22 @@ from .formats import ClusteringOptions, PaletteFormat
 from .palettized import PalettizedConv1D, PalettizedEmbedding, PalettizedLinear, PalettizedTiedLinear
 from .registry import register_clustered_module
 
+try:  # FSDP2 shards parameters as DTensors between forward passes
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without torch.distributed
+    DTensor = ()
+
 #: dimensions of a clustered weight in a saved train-format checkpoint (``[1, out, in]``)
 CHECKPOINT_WEIGHT_DIM = 3
 #: buffers that keep their dtype when the module is cast (``model.half()``): they are the clustering state
 _STATE_BUFFERS = ("weight_centroids", "weight_temperature", "weight_scale")
+
+
+def whole_tensor(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The whole tensor of an FSDP2-sharded parameter (a collective: every rank must call it), others as they
+    are. Inside forward FSDP has already gathered the weight; this is for reads outside it (k-means, snapping,
+    statistics, palettization)."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 class ClusteredModule:
@@ -71,7 +83,11 @@ class ClusteredModule:
 
     # ------------------------------------------------------------------------------------------ description
     def rows(self, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.weight if weight is None else weight
+        """The weight (or ``weight``) with output channels on dim 0; a sharded weight is gathered whole."""
+        return whole_tensor(self.weight) if weight is None else weight
+
+    def whole_bias(self) -> Optional[torch.Tensor]:
+        return whole_tensor(getattr(self, "bias", None))
 
     @property
     def bits(self) -> int:
@@ -321,7 +337,7 @@ class EDKMConv1D(ClusteredModule, Conv1D):
         return _adopt(clustered, module)
 
     def rows(self, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return (self.weight if weight is None else weight).t()
+        return (whole_tensor(self.weight) if weight is None else weight).t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.rows(self.clustered_weight()).to(x.dtype), self.bias)

@@ -160,7 +160,7 @@ class PalettizedLinear(PalettizedModule, nn.Module):
                      device=clustered.weight.device, dtype=clustered.weight.dtype)
         if clustered.bias is not None:
             with torch.no_grad():
-                module.bias.copy_(clustered.bias)
+                module.bias.copy_(clustered.whole_bias())
         return cls._from_snapped(module, indices, lut, scale)
 
     @staticmethod
