@@ -63,9 +63,8 @@ def check_output(output: str, overwrite: bool) -> str:
     if os.path.exists(output) and not os.path.isdir(output):
         raise CommandError(f"--output {output} exists and is not a folder; pass a folder path")
     if os.path.isdir(output) and os.listdir(output) and not overwrite:
-        raise CommandError(f"--output {output} exists and is not empty; pass --overwrite to save the model's files into it "
-                           f"(other files are kept) or choose "
-                           f"another folder")
+        raise CommandError(f"--output {output} exists and is not empty; pass --overwrite to save the model's "
+                           f"files into it (other files are kept) or choose another folder")
     parent = os.path.dirname(output)
     os.makedirs(parent, exist_ok=True)
     if not os.access(parent, os.W_OK):
