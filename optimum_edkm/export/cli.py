@@ -27,8 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--generate", action="store_true",
                         help="export the stateful generation step (KV cache as Core ML states, prefill and decode; "
                              "iOS18+) instead of a fixed window")
-    export.add_argument("--context-length", type=int, default=512,
-                        help="with --generate: most tokens (prompt + generated) per sequence (default 512)")
+    export.add_argument("--context-length", type=int, default=None,
+                        help="with --generate: most tokens (prompt + generated) per sequence (default 512, or the "
+                             "model's max_position_embeddings if smaller)")
     export.add_argument("--seq-len", type=int, default=64,
                         help="without --generate: fixed number of tokens per call (default 64)")
     export.add_argument("--batch-size", type=int, default=1, help="without --generate: fixed batch size")

@@ -343,7 +343,11 @@ def _check_generation_request(model, context_length: int, target: DeploymentTarg
                                 f"over the whole context: use context_length <= {window}")
 
 
-def to_coreml_generate(model, path: str, *, context_length: int = 512, minimum_deployment_target="iOS18",
+#: context length of a generation export when none is given (capped by the model's max_position_embeddings)
+DEFAULT_CONTEXT_LENGTH = 512
+
+
+def to_coreml_generate(model, path: str, *, context_length: Optional[int] = None, minimum_deployment_target="iOS18",
                        overwrite: bool = False, manifest: bool = True, tensors: bool = True,
                        check_logits: bool = True, check_tokens: int = GENERATION_CHECK_TOKENS,
                        prompt_ids=None) -> CoreMLExport:
@@ -362,7 +366,8 @@ def to_coreml_generate(model, path: str, *, context_length: int = 512, minimum_d
     4 fixed pseudo-random tokens).
 
     Args:
-        context_length: the most tokens (prompt + generated) one sequence can hold; sizes the states.
+        context_length: the most tokens (prompt + generated) one sequence can hold; sizes the states. Default:
+            512, or the model's ``max_position_embeddings`` if smaller.
         minimum_deployment_target, overwrite, manifest, tensors, check_logits: as in :func:`to_coreml`.
 
     Raises: as :func:`to_coreml`; :class:`CoreMLExportError` also when the target has no states, or when the
@@ -371,6 +376,9 @@ def to_coreml_generate(model, path: str, *, context_length: int = 512, minimum_d
     """
     target = resolve_target(minimum_deployment_target)
     path = _absolute(path)
+    if context_length is None:
+        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        context_length = min(DEFAULT_CONTEXT_LENGTH, limit) if isinstance(limit, int) else DEFAULT_CONTEXT_LENGTH
     records = check_exportable(model, path, tokens=context_length, batch_size=1, target=target, capture="trace",
                                tokens_label="context_length")
     _check_generation_request(model, context_length, target, check_tokens)

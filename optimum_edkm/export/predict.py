@@ -37,10 +37,11 @@ def package_step(mlmodel, state):
     return step
 
 
-def generate_with_package(path_or_model, prompt_ids, max_new_tokens: int, eos_token_id=None) -> list:
-    """Greedy generation with a generation package (:func:`optimum_edkm.export.to_coreml_generate`): the prompt
-    in one call, then one call per token, on a fresh ``MLState``. Returns the new token ids."""
+def generate_with_package(path_or_model, prompt_ids, max_new_tokens: int, eos_token_id=None, on_token=None) -> list:
+    """Greedy generation with a generation package (:func:`optimum_edkm.export.to_coreml_generate`, a path or a
+    loaded ``MLModel``): the prompt in one call, then one call per token, on a fresh ``MLState``. ``on_token`` is
+    called with each new token. Returns the new token ids."""
     mlmodel = _load(path_or_model) if isinstance(path_or_model, (str, os.PathLike)) else path_or_model
     context = int(mlmodel.user_defined_metadata[METADATA_PREFIX + "context_length"])
     return greedy_generate(package_step(mlmodel, mlmodel.make_state()), prompt_ids, max_new_tokens, context,
-                           eos_token_id)
+                           eos_token_id, on_token)

@@ -171,11 +171,11 @@ StepFunction = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 def greedy_generate(step: StepFunction, prompt_ids, max_new_tokens: int, context_length: int,
-                    eos_token_id=None) -> list:
+                    eos_token_id=None, on_token: Optional[Callable[[int], None]] = None) -> list:
     """Greedy decoding through a stateful step ``step(input_ids int32 [1, q], causal_mask fp16 [1, 1, q, end]) ->
     logits [1, 1, vocab]`` whose cache is empty at the start: the prompt in one call, then one call per token.
     Stops after ``max_new_tokens`` or after emitting an EOS token (which is returned, as ``generate`` does).
-    Returns the new token ids."""
+    ``on_token`` is called with each new token as soon as it is chosen. Returns the new token ids."""
     prompt = [int(t) for t in np.asarray(prompt_ids).reshape(-1)]
     if not prompt:
         raise ValueError("the prompt must hold at least one token")
@@ -190,6 +190,8 @@ def greedy_generate(step: StepFunction, prompt_ids, max_new_tokens: int, context
         past += len(pending)
         token = int(logits.reshape(-1, logits.shape[-1])[-1].argmax())
         tokens.append(token)
+        if on_token is not None:
+            on_token(token)
         if token in stop:
             break
         pending = [token]

@@ -167,13 +167,15 @@ def check_metadata(package: MilPackage, model, target_name: Optional[str], findi
 
     from .. import __version__
 
-    missing = [key for key in ("version", "quantization_config", "model_config") if METADATA_PREFIX + key not in metadata]
+    required = ("version", "quantization_config", "model_config")
+    missing = [key for key in required if METADATA_PREFIX + key not in metadata]
     if missing:
         findings.fail(f"metadata lacks {', '.join(METADATA_PREFIX + k for k in missing)}")
         return interface
     stored = json.loads(metadata[METADATA_PREFIX + "quantization_config"])
     expected = model.config.quantization_config.to_dict()
-    differ = {key: (stored.get(key), expected.get(key)) for key in LAYOUT_FIELDS if stored.get(key) != expected.get(key)}
+    differ = {key: (stored.get(key), expected.get(key)) for key in LAYOUT_FIELDS
+              if stored.get(key) != expected.get(key)}
     if differ:
         findings.fail(f"metadata quantization_config differs from the model's (package, model): {differ}")
     else:
@@ -208,7 +210,8 @@ def check_fixed_window_io(package: MilPackage, model, interface: Interface, find
     inputs = {i.name: i for i in package.spec.description.input}
     outputs = {o.name: o for o in package.spec.description.output}
     if INPUT_NAME not in inputs or OUTPUT_NAME not in outputs:
-        findings.fail(f"inputs {sorted(inputs)} / outputs {sorted(outputs)}; expected {INPUT_NAME!r} -> {OUTPUT_NAME!r}")
+        findings.fail(f"inputs {sorted(inputs)} / outputs {sorted(outputs)}; expected {INPUT_NAME!r} -> "
+                      f"{OUTPUT_NAME!r}")
         return interface
     input_shape = _description_shape(inputs[INPUT_NAME])
     out_shape = _description_shape(outputs[OUTPUT_NAME])
@@ -262,7 +265,8 @@ def check_generation_io(package: MilPackage, model, interface: Interface, findin
         array = state.type.stateType.arrayType
         states[state.name] = (tuple(int(s) for s in array.shape), array.dataType == array.FLOAT16)
     function_states = {name: value for name, value in package.inputs.items() if value.kind == "state"}
-    good = (set(states) == {KEY_CACHE, VALUE_CACHE} and all(shape == expected and fp16 for shape, fp16 in states.values())
+    good = (set(states) == {KEY_CACHE, VALUE_CACHE}
+            and all(shape == expected and fp16 for shape, fp16 in states.values())
             and {name: (value.shape, value.dtype) for name, value in function_states.items()}
             == {name: (expected, "fp16") for name in (KEY_CACHE, VALUE_CACHE)})
     interface.states = {name: list(shape) for name, (shape, _) in states.items()}
@@ -435,7 +439,8 @@ def _scale_of(scale_tensor, shape: tuple) -> np.ndarray:
 def _grouped(package, lut_op, chain, record, lut_tensor, layout, **scaled) -> StoredPalette:
     indices = _typed_indices(package, lut_op, record)
     table = _lut_table(lut_tensor, record)
-    return StoredPalette(layout=layout, indices=indices.array, lut_rows=_rows_of(table[:, 0, :, 0], record.out_channels),
+    return StoredPalette(layout=layout, indices=indices.array,
+                         lut_rows=_rows_of(table[:, 0, :, 0], record.out_channels),
                          lut_shape=tuple(table.shape), lut_bytes=lut_tensor.stored_bytes or lut_tensor.array.nbytes,
                          index_bytes=record.index_bytes, indices_dtype=indices.dtype_name, **scaled)
 
@@ -516,7 +521,8 @@ def check_module(package: MilPackage, records: dict, name: str, chain: _Chain, f
     expected_consumers = _expected_consumers(records, name)
     if entry.consumers != expected_consumers:
         findings.fail(f"'{name}': weight feeds {entry.consumers}, expected {expected_consumers}")
-    extra = [op.type for op in chain.ops if op.type not in ("constexpr_lut_to_dense", "constexpr_blockwise_shift_scale")]
+    decompression = ("constexpr_lut_to_dense", "constexpr_blockwise_shift_scale")
+    extra = [op.type for op in chain.ops if op.type not in decompression]
     if extra or len(chain.ops) > 2:
         findings.fail(f"'{name}': unexpected decompression chain {[op.type for op in chain.ops]}")
         return entry, None
@@ -851,7 +857,8 @@ def verify_coreml(path: str, model, *, minimum_deployment_target=None, manifest=
 def _fill_sizes(report: VerificationReport, sizes: Sizes, floats: FloatTensors) -> None:
     report.weight_bin_bytes, report.blob_count = sizes.weight_bin_bytes, sizes.blob_count
     report.index_bytes, report.nbit_index_bytes = sizes.index_bytes, sizes.nbit_index_bytes
-    report.palettized_payload_bytes, report.nbit_payload_bytes = sizes.palettized_payload_bytes, sizes.nbit_payload_bytes
+    report.palettized_payload_bytes = sizes.palettized_payload_bytes
+    report.nbit_payload_bytes = sizes.nbit_payload_bytes
     report.nbit_reference_bytes = sizes.nbit_reference_bytes
     report.float_bytes, report.converter_bytes = floats.float_bytes, floats.converter_bytes
     report.float_tensors_in_package, report.float_tensors_not_stored = floats.in_package, floats.not_stored
