@@ -253,6 +253,14 @@ def test_palettized_tied_embedding_is_one_lut_op_read_by_gather_and_lm_head(ct, 
     assert entries["lm_head"]["tensors"]["indices"]["name"] == "model.embed_tokens.weight"
     assert verify_coreml(result.path, model, check_logits=False).tied_embedding["palettized"]
 
+    # the fixed-window export shares the same path: one LUT op for both uses there too
+    from optimum_edkm.export import to_coreml
+
+    window = to_coreml(model, str(tmp_path_factory.mktemp("tied-window") / "w.mlpackage"), seq_len=8,
+                       check_logits=False).verification
+    assert not window.failures and window.lut_ops == LLAMA_LINEARS + 1
+    assert {m.name: m.consumers for m in window.modules}["lm_head"] == ["gather.x", "linear.weight"]
+
 
 # ------------------------------------------------------------------------------------------------- CLI
 @needs_coremltools
