@@ -313,6 +313,7 @@ def commit_folder(folder: Union[str, os.PathLike], stage: Callable[[str], None],
     Returns the real path of the folder.
     """
     folder = resolve_target_folder(folder, what)
+    created = not os.path.isdir(folder)
     makedirs(folder)
     recover_folder(folder)
     staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder)
@@ -323,6 +324,9 @@ def commit_folder(folder: Union[str, os.PathLike], stage: Callable[[str], None],
             _fsync_tree(staging)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
+            if created:                                # a failed first save leaves no empty folder behind
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)
             raise
         _install(folder, staging, owns, last)
     return folder

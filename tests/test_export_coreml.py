@@ -187,7 +187,9 @@ def test_ios16_per_tensor_export_and_torch_export_capture(ct, tiny_llama_dir, tm
 def test_gpt2_conv1d_layers_export_exactly(ct, tiny_gpt2_dir, tmp_path_factory):
     model, result = _export(tmp_path_factory, tiny_gpt2_dir, ("gpt2", 4, 16), bits=4, group_size=16)
     report = result.verification
-    conv1d = [name for name, m in model.named_modules() if isinstance(m, optimum_edkm.PalettizedConv1D)]
+    from optimum_edkm.export.common import palette_records
+
+    conv1d = [name for name, record in palette_records(model).items() if record.from_conv1d]
     assert len(conv1d) == 8 and not report.failures
     assert result.op_counts["constexpr_lut_to_dense"] == 8
     assert all(m.consumers == ["linear.weight"] and m.indices_dtype == "uint4" for m in report.modules)
@@ -348,19 +350,19 @@ def test_verifier_catches_a_tampered_index_in_weight_bin(ct, tiny_llama_dir, tmp
 
 @needs_coremltools
 def test_a_module_exported_dense_is_reported_as_missing_its_lut_op(ct, tiny_llama_dir, tmp_path, monkeypatch):
-    from optimum_edkm.export import VerificationError, coreml, to_coreml
+    from optimum_edkm.export import VerificationError, common, to_coreml
 
     model = palettized(tiny_llama_dir, bits=2, randomize_norms=False)
-    original = coreml._float_module
+    original = common.float_module
 
-    def without_compression_info(module):
-        plain = original(module)
-        if module is model.model.layers[0].self_attn.o_proj:
+    def without_compression_info(record, weight=None):
+        plain = original(record, weight)
+        if record.name == "model.layers.0.self_attn.o_proj":
             for key in [k for k in plain._buffers if k.startswith("_COREML_")]:
                 del plain._buffers[key]
         return plain
 
-    monkeypatch.setattr(coreml, "_float_module", without_compression_info)
+    monkeypatch.setattr(common, "float_module", without_compression_info)
     with pytest.raises(VerificationError) as caught:
         to_coreml(model, str(tmp_path / "m.mlpackage"), seq_len=SEQ_LEN, check_logits=False)
     failures = "\n".join(caught.value.failures)

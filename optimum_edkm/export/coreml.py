@@ -1,6 +1,10 @@
 """Export a palettized model to a Core ML ``.mlpackage`` whose clustered weights are ``constexpr_lut_to_dense``
 ops (n-bit indices + our own LUTs), plus a framework-neutral manifest and the palettized tensors beside it.
 
+Two interfaces: :func:`to_coreml` scores a fixed window of tokens (no cache); :func:`to_coreml_generate` is the
+stateful generation step (KV cache as Core ML states, prefill and decode through one function with flexible
+shapes).
+
 How: every palettized module of a structural copy of the model becomes a float ``nn.Linear`` /
 ``nn.Embedding`` holding its decoded weight and carrying coremltools' compression-info buffers
 (``_COREML_/weight/lut``, ``.../palettization_scale``); ``ct.convert`` then emits LUT ops with our LUTs. The
@@ -11,10 +15,8 @@ independently and compared bit for bit with the torch modules (:func:`optimum_ed
 
 from __future__ import annotations
 
-import copy
+import json
 import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -22,35 +24,17 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..nn import PalettizedEmbedding, is_palettized
-from .errors import CoreMLExportError, ExactnessError, import_coremltools
-from .targets import DeploymentTarget, check_target, resolve_target
+from .common import (CAPTURES, INPUT_NAME, KEY_CACHE, MASK_NAME, METADATA_PREFIX, OUTPUT_NAME, VALUE_CACHE,
+                     WRAPPER_ATTRIBUTE, check_representable, directory_bytes, export_copy, float_dtype,
+                     manifest_path_for, palette_records, reference_input_ids, tensors_path_for)
+from .. import atomic
+from ..version import __version__
+from .errors import CoreMLExportError, import_coremltools
+from .stateful import StatefulCausalLM, cache_geometry, check_greedy_tokens, reset_cache, torch_step
+from .targets import STATE_SPEC, DeploymentTarget, check_target, resolve_target
 
-#: attribute under which the wrapper holds the model; converted op names start with it ("lm_model_layers_0...")
-WRAPPER_ATTRIBUTE = "lm"
-INPUT_NAME = "input_ids"
-OUTPUT_NAME = "logits"
-METADATA_PREFIX = "optimum_edkm."
-CAPTURES = ("trace", "export")
-
-
-def palettized_modules(model) -> dict:
-    """``{name: module}`` of the palettized modules, in model order."""
-    return {name: module for name, module in model.named_modules() if is_palettized(module)}
-
-
-def package_stem(path: str) -> str:
-    return path[: -len(".mlpackage")] if path.endswith(".mlpackage") else path
-
-
-def manifest_path_for(path: str) -> str:
-    """``out/model.mlpackage`` -> ``out/model.manifest.json``."""
-    return package_stem(path) + ".manifest.json"
-
-
-def tensors_path_for(path: str) -> str:
-    """``out/model.mlpackage`` -> ``out/model.palettized.safetensors``."""
-    return package_stem(path) + ".palettized.safetensors"
+#: fewest new tokens checked against ``model.generate`` before a generation export is converted
+GENERATION_CHECK_TOKENS = 8
 
 
 class FixedLengthLogits(nn.Module):
@@ -64,7 +48,7 @@ class FixedLengthLogits(nn.Module):
         super().__init__()
         setattr(self, WRAPPER_ATTRIBUTE, model)
         mask = torch.full((seq_len, seq_len), float("-inf")).triu(1)
-        self.register_buffer("mask", mask[None, None].to(_float_dtype(model)))
+        self.register_buffer("mask", mask[None, None].to(float_dtype(model)))
         self.register_buffer("position_ids", torch.arange(seq_len)[None])
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -73,28 +57,25 @@ class FixedLengthLogits(nn.Module):
                      use_cache=False, return_dict=False)[0]
 
 
-def _float_dtype(model: nn.Module) -> torch.dtype:
-    for parameter in model.parameters():
-        if parameter.is_floating_point():
-            return parameter.dtype
-    return torch.float32
-
-
 # ------------------------------------------------------------------------------------------- checks
-def check_exportable(model, path: str, *, seq_len: int, batch_size: int, target: DeploymentTarget,
-                     capture: str) -> dict:
-    """Every check that needs no conversion; returns the palettized modules."""
+def _check_positive(**values) -> None:
+    for label, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise CoreMLExportError(f"{label} must be a positive integer, got {value!r}")
+
+
+def check_exportable(model, path: str, *, tokens: int, batch_size: int, target: DeploymentTarget, capture: str,
+                     tokens_label: str = "seq_len") -> dict:
+    """Every check that needs no conversion; returns the palettized weights (``{name: PaletteRecord}``)."""
     if not isinstance(path, (str, os.PathLike)) or not os.fspath(path).endswith(".mlpackage"):
         raise CoreMLExportError(f"path must name an .mlpackage directory (e.g. 'model.mlpackage'), got {path!r}")
     if capture not in CAPTURES:
         raise CoreMLExportError(f"capture must be one of {CAPTURES}, got {capture!r}")
-    for label, value in (("seq_len", seq_len), ("batch_size", batch_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise CoreMLExportError(f"{label} must be a positive integer, got {value!r}")
+    _check_positive(**{tokens_label: tokens, "batch_size": batch_size})
     config = getattr(model, "config", None)
     quantization = getattr(config, "quantization_config", None)
-    modules = palettized_modules(model)
-    if getattr(quantization, "quant_method", None) != "edkm" or not modules:
+    records = palette_records(model)
+    if getattr(quantization, "quant_method", None) != "edkm" or not records:
         raise CoreMLExportError(
             "the model has no palettized module: call optimum_edkm.palettize(model) after training, or load a "
             "saved palettized model with AutoModelForCausalLM.from_pretrained(path) after `import optimum_edkm`")
@@ -103,109 +84,18 @@ def check_exportable(model, path: str, *, seq_len: int, batch_size: int, target:
         raise CoreMLExportError(f"the model has tensors on {', '.join(sorted(elsewhere))}; the Core ML converter "
                                 f"works on CPU tensors: call model.cpu() before exporting")
     limit = getattr(config, "max_position_embeddings", None)
-    if isinstance(limit, int) and seq_len > limit:
-        raise CoreMLExportError(f"seq_len={seq_len} exceeds the model's max_position_embeddings={limit}")
-    check_target(modules, target)
-    for name, module in modules.items():
-        check_representable(name, module)
-    return modules
+    if isinstance(limit, int) and tokens > limit:
+        raise CoreMLExportError(f"{tokens_label}={tokens} exceeds the model's max_position_embeddings={limit}")
+    check_target(records, target)
+    for record in records.values():
+        check_representable(record)
+    return records
 
 
-def check_representable(name: str, module) -> None:
-    """The LUT and scale must be finite fp16 values (Core ML stores them in fp16), the scale non-zero (the
-    converter divides by it)."""
-    for label, tensor in (("weight_lut", module.weight_lut), ("weight_scale", module.weight_scale)):
-        if tensor is None:
-            continue
-        values = tensor.detach().float()
-        if not bool(torch.isfinite(values).all()):
-            raise ExactnessError(f"'{name}.{label}' holds non-finite values; Core ML cannot store them")
-        if not torch.equal(values.half().float(), values):
-            raise ExactnessError(
-                f"'{name}.{label}' holds values that float16 cannot represent exactly ({tensor.dtype} LUT); the "
-                f"Core ML package stores float16, which would re-approximate the clustered weights. Palettize "
-                f"with EDKMConfig(lut_dtype='float16')")
-    if module.weight_scale is not None and bool((module.weight_scale == 0).any()):
-        row = int((module.weight_scale == 0).nonzero()[0])
-        raise ExactnessError(f"'{name}.weight_scale' is 0 for output channel {row}; the converter divides the "
-                             f"weight by it, so the channel cannot be exported exactly")
-
-
-@torch.no_grad()
-def check_on_lut(name: str, module, weight: torch.Tensor) -> None:
-    """Prove that the float ``weight`` handed to the converter lies exactly on the LUT entry of ``module``'s
-    own index, after the division by the per-channel scale that the converter performs. The converter picks
-    the nearest entry, so an exact hit means it picks this entry or an identical one: no re-approximation."""
-    indices = module.indices().long()
-    rows = indices.shape[0]
-    if tuple(weight.shape) != tuple(indices.shape):
-        raise ExactnessError(f"'{name}.weight': exported weight has shape {tuple(weight.shape)}, the palettized "
-                             f"module has {tuple(indices.shape)}")
-    values = weight.float()
-    if module.weight_scale is not None:
-        values = values / module.weight_scale.float().view(-1, 1)
-    lut = module.weight_lut.float()
-    rows_per_group = rows // lut.shape[0]
-    group = (torch.arange(rows) // rows_per_group).view(-1, 1).expand_as(indices)
-    expected = lut[group, indices]
-    off = values != expected
-    if bool(off.any()):
-        row, column = (int(i) for i in off.nonzero()[0])
-        raise ExactnessError(
-            f"'{name}.weight' is not exactly on its LUT: {int(off.sum())} of {off.numel()} exported weights differ "
-            f"from lut[group, index]{' (after dividing by weight_scale)' if module.weight_scale is not None else ''}, "
-            f"first at [{row}, {column}]: {float(values[row, column])!r} vs lut[{int(group[row, column])}, "
-            f"{int(indices[row, column])}] = {float(expected[row, column])!r}. The converter would silently re-snap "
-            f"it to the nearest entry; export the palettized module unchanged")
-
-
-# ------------------------------------------------------------------------------------------ export copy
-def _float_module(module) -> nn.Module:
-    dense = module.dense_weight(torch.float32)
-    if isinstance(module, PalettizedEmbedding):
-        plain = nn.Embedding(module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx)
-    else:
-        plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-        if module.bias is not None:
-            plain.bias = nn.Parameter(module.bias.detach().float(), requires_grad=False)
-    plain.weight = nn.Parameter(dense, requires_grad=False)
-    groups, entries = module.weight_lut.shape
-    # compression-info protocol v1: the LUT has the weight's rank + 2: (groups along out, along in, 2**bits, 1)
-    plain.register_buffer("_COREML_/weight/compression_type", torch.tensor([2]))
-    plain.register_buffer("_COREML_/weight/lut", module.weight_lut.detach().float().reshape(groups, 1, entries, 1))
-    if module.weight_scale is not None:
-        plain.register_buffer("_COREML_/weight/palettization_scale",
-                              module.weight_scale.detach().float().reshape(-1, 1))
-    return plain
-
-
-@torch.no_grad()
-def export_copy(model, modules: Optional[dict] = None) -> nn.Module:
-    """A float32 copy of ``model`` for conversion: palettized modules become float modules with Core ML
-    compression info, checked to lie exactly on their LUTs. fp32 tensors are shared with ``model``, not copied."""
-    modules = palettized_modules(model) if modules is None else modules
-    shared = {id(t): t for t in list(model.parameters()) + list(model.buffers()) if t.dtype == torch.float32}
-    shared.update({id(t): t for module in modules.values() for t in module.buffers()})
-    clone = copy.deepcopy(model, memo=dict(shared))
-    for name, module in modules.items():
-        plain = _float_module(module)
-        check_on_lut(name, module, plain.weight)
-        clone.set_submodule(name, plain)
-    # deep-copied (non-fp32) tensors are the copy's own, so converting them leaves ``model`` untouched
-    for submodule in clone.modules():
-        for key, tensor in list(submodule._parameters.items()):
-            if tensor is not None and tensor.is_floating_point() and tensor.dtype != torch.float32:
-                submodule._parameters[key] = nn.Parameter(tensor.detach().float(), requires_grad=False)
-        for key, tensor in list(submodule._buffers.items()):
-            if tensor is not None and tensor.is_floating_point() and tensor.dtype != torch.float32:
-                submodule._buffers[key] = tensor.float()
-    clone.register_buffer("_COREML_/metadata_version", torch.tensor(1))
-    return clone.eval()
-
-
-def reference_input_ids(vocab_size: int, batch_size: int, seq_len: int, seed: int = 0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator)
+def _check_not_there(path: str, overwrite: bool) -> None:
+    existing = [p for p in (path, manifest_path_for(path), tensors_path_for(path)) if os.path.exists(p)]
+    if existing and not overwrite:
+        raise CoreMLExportError(f"{existing[0]} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
 
 
 @torch.no_grad()
@@ -229,7 +119,7 @@ def check_wrapper(model, wrapper: nn.Module, input_ids: torch.Tensor) -> float:
 # --------------------------------------------------------------------------------------------- export
 @dataclass
 class CoreMLExport:
-    """What :func:`to_coreml` wrote."""
+    """What :func:`to_coreml` / :func:`to_coreml_generate` wrote."""
 
     path: str
     manifest_path: Optional[str]
@@ -241,6 +131,7 @@ class CoreMLExport:
     weight_bin_bytes: int
     package_bytes: int
     verification: object = None
+    greedy_tokens: Optional[list] = None        # generation export: the tokens checked against model.generate
 
 
 def _check_toolchain(ct, capture: str) -> None:
@@ -269,19 +160,16 @@ def _register_alias_op(ct) -> None:
     register_torch_op(alias)
 
 
-def _capture(wrapper: nn.Module, example: torch.Tensor, capture: str, ct):
+def _capture(wrapper: nn.Module, example: tuple, capture: str, ct):
     if capture == "trace":
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             return torch.jit.trace(wrapper, example, strict=False)
     _register_alias_op(ct)
-    return torch.export.export(wrapper, (example,), strict=False).run_decompositions({})
+    return torch.export.export(wrapper, example, strict=False).run_decompositions({})
 
 
-def _metadata(model, target: DeploymentTarget, seq_len: int, batch_size: int, capture: str) -> dict:
-    import json
-
-    from .. import __version__
+def _metadata(model, records: dict, target: DeploymentTarget, capture: str, **interface) -> dict:
 
     quantization = model.config.quantization_config
     config = model.config.to_dict()
@@ -291,21 +179,84 @@ def _metadata(model, target: DeploymentTarget, seq_len: int, batch_size: int, ca
         "quantization_config": json.dumps(quantization.to_dict(), sort_keys=True),
         "model_config": json.dumps(config, sort_keys=True, default=str),
         "minimum_deployment_target": target.name,
-        "seq_len": str(seq_len),
-        "batch_size": str(batch_size),
         "capture": capture,
-        "palettized_modules": str(len(palettized_modules(model))),
+        "palettized_modules": str(len(records)),
+        **{key: str(value) for key, value in interface.items()},
     }
 
 
-def _package_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)
+def _describe(mlmodel, model, records: dict, target, capture: str, description: str, inputs: dict, outputs: dict,
+              **interface) -> None:
+
+    for key, value in _metadata(model, records, target, capture, **interface).items():
+        mlmodel.user_defined_metadata[METADATA_PREFIX + key] = value
+    mlmodel.author = f"optimum-edkm {__version__}"
+    mlmodel.version = __version__
+    mlmodel.short_description = (f"{type(model).__name__} with eDKM-palettized weights ({len(records)} "
+                                 f"LUT-compressed modules); {description}")
+    for name, text in inputs.items():
+        mlmodel.input_description[name] = text
+    for name, text in outputs.items():
+        mlmodel.output_description[name] = text
+
+
+def _place(mlmodel, path: str, model, records: dict, target: DeploymentTarget, *, manifest: bool, tensors: bool,
+           check_logits: bool, capture: str, interface: dict):
+    """Verify the package from disk before anything is replaced, then put it in place through the package's
+    atomic writes: the tensors file, the package folder (:func:`optimum_edkm.atomic.commit_folder`: the old
+    package or the new one at every instant) and the manifest last (a manifest means a complete export; an
+    old one is removed first). Returns the verification report."""
+    from .manifest import build_manifest, write_tensors
+    from .verify import verify_coreml
+
+    reports = []
+
+    def stage(staging: str) -> None:
+        staged = os.path.join(staging, os.path.basename(path))
+        mlmodel.save(staged)
+        reports.append(verify_coreml(staged, model, minimum_deployment_target=target.name, manifest=None,
+                                     check_logits=check_logits))
+        for name in os.listdir(staged):                  # the package's own entries become the folder's
+            os.replace(os.path.join(staged, name), os.path.join(staging, name))
+        os.rmdir(staged)
+
+    atomic.makedirs(os.path.dirname(path))
+    if os.path.exists(manifest_path_for(path)):
+        os.remove(manifest_path_for(path))
+    # everything in a package folder is the package's own: entries the new one does not write are removed
+    atomic.commit_folder(path, stage, owns=lambda name: True, last=("Manifest.json",), what="Core ML package")
+    report = reports[0]
+    if tensors:
+        write_tensors(model, records, tensors_path_for(path))
+    elif os.path.exists(tensors_path_for(path)):
+        os.remove(tensors_path_for(path))
+    report.path = path
+    if manifest:
+        document = build_manifest(model, records, report, package=os.path.basename(path),
+                                  tensors_file=os.path.basename(tensors_path_for(path)) if tensors else None,
+                                  target=target, capture=capture, interface=interface)
+        atomic.write_json(manifest_path_for(path), document, default=str)
+    return report
+
+
+def _result(path: str, records: dict, target: DeploymentTarget, report, manifest: bool, tensors: bool,
+            **extra) -> CoreMLExport:
+    return CoreMLExport(
+        path=path, manifest_path=manifest_path_for(path) if manifest else None,
+        tensors_path=tensors_path_for(path) if tensors else None, target=target.name,
+        spec_version=report.spec_version, modules=len(records), op_counts=report.op_counts,
+        weight_bin_bytes=report.weight_bin_bytes, package_bytes=directory_bytes(path), verification=report, **extra)
+
+
+def _absolute(path):
+    return os.path.abspath(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else path
 
 
 def to_coreml(model, path: str, *, seq_len: int = 64, minimum_deployment_target="iOS18", batch_size: int = 1,
               capture: str = "trace", overwrite: bool = False, manifest: bool = True, tensors: bool = True,
               check_logits: bool = True) -> CoreMLExport:
-    """Export a palettized causal LM to ``path`` (an ``.mlpackage``) with LUT-compressed weights.
+    """Export a palettized causal LM to ``path`` (an ``.mlpackage``) with LUT-compressed weights, scoring a fixed
+    window of tokens (for generation see :func:`to_coreml_generate`).
 
     Args:
         model: a transformers causal LM after :func:`optimum_edkm.palettize` (or loaded palettized).
@@ -332,26 +283,21 @@ def to_coreml(model, path: str, *, seq_len: int = 64, minimum_deployment_target=
         ImportError: coremltools is missing (``pip install "optimum-edkm[coreml]"``).
     """
     target = resolve_target(minimum_deployment_target)
-    path = os.path.abspath(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else path
-    modules = check_exportable(model, path, seq_len=seq_len, batch_size=batch_size, target=target, capture=capture)
-    existing = [p for p in (path, manifest_path_for(path), tensors_path_for(path)) if os.path.exists(p)]
-    if existing and not overwrite:
-        raise CoreMLExportError(f"{existing[0]} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    path = _absolute(path)
+    records = check_exportable(model, path, tokens=seq_len, batch_size=batch_size, target=target, capture=capture)
+    _check_not_there(path, overwrite)
     ct = import_coremltools()
     _check_toolchain(ct, capture)
     import numpy as np
 
-    from .manifest import build_manifest, write_json_atomic, write_tensors
-    from .verify import verify_coreml
-
     was_training = model.training
     model.eval()
     try:
-        clone = export_copy(model, modules)
+        clone = export_copy(model, records)
         wrapper = FixedLengthLogits(clone, seq_len).eval()
         example = reference_input_ids(model.config.vocab_size, batch_size, seq_len)
         check_wrapper(clone, wrapper, example)
-        source = _capture(wrapper, example, capture, ct)
+        source = _capture(wrapper, (example,), capture, ct)
         mlmodel = ct.convert(
             source,
             inputs=[ct.TensorType(name=INPUT_NAME, shape=(batch_size, seq_len), dtype=np.int32)],
@@ -361,73 +307,133 @@ def to_coreml(model, path: str, *, seq_len: int = 64, minimum_deployment_target=
             compute_precision=ct.precision.FLOAT16,
         )
         del source, wrapper, clone
-        from .. import __version__
-
-        for key, value in _metadata(model, target, seq_len, batch_size, capture).items():
-            mlmodel.user_defined_metadata[METADATA_PREFIX + key] = value
-        mlmodel.author = f"optimum-edkm {__version__}"
-        mlmodel.version = __version__
-        mlmodel.short_description = (f"{type(model).__name__} with eDKM-palettized weights "
-                                     f"({len(modules)} LUT-compressed modules); logits of a fixed "
-                                     f"{seq_len}-token window, no KV cache")
-        mlmodel.input_description[INPUT_NAME] = f"token ids, int32 [{batch_size}, {seq_len}]"
-        mlmodel.output_description[OUTPUT_NAME] = "next-token logits for every position (fp16)"
-
-        parent = os.path.dirname(path)
-        os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".edkm-coreml-", dir=parent)
-        try:
-            staged = os.path.join(staging, os.path.basename(path))
-            mlmodel.save(staged)
-            del mlmodel
-            report = verify_coreml(staged, model, minimum_deployment_target=target.name, manifest=None,
-                                   check_logits=check_logits)
-            staged_tensors = os.path.join(staging, os.path.basename(tensors_path_for(path)))
-            if tensors:
-                write_tensors(model, modules, staged_tensors)
-            if manifest:
-                document = build_manifest(model, modules, report, package=os.path.basename(path),
-                                          tensors_file=os.path.basename(tensors_path_for(path)) if tensors else None,
-                                          target=target, seq_len=seq_len, batch_size=batch_size, capture=capture)
-                write_json_atomic(os.path.join(staging, os.path.basename(manifest_path_for(path))), document)
-            # a manifest means a complete export: an earlier one goes first, the new one comes last
-            if os.path.exists(manifest_path_for(path)):
-                os.remove(manifest_path_for(path))
-            if tensors:
-                os.replace(staged_tensors, tensors_path_for(path))
-            elif os.path.exists(tensors_path_for(path)):
-                os.remove(tensors_path_for(path))
-            _replace_directory(staged, path)
-            report.path = path
-            if manifest:
-                os.replace(os.path.join(staging, os.path.basename(manifest_path_for(path))), manifest_path_for(path))
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        _describe(mlmodel, model, records, target, capture, f"logits of a fixed {seq_len}-token window, no KV cache",
+                  {INPUT_NAME: f"token ids, int32 [{batch_size}, {seq_len}]"},
+                  {OUTPUT_NAME: "next-token logits for every position (fp16)"},
+                  seq_len=seq_len, batch_size=batch_size)
+        interface = {
+            "interface": "fixed_window",
+            "inputs": [{"name": INPUT_NAME, "dtype": "int32", "shape": [batch_size, seq_len]}],
+            "outputs": [{"name": OUTPUT_NAME, "dtype": "float16", "shape": [batch_size, seq_len,
+                                                                           model.config.vocab_size]}],
+            "kv_cache": False,
+        }
+        report = _place(mlmodel, path, model, records, target, manifest=manifest, tensors=tensors,
+                        check_logits=check_logits, capture=capture, interface=interface)
     finally:
         model.train(was_training)
-    return CoreMLExport(
-        path=path,
-        manifest_path=manifest_path_for(path) if manifest else None,
-        tensors_path=tensors_path_for(path) if tensors else None,
-        target=target.name,
-        spec_version=report.spec_version,
-        modules=len(modules),
-        op_counts=report.op_counts,
-        weight_bin_bytes=report.weight_bin_bytes,
-        package_bytes=_package_bytes(path),
-        verification=report,
-    )
+    return _result(path, records, target, report, manifest, tensors)
 
 
-def _replace_directory(source: str, target: str) -> None:
-    if not os.path.exists(target):
-        os.replace(source, target)
-        return
-    retired = target + f".old-{os.getpid()}"
-    os.replace(target, retired)
+def _check_generation_request(model, context_length: int, target: DeploymentTarget, check_tokens: int) -> None:
+    if target.spec_version < STATE_SPEC:
+        raise CoreMLExportError(f"minimum_deployment_target={target.name} has no stateful models (Core ML states, "
+                                f"which hold the KV cache, exist from iOS18 / macOS15 on): export with "
+                                f"minimum_deployment_target='iOS18' (or later)")
+    _check_positive(check_tokens=check_tokens)
+    if check_tokens + 4 > context_length:
+        raise CoreMLExportError(f"context_length={context_length} leaves no room for the {check_tokens}-token "
+                                f"generation check before conversion: use context_length >= {check_tokens + 4}")
+    window = getattr(model.config, "sliding_window", None)
+    if isinstance(window, int) and window < context_length:
+        raise CoreMLExportError(f"the model attends over a sliding window of {window} tokens, the generation export "
+                                f"over the whole context: use context_length <= {window}")
+
+
+#: context length of a generation export when none is given (capped by the model's max_position_embeddings)
+DEFAULT_CONTEXT_LENGTH = 512
+
+
+def to_coreml_generate(model, path: str, *, context_length: Optional[int] = None, minimum_deployment_target="iOS18",
+                       overwrite: bool = False, manifest: bool = True, tensors: bool = True,
+                       check_logits: bool = True, check_tokens: int = GENERATION_CHECK_TOKENS,
+                       prompt_ids=None) -> CoreMLExport:
+    """Export a palettized causal LM as a stateful Core ML generation step (iOS18 / macOS15 and later).
+
+    The package has one function, ``input_ids`` int32 ``[1, q]`` + ``causal_mask`` fp16 ``[1, 1, q, end]`` ->
+    ``logits`` fp16 ``[1, 1, vocab]`` (the last position), with flexible ``1 <= q <= end <= context_length``,
+    and two fp16 states, ``key_cache`` and ``value_cache`` ``[layers, 1, kv_heads, context_length, head_dim]``:
+    a call appends the keys and values of its ``q`` tokens at positions ``end - q ... end - 1``. The prompt
+    (prefill) and then each new token (decode, ``q = 1``) go through it with one ``MLState``
+    (:func:`optimum_edkm.export.generate_with_package`, ``examples/coreml_generate.py``). Every palettized
+    weight is a LUT op, checked bit for bit as in :func:`to_coreml`.
+
+    Before conversion, the eager torch wrapper and its traced graph (what ``ct.convert`` reads) must generate
+    exactly ``model.generate``'s greedy tokens for ``check_tokens`` new tokens after ``prompt_ids`` (default:
+    4 fixed pseudo-random tokens).
+
+    Args:
+        context_length: the most tokens (prompt + generated) one sequence can hold; sizes the states. Default:
+            512, or the model's ``max_position_embeddings`` if smaller.
+        minimum_deployment_target, overwrite, manifest, tensors, check_logits: as in :func:`to_coreml`.
+
+    Raises: as :func:`to_coreml`; :class:`CoreMLExportError` also when the target has no states, or when the
+        wrapper's greedy tokens differ from ``model.generate`` (an architecture whose attention does not take the
+        explicit cache and mask).
+    """
+    target = resolve_target(minimum_deployment_target)
+    path = _absolute(path)
+    if context_length is None:
+        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        context_length = min(DEFAULT_CONTEXT_LENGTH, limit) if isinstance(limit, int) else DEFAULT_CONTEXT_LENGTH
+    records = check_exportable(model, path, tokens=context_length, batch_size=1, target=target, capture="trace",
+                               tokens_label="context_length")
+    _check_generation_request(model, context_length, target, check_tokens)
+    _check_not_there(path, overwrite)
+    ct = import_coremltools()
+    _check_toolchain(ct, "trace")
+    import numpy as np
+
+    was_training = model.training
+    model.eval()
     try:
-        os.replace(source, target)
-    except BaseException:
-        os.replace(retired, target)
-        raise
-    shutil.rmtree(retired, ignore_errors=True)
+        geometry = cache_geometry(model)
+        clone = export_copy(model, records)
+        wrapper = StatefulCausalLM(clone, context_length, geometry=geometry).eval()
+        prompt = reference_input_ids(model.config.vocab_size, 1, 4).numpy() if prompt_ids is None else prompt_ids
+        # a prefill of 2 tokens after 3 cached ones: no size is 1 or equal to another, so none is baked in
+        example = (torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 1, 2, 5, dtype=float_dtype(clone)))
+        source = _capture(wrapper, example, "trace", ct)
+        steps = {"torch wrapper": torch_step(wrapper), "traced graph that is converted": torch_step(source)}
+        tokens = check_greedy_tokens(model, steps, prompt, check_tokens, context_length,
+                                     eos_token_id=getattr(model.config, "eos_token_id", None))
+        reset_cache(source)
+        query = ct.RangeDim(lower_bound=1, upper_bound=context_length, default=1)
+        end = ct.RangeDim(lower_bound=1, upper_bound=context_length, default=1)
+        state_shape = geometry.shape(1, context_length)
+        mlmodel = ct.convert(
+            source,
+            inputs=[ct.TensorType(name=INPUT_NAME, shape=(1, query), dtype=np.int32),
+                    ct.TensorType(name=MASK_NAME, shape=(1, 1, query, end), dtype=np.float16)],
+            outputs=[ct.TensorType(name=OUTPUT_NAME, dtype=np.float16)],
+            states=[ct.StateType(wrapped_type=ct.TensorType(shape=state_shape, dtype=np.float16), name=name)
+                    for name in (KEY_CACHE, VALUE_CACHE)],
+            convert_to="mlprogram",
+            minimum_deployment_target=getattr(ct.target, target.name),
+            compute_precision=ct.precision.FLOAT16,
+        )
+        del source, wrapper, clone
+        _describe(mlmodel, model, records, target, "trace",
+                  f"stateful generation step (KV cache of {context_length} tokens as states)",
+                  {INPUT_NAME: f"the new token ids, int32 [1, q], 1 <= q <= {context_length}",
+                   MASK_NAME: "additive causal mask fp16 [1, 1, q, end]: 0 where new token i (position end - q + i) "
+                              "may attend to position j, -inf elsewhere; end = cached + new tokens"},
+                  {OUTPUT_NAME: "next-token logits of the last new token (fp16)"},
+                  interface="generate", context_length=context_length)
+        interface = {
+            "interface": "generate",
+            "inputs": [{"name": INPUT_NAME, "dtype": "int32", "shape": [1, f"1..{context_length}"]},
+                       {"name": MASK_NAME, "dtype": "float16",
+                        "shape": [1, 1, f"1..{context_length}", f"1..{context_length}"]}],
+            "outputs": [{"name": OUTPUT_NAME, "dtype": "float16", "shape": [1, 1, model.config.vocab_size]}],
+            "kv_cache": True,
+            "states": [{"name": name, "dtype": "float16", "shape": list(state_shape),
+                        "layout": "[layers, batch, kv_heads, context_length, head_dim]"}
+                       for name in (KEY_CACHE, VALUE_CACHE)],
+            "context_length": context_length,
+        }
+        report = _place(mlmodel, path, model, records, target, manifest=manifest, tensors=tensors,
+                        check_logits=check_logits, capture="trace", interface=interface)
+    finally:
+        model.train(was_training)
+    return _result(path, records, target, report, manifest, tensors, greedy_tokens=tokens)

@@ -7,11 +7,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 
 import torch
 
-from ..nn import PalettizedConv1D, PalettizedEmbedding
+from .. import atomic
+from ..version import __version__
+from .common import PaletteRecord, storage_groups
 
 FORMAT = "optimum-edkm.palettized"
 FORMAT_VERSION = 1
@@ -41,48 +42,42 @@ def sha256_file(path: str) -> str:
     return digest.hexdigest()
 
 
-def module_tensors(name: str, module) -> dict:
-    """``{role: (state-dict key, tensor)}`` of a palettized module, as in an optimum-edkm checkpoint."""
-    tensors = {"indices": (f"{name}.weight", module.weight), "lut": (f"{name}.weight_lut", module.weight_lut)}
-    if module.weight_scale is not None:
-        tensors["scale"] = (f"{name}.weight_scale", module.weight_scale)
-    return tensors
-
-
-def module_entry_tensors(name: str, module) -> dict:
+def record_tensors(record: PaletteRecord) -> dict:
+    """``{role: {name, dtype, shape, sha256[, layout]}}`` of a palettized weight's stored tensors."""
     described = {}
-    for role, (key, tensor) in module_tensors(name, module).items():
+    for role, (key, tensor) in record.tensors().items():
         described[role] = {"name": key, "dtype": _DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype)),
                            "shape": list(tensor.shape), "sha256": tensor_sha256(tensor)}
-    described["indices"]["layout"] = f"packed {module.bits}-bit, LSB-first, row-major over [out, in]"
+    described["indices"]["layout"] = f"packed {record.bits}-bit, LSB-first, row-major over [out, in]"
     return described
 
 
-def build_manifest(model, modules: dict, report, *, package: str, tensors_file, target, seq_len: int,
-                   batch_size: int, capture: str) -> dict:
+def build_manifest(model, records: dict, report, *, package: str, tensors_file, target, capture: str,
+                   interface: dict) -> dict:
+    """The manifest document; ``interface`` describes the package's inputs, outputs and states."""
     import coremltools
     import transformers
 
-    from .. import __version__
 
     by_name = {entry.name: entry for entry in report.modules}
     entries = []
-    for name, module in modules.items():
+    for name, record in records.items():
         stored = by_name[name]
         entries.append({
             "name": name,
-            "kind": "embedding" if isinstance(module, PalettizedEmbedding) else "linear",
-            "from_conv1d": isinstance(module, PalettizedConv1D),
-            "out_channels": module.out_channels,
-            "in_channels": module.in_channels,
-            "bits": module.bits,
-            "granularity": "per_tensor" if module.group_size is None else "per_grouped_channel",
-            "group_size": module.group_size,
-            "lut_shape": list(module.weight_lut.shape),
-            "lut_dtype": _DTYPE_NAMES[module.weight_lut.dtype],
-            "per_channel_scale": module.weight_scale is not None,
-            "has_bias": getattr(module, "bias", None) is not None,
-            "tensors": module_entry_tensors(name, module),
+            "kind": record.kind,
+            "from_conv1d": record.from_conv1d,
+            "out_channels": record.out_channels,
+            "in_channels": record.in_channels,
+            "bits": record.bits,
+            "granularity": "per_tensor" if record.group_size is None else "per_grouped_channel",
+            "group_size": record.group_size,
+            "lut_shape": list(record.lut.shape),
+            "lut_dtype": _DTYPE_NAMES[record.lut.dtype],
+            "per_channel_scale": record.scale is not None,
+            "has_bias": record.bias is not None,
+            "shares_storage_with": list(record.tied_to),
+            "tensors": record_tensors(record),
             "coreml": {
                 "weight_op": stored.weight_op,
                 "lut_op": stored.lut_op,
@@ -117,10 +112,7 @@ def build_manifest(model, modules: dict, report, *, package: str, tensors_file, 
             "specification_version": report.spec_version,
             "compute_precision": "float16",
             "capture": capture,
-            "inputs": [{"name": "input_ids", "dtype": "int32", "shape": [batch_size, seq_len]}],
-            "outputs": [{"name": "logits", "dtype": "float16",
-                         "shape": [batch_size, seq_len, model.config.vocab_size]}],
-            "kv_cache": False,
+            **interface,
             "weight_files": weight_files,
             "op_counts": report.op_counts,
             "sizes": {"weight_bin": report.weight_bin_bytes, "palettized_payload": report.palettized_payload_bytes,
@@ -131,37 +123,14 @@ def build_manifest(model, modules: dict, report, *, package: str, tensors_file, 
     }
 
 
-def write_json_atomic(path: str, document: dict) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(prefix=".edkm-", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(document, stream, indent=2, sort_keys=False, default=str)
-            stream.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+def write_tensors(model, records: dict, path: str) -> None:
+    """The palettized tensors (packed indices, LUTs, scales), keyed as in the optimum-edkm checkpoint; a tied
+    weight once, under its first module's name."""
+    from safetensors.torch import save
 
 
-def write_tensors(model, modules: dict, path: str) -> None:
-    """The palettized tensors (packed indices, LUTs, scales), keyed as in the optimum-edkm checkpoint."""
-    from safetensors.torch import save_file
-
-    from .. import __version__
-
-    tensors = {key: tensor.detach().cpu().contiguous() for name, module in modules.items()
-               for key, tensor in module_tensors(name, module).values()}
+    tensors = {key: tensor.detach().cpu().contiguous() for members in storage_groups(records)
+               for key, tensor in records[members[0]].tensors().values()}
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "optimum_edkm": __version__,
                 "quantization_config": json.dumps(model.config.quantization_config.to_dict(), sort_keys=True)}
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(prefix=".edkm-", suffix=".safetensors", dir=directory)
-    os.close(handle)
-    try:
-        save_file(tensors, temporary, metadata=metadata)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    atomic.write_file(path, save(tensors, metadata=metadata))

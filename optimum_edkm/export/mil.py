@@ -122,6 +122,21 @@ class MilOp:
     output_shape: tuple
     inputs: dict = field(default_factory=dict)          # param -> list of Argument.Binding
     attributes: dict = field(default_factory=dict)      # key -> Value
+    has_output: bool = True
+
+    def argument_names(self, param: str) -> list:
+        """Names of the values bound to ``param`` (inline values are left out)."""
+        return [a.name for a in self.inputs.get(param, []) if a.WhichOneof("binding") == "name"]
+
+
+@dataclass
+class FunctionInput:
+    """An input of the ML program's function: a tensor or a state (``shape`` has ``None`` for a flexible size)."""
+
+    name: str
+    kind: str                   # "tensor" or "state"
+    dtype: str
+    shape: tuple
 
 
 class MilPackage:
@@ -145,7 +160,8 @@ class MilPackage:
         self.opset = main.opset
         self.model_dir = os.path.dirname(self.model_path)
         self.ops = [self._op(op) for op in main.block_specializations[main.opset].operations]
-        self.by_output = {op.name: op for op in self.ops}
+        self.by_output = {op.name: op for op in self.ops if op.has_output}
+        self.inputs = {value.name: self._function_input(value) for value in main.inputs}
         self.consumers = {}
         for op in self.ops:
             for param, arguments in op.inputs.items():
@@ -200,11 +216,24 @@ class MilPackage:
     # -------------------------------------------------------------------------------------------- ops
     @staticmethod
     def _op(op) -> MilOp:
+        inputs = {k: list(v.arguments) for k, v in op.inputs.items()}
+        attributes = {k: v for k, v in op.attributes.items() if k != "name"}
+        if not op.outputs:                   # write_state: named by its "name" attribute, produces nothing
+            label = op.attributes["name"].immediateValue.tensor.strings.values[0] if "name" in op.attributes else ""
+            return MilOp(type=op.type, name=label, output_dtype=0, output_shape=(), inputs=inputs,
+                         attributes=attributes, has_output=False)
         output = op.outputs[0]
         return MilOp(type=op.type, name=output.name, output_dtype=output.type.tensorType.dataType,
-                     output_shape=tensor_shape(output.type),
-                     inputs={k: list(v.arguments) for k, v in op.inputs.items()},
-                     attributes={k: v for k, v in op.attributes.items() if k != "name"})
+                     output_shape=tensor_shape(output.type), inputs=inputs, attributes=attributes)
+
+    @staticmethod
+    def _function_input(value) -> FunctionInput:
+        kind = "state" if value.type.WhichOneof("type") == "stateType" else "tensor"
+        tensor_type = value.type.stateType.wrappedType.tensorType if kind == "state" else value.type.tensorType
+        shape = tuple(int(d.constant.size) if d.WhichOneof("dimension") == "constant" else None
+                      for d in tensor_type.dimensions)
+        return FunctionInput(value.name, kind, MIL_DTYPE_NAMES.get(tensor_type.dataType, str(tensor_type.dataType)),
+                             shape)
 
     @staticmethod
     def _values(op: MilOp):

@@ -16,6 +16,8 @@ SPEC_VERSIONS = {
 }
 #: the first specification (iOS18 / macOS15) with grouped LUTs, 3-bit indices and per-channel scales
 GROUPED_LUT_SPEC = 9
+#: the first specification (iOS18 / macOS15) with states (the generation package's KV cache)
+STATE_SPEC = 9
 #: index widths of the iOS16/iOS17 ``constexpr_lut_to_dense`` op (a LUT of 2, 4, 16, 64 or 256 entries)
 PRE_IOS18_BITS = (1, 2, 4, 6, 8)
 
@@ -45,27 +47,28 @@ def resolve_target(target) -> DeploymentTarget:
     )
 
 
-def unsupported_modules(modules: dict, target: DeploymentTarget) -> dict:
-    """``{module name: reason}`` for the palettized modules that ``target`` cannot store exactly."""
+def unsupported_modules(records: dict, target: DeploymentTarget) -> dict:
+    """``{module name: reason}`` for the palettized weights (``{name: PaletteRecord}``) that ``target`` cannot
+    store exactly."""
     if target.supports_grouped_luts:
         return {}
     problems = {}
-    for name, module in modules.items():
+    for name, record in records.items():
         reasons = []
-        if module.bits not in PRE_IOS18_BITS:
-            reasons.append(f"{module.bits}-bit indices (before iOS18 only {PRE_IOS18_BITS} bits)")
-        if module.weight_lut.shape[0] > 1:
-            reasons.append(f"{module.weight_lut.shape[0]} grouped LUTs (before iOS18 one LUT per tensor)")
-        if module.weight_scale is not None:
+        if record.bits not in PRE_IOS18_BITS:
+            reasons.append(f"{record.bits}-bit indices (before iOS18 only {PRE_IOS18_BITS} bits)")
+        if record.groups > 1:
+            reasons.append(f"{record.groups} grouped LUTs (before iOS18 one LUT per tensor)")
+        if record.scale is not None:
             reasons.append("a per-channel scale (iOS18+)")
         if reasons:
             problems[name] = ", ".join(reasons)
     return problems
 
 
-def check_target(modules: dict, target: DeploymentTarget) -> None:
+def check_target(records: dict, target: DeploymentTarget) -> None:
     """Raise :class:`CoreMLExportError` naming the modules ``target`` cannot store, and the fix."""
-    problems = unsupported_modules(modules, target)
+    problems = unsupported_modules(records, target)
     if not problems:
         return
     listed = "; ".join(f"'{name}': {reason}" for name, reason in list(problems.items())[:3])
