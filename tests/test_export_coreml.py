@@ -414,6 +414,19 @@ def test_cli_exports_a_saved_palettized_model_and_verifies_it(ct, tiny_llama_dir
     assert main(["verify", out, "--model", saved, "--no-logits-check"]) == 0
     assert main([saved, str(tmp_path / "x.mlpackage"), "--target", "iOS16"]) == 2
     assert "grouped LUTs" in capsys.readouterr().err
+    # a malformed package or manifest is not "verification failed" (1): its own exit code, no traceback
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tmp_path / "out", damaged)
+    manifest = damaged / "tiny.manifest.json"
+    manifest.write_text(manifest.read_text()[:200])
+    assert main(["verify", str(damaged / "tiny.mlpackage"), "--model", saved, "--no-logits-check"]) == 3
+    error = capsys.readouterr().err
+    assert "malformed manifest" in error and "JSONDecodeError" in error and "Traceback" not in error
+    for blob in (damaged / "tiny.mlpackage").rglob("weight.bin"):
+        blob.unlink()
+    assert main(["verify", str(damaged / "tiny.mlpackage"), "--model", saved, "--manifest", "none"]) == 3
+    error = capsys.readouterr().err
+    assert "malformed package" in error and "weight.bin" in error
 
 
 # ------------------------------------------------------------------------------------------------ macOS

@@ -88,6 +88,11 @@ def _export(args):
                      capture=args.capture, **common)
 
 
+#: exit codes: 0 verified / exported, 1 the package does not match the model, 2 bad arguments or a model that
+#: cannot be exported, 3 the package or its manifest cannot be read (missing weight.bin, cut-off JSON, ...)
+EXIT_MISMATCH, EXIT_USAGE, EXIT_MALFORMED = 1, 2, 3
+
+
 def main(argv: Optional[list] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in ("export", "verify", "-h", "--help"):
@@ -112,8 +117,8 @@ def main(argv: Optional[list] = None) -> int:
             print(report.summary())
     except VerificationError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return EXIT_MALFORMED if error.malformed else EXIT_MISMATCH
     except (CoreMLExportError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     return 0

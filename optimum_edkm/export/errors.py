@@ -15,11 +15,14 @@ class ExactnessError(CoreMLExportError):
 
 
 class VerificationError(AssertionError):
-    """A saved package does not match the torch palettized model; ``failures`` lists every mismatch."""
+    """A saved package does not match the torch palettized model; ``failures`` lists every mismatch.
+    ``malformed`` is True when the package or its manifest could not be read at all (a missing ``weight.bin``,
+    a cut-off manifest): the CLI reports that with its own exit code."""
 
-    def __init__(self, path: str, failures: list):
+    def __init__(self, path: str, failures: list, malformed: bool = False):
         self.path = path
         self.failures = list(failures)
+        self.malformed = malformed
         lines = "\n".join(f"  - {failure}" for failure in self.failures)
         super().__init__(f"{path}: {len(self.failures)} check(s) failed:\n{lines}")
 

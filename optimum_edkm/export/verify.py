@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import struct
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -105,6 +106,8 @@ class VerificationReport:
     manifest_checked: bool = False
     checks: list = field(default_factory=list)
     failures: list = field(default_factory=list)
+    #: the package or its manifest could not be read at all (its own CLI exit code: 3)
+    malformed: bool = False
 
     def summary(self) -> str:
         interface = (f"stateful generation step, context {self.context_length}" if self.interface == GENERATE
@@ -124,16 +127,25 @@ class VerificationReport:
 
 
 class Findings:
-    """Passed and failed checks, in the order they were made."""
+    """Passed and failed checks, in the order they were made; ``malformed`` once a file could not be read."""
 
     def __init__(self):
         self.checks, self.failures = [], []
+        self.malformed = False
 
     def ok(self, message: str) -> None:
         self.checks.append(message)
 
     def fail(self, message: str) -> None:
         self.failures.append(message)
+
+    def unreadable(self, what: str, error: BaseException) -> None:
+        self.malformed = True
+        self.failures.append(f"malformed {what}: {type(error).__name__}: {error}")
+
+
+#: what reading a damaged package or manifest raises
+READ_ERRORS = (PackageFormatError, OSError, ValueError, KeyError, IndexError, struct.error)
 
 
 # -------------------------------------------------------------------------------------------- interface
@@ -805,8 +817,8 @@ def verify_coreml(path: str, model, *, minimum_deployment_target=None, manifest=
     findings = Findings()
     try:
         package = MilPackage(report.path)
-    except (PackageFormatError, OSError) as error:
-        findings.fail(str(error))
+    except READ_ERRORS as error:
+        findings.unreadable("package", error)
         return _finish(report, findings, raise_on_failure, error)
     report.op_counts = package.op_counts()
     records = palette_records(model)
@@ -836,9 +848,9 @@ def verify_coreml(path: str, model, *, minimum_deployment_target=None, manifest=
         sizes = measure_sizes(package, model, records, report.modules, floats, findings)
         if cross_check and decoded:
             report.decoders_agree = cross_check_decoders(package, chains, decoded, findings)
-    except PackageFormatError as error:
-        findings.fail(f"malformed package: {error}")
-        return _finish(report, findings, raise_on_failure)
+    except READ_ERRORS as error:
+        findings.unreadable("package", error)
+        return _finish(report, findings, raise_on_failure, error)
     _fill_sizes(report, sizes, floats)
     if not findings.failures and chains:
         widths = "/".join(f"uint{b}" for b in sorted({m.bits for m in report.modules}))
@@ -850,7 +862,11 @@ def verify_coreml(path: str, model, *, minimum_deployment_target=None, manifest=
             model, records, decoded, floats, interface.input_shape, logits_rtol, findings)
     manifest_path = manifest_path_for(report.path) if manifest == "auto" else manifest
     if manifest_path is not None and (manifest != "auto" or os.path.exists(manifest_path)):
-        report.manifest_checked = check_manifest(package, os.fspath(manifest_path), records, report.modules, findings)
+        try:
+            report.manifest_checked = check_manifest(package, os.fspath(manifest_path), records, report.modules,
+                                                     findings)
+        except READ_ERRORS as error:
+            findings.unreadable(f"manifest {manifest_path}", error)
     return _finish(report, findings, raise_on_failure)
 
 
@@ -866,7 +882,7 @@ def _fill_sizes(report: VerificationReport, sizes: Sizes, floats: FloatTensors) 
 
 
 def _finish(report: VerificationReport, findings: Findings, raise_on_failure: bool, cause=None) -> VerificationReport:
-    report.checks, report.failures = findings.checks, findings.failures
+    report.checks, report.failures, report.malformed = findings.checks, findings.failures, findings.malformed
     if report.failures and raise_on_failure:
-        raise VerificationError(report.path, report.failures) from cause
+        raise VerificationError(report.path, report.failures, malformed=findings.malformed) from cause
     return report
