@@ -164,23 +164,28 @@ def test_effective_bits_rejects_wrong_descriptions():
 def test_help_topic_split_is_deterministic_disjoint_and_complete(tmp_path):
     from pydoc_data.topics import topics
 
-    evaluation = data.load_text(split="evaluation", cache_dir=tmp_path)
-    calibration = data.load_text("python-help-topics", split="calibration", cache_dir=tmp_path)
-    again = data.load_text(split="evaluation", cache_dir=tmp_path / "elsewhere")
-    assert evaluation.documents == again.documents
+    test = data.load_text(split="test", cache_dir=tmp_path)
+    train = data.load_text("python-help-topics", split="train", cache_dir=tmp_path)
+    validation = data.load_text(split="validation", cache_dir=tmp_path)
+    again = data.load_text(split="evaluation", cache_dir=tmp_path / "elsewhere")   # the former name of "test"
+    assert test.documents == again.documents and again.split == "test"
+    assert data.load_text(split="calibration", cache_dir=tmp_path).documents == train.documents
 
     def long_paragraphs(documents):
         return {p.strip() for d in documents for p in d.split("\n\n") if len(p.strip()) >= 40}
 
     # the topics repeat each other heavily (subsections printed inside larger topics): nothing may cross over
-    assert not long_paragraphs(evaluation.documents) & long_paragraphs(calibration.documents)
-    assert long_paragraphs(evaluation.documents) | long_paragraphs(calibration.documents) == \
-        long_paragraphs(topics.values())
+    parts = [long_paragraphs(t.documents) for t in (train, validation, test)]
+    assert not parts[0] & parts[1] and not parts[0] & parts[2] and not parts[1] & parts[2]
+    assert parts[0] | parts[1] | parts[2] == long_paragraphs(topics.values())
     first = sorted(topics)[0]
-    assert evaluation.documents[0] == topics[first]  # the first group (by name) is held out
-    assert 0.05 < len(evaluation.joined()) / len(calibration.joined()) < 0.5
-    record = evaluation.describe(tokens=123)
-    assert record["tokens"] == 123 and "PSF" in record["licence"] and record["split"] == "evaluation"
+    assert test.documents[0] == topics[first]  # the first group (by name) is held out, as before the 3-way split
+    assert 0.05 < len(test.joined()) / len(train.joined()) < 0.5
+    assert 0.05 < len(validation.joined()) / len(train.joined()) < 0.5
+    record = test.describe(tokens=123)
+    assert record["tokens"] == 123 and "PSF" in record["licence"] and record["split"] == "test"
+    with pytest.raises(ValueError, match="split"):
+        data.load_text(split="dev", cache_dir=tmp_path)
 
 
 def test_user_files_and_folders_load_through_the_same_path(tmp_path):
