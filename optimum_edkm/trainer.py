@@ -28,6 +28,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .api import _edkm_config, palettize
 from .config import EDKMConfig
+from .distillation import DIVERGENCES, distillation_term
 from .modules import CLUSTERED_TYPES
 
 TEMPERATURE_SCHEDULES = ("constant", "linear", "cosine")
@@ -56,6 +57,8 @@ class EDKMTrainingArguments(TrainingArguments):
                 "loss is (1 - w) * cross-entropy + w * KL. Needs EDKMTrainer(teacher_model=...)"})
     distillation_temperature: float = field(default=1.0, metadata={
         "help": "softmax temperature of the distillation loss (the KL term is multiplied by its square)"})
+    distillation_loss: str = field(default="forward_kl", metadata={
+        "help": f"divergence to the teacher, one of {DIVERGENCES} (optimum_edkm.distillation.token_divergence)"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -75,6 +78,8 @@ class EDKMTrainingArguments(TrainingArguments):
             raise ValueError(f"distillation_weight must be in [0, 1], got {self.distillation_weight!r}")
         if not self.distillation_temperature > 0:
             raise ValueError(f"distillation_temperature must be > 0, got {self.distillation_temperature!r}")
+        if self.distillation_loss not in DIVERGENCES:
+            raise ValueError(f"distillation_loss must be one of {DIVERGENCES}, got {self.distillation_loss!r}")
 
 
 def temperature_factor(args: EDKMTrainingArguments, step: int, max_steps: int) -> float:
@@ -167,19 +172,11 @@ class EDKMTrainer(Trainer):
         temperature = _schedule(self.args).distillation_temperature
         with torch.no_grad():
             teacher_logits = self.teacher_model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
-        student = torch.log_softmax(outputs.logits.float() / temperature, dim=-1)
-        teacher = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
-        per_token = torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="none").sum(-1)
-        # the positions whose next token is a label, as the causal LM loss counts them
-        mask = torch.ones_like(per_token) if labels is None else torch.nn.functional.pad(
-            labels[:, 1:] != -100, (0, 1), value=False).to(per_token.dtype)
-        if num_items_in_batch is not None:
-            distillation = (per_token * mask).sum() / num_items_in_batch
-            if self.args.average_tokens_across_devices:
-                distillation = distillation * self.accelerator.num_processes
-        else:
-            distillation = (per_token * mask).sum() / mask.sum().clamp_min(1)
-        loss = (1 - weight) * loss + weight * temperature ** 2 * distillation
+        distillation = distillation_term(outputs.logits, teacher_logits, labels, _schedule(self.args).distillation_loss,
+                                         temperature, num_items_in_batch)
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            distillation = distillation * self.accelerator.num_processes
+        loss = (1 - weight) * loss + weight * distillation
         return (loss, outputs) if return_outputs else loss
 
     # ------------------------------------------------------------------------------------------ logging
