@@ -17,15 +17,45 @@ from .config import EDKMConfig
 from .trainer import EDKMTrainer, EDKMTrainingArguments
 
 
-def window_dataset(token_ids: torch.Tensor, seq_len: int) -> Dataset:
-    """Consecutive, non-overlapping ``seq_len``-token windows of a 1-D token stream (labels = inputs)."""
+def token_windows(token_ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Consecutive, non-overlapping ``seq_len``-token windows of a 1-D token stream, ``[count, seq_len]``."""
     if token_ids.dim() != 1:
         raise ValueError(f"token_ids must be a 1-D token stream, got shape {tuple(token_ids.shape)}")
     count = token_ids.numel() // seq_len
     if count < 1:
         raise ValueError(f"the text has {token_ids.numel()} tokens, fewer than one window of seq_len={seq_len}")
-    windows = token_ids[: count * seq_len].view(count, seq_len).tolist()
-    return Dataset.from_dict({"input_ids": windows, "labels": windows})
+    return token_ids[: count * seq_len].view(count, seq_len)
+
+
+def sequence_dataset(sequences: torch.Tensor) -> Dataset:
+    """A ``datasets.Dataset`` of ``[count, seq_len]`` token rows (labels = inputs)."""
+    if sequences.dim() != 2:
+        raise ValueError(f"sequences must be [count, seq_len], got shape {tuple(sequences.shape)}")
+    rows = sequences.tolist()
+    return Dataset.from_dict({"input_ids": rows, "labels": rows})
+
+
+def window_dataset(token_ids: torch.Tensor, seq_len: int) -> Dataset:
+    """Consecutive, non-overlapping ``seq_len``-token windows of a 1-D token stream (labels = inputs)."""
+    return sequence_dataset(token_windows(token_ids, seq_len))
+
+
+def training_rows(token_ids: Optional[torch.Tensor], seq_len: int, sequences: Optional[torch.Tensor] = None,
+                  seed: int = 0) -> torch.Tensor:
+    """The windows of ``token_ids`` and the rows of ``sequences`` together, shuffled with ``seed`` when both are
+    given (Trainer shuffles every epoch again)."""
+    from .distillation import mix_sequences
+
+    parts = []
+    if token_ids is not None:
+        parts.append(token_windows(token_ids, seq_len))
+    if sequences is not None:
+        if sequences.dim() != 2 or sequences.shape[1] != seq_len:
+            raise ValueError(f"sequences must be [count, seq_len={seq_len}], got shape {tuple(sequences.shape)}")
+        parts.append(sequences.long().cpu())
+    if not parts:
+        raise ValueError("nothing to train on: pass token_ids (a token stream), sequences ([count, seq_len]) or both")
+    return parts[0] if len(parts) == 1 else mix_sequences(parts, seed)
 
 
 def recipe_arguments(output_dir: str, steps: int, batch_size: int, learning_rate: float, warmup_steps: int = 0,
@@ -38,17 +68,19 @@ def recipe_arguments(output_dir: str, steps: int, batch_size: int, learning_rate
                 use_cpu=not torch.cuda.is_available(), dataloader_drop_last=True)
 
 
-def finetune(model, token_ids: torch.Tensor, config: Optional[EDKMConfig] = None, *, output_dir: str,
+def finetune(model, token_ids: Optional[torch.Tensor], config: Optional[EDKMConfig] = None, *, output_dir: str,
              steps: int = 30, seq_len: int = 256, batch_size: int = 8, learning_rate: float = 1e-3,
              warmup_steps: int = 0, seed: int = 0, logging_steps: int = 5, progress: bool = True,
-             teacher_model=None, **training_arguments) -> EDKMTrainer:
-    """Fine-tune ``model`` with eDKM on ``token_ids`` for ``steps`` optimizer steps and palettize it.
+             teacher_model=None, sequences: Optional[torch.Tensor] = None, **training_arguments) -> EDKMTrainer:
+    """Fine-tune ``model`` with eDKM for ``steps`` optimizer steps and palettize it.
 
-    ``model`` is either already prepared (loaded with ``quantization_config=EDKMConfig(...)``) or a float model,
-    which is prepared with ``config`` first. Extra keyword arguments go to :class:`EDKMTrainingArguments`.
-    ``teacher_model`` (e.g. a copy of the float model taken before preparing it) enables distillation with
-    ``distillation_weight``. Returns the trainer (``trainer.model`` is the palettized model,
-    ``trainer.state.log_history`` the logs).
+    The training rows are the ``seq_len``-token windows of the stream ``token_ids`` plus the rows of
+    ``sequences`` (``[count, seq_len]``, e.g. teacher text from :func:`optimum_edkm.distillation.cached_teacher_data`);
+    either may be ``None``. ``model`` is either already prepared (loaded with ``quantization_config=EDKMConfig(...)``)
+    or a float model, which is prepared with ``config`` first. Extra keyword arguments go to
+    :class:`EDKMTrainingArguments`. ``teacher_model`` (e.g. a copy of the float model taken before preparing it)
+    enables distillation with ``distillation_weight`` / ``distillation_loss``. Returns the trainer
+    (``trainer.model`` is the palettized model, ``trainer.state.log_history`` the logs).
     """
     if getattr(model, "hf_quantizer", None) is None:
         if config is None:
@@ -56,7 +88,7 @@ def finetune(model, token_ids: torch.Tensor, config: Optional[EDKMConfig] = None
         prepare(model, config)
     elif config is not None:
         raise ValueError("the model is already prepared for eDKM; its own config is used, do not pass config")
-    dataset = window_dataset(token_ids, seq_len)
+    dataset = sequence_dataset(training_rows(token_ids, seq_len, sequences, seed))
     args = EDKMTrainingArguments(**recipe_arguments(output_dir, steps, batch_size, learning_rate, warmup_steps, seed,
                                                     logging_steps, progress), **training_arguments)
     trainer = EDKMTrainer(model=model, args=args, train_dataset=dataset, teacher_model=teacher_model)

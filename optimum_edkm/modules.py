@@ -71,13 +71,15 @@ class ClusteredWeightMixin:
         return dataclasses.replace(self.spec, temperature=float(self.weight_temperature) * self.temperature_factor)
 
     @torch.no_grad()
-    def init_clusters(self, seed: int = 0, name: str = "weight") -> None:
+    def init_clusters(self, seed: int = 0, name: str = "weight", sample_weight: Optional[torch.Tensor] = None) -> None:
         """k-means centroids (and per-channel scale) from the current weight; sets the absolute temperature
-        to ``relative_temperature`` times the squared mean spacing of neighbouring centroids."""
+        to ``relative_temperature`` times the squared mean spacing of neighbouring centroids.
+        ``sample_weight`` (``[out, in]``, e.g. a Fisher diagonal) weights the k-means by sensitivity."""
         rows = self._rows().detach()
         if self.weight_scale is not None:
             self.weight_scale.copy_(per_channel_scale(rows, name=name))
-        centroids = init_centroids(rows, self.spec, scale=self.weight_scale, seed=seed, name=name)
+        centroids = init_centroids(rows, self.spec, scale=self.weight_scale, seed=seed, name=name,
+                                   sample_weight=sample_weight)
         self.weight_centroids.copy_(centroids)
         k = self.spec.num_clusters
         spacing = (centroids[:, -1] - centroids[:, 0]) / max(k - 1, 1)
