@@ -130,10 +130,12 @@ def _palettization(lut_group_size: Optional[int], fine_tune: bool, channel_scale
         settings = {"lut_group_size": lut_group_size, "per_channel_scale": channel_scale,
                     "sensitivity_weighted": sensitivity, "temperature": recipe.temperature}
         details = {}
+        weighted = sensitivity or (fine_tune and recipe.fisher_samples > 0)
+        settings["sensitivity_weighted"] = weighted
         fine_tuned_with_teacher = fine_tune and recipe.distillation_weight > 0
         teacher = copy.deepcopy(model) if fine_tuned_with_teacher else None
         generated = context.teacher_text(model) if fine_tune and recipe.teacher_sequences else None
-        if sensitivity:
+        if weighted:
             settings["fisher_samples"] = context.fisher_samples
             prepare_weighted(model, config, context.fisher(model))
         else:
@@ -148,7 +150,7 @@ def _palettization(lut_group_size: Optional[int], fine_tune: bool, channel_scale
             details["train_loss"] = _train_losses(trainer)
         else:
             palettize(model)
-        method = ("edkm" if fine_tune else "skm" if sensitivity else "kmeans")
+        method = ("edkm" if fine_tune else "skm" if weighted else "kmeans")
         return QuantizationReport(method, bits, lut_group_size, palettized_storage(model),
                                   time.perf_counter() - started, settings, details)
 

@@ -62,6 +62,7 @@ def parse_args(argv=None):
                         help="k-means initialisation: plain, or weighted by squared gradients (Fisher diagonal)")
     parser.add_argument("--fisher-samples", type=int, default=16, help="windows of --seq-len for the Fisher pass")
     parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--tag", default="", help="free text recorded with the line")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "recipe_validation.jsonl"))
     return parser.parse_args(argv)
@@ -69,6 +70,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     started = time.time()
     load_start = os.getloadavg()
     torch.manual_seed(0)

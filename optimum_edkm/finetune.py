@@ -37,6 +37,8 @@ class Recipe:
             training rows; ``0`` for none.
         use_text: train on the windows of the given text too (``False``: teacher text only).
         generation_seed: seed of the teacher text.
+        fisher_samples: ``0``: plain k-means initialisation; ``n``: k-means weighted by the float model's Fisher
+            diagonal on ``n`` windows of the training text (:mod:`optimum_edkm.sensitivity`).
     """
 
     steps: int = 30
@@ -51,6 +53,7 @@ class Recipe:
     teacher_sequences: int = 0
     use_text: bool = True
     generation_seed: int = 0
+    fisher_samples: int = 0
 
     def as_dict(self) -> dict:
         record = dataclasses.asdict(self)
@@ -79,6 +82,20 @@ class Recipe:
 
         return cached_teacher_data(model, tokenizer, self.generation_settings(), cache_dir=cache_dir,
                                    progress=progress)
+
+
+    def prepare(self, model, config: EDKMConfig, token_ids: Optional[torch.Tensor] = None):
+        """Prepare the float ``model`` for eDKM with ``config``: plain k-means, or with ``fisher_samples`` the
+        k-means weighted by the Fisher diagonal on windows of ``token_ids``. Returns the model."""
+        if not self.fisher_samples:
+            return prepare(model, config)
+        from .sensitivity import fisher_diagonal, prepare_weighted
+
+        if token_ids is None:
+            raise ValueError("a Fisher-weighted initialisation needs token_ids (calibration text)")
+        fisher = fisher_diagonal(model, token_ids, samples=self.fisher_samples, seq_len=self.seq_len,
+                                 seed=self.generation_seed)
+        return prepare_weighted(model, config, fisher)
 
 
 #: the recipe of the example, the main job and the benchmark's ``edkm-*`` rows
