@@ -63,6 +63,8 @@ def parse_args(argv=None):
     parser.add_argument("--fisher-samples", type=int, default=16, help="windows of --seq-len for the Fisher pass")
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--skip-start", action="store_true",
+                        help="do not score the starting point (the same for every run with the same --init)")
     parser.add_argument("--tag", default="", help="free text recorded with the line")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "recipe_validation.jsonl"))
     return parser.parse_args(argv)
@@ -90,7 +92,16 @@ def main(argv=None):
               "settings": vars(args).copy(), "validation_texts": {k: f"{t.name}/{t.split}" for k, t in texts.items()},
               "eval_tokens": {k: int(v.numel()) for k, v in eval_ids.items()}}
     record["settings"].pop("out")
-    record["float"] = perplexities()
+    # the float model's figures depend only on the texts and the token count: computed once, then read back
+    float_cache = os.path.join(ROOT, "runs", "recipe-sweep", f"float-{args.eval_tokens}.json")
+    if os.path.exists(float_cache):
+        with open(float_cache, encoding="utf-8") as handle:
+            record["float"] = json.load(handle)
+    else:
+        record["float"] = perplexities()
+        os.makedirs(os.path.dirname(float_cache), exist_ok=True)
+        with open(float_cache, "w", encoding="utf-8") as handle:
+            json.dump(record["float"], handle)
     train_ids = load_text(DEFAULT_TEXT, split=TRAIN_SPLIT).token_ids(tokenizer) if args.data != "generated" else None
     generated, generation_seconds = None, 0.0
     if args.data != "help":
@@ -116,7 +127,8 @@ def main(argv=None):
     else:
         optimum_edkm.prepare(model, config)
     record["init_seconds"] = round(time.time() - begin, 1)
-    record["start"] = perplexities()
+    if not args.skip_start or args.steps == 0:
+        record["start"] = perplexities()
     begin = time.time()
     losses = []
     if args.steps > 0:
@@ -131,7 +143,7 @@ def main(argv=None):
     record.update({
         "train_seconds": round(time.time() - begin, 1), "generation_seconds": round(generation_seconds, 1),
         "losses": losses, "ratio_vs_float": {k: round(v / record["float"][k], 4)
-                                             for k, v in record.get("tuned", record["start"]).items()},
+                                             for k, v in record.get("tuned", record.get("start", {})).items()},
         "wall_seconds": round(time.time() - started, 1), "load_average_start": [round(x, 2) for x in load_start],
         "load_average_end": [round(x, 2) for x in os.getloadavg()], "tag": args.tag,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
