@@ -12,6 +12,7 @@ perplexities, the wall time and the load average:
     python benchmarks/recipe_sweep.py --loss forward_kl --data generated       # distil on teacher text
     python benchmarks/recipe_sweep.py --loss forward_kl --data mixed --init fisher
     python benchmarks/recipe_sweep.py --steps 0 --init fisher --group-size 16  # post-training only
+    python benchmarks/recipe_sweep.py --summary                                # every line as a markdown table
 """
 
 import argparse
@@ -70,7 +71,32 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def summary_table(path: str) -> str:
+    """Every recorded line of ``path`` as a markdown table (validation perplexities and ratios to float)."""
+    lines = ["| # | tag | steps | loss | data | init | LUT | in-domain val. | x float | news val. | x float | "
+             "train s | load avg |", "|---:|---|---:|---|---|---|---|---:|---:|---:|---:|---:|---|"]
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            record = json.loads(line)
+            settings = record["settings"]
+            scores = record.get("tuned", record.get("start", {}))
+            ratios = record.get("ratio_vs_float", {})
+            lut = f"g{settings['group_size']}" if settings.get("group_size") else "tensor"
+            lines.append(
+                f"| {number} | {record.get('tag', '')} | {settings['steps']} | {settings['loss']} | {settings['data']} "
+                f"| {settings.get('init', 'kmeans')} | {lut}{'+scale' if settings.get('scale') else ''} | "
+                f"{scores.get('in_domain', float('nan')):.3f} | {ratios.get('in_domain', float('nan')):.3f} | "
+                f"{scores.get('out_of_domain', float('nan')):.3f} | {ratios.get('out_of_domain', float('nan')):.3f} | "
+                f"{record.get('train_seconds', 0):.0f} | {record.get('load_average_end')} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
+    if argv is None and "--summary" in sys.argv[1:]:
+        default = os.path.join(ROOT, "benchmarks", "results", "recipe_validation.jsonl")
+        print(summary_table(sys.argv[sys.argv.index("--summary") + 1] if len(sys.argv) > sys.argv.index(
+            "--summary") + 1 else default))
+        return
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
