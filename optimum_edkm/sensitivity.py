@@ -101,3 +101,43 @@ def prepare_weighted(model, config, fisher: dict):
     if missing:
         logger.info("plain k-means (no sensitivity given) for %d module(s): %s", len(missing), ", ".join(missing[:5]))
     return model
+
+
+def allocate_bits(sizes: dict, costs: dict, budget: float) -> dict:
+    """Per-module bit widths meeting an average budget: ``{module: bits}``.
+
+    Args:
+        sizes: ``{module: number of weights}``.
+        costs: ``{module: {bits: estimated loss increase}}`` for every candidate width of every module (e.g.
+            :func:`module_sensitivity` at each width); every module needs the same candidate widths.
+        budget: the largest allowed weighted mean of the widths (bits per weight over the modules).
+
+    Every module starts at the smallest width; the upgrade with the largest cost saving per extra bit is taken
+    while the budget allows (greedy on the convex hull, as HAWQ-style allocations do); upgrades that no longer
+    fit are skipped, so a smaller one may still be taken.
+    """
+    if set(sizes) != set(costs):
+        raise ValueError("sizes and costs must name the same modules")
+    widths = sorted({b for c in costs.values() for b in c})
+    if any(sorted(c) != widths for c in costs.values()):
+        raise ValueError(f"every module needs a cost for each width {widths}")
+    total = sum(sizes.values())
+    chosen = {name: widths[0] for name in sizes}
+    used = widths[0] * total
+    if used > budget * total + 1e-9:
+        raise ValueError(f"even {widths[0]} bits everywhere exceeds the budget of {budget} bits per weight")
+    while True:
+        best = None
+        for name, bits in chosen.items():
+            for higher in (b for b in widths if b > bits):
+                extra = (higher - bits) * sizes[name]
+                if used + extra > budget * total + 1e-9:
+                    continue
+                gain = (costs[name][bits] - costs[name][higher]) / extra
+                if gain > 0 and (best is None or gain > best[0]):
+                    best = (gain, name, higher, extra)
+        if best is None:
+            return chosen
+        _, name, higher, extra = best
+        chosen[name] = higher
+        used += extra

@@ -111,3 +111,27 @@ def test_prepare_weighted_uses_the_fisher_weights(tiny_llama_dir):
                               sample_weight=fisher[name])
     assert torch.equal(module.weight_centroids, expected)
     assert not torch.equal(module.weight_centroids, plain.get_submodule(name).weight_centroids)
+
+
+def test_allocate_bits_meets_the_budget_and_spends_it_where_it_pays():
+    from optimum_edkm.sensitivity import allocate_bits
+
+    sizes = {"a": 100, "b": 100, "c": 200}
+    costs = {"a": {3: 10.0, 4: 1.0}, "b": {3: 2.0, 4: 1.9}, "c": {3: 8.0, 4: 2.0}}
+    # budget 3.25 bits/weight over 400 weights = 100 extra bits: one upgrade of a 100-weight module
+    assert allocate_bits(sizes, costs, 3.25) == {"a": 4, "b": 3, "c": 3}
+    # 3.75 (300 extra bits): a and c (saving 9 + 6) beat a and b or b and c
+    chosen = allocate_bits(sizes, costs, 3.75)
+    assert chosen == {"a": 4, "b": 3, "c": 4}
+    # the brute force over all 8 assignments agrees on the best feasible total cost
+    import itertools
+
+    best = min((sum(costs[n][b] for n, b in zip(sizes, bits)), bits)
+               for bits in itertools.product((3, 4), repeat=3)
+               if sum(b * sizes[n] for n, b in zip(sizes, bits)) <= 3.75 * 400)
+    assert tuple(chosen[n] for n in sizes) == best[1]
+    assert allocate_bits(sizes, costs, 3.0) == {"a": 3, "b": 3, "c": 3}
+    with pytest.raises(ValueError, match="exceeds the budget"):
+        allocate_bits(sizes, costs, 2.5)
+    with pytest.raises(ValueError, match="same modules"):
+        allocate_bits({"a": 1}, costs, 3.0)
