@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -156,6 +157,8 @@ def generate_teacher_data(model, tokenizer, settings: GenerationSettings = Gener
     special = torch.tensor(sorted(set(getattr(tokenizer, "all_special_ids", []) or [])), dtype=torch.long)
     generator = torch.Generator().manual_seed(settings.seed)
     device = next(model.parameters()).device
+    # transformers 5.2x renamed past_key_values to cache (argument and output); accept both
+    cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     was_training = model.training
     model.eval()
     chunks = []
@@ -177,8 +180,8 @@ def generate_teacher_data(model, tokenizer, settings: GenerationSettings = Gener
                                      _sample(logits, settings, generator))
                 tokens[:, position] = chosen
                 if position + 1 < settings.seq_len:
-                    output = model(input_ids=chosen.unsqueeze(1).to(device), past_key_values=output.past_key_values,
-                                   use_cache=True)
+                    output = model(input_ids=chosen.unsqueeze(1).to(device), use_cache=True,
+                                   **{cache_argument: _output_cache(output)})
             chunks.append(tokens)
             if progress:
                 done = start + rows
@@ -187,6 +190,11 @@ def generate_teacher_data(model, tokenizer, settings: GenerationSettings = Gener
     finally:
         model.train(was_training)
     return torch.cat(chunks)
+
+
+def _output_cache(output):
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 def _sample(logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator) -> torch.Tensor:

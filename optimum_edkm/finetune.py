@@ -50,10 +50,10 @@ class Recipe:
     distillation_weight: float = 1.0
     distillation_loss: str = "forward_kl"
     distillation_temperature: float = 1.0
-    teacher_sequences: int = 0
+    teacher_sequences: int = 64
     use_text: bool = True
     generation_seed: int = 0
-    fisher_samples: int = 0
+    fisher_samples: int = 32
 
     def as_dict(self) -> dict:
         record = dataclasses.asdict(self)
@@ -98,7 +98,11 @@ class Recipe:
         return prepare_weighted(model, config, fisher)
 
 
-#: the recipe of the example, the main job and the benchmark's ``edkm-*`` rows
+#: the recipe of the example, the main job and the benchmark's ``edkm-*`` rows. Chosen on validation text
+#: (docs/quality.md, benchmarks/results/recipe_validation.jsonl): distillation from the float model (forward KL)
+#: instead of cross-entropy, on the training text plus 64 sequences of teacher text, from a k-means start
+#: weighted by the Fisher diagonal (32 windows). Best used with one LUT per 16 output channels and a per-channel
+#: scale (``EDKMConfig(granularity="per_grouped_channel", group_size=16, enable_per_channel_scale=True)``).
 DEFAULT_RECIPE = Recipe()
 
 
