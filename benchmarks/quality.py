@@ -56,9 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
                              f"_quick suffix")
     parser.add_argument("--methods", nargs="+", default=None,
                         help=f"rows besides the uncompressed model, from {list(METHODS)} (default: {DEFAULT_METHODS})")
-    parser.add_argument("--bits", nargs="+", type=int, default=None, help=f"bit widths (default {FULL_DEFAULTS['bits']})")
+    parser.add_argument("--bits", nargs="+", type=int, default=None,
+                        help=f"bit widths (default {FULL_DEFAULTS['bits']})")
     parser.add_argument("--group-size", type=int, default=128,
-                        help="input columns per scale/zero for RTN/GPTQ/AWQ (default 128); -1 for one per output channel")
+                        help="input columns per scale/zero for RTN/GPTQ/AWQ (default 128); -1 for one per output "
+                             "channel")
     recipe = parser.add_argument_group("fine-tuned rows (edkm-*, fp-finetuned): optimum_edkm.finetune.DEFAULT_RECIPE "
                                        "unless changed here")
     for field in dataclasses.fields(DEFAULT_RECIPE):

@@ -26,7 +26,7 @@ import torch
 
 import optimum_edkm
 from optimum_edkm import EDKMConfig
-from optimum_edkm.data import DEFAULT_TEXT, OOD_TEST_TEXT, TEST_SPLIT, TRAIN_SPLIT, load_text
+from optimum_edkm.data import OOD_TEST_TEXT, TEST_SPLIT, TRAIN_SPLIT, load_text
 from optimum_edkm.distillation import DIVERGENCES
 from optimum_edkm.evaluation import evaluate_perplexity
 from optimum_edkm.finetune import DEFAULT_RECIPE, finetune

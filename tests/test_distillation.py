@@ -24,7 +24,8 @@ def _reference(student, teacher, kind, beta=None):
         forward = sum(t * math.log(t / s) for s, t in zip(p_s, p_t))
         reverse = sum(s * math.log(s / t) for s, t in zip(p_s, p_t))
         m = [(s + t) / 2 for s, t in zip(p_s, p_t)]
-        jsd = (sum(t * math.log(t / mm) for t, mm in zip(p_t, m)) + sum(s * math.log(s / mm) for s, mm in zip(p_s, m))) / 2
+        jsd = (sum(t * math.log(t / mm) for t, mm in zip(p_t, m))
+               + sum(s * math.log(s / mm) for s, mm in zip(p_s, m))) / 2
         rows.append({"forward_kl": forward, "reverse_kl": reverse, "jsd": jsd,
                      "cakld": None if beta is None else beta * reverse + (1 - beta) * forward}[kind])
     return torch.tensor(rows, dtype=torch.float64).view(student.shape[:-1])
@@ -68,7 +69,8 @@ def test_distillation_term_averages_over_label_positions_with_temperature():
     expected = t * t * (per_token * mask).sum() / mask.sum()
     got = distillation.distillation_term(student, teacher, labels, "forward_kl", temperature=t)
     assert float(got) == pytest.approx(float(expected), rel=1e-5)
-    summed = distillation.distillation_term(student, teacher, labels, "forward_kl", temperature=t, num_items_in_batch=10)
+    summed = distillation.distillation_term(student, teacher, labels, "forward_kl", temperature=t,
+                                            num_items_in_batch=10)
     assert float(summed) == pytest.approx(float(t * t * (per_token * mask).sum() / 10), rel=1e-5)
     with pytest.raises(ValueError, match="one of"):
         distillation.token_divergence(student, teacher, "kl")

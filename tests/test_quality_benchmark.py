@@ -55,7 +55,8 @@ def test_quality_harness_runs_every_kind_of_row_on_both_texts(tmp_path):
         assert rows["skm-g16", b]["bits_per_weight_linears"] == pytest.approx(grouped)
         assert rows["skm-g16", b]["report"]["settings"]["sensitivity_weighted"] is True
         distilled = rows["edkm-tensor", b]["report"]["settings"]
-        assert distilled["steps"] == 2 and distilled["distillation_weight"] == quality.DEFAULT_RECIPE.distillation_weight
+        assert distilled["steps"] == 2
+        assert distilled["distillation_weight"] == quality.DEFAULT_RECIPE.distillation_weight
         assert rows["edkm-ce-scaled", b]["report"]["settings"]["distillation_weight"] == 0
         assert len(rows["edkm-tensor", b]["report"]["details"]["train_loss"]) >= 1
     model, tokenizer, _ = models.load_causal_lm(str(tmp_path / "model"))

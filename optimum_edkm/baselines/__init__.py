@@ -2,8 +2,9 @@
 
 Every function quantizes the ``nn.Linear`` layers inside ``model.model.layers`` (embeddings and the LM head stay
 in float), writes the de-quantized weights back, and returns a :class:`BaselineResult`: what it stored per
-weight (``storage``, which feeds :func:`~optimum_edkm.evaluation.effective_bits`), its settings and diagnostics. All three use the same number format
-(:mod:`optimum_edkm.baselines.quantizer`), so they differ only in how the weights are chosen.
+weight (``storage``, which feeds :func:`~optimum_edkm.evaluation.effective_bits`), its settings and diagnostics.
+All three use the same number format (:mod:`optimum_edkm.baselines.quantizer`), so they differ only in how the
+weights are chosen.
 """
 
 from .awq import awq, search_clip, search_scale
