@@ -17,8 +17,10 @@ import quality  # noqa: E402
 import quality_methods  # noqa: E402
 
 
-def test_quality_harness_runs_every_kind_of_row_on_both_texts(tmp_path):
+def test_quality_harness_runs_every_kind_of_row_on_both_texts(tmp_path, monkeypatch):
     from pydoc_data.topics import topics
+
+    monkeypatch.setenv("OPTIMUM_EDKM_CACHE", str(tmp_path / "cache"))   # teacher text and texts stay in tmp
 
     (tmp_path / "eval.txt").write_text(topics["assert"] + topics["pass"], encoding="utf-8")
     (tmp_path / "ood.txt").write_text(topics["lambda"][:600] + " The river ran past the old mill at dawn.",
@@ -55,7 +57,7 @@ def test_quality_harness_runs_every_kind_of_row_on_both_texts(tmp_path):
         assert rows["skm-g16", b]["bits_per_weight_linears"] == pytest.approx(grouped)
         assert rows["skm-g16", b]["report"]["settings"]["sensitivity_weighted"] is True
         distilled = rows["edkm-tensor", b]["report"]["settings"]
-        assert distilled["steps"] == 2
+        assert distilled["steps"] == 2 and distilled["teacher_sequences"] == quality.DEFAULT_RECIPE.teacher_sequences
         assert distilled["distillation_weight"] == quality.DEFAULT_RECIPE.distillation_weight
         assert rows["edkm-ce-scaled", b]["report"]["settings"]["distillation_weight"] == 0
         assert len(rows["edkm-tensor", b]["report"]["details"]["train_loss"]) >= 1
