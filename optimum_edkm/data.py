@@ -3,12 +3,22 @@
 One loader, :func:`load_text`, serves every source so that a built-in corpus, a user's files and a Hub
 dataset all reach the tokenizer the same way:
 
-* ``None`` or ``"python-help-topics"`` (the default, works offline): the help topics of the Python Language
-  Reference that ship with every CPython (``pydoc_data.topics``, PSF licence). Topics that share paragraphs
-  (many are subsections of others) are grouped; the groups, ordered by name, at positions 0, 5, 10, ... (every
-  5th, starting with the first) form the ``"evaluation"`` split, all the others the ``"calibration"`` split, and
-  no paragraph of 40 characters or more is in both (see :func:`help_topic_split`). The split is written once to text files
-  under a cache folder and read back with ``load_dataset("text", data_files=..., sample_by="document")``.
+* a built-in text (:data:`BUILTIN_TEXTS`, all offline), written once to text files under a cache folder and read
+  back with ``load_dataset("text", data_files=..., sample_by="document")``:
+
+  - ``None`` or ``"python-help-topics"`` (the default, the *in-domain* text): the help topics of the Python
+    Language Reference that ship with every CPython (``pydoc_data.topics``, PSF licence). Topics that share
+    paragraphs (many are subsections of others) are grouped; of the groups, ordered by name, those at positions
+    0, 5, 10, ... form the ``"test"`` split (the former ``"evaluation"`` split, unchanged), those at 3, 8, 13, ...
+    the ``"validation"`` split, all others the ``"train"`` split (``"calibration"`` is an alias of ``"train"``);
+    no paragraph of 40 characters or more is in two splits (see :func:`help_topic_split`).
+  - ``"gensim-enwiki"`` (split ``"test"``, the *out-of-domain test* text): English Wikipedia articles of a 2016
+    dump excerpt shipped in the ``gensim`` wheel (``gensim/test/test_data``), wiki markup stripped, each article
+    cut to its first ~4,000 characters so that a few thousand tokens span many subjects. Encyclopedic prose;
+    never used for training, calibration or any choice.
+  - ``"gensim-lee-news"`` (split ``"validation"``, the *out-of-domain validation* text): the 300 ABC news
+    articles of the Lee document-similarity background corpus, shipped in the same wheel. Every
+    hyper-parameter is chosen on this text and the help topics' validation split, never on a test split.
 * a path to a text file, or to a folder of ``.txt`` / ``.md`` / ``.rst`` files (read recursively, sorted):
   used whole, one document per file.
 * anything else is a ``datasets`` id (``split`` required, ``config`` and ``text_column`` optional), e.g.
@@ -22,24 +32,39 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import html
 import os
+import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
+from . import atomic
+from .validation import is_int
+
 DEFAULT_TEXT = "python-help-topics"
-#: every ``HELD_OUT_EVERY``-th topic (sorted by name, starting with the first) is held out for evaluation.
+#: the out-of-domain test text (encyclopedic prose) and validation text (news), both from the gensim wheel
+OOD_TEST_TEXT = "gensim-enwiki"
+OOD_VALIDATION_TEXT = "gensim-lee-news"
+TRAIN_SPLIT, VALIDATION_SPLIT, TEST_SPLIT = "train", "validation", "test"
+#: former names of the help topics' splits, still accepted: "calibration" is the train split (GPTQ/AWQ
+#: calibration and fine-tuning), "evaluation" the test split (unchanged, so old figures stay comparable)
+CALIBRATION_SPLIT, EVALUATION_SPLIT = TRAIN_SPLIT, TEST_SPLIT
+SPLIT_ALIASES = {"calibration": TRAIN_SPLIT, "evaluation": TEST_SPLIT}
+DEFAULT_SPLITS = (TRAIN_SPLIT, VALIDATION_SPLIT, TEST_SPLIT)
+#: built-in text name -> its splits
+BUILTIN_TEXTS = {DEFAULT_TEXT: DEFAULT_SPLITS, OOD_TEST_TEXT: (TEST_SPLIT,), OOD_VALIDATION_TEXT: (VALIDATION_SPLIT,)}
+#: of the topic groups sorted by name, position % HELD_OUT_EVERY == TEST_POSITION is the test split and
+#: == VALIDATION_POSITION the validation split
 HELD_OUT_EVERY = 5
+TEST_POSITION, VALIDATION_POSITION = 0, 3
 #: topics sharing a paragraph at least this long are one group (short ones are boilerplate such as "See also:").
 MIN_SHARED_PARAGRAPH = 40
 #: part of the cache key: change it whenever help_topic_split changes.
-SPLIT_RULE = f"groups-sharing-paragraphs-{MIN_SHARED_PARAGRAPH}-every-{HELD_OUT_EVERY}-v1"
-EVALUATION_SPLIT = "evaluation"
-CALIBRATION_SPLIT = "calibration"
-DEFAULT_SPLITS = (EVALUATION_SPLIT, CALIBRATION_SPLIT)
+SPLIT_RULE = (f"groups-sharing-paragraphs-{MIN_SHARED_PARAGRAPH}-every-{HELD_OUT_EVERY}-test-{TEST_POSITION}-"
+              f"validation-{VALIDATION_POSITION}-v2")
 TEXT_FILE_SUFFIXES = (".txt", ".md", ".rst", ".text")
 DOCUMENT_SEPARATOR = "\n\n"
 PSF_LICENCE = "PSF-2.0 (Python Software Foundation License; ships with CPython as pydoc_data.topics)"
@@ -80,7 +105,7 @@ class TextData:
     def token_ids(self, tokenizer, max_tokens: Optional[int] = None) -> torch.Tensor:
         """The text as one 1-D ``int64`` token stream (tokenizer's own special tokens), optionally cut to the
         first ``max_tokens`` tokens."""
-        if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 2):
+        if max_tokens is not None and (not is_int(max_tokens) or max_tokens < 2):
             raise ValueError(f"max_tokens must be an integer >= 2 or None for the whole text, got {max_tokens!r}")
         text = self.joined()
         if not text:
@@ -113,20 +138,31 @@ def load_text(
     text_column: str = "text",
     cache_dir: Optional[os.PathLike] = None,
 ) -> TextData:
-    """Load a text (see the module docstring for the three kinds of ``source``).
+    """Load a text (see the module docstring for the kinds of ``source``).
 
     Args:
-        source: ``None`` / ``"python-help-topics"``, a file or folder path, or a ``datasets`` id.
-        split: for the built-in corpus ``"evaluation"`` or ``"calibration"`` (default ``"evaluation"``); for a
-            ``datasets`` id the split to load (required); must stay ``None`` for a file or folder.
+        source: ``None`` / a name in :data:`BUILTIN_TEXTS`, a file or folder path, or a ``datasets`` id.
+        split: for a built-in text one of its splits (``"train"``, ``"validation"``, ``"test"``; default: the
+            help topics' ``"test"`` split, the only split of the others; ``"calibration"`` and ``"evaluation"``
+            are the former names of ``"train"`` and ``"test"``); for a ``datasets`` id the split to load
+            (required); must stay ``None`` for a file or folder.
         config: the ``datasets`` configuration name (e.g. ``"wikitext-2-raw-v1"``); only for a dataset id.
         text_column: the column holding the text in a ``datasets`` dataset.
-        cache_dir: where the built-in corpus is written (default :func:`default_cache_dir`).
+        cache_dir: where the built-in texts are written (default :func:`default_cache_dir`).
     """
-    if source is None or source == DEFAULT_TEXT:
+    if source is None or (isinstance(source, str) and source in BUILTIN_TEXTS):
+        name = DEFAULT_TEXT if source is None else source
         if config is not None:
-            raise ValueError(f"config={config!r} only applies to a datasets id, not to the built-in {DEFAULT_TEXT!r}")
-        return _load_help_topics(split or EVALUATION_SPLIT, cache_dir)
+            raise ValueError(f"config={config!r} only applies to a datasets id, not to the built-in {name!r}")
+        splits = BUILTIN_TEXTS[name]
+        split = SPLIT_ALIASES.get(split, split) if name == DEFAULT_TEXT else split
+        if split is None:
+            split = TEST_SPLIT if TEST_SPLIT in splits else splits[0]
+        if split not in splits:
+            raise ValueError(f"the built-in text {name!r} has split(s) {splits}, got split={split!r}")
+        loader = {DEFAULT_TEXT: _load_help_topics, OOD_TEST_TEXT: _load_enwiki,
+                  OOD_VALIDATION_TEXT: _load_lee_news}[name]
+        return loader(split, cache_dir)
     if not isinstance(source, (str, os.PathLike)) or not str(source):
         raise TypeError(f"source must be a path, a datasets id or None, got {source!r}")
     path = Path(source).expanduser()
@@ -171,9 +207,9 @@ def sample_windows(token_ids: torch.Tensor, n_samples: int, seq_len: int, seed: 
     AWQ papers draw calibration segments); returns ``[n_samples, seq_len]`` int64."""
     if token_ids.dim() != 1:
         raise ValueError(f"token_ids must be a 1-D token stream, got shape {tuple(token_ids.shape)}")
-    if not _is_int(n_samples) or n_samples < 1:
+    if not is_int(n_samples) or n_samples < 1:
         raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
-    if not _is_int(seq_len) or seq_len < 1:
+    if not is_int(seq_len) or seq_len < 1:
         raise ValueError(f"seq_len must be an integer >= 1, got {seq_len!r}")
     if token_ids.numel() < seq_len:
         raise ValueError(
@@ -205,10 +241,11 @@ def help_topic_split(topics: Mapping[str, str]) -> dict[str, list[tuple[str, str
     """The fixed split of the help topics into ``(topic name, text)`` documents per split.
 
     Many topics repeat each other (``"if"`` and ``"else"`` are identical; ``"specialnames"`` contains
-    ``"customization"``, ``"attribute-access"``, ...), so a split by topic alone would evaluate on calibration text.
+    ``"customization"``, ``"attribute-access"``, ...), so a split by topic alone would evaluate on training text.
     Topics that share a paragraph of at least ``MIN_SHARED_PARAGRAPH`` characters are therefore kept together as one
-    group; groups are ordered by their first topic name and every ``HELD_OUT_EVERY``-th group, starting with the
-    first, is the evaluation split. Inside a split a repeated paragraph is kept only where it first appears (topics
+    group; groups are ordered by their first topic name, and the group at position ``i`` goes to the test split
+    when ``i % HELD_OUT_EVERY == TEST_POSITION``, to the validation split when it is ``VALIDATION_POSITION``, to
+    the train split otherwise. Inside a split a repeated paragraph is kept only where it first appears (topics
     in sorted order), and topics left empty are dropped.
     """
     names = sorted(topics)
@@ -228,9 +265,11 @@ def help_topic_split(topics: Mapping[str, str]) -> dict[str, list[tuple[str, str
     groups: dict[str, list[str]] = {}
     for name in names:
         groups.setdefault(root(name), []).append(name)
-    splits: dict[str, list[tuple[str, str]]] = {EVALUATION_SPLIT: [], CALIBRATION_SPLIT: []}
+    splits: dict[str, list[tuple[str, str]]] = {split: [] for split in DEFAULT_SPLITS}
     for index, first in enumerate(sorted(groups)):
-        split = EVALUATION_SPLIT if index % HELD_OUT_EVERY == 0 else CALIBRATION_SPLIT
+        position = index % HELD_OUT_EVERY
+        split = (TEST_SPLIT if position == TEST_POSITION else VALIDATION_SPLIT if position == VALIDATION_POSITION
+                 else TRAIN_SPLIT)
         splits[split] += [(name, topics[name]) for name in groups[first]]
     for split, documents in splits.items():
         seen: set = set()
@@ -251,33 +290,219 @@ def _long_paragraphs(text: str) -> set:
 
 
 def _load_help_topics(split: str, cache_dir: Optional[os.PathLike]) -> TextData:
-    if split not in DEFAULT_SPLITS:
-        raise ValueError(f"the built-in {DEFAULT_TEXT!r} text has splits {DEFAULT_SPLITS}, got split={split!r}")
     from pydoc_data.topics import topics
 
     version = "%d.%d.%d" % sys.version_info[:3]
     # The topics change between CPython releases: key the folder by version and content.
-    digest = hashlib.sha256("\0".join([SPLIT_RULE] + [f"{k}\0{topics[k]}" for k in sorted(topics)]).encode()
-                            ).hexdigest()[:12]
-    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    folder = folder / "text" / f"{DEFAULT_TEXT}-{version}-{digest}" / split
+    digest = _digest([SPLIT_RULE] + [f"{k}\0{topics[k]}" for k in sorted(topics)])
     documents = help_topic_split(topics)[split]
-    files = []
-    for position, (name, text) in enumerate(documents):
-        file = folder / f"{position:03d}-{_safe_file_name(name)}.txt"
-        if not file.exists():
-            _write_text_atomically(file, text)
-        files.append(file)
-    dataset = _load_text_files(files)
+    files = _cached_documents(cache_dir, f"{DEFAULT_TEXT}-{version}-{digest}", split, documents)
     return TextData(
         name=DEFAULT_TEXT,
         split=split,
-        dataset=dataset,
+        dataset=_load_text_files(files),
         licence=PSF_LICENCE,
         source=f"Python {version} Language Reference help topics (pydoc_data.topics), {len(documents)} of "
-               f"{len(topics)} topics: topics sharing paragraphs grouped, every {HELD_OUT_EVERY}th group by sorted "
-               f"name (from the first) is the evaluation split, the rest calibration; no paragraph in both",
+               f"{len(topics)} topics: topics sharing paragraphs grouped; of the groups sorted by name, every "
+               f"{HELD_OUT_EVERY}th from position {TEST_POSITION} is the test split, from position "
+               f"{VALIDATION_POSITION} the validation split, the rest train; no paragraph in two splits",
     )
+
+
+# -- the out-of-domain texts: shipped in the gensim wheel as test data; read as files, gensim is never imported
+
+GENSIM_PACKAGE = "gensim"
+GENSIM_VERSION = "4.4.0"
+GENSIM_INSTALL = f"pip install gensim=={GENSIM_VERSION}"
+GENSIM_DATA = "test/test_data"
+ENWIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+LEE_NEWS_FILE = "lee_background.cor"
+#: every article is cut at the last paragraph end before this many characters (breadth in a few thousand tokens)
+ENWIKI_ARTICLE_CHARS = 4000
+#: articles shorter than this after cleaning (stubs, lists) are dropped
+ENWIKI_MIN_CHARS = 500
+ENWIKI_RULE = f"wikitext-clean-v2-cut-{ENWIKI_ARTICLE_CHARS}-min-{ENWIKI_MIN_CHARS}"
+ENWIKI_LICENCE = ("CC BY-SA 3.0 and GFDL (English Wikipedia text, April 2016 dump excerpt), redistributed as test "
+                  "data in the gensim wheel (gensim itself: LGPL-2.1-only)")
+LEE_NEWS_LICENCE = ("no licence stated for the article text (Australian Broadcasting Corporation news, collected for "
+                    "the Lee, Pincombe & Welsh 2005 document-similarity study); redistributed as test data in the "
+                    "gensim wheel (gensim itself: LGPL-2.1-only)")
+#: sections from which an article is cut (reference lists, not prose)
+_ENWIKI_TAIL_SECTIONS = ("references", "external links", "see also", "notes", "further reading", "bibliography",
+                         "sources", "footnotes", "citations", "notes and references")
+
+
+def gensim_data_file(name: str) -> Path:
+    """A file of the gensim wheel's test data (found without importing gensim)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(GENSIM_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(
+            f"the out-of-domain texts ({OOD_TEST_TEXT!r}, {OOD_VALIDATION_TEXT!r}) ship in the gensim wheel, which "
+            f"is not installed; install it with:\n    {GENSIM_INSTALL}\n(or pip install -e \".[examples]\")"
+        )
+    path = Path(spec.origin).parent / GENSIM_DATA / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed gensim; reinstall with:\n    "
+                                f"pip install --force-reinstall {GENSIM_INSTALL.split(' ', 2)[2]}")
+    return path
+
+
+def _gensim_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(GENSIM_PACKAGE)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def wikitext_to_plain(wikitext: str) -> str:
+    """Plain prose from MediaWiki markup: templates, tables, references, comments, files, categories and HTML
+    tags removed, links replaced by their label, headings kept as lines, list markers dropped, and the article
+    cut at its first reference-like section (References, External links, See also, ...)."""
+    text = re.sub(r"<!--.*?-->", "", wikitext, flags=re.S)
+    text = re.sub(r"<ref[^>/]*/>", "", text)
+    text = re.sub(r"<ref[^>]*>.*?</ref>", "", text, flags=re.S)
+    text = re.sub(r"<(math|gallery|timeline|source|syntaxhighlight|score|imagemap)[^>]*>.*?</\1>", "", text,
+                  flags=re.S | re.I)
+    text = _remove_nested(text, r"\{\{[^{}]*\}\}")          # templates, innermost first
+    text = _remove_nested(text, r"\{\|(?:(?!\{\|)[\s\S])*?\|\}")  # tables, innermost first
+
+    def link(match):
+        target, _, label = match.group(1).partition("|")
+        if re.match(r"\s*(file|image|category|media|[a-z]{2,3}(-[a-z]+)?)\s*:", target, flags=re.I):
+            return ""  # files, categories, interlanguage links
+        return (label.split("|")[-1] if label else target).strip()
+
+    previous = None
+    while previous != text:  # innermost links first, so a file caption's links go before the file
+        previous = text
+        # a label may hold single brackets ("Bicyclo[1.1.0]butane"), never a link
+        text = re.sub(r"\[\[((?:[^\[\]]|\[[^\[\]]*\])*)\]\]", link, text)
+    text = re.sub(r"\[(?:https?:|ftp:)?//[^\s\]]+\s*([^\]]*)\]", r"\1", text)
+    text = re.sub(r"<[^>]+>", "", text)
+    text = re.sub(r"'{2,}", "", text)
+    text = html.unescape(text).replace("\xa0", " ")
+    lines = []
+    for line in text.split("\n"):
+        line = line.strip()
+        heading = re.fullmatch(r"(=+)\s*(.*?)\s*\1", line)
+        if heading:
+            if heading.group(2).lower() in _ENWIKI_TAIL_SECTIONS:
+                break
+            line = heading.group(2)
+        elif line.startswith(("|", "!", "{", "}", "__")):
+            continue  # table or magic-word remnants
+        else:
+            line = re.sub(r"^[*#:;]+\s*", "", line)
+        lines.append(line)
+    paragraphs = re.split(r"\n\s*\n", "\n".join(lines))
+    return DOCUMENT_SEPARATOR.join(re.sub(r"[ \t]+", " ", p).strip() for p in paragraphs if p.strip())
+
+
+def _remove_nested(text: str, pattern: str) -> str:
+    previous = None
+    while previous != text:
+        previous = text
+        text = re.sub(pattern, "", text)
+    return text
+
+
+def _cut_at_paragraph(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(DOCUMENT_SEPARATOR, 0, limit)
+    return text[:cut] if cut > 0 else text[:limit]
+
+
+def enwiki_articles(path: os.PathLike) -> list[tuple[str, str]]:
+    """``(title, plain text)`` of the main-namespace articles of a MediaWiki XML dump (``.bz2`` or plain), in
+    dump order: redirects and disambiguation pages skipped, markup stripped (:func:`wikitext_to_plain`), each
+    cut to ``ENWIKI_ARTICLE_CHARS`` at a paragraph end, articles under ``ENWIKI_MIN_CHARS`` dropped."""
+    import bz2
+    import xml.etree.ElementTree as ElementTree
+
+    opener = bz2.open if str(path).endswith(".bz2") else open
+    articles = []
+    with opener(path, "rb") as handle:
+        for _, element in ElementTree.iterparse(handle):
+            if not element.tag.endswith("}page") and element.tag != "page":
+                continue
+            fields = {child.tag.rsplit("}", 1)[-1]: child for child in element.iter()}
+            title = fields["title"].text or ""
+            namespace = fields.get("ns")
+            body = fields.get("text")
+            wikitext = (body.text or "") if body is not None else ""
+            element.clear()
+            if (namespace is not None and namespace.text != "0") or fields.get("redirect") is not None \
+                    or wikitext.lstrip().lower().startswith("#redirect") or "(disambiguation)" in title:
+                continue
+            plain = _cut_at_paragraph(wikitext_to_plain(wikitext), ENWIKI_ARTICLE_CHARS)
+            if len(plain) >= ENWIKI_MIN_CHARS:
+                articles.append((title, plain))
+    return articles
+
+
+def _load_enwiki(split: str, cache_dir: Optional[os.PathLike]) -> TextData:
+    path = gensim_data_file(ENWIKI_FILE)
+    version = _gensim_version()
+    digest = _digest([ENWIKI_RULE, f"{path.stat().st_size}"])
+    folder = _cache_folder(cache_dir, f"{OOD_TEST_TEXT}-{version}-{digest}", split)
+    files = sorted(folder.glob("*.txt")) if (folder / ".complete").exists() else None
+    if files is None:
+        files = _cached_documents(cache_dir, f"{OOD_TEST_TEXT}-{version}-{digest}", split, enwiki_articles(path))
+        atomic.write_file(folder / ".complete", "")
+    return TextData(
+        name=OOD_TEST_TEXT,
+        split=split,
+        dataset=_load_text_files(files),
+        licence=ENWIKI_LICENCE,
+        source=f"English Wikipedia articles from gensim {version} ({GENSIM_DATA}/{ENWIKI_FILE}): {len(files)} "
+               f"articles in dump order, markup stripped, each cut to {ENWIKI_ARTICLE_CHARS} characters at a "
+               f"paragraph end; out-of-domain test text, never trained, calibrated or chosen on",
+    )
+
+
+def _load_lee_news(split: str, cache_dir: Optional[os.PathLike]) -> TextData:
+    path = gensim_data_file(LEE_NEWS_FILE)
+    version = _gensim_version()
+    articles = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
+                if line.strip()]
+    digest = _digest(articles)
+    files = _cached_documents(cache_dir, f"{OOD_VALIDATION_TEXT}-{version}-{digest}", split,
+                              [(f"article-{i:03d}", text) for i, text in enumerate(articles)])
+    return TextData(
+        name=OOD_VALIDATION_TEXT,
+        split=split,
+        dataset=_load_text_files(files),
+        licence=LEE_NEWS_LICENCE,
+        source=f"ABC news articles of the Lee background corpus from gensim {version} ({GENSIM_DATA}/"
+               f"{LEE_NEWS_FILE}), {len(articles)} articles in file order; out-of-domain validation text",
+    )
+
+
+def _digest(parts: Sequence[str]) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
+
+
+def _cache_folder(cache_dir: Optional[os.PathLike], key: str, split: str) -> Path:
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return folder / "text" / key / split
+
+
+def _cached_documents(cache_dir: Optional[os.PathLike], key: str, split: str,
+                      documents: Sequence[tuple[str, str]]) -> list[Path]:
+    """Write ``(name, text)`` documents once as numbered files under the cache; returns the files in order."""
+    folder = _cache_folder(cache_dir, key, split)
+    files = []
+    for position, (name, text) in enumerate(documents):
+        file = folder / f"{position:04d}-{_safe_file_name(name)[:80]}.txt"
+        if not file.exists():
+            atomic.write_file(file, text)
+        files.append(file)
+    return files
 
 
 def _load_local(path: Path) -> TextData:
@@ -334,19 +559,6 @@ def _load_text_files(files: Sequence[Path]):
     )
 
 
-def _write_text_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-
-
 def _safe_file_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
@@ -355,7 +567,3 @@ def _looks_like_path(source: str) -> bool:
     # datasets ids are "name" or "owner/name"; anything else shaped like a path is a missing file.
     return (source.startswith((".", "/", "~", "\\")) or source.count("/") > 1
             or Path(source).suffix.lower() in TEXT_FILE_SUFFIXES)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

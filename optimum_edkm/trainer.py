@@ -24,6 +24,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .api import edkm_config, owns_model_file, palettize
 from .atomic import commit_folder
+from .losses import DIVERGENCES, distillation_term
 from .marshaling.training import saved_tensor_policy
 from .nn import is_clustered
 from .validation import check_int
@@ -91,6 +92,8 @@ class EDKMTrainingArguments(TrainingArguments):
                 "loss is (1 - w) * cross-entropy + w * KL. Needs EDKMTrainer(teacher_model=...)"})
     distillation_temperature: float = field(default=1.0, metadata={
         "help": "softmax temperature of the distillation loss (the KL term is multiplied by its square)"})
+    distillation_loss: str = field(default="forward_kl", metadata={
+        "help": f"divergence to the teacher, one of {DIVERGENCES} (optimum_edkm.losses.token_divergence)"})
     offload_saved_tensors: Union[bool, str] = field(default=False, metadata={
         "help": "move what the clustering saves for backward to the CPU (True) or another device"})
     shard_saved_tensors: bool = field(default=False, metadata={
@@ -104,6 +107,10 @@ class EDKMTrainingArguments(TrainingArguments):
             raise ValueError(f"distillation_weight must be in [0, 1], got {self.distillation_weight!r}")
         if not self.distillation_temperature > 0:
             raise ValueError(f"distillation_temperature must be > 0, got {self.distillation_temperature!r}")
+        if self.distillation_loss not in DIVERGENCES:
+            raise ValueError(f"distillation_loss must be one of {DIVERGENCES}, got {self.distillation_loss!r}")
+        if self.distillation_loss not in DIVERGENCES:
+            raise ValueError(f"distillation_loss must be one of {DIVERGENCES}, got {self.distillation_loss!r}")
 
 
 def temperature_factor(args, step: int, max_steps: int) -> float:
@@ -221,22 +228,14 @@ class EDKMTrainer(Trainer):
         labels = inputs.get("labels")
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
                                              num_items_in_batch=num_items_in_batch)
-        temperature = self.args.distillation_temperature
         with torch.no_grad():
             teacher_logits = self.teacher_model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
-        student = torch.log_softmax(outputs.logits.float() / temperature, dim=-1)
-        teacher = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
-        per_token = torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="none").sum(-1)
-        # the positions whose next token is a label, as the causal LM loss counts them
-        mask = torch.ones_like(per_token) if labels is None else torch.nn.functional.pad(
-            labels[:, 1:] != -100, (0, 1), value=False).to(per_token.dtype)
-        if num_items_in_batch is not None:
-            distillation = (per_token * mask).sum() / num_items_in_batch
-            if self.args.average_tokens_across_devices:
-                distillation = distillation * self.accelerator.num_processes
-        else:
-            distillation = (per_token * mask).sum() / mask.sum().clamp_min(1)
-        loss = (1 - weight) * loss + weight * temperature ** 2 * distillation
+        distillation = distillation_term(outputs.logits, teacher_logits, labels,
+                                         getattr(self.args, "distillation_loss", "forward_kl"),
+                                         self.args.distillation_temperature, num_items_in_batch)
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            distillation = distillation * self.accelerator.num_processes
+        loss = (1 - weight) * loss + weight * distillation
         return (loss, outputs) if return_outputs else loss
 
     # ------------------------------------------------------------------------------------------ logging

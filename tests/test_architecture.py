@@ -18,9 +18,11 @@ LAYERS = {
     "validation": 0, "version": 0, "storage": 0, "atomic": 0,
     "clustering": 1, "marshaling": 1, "kernels": 1,
     "nn": 2,
-    "config": 3, "checkpoint": 3, "quantizer": 3, "api": 3, "trainer": 3, "finetune": 3,
+    "losses": 1,
+    "config": 3, "checkpoint": 3, "quantizer": 3, "api": 3, "trainer": 3,
+    "finetune": 4,
     "export": 4, "baselines": 4, "evaluation": 4, "data": 4, "models": 4, "distillation": 4, "commands": 4,
-    "peft": 4, "__init__": 5,
+    "peft": 4, "sensitivity": 4, "ptq": 4, "__init__": 5,
 }
 
 

@@ -164,23 +164,28 @@ def test_effective_bits_rejects_wrong_descriptions():
 def test_help_topic_split_is_deterministic_disjoint_and_complete(tmp_path):
     from pydoc_data.topics import topics
 
-    evaluation = data.load_text(split="evaluation", cache_dir=tmp_path)
-    calibration = data.load_text("python-help-topics", split="calibration", cache_dir=tmp_path)
-    again = data.load_text(split="evaluation", cache_dir=tmp_path / "elsewhere")
-    assert evaluation.documents == again.documents
+    test = data.load_text(split="test", cache_dir=tmp_path)
+    train = data.load_text("python-help-topics", split="train", cache_dir=tmp_path)
+    validation = data.load_text(split="validation", cache_dir=tmp_path)
+    again = data.load_text(split="evaluation", cache_dir=tmp_path / "elsewhere")   # the former name of "test"
+    assert test.documents == again.documents and again.split == "test"
+    assert data.load_text(split="calibration", cache_dir=tmp_path).documents == train.documents
 
     def long_paragraphs(documents):
         return {p.strip() for d in documents for p in d.split("\n\n") if len(p.strip()) >= 40}
 
     # the topics repeat each other heavily (subsections printed inside larger topics): nothing may cross over
-    assert not long_paragraphs(evaluation.documents) & long_paragraphs(calibration.documents)
-    assert long_paragraphs(evaluation.documents) | long_paragraphs(calibration.documents) == \
-        long_paragraphs(topics.values())
+    parts = [long_paragraphs(t.documents) for t in (train, validation, test)]
+    assert not parts[0] & parts[1] and not parts[0] & parts[2] and not parts[1] & parts[2]
+    assert parts[0] | parts[1] | parts[2] == long_paragraphs(topics.values())
     first = sorted(topics)[0]
-    assert evaluation.documents[0] == topics[first]  # the first group (by name) is held out
-    assert 0.05 < len(evaluation.joined()) / len(calibration.joined()) < 0.5
-    record = evaluation.describe(tokens=123)
-    assert record["tokens"] == 123 and "PSF" in record["licence"] and record["split"] == "evaluation"
+    assert test.documents[0] == topics[first]  # the first group (by name) is held out, as before the 3-way split
+    assert 0.05 < len(test.joined()) / len(train.joined()) < 0.5
+    assert 0.05 < len(validation.joined()) / len(train.joined()) < 0.5
+    record = test.describe(tokens=123)
+    assert record["tokens"] == 123 and "PSF" in record["licence"] and record["split"] == "test"
+    with pytest.raises(ValueError, match="split"):
+        data.load_text(split="dev", cache_dir=tmp_path)
 
 
 def test_user_files_and_folders_load_through_the_same_path(tmp_path):
@@ -250,58 +255,3 @@ def save_tiny_model(folder, text):
     LlamaForCausalLM(config).save_pretrained(folder)
 
 
-def test_quality_harness_runs_every_method_and_writes_consistent_outputs(tmp_path):
-    import json
-
-    from optimum_edkm.evaluation import quality
-    from pydoc_data.topics import topics
-
-    (tmp_path / "eval.txt").write_text(topics["assert"] + topics["pass"], encoding="utf-8")
-    (tmp_path / "calib.txt").write_text(topics["lambda"] + topics["del"], encoding="utf-8")
-    save_tiny_model(tmp_path / "model", topics["assert"] + topics["lambda"])
-    outputs = {"json": tmp_path / "r.json", "table": tmp_path / "t.md", "plot": tmp_path / "p.png"}
-    argv = ["--model", str(tmp_path / "model"), "--text", str(tmp_path / "eval.txt"),
-            "--calib-text", str(tmp_path / "calib.txt"), "--bits", "2", "3", "--group-size", "32",
-            "--eval-tokens", "300", "--context-length", "64", "--calib-samples", "4", "--calib-seq-len", "32",
-            "--methods", "rtn", "gptq", "awq", "kmeans-channel", "edkm-tensor", "fp-finetuned", "--edkm-steps", "2",
-            "--edkm-batch-size", "2", "--edkm-seq-len", "32",
-            "--no-progress"] + [a for key, path in outputs.items() for a in (f"--{key}", str(path))]
-    results = quality.run(quality.parse_args(argv))
-
-    rows = {(r["method"], r["bits"]): r for r in results["rows"]}
-    methods = ("rtn", "gptq", "awq", "kmeans-channel", "edkm-tensor")
-    assert set(rows) == {("fp", None), ("fp-finetuned", None)} | {(m, b) for m in methods for b in (2, 3)}
-    assert len(results["rows"]) == len(rows)        # the float reference runs once, not per bit width
-    for row in rows.values():                       # palettized weights are packed buffers, still counted
-        assert row["model_parameters"] == rows["fp", None]["model_parameters"]
-    tuned = rows["fp-finetuned", None]
-    assert tuned["bits_per_weight_model"] == 16 and tuned["perplexity"] != rows["fp", None]["perplexity"]
-    assert tuned["report"]["settings"]["steps"] == 2 and len(tuned["report"]["details"]["train_loss"]) >= 1
-    # one fp16 LUT of 2**bits entries per output channel of every decoder linear, 64 or 128 inputs wide
-    shapes = [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)] * 2
-    for b in (2, 3):
-        expected = sum(o * i * b + o * 2 ** b * 16 for o, i in shapes) / sum(o * i for o, i in shapes)
-        assert rows["kmeans-channel", b]["bits_per_weight_linears"] == pytest.approx(expected)
-        assert rows["edkm-tensor", b]["report"]["settings"]["steps"] == 2
-        assert len(rows["edkm-tensor", b]["report"]["details"]["train_loss"]) >= 1
-    model, tokenizer, _ = models.load_causal_lm(str(tmp_path / "model"))
-    ids = data.load_text(str(tmp_path / "eval.txt")).token_ids(tokenizer, max_tokens=300)
-    assert rows["fp", None]["perplexity"] == pytest.approx(
-        evaluate_perplexity(model, ids, context_length=64, progress=False).perplexity, rel=1e-6)
-    assert rows["rtn", 3]["bits_per_weight_linears"] == pytest.approx(3 + 32 / 32)
-    assert rows["rtn", 2]["perplexity"] != rows["rtn", 3]["perplexity"]
-    assert json.loads(outputs["json"].read_text()) == json.loads(json.dumps(results))
-    table = outputs["table"].read_text()
-    assert table.count("\n| ") == 1 + len(rows) and "eval.txt" in table
-    assert outputs["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporary files
-
-
-def test_quality_harness_refuses_the_same_text_for_evaluation_and_calibration(tmp_path):
-    from optimum_edkm.evaluation import quality
-
-    (tmp_path / "t.txt").write_text("some text", encoding="utf-8")
-    args = quality.parse_args(["--text", str(tmp_path / "t.txt"), "--calib-text", str(tmp_path / "t.txt"),
-                               "--output-root", str(tmp_path)])
-    with pytest.raises(ValueError, match="evaluation and calibration text are the same"):
-        quality.run(args)

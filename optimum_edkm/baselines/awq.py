@@ -31,14 +31,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from typing import Optional
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..evaluation.bits import QuantizationReport, WeightStorage
+from ..evaluation.bits import WeightStorage
+from .result import BaselineResult
 from .layers import (LayerCall, capture_first_layer_calls, decoder_layers, layer_output, module_names,
                      named_linears)
 from .quantizer import check_bits_and_group, fake_quantize, minmax_params, quantize_groupwise
@@ -211,7 +211,7 @@ def awq(
     clip_tokens: int = 512,
     batch_size: int = 8,
     progress: bool = True,
-) -> QuantizationReport:
+) -> BaselineResult:
     """AWQ every ``nn.Linear`` of ``model.model.layers`` in place: scale search and folding, clipping search,
     then round-to-nearest (fake-quantized: de-quantized float weights; RMSNorm weights change too).
 
@@ -229,7 +229,6 @@ def awq(
         raise ValueError(f"n_grid must be an integer >= 1, got {n_grid!r}")
     if not 0 <= max_shrink < 1:
         raise ValueError(f"max_shrink must be in [0, 1), got {max_shrink!r}")
-    started = time.perf_counter()
     names = module_names(model)
     layers = decoder_layers(model)
     calls = capture_first_layer_calls(model, input_ids, batch_size)
@@ -267,12 +266,8 @@ def awq(
             storage[names[id(linear)]] = WeightStorage.uniform(tuple(linear.weight.shape), bits, group_size, symmetric)
         calls = [call.with_hidden_states(output) for call, output in zip(calls, recording.layer_outputs)]
         del recording
-    return QuantizationReport(
-        method="awq",
-        bits=bits,
-        group_size=group_size,
+    return BaselineResult(
         storage=storage,
-        seconds=time.perf_counter() - started,
         settings={
             "symmetric": symmetric, "n_grid": n_grid, "clip": clip, "max_shrink": max_shrink,
             "clip_tokens": clip_tokens, "calibration_tokens": int(input_ids.numel()),

@@ -29,13 +29,13 @@ the next layer's inputs are the outputs of the quantized layer.
 from __future__ import annotations
 
 import contextlib
-import time
 from typing import NamedTuple, Optional
 
 import torch
 from tqdm.auto import tqdm
 
-from ..evaluation.bits import QuantizationReport, WeightStorage
+from ..evaluation.bits import WeightStorage
+from .result import BaselineResult
 from .layers import (capture_first_layer_calls, decoder_layers, module_names, named_linears, run_layer, run_until,
                      sequential_groups)
 from .quantizer import QuantParams, check_bits_and_group, fake_quantize, minmax_params
@@ -195,7 +195,7 @@ def gptq(
     true_sequential: bool = True,
     batch_size: int = 8,
     progress: bool = True,
-) -> QuantizationReport:
+) -> BaselineResult:
     """GPTQ every ``nn.Linear`` of ``model.model.layers`` in place (fake-quantized: de-quantized float weights).
 
     Args:
@@ -209,7 +209,6 @@ def gptq(
         batch_size: calibration sequences per forward.
     """
     check_bits_and_group(bits, group_size)
-    started = time.perf_counter()
     names = module_names(model)
     layers = decoder_layers(model)
     calls = capture_first_layer_calls(model, input_ids, batch_size)
@@ -244,12 +243,8 @@ def gptq(
             del gram
         outputs = run_layer(layer, calls)
         calls = [call.with_hidden_states(output) for call, output in zip(calls, outputs)]
-    return QuantizationReport(
-        method="gptq",
-        bits=bits,
-        group_size=group_size,
+    return BaselineResult(
         storage=storage,
-        seconds=time.perf_counter() - started,
         settings={
             "symmetric": symmetric, "block_size": block_size, "damp": damp, "act_order": act_order,
             "static_groups": static_groups, "true_sequential": true_sequential,

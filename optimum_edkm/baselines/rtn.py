@@ -7,19 +7,19 @@ differ only in the algorithm, never in the number format.
 
 from __future__ import annotations
 
-import time
 from typing import Optional
 
 import torch
 
-from ..evaluation.bits import QuantizationReport, WeightStorage
+from ..evaluation.bits import WeightStorage
+from .result import BaselineResult
 from .layers import decoder_layers, module_names, named_linears
 from .quantizer import check_bits_and_group, quantize_groupwise
 
 
 @torch.no_grad()
 def rtn(model: torch.nn.Module, bits: int, group_size: Optional[int] = 128, symmetric: bool = False
-        ) -> QuantizationReport:
+        ) -> BaselineResult:
     """Fake-quantize, in place, every ``nn.Linear`` inside ``model.model.layers`` (embeddings and LM head stay).
 
     Args:
@@ -28,18 +28,13 @@ def rtn(model: torch.nn.Module, bits: int, group_size: Optional[int] = 128, symm
         symmetric: symmetric grid (no stored zero point) instead of min-max with a zero point.
     """
     check_bits_and_group(bits, group_size)
-    started = time.perf_counter()
     names = module_names(model)
     storage = {}
     for layer in decoder_layers(model):
         for linear in named_linears(layer).values():
             linear.weight.copy_(quantize_groupwise(linear.weight, bits, group_size, symmetric))
             storage[names[id(linear)]] = WeightStorage.uniform(tuple(linear.weight.shape), bits, group_size, symmetric)
-    return QuantizationReport(
-        method="rtn",
-        bits=bits,
-        group_size=group_size,
+    return BaselineResult(
         storage=storage,
-        seconds=time.perf_counter() - started,
         settings={"symmetric": symmetric},
     )

@@ -33,16 +33,17 @@ def _nearest(values: torch.Tensor, group: torch.Tensor, centroids: torch.Tensor)
     return best, label
 
 
-def _padded_groups(uv: UniqueValues, groups: int, starts: torch.Tensor, pair_counts: torch.Tensor):
-    """Distinct values as a ``[groups, widest group]`` matrix; padding has count 0 (and a finite value, so
-    that ``0 * value`` stays 0)."""
+def _padded_groups(uv: UniqueValues, groups: int, starts: torch.Tensor, pair_counts: torch.Tensor,
+                   masses: torch.Tensor):
+    """Distinct values as a ``[groups, widest group]`` matrix with their ``masses`` (counts, or summed sample
+    weights); padding has mass 0 (and a finite value, so that ``0 * value`` stays 0)."""
     width = int(pair_counts.max())
     position = torch.arange(uv.num_pairs, device=uv.values.device) - starts[uv.group]
     pad_value = torch.finfo(uv.values.dtype).max / 4
     values = torch.full((groups, width), pad_value, dtype=uv.values.dtype, device=uv.values.device)
-    counts = torch.zeros((groups, width), dtype=uv.counts.dtype, device=uv.values.device)
+    counts = torch.zeros((groups, width), dtype=masses.dtype, device=uv.values.device)
     values[uv.group, position] = uv.values
-    counts[uv.group, position] = uv.counts
+    counts[uv.group, position] = masses
     return values, counts
 
 
@@ -85,15 +86,43 @@ def _lloyd(values: torch.Tensor, counts: torch.Tensor, centroids: torch.Tensor, 
     return c.to(centroids.dtype), inertia
 
 
+def value_masses(uv: UniqueValues, weight: torch.Tensor, scale: Optional[torch.Tensor],
+                 sample_weight: Optional[torch.Tensor], name: str = "weight") -> torch.Tensor:
+    """The k-means mass of each distinct (group, value) pair: its count, or with ``sample_weight`` (the
+    importance of each weight's squared error, the weight's shape) the sum of its weights' importances. With a
+    per-channel scale a clustered value's error is ``scale[row]`` times the weight's, so importances are
+    multiplied by ``scale[row] ** 2``. A tiny floor (1e-6 of the mean importance) keeps every value in play."""
+    if sample_weight is None:
+        return uv.counts
+    if tuple(sample_weight.shape) != tuple(weight.shape):
+        raise ValueError(f"{name}: sample_weight has shape {tuple(sample_weight.shape)}, the weight "
+                         f"{tuple(weight.shape)}; pass one importance per weight")
+    importance = sample_weight.detach().to(device=uv.values.device, dtype=torch.float64)
+    if not bool(torch.isfinite(importance).all()) or bool((importance < 0).any()):
+        raise ValueError(f"{name}: sample_weight must be finite and >= 0 (e.g. squared gradients)")
+    if scale is not None:
+        importance = importance * scale.detach().double().view((-1,) + (1,) * (weight.dim() - 1)).pow(2)
+    importance = importance.reshape(-1)
+    importance = importance + 1e-6 * importance.mean().clamp_min(torch.finfo(torch.float64).tiny)
+    masses = torch.zeros(uv.num_pairs, dtype=torch.float64, device=uv.values.device)
+    return masses.index_add_(0, uv.index.long(), importance).to(uv.counts.dtype)
+
+
 @torch.no_grad()
 def init_centroids(weight: torch.Tensor, spec: ClusteringSpec, scale: Optional[torch.Tensor] = None,
-                   seed: int = 0, restarts: int = 3, max_iter: int = 50, name: str = "weight") -> torch.Tensor:
+                   seed: int = 0, restarts: int = 3, max_iter: int = 50, name: str = "weight",
+                   sample_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Deterministic k-means centroids, ``[groups, 2**bits]``, sorted ascending within each group.
 
     Weighted k-means++ seeding on the distinct values of each group (weights = counts), refined by Lloyd
     iterations, best of ``restarts`` by inertia; all groups are processed together. The same ``seed`` and
     weights give the same centroids on every device and process. A group with fewer distinct values than
     clusters gets its distinct values, padded by repeating one of them.
+
+    ``sample_weight`` (the weight's shape, >= 0) makes it a sensitivity-weighted k-means (SqueezeLLM,
+    coremltools' SKMPalettizer): each weight counts with its importance, e.g. the Fisher diagonal (squared
+    gradients), instead of 1; a distinct value's mass is the sum of its weights' importances
+    (:func:`value_masses`).
     """
     check_weight(weight, name)
     groups = num_groups(weight, spec.group_size, name)
@@ -102,21 +131,22 @@ def init_centroids(weight: torch.Tensor, spec: ClusteringSpec, scale: Optional[t
         raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
     cdt = compute_dtype(weight)
     uv = uniquify(cluster_values(weight, scale, spec, groups), cdt)
+    masses = value_masses(uv, weight, scale, sample_weight, name)
     k = spec.num_clusters
     pair_counts = torch.bincount(uv.group, minlength=groups)
     ends = pair_counts.cumsum(0)
     starts = ends - pair_counts
     generator = torch.Generator().manual_seed(int(seed))
-    padded_values, padded_counts = _padded_groups(uv, groups, starts, pair_counts)
+    padded_values, padded_counts = _padded_groups(uv, groups, starts, pair_counts, masses)
     order = padded_values.argsort(1)
     padded_values, padded_counts = padded_values.gather(1, order), padded_counts.gather(1, order)
 
     best_centroids, best_inertia = None, None
     for _ in range(restarts):
-        chosen = [_sample_per_group(uv.counts, uv, starts, ends, generator)]
+        chosen = [_sample_per_group(masses, uv, starts, ends, generator)]
         nearest = (uv.values - uv.values[chosen[0]][uv.group]).pow(2)
         for _ in range(1, k):
-            pick = _sample_per_group(uv.counts * nearest, uv, starts, ends, generator)
+            pick = _sample_per_group(masses * nearest, uv, starts, ends, generator)
             chosen.append(pick)
             nearest = torch.minimum(nearest, (uv.values - uv.values[pick][uv.group]).pow(2))
         centroids = uv.values[torch.stack(chosen, 1)]                       # [G, k]

@@ -129,6 +129,10 @@ def add_coreml_export_arguments(parser: argparse.ArgumentParser) -> None:
     """``export coreml-edkm``: the options of ``python -m optimum_edkm.export`` (its ``export`` command)."""
     parser.add_argument("model", help="directory of a model saved by optimum_edkm.save_pretrained after palettize")
     parser.add_argument("output", help="the .mlpackage to write")
+    parser.add_argument("--generate", action="store_true",
+                        help="a stateful generation package (KV cache as Core ML state, prefill and decode steps)")
+    parser.add_argument("--context-length", type=int, default=None,
+                        help="with --generate: most tokens (prompt + generated) per sequence (default 512)")
     parser.add_argument("--seq-len", type=int, default=64, help="fixed number of tokens per call (default 64)")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--target", default="iOS18", help="minimum deployment target (default iOS18)")
@@ -145,7 +149,9 @@ def coreml_export_argv(args: argparse.Namespace) -> list:
     """The ``python -m optimum_edkm.export export ...`` command line for parsed ``export coreml-edkm`` options."""
     argv = ["export", args.model, args.output, "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
             "--target", args.target, "--capture", args.capture]
-    for flag in ("overwrite", "no_manifest", "no_tensors", "no_logits_check"):
+    if args.context_length is not None:
+        argv += ["--context-length", str(args.context_length)]
+    for flag in ("generate", "overwrite", "no_manifest", "no_tensors", "no_logits_check"):
         if getattr(args, flag):
             argv.append("--" + flag.replace("_", "-"))
     return argv

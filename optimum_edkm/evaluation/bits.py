@@ -85,37 +85,10 @@ def effective_bits(model: torch.nn.Module, storage: Mapping[str, WeightStorage],
     )
 
 
-@dataclasses.dataclass
-class QuantizationReport:
-    """What a compression method did to a model, as the benchmark records it.
+def palettized_storage(model: torch.nn.Module) -> dict:
+    """``{module name: WeightStorage}`` of every palettized module of ``model`` (after
+    :func:`optimum_edkm.palettize`): its index width, LUT grouping, LUT dtype and per-channel scale, read from
+    the module itself. Feeds :func:`effective_bits`."""
+    from ..nn import is_palettized
 
-    Attributes:
-        method: registry name (``"rtn"``, ``"gptq"``, ...).
-        bits: index / code width (``None`` for the uncompressed model).
-        group_size: the method's grouping (``None``: per channel / per tensor, as the method defines it).
-        storage: per compressed module (``named_modules`` name), what it stores; feeds :func:`effective_bits`.
-        seconds: wall-clock time of the compression.
-        settings: the method's hyper-parameters.
-        details: method-specific diagnostics (per-module errors, chosen scales, ...).
-    """
-
-    method: str
-    bits: Optional[int]
-    group_size: Optional[int]
-    storage: dict
-    seconds: float
-    settings: dict = dataclasses.field(default_factory=dict)
-    details: dict = dataclasses.field(default_factory=dict)
-
-    def as_dict(self) -> dict:
-        schemes = sorted({s.scheme for s in self.storage.values()})
-        return {
-            "method": self.method,
-            "bits": self.bits,
-            "group_size": self.group_size,
-            "seconds": self.seconds,
-            "settings": self.settings,
-            "compressed_modules": len(self.storage),
-            "schemes": schemes,
-            "details": self.details,
-        }
+    return {name: module.storage() for name, module in model.named_modules() if is_palettized(module)}
