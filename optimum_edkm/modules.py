@@ -27,6 +27,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .clustering import (ClusteringSpec, decode, dkm_reference, edkm_cluster, hard_assign, init_centroids,
                          pack_indices, packed_size, per_channel_scale, unpack_indices)
+from .kernels import lut_linear
 
 LUT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
@@ -306,7 +307,11 @@ class PalettizedLinear(PalettizedMixin, nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dense_weight(x.dtype), self.bias)
+        if self.cache_dense_weight:
+            return F.linear(x, self.dense_weight(x.dtype), self.bias)
+        # fused LUT kernel on the packed indices (pure-torch decode + F.linear where it does not apply)
+        return lut_linear(x, self.weight, self.weight_lut, self.weight_scale, self.bias, self.in_features,
+                          self.out_features, self.bits, self.group_size)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
