@@ -83,6 +83,24 @@ def test_fused_kernel_matches_float64_for_every_bit_width(isa, bits):
 
 
 @needs_kernel
+@pytest.mark.parametrize("bits", [1, 2, 3])
+def test_scalar_table_kernel_matches_float64(bits):
+    """The portable path for one row of x (tables of partial dot products over groups of indices): used when the
+    layer has enough rows to pay for the tables, i.e. 512 rows here."""
+    set_kernel_isa("scalar")
+    try:
+        for in_f, groups, scale, bias in itertools.product([48, 44], [1, 2], [False, True], [False, True]):
+            if (in_f * bits) % 8:
+                continue
+            indices, packed, lut, row_scale, row_bias = make_palette(512, in_f, bits, groups, scale, bias)
+            x = torch.randn(1, in_f)
+            y = call_op(x, packed, lut, row_scale, row_bias, in_f, 512, bits, 0)
+            check_against_float64(y, x, indices, lut, row_scale, row_bias)
+    finally:
+        set_kernel_isa("best")
+
+
+@needs_kernel
 @pytest.mark.parametrize("isa", isas(), indirect=True)
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
 def test_gemm_path_matches_float64_and_tiles(isa, bits):
@@ -268,3 +286,30 @@ def test_torch_compile_matches_eager(palettized_llama, input_ids, backend):
         torch.testing.assert_close(compiled(input_ids).logits, eager, rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
     assert graph_ops.count("optimum_edkm.lut_linear.default") == 14     # one opaque node per palettized linear
+
+
+@needs_kernel
+def test_generate_compiles_a_palettized_model_with_a_static_cache(tiny_llama_dir):
+    """is_compileable: transformers compiles the decoding step (fullgraph) and generates the eager tokens."""
+    from torch._dynamo.utils import counters
+    from transformers import AutoModelForCausalLM, CompileConfig
+
+    import optimum_edkm
+    from optimum_edkm import EDKMConfig
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    optimum_edkm.prepare(model, EDKMConfig(bits=3, enable_per_channel_scale=True))
+    assert not model.hf_quantizer.is_compileable          # train-time modules: not claimed
+    optimum_edkm.palettize(model)
+    assert model.hf_quantizer.is_compileable
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(0))
+    eager = model.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="static")
+    config = CompileConfig(backend="aot_eager", fullgraph=True)
+    config._compile_all_devices = True                    # transformers compiles on CPU only when asked
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = model.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="static",
+                              compile_config=config)
+    assert counters["stats"]["unique_graphs"] >= 1
+    torch._dynamo.reset()
+    assert torch.equal(compiled, eager)

@@ -101,16 +101,16 @@ def reference_lut_linear(x: torch.Tensor, packed: torch.Tensor, lut: torch.Tenso
     return F.linear(x, decode(indices, lut, scale, dtype=x.dtype), bias)
 
 
-def _kernel_applies(x: torch.Tensor, packed: torch.Tensor, in_features: int, bits: int) -> bool:
-    return (x.device.type == "cpu" and packed.device.type == "cpu" and (in_features * bits) % 8 == 0
-            and kernel_available())
+def _kernel_applies(x: torch.Tensor, in_features: int, bits: int) -> bool:
+    # packed/lut on another device than x is a user error that the op reports
+    return x.is_cpu and (in_features * bits) % 8 == 0 and kernel_available()
 
 
 def lut_decode(packed: torch.Tensor, lut: torch.Tensor, scale: Optional[torch.Tensor], in_features: int,
                out_features: int, bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The dense ``[out, in]`` weight ``scale[row] * lut[group(row), index]`` (computed in fp32, then cast):
     the C++ decode on CPU when it applies, else the pure-torch ``decode``."""
-    if packed.device.type == "cpu" and (in_features * bits) % 8 == 0 and kernel_available():
+    if packed.is_cpu and (in_features * bits) % 8 == 0 and kernel_available():
         return _state["decode"](packed, lut, scale, in_features, out_features, bits, dtype)
     indices = unpack_indices(packed, bits, out_features * in_features).view(out_features, in_features)
     return decode(indices, lut, scale, dtype=dtype)
@@ -153,7 +153,7 @@ def lut_linear(x: torch.Tensor, packed: torch.Tensor, lut: torch.Tensor, scale: 
     if group_size is not None and lut.shape[0] * group_size != out_features:
         raise ValueError(f"lut_linear: a LUT of {lut.shape[0]} groups of {group_size} rows does not cover "
                          f"{out_features} output rows; pass the group_size the weight was palettized with")
-    if not _kernel_applies(x, packed, in_features, bits):
+    if not _kernel_applies(x, in_features, bits):
         return reference_lut_linear(x, packed, lut, scale, bias, in_features, out_features, bits)
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return _LutLinearFunction.apply(x, packed, lut, scale, bias, in_features, out_features, bits)

@@ -166,6 +166,63 @@ void gemv_scalar(const Problem& p, const float* x, int64_t m_rows, float* y, int
   }
 }
 
+// One row of x, portable: per group of G consecutive indices (G*BITS <= 8 bits, G | 8), a table of the K**G
+// partial dot products sum_j lut[idx_j] * x[g*G + j] is built once per call (and LUT group); a weight row then
+// costs one shift, one mask, one load and one add per G weights instead of a decode and an FMA per weight.
+// (4 bits: tables of 256 entries per pair fall out of L1 and measured slower than decode + GEMM)
+template <int BITS>
+constexpr int table_group() { return BITS == 1 ? 8 : BITS == 2 ? 4 : BITS == 3 ? 2 : 1; }
+
+template <int BITS>
+bool table_applies(const Problem& p) {
+  constexpr int64_t G = table_group<BITS>();
+  const int64_t entries = int64_t(1) << (G * BITS);
+  // building costs entries/G adds per x element and per LUT group; a row costs one lookup per G weights
+  return G > 1 && p.in >= 8 && entries * (p.out / p.rows_per_group) * 2 <= p.out;
+}
+
+template <int BITS>
+void gemv_scalar_table(const Problem& p, const float* x, float* y, int64_t r0, int64_t r1) {
+  constexpr int64_t G = table_group<BITS>();
+  constexpr int64_t E = int64_t(1) << (G * BITS);
+  constexpr uint64_t code_mask = uint64_t(E - 1);
+  const int64_t full = p.in / 8 * 8, groups_of_x = full / G;
+  std::vector<float> table(groups_of_x * E);
+  GroupLut lut;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t previous = lut.group;
+    lut.load(p, r);
+    if (lut.group != previous) {
+      for (int64_t g = 0; g < groups_of_x; ++g) {
+        float* t = table.data() + g * E;
+        for (int64_t c = 0; c < (int64_t(1) << BITS); ++c) t[c] = lut.values[c] * x[g * G];
+        for (int64_t j = 1; j < G; ++j) {
+          const int64_t filled = int64_t(1) << (j * BITS);
+          const float xj = x[g * G + j];
+          for (int64_t hi = (int64_t(1) << BITS) - 1; hi >= 0; --hi) {
+            const float add = lut.values[hi] * xj;
+            for (int64_t lo = 0; lo < filled; ++lo) t[hi * filled + lo] = t[lo] + add;
+          }
+        }
+      }
+    }
+    const uint8_t* row = p.packed + r * p.row_bytes;
+    float part[4] = {0, 0, 0, 0};
+    const float* t = table.data();
+    for (int64_t k = 0; k < full; k += 8, t += (8 / G) * E) {
+      const uint64_t word = load_chunk8<BITS>(row, k);
+      for (int64_t c = 0; c < 8 / G; ++c) part[c % 4] += t[c * E + ((word >> (c * G * BITS)) & code_mask)];
+    }
+    float sum = (part[0] + part[2]) + (part[1] + part[3]);
+    if (full < p.in) {
+      const uint64_t word = load_tail8<BITS>(row, full, p.in - full);
+      for (int64_t j = 0; j < p.in - full; ++j)
+        sum += lut.values[(word >> (j * BITS)) & ((1u << BITS) - 1)] * x[full + j];
+    }
+    y[r] = sum * row_scale(p, r) + row_bias(p, r);
+  }
+}
+
 template <int BITS>
 void decode_scalar(const Problem& p, float* dense, int64_t r0, int64_t r1) {
   GroupLut lut;
@@ -239,19 +296,35 @@ EDKM_AVX2 void gemv_avx2_tile(const Problem& p, const float* x, float* y, int64_
     lut.load(p, r);
     if (lut.group != group || r == r0) regs = lut_regs_avx2<BITS>(lut);
     const uint8_t* row = p.packed + r * p.row_bytes;
-    __m256 acc[MT];
-    for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < full; k += 8) {
+    // U independent accumulators per row of x: one FMA chain alone would wait on its own latency
+    constexpr int U = MT >= 4 ? 1 : 4 / MT;
+    __m256 acc[U][MT];
+    for (int u = 0; u < U; ++u)
+      for (int m = 0; m < MT; ++m) acc[u][m] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 * U <= full; k += 8 * U) {
+      for (int u = 0; u < U; ++u) {
+        const int64_t ku = k + 8 * u;
+        const __m256 w = lookup_avx2<BITS>(indices8_avx2<BITS>(load_chunk8<BITS>(row, ku)), regs, lut);
+        for (int m = 0; m < MT; ++m)
+          acc[u][m] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + m * p.in + ku), acc[u][m]);
+      }
+    }
+    for (; k < full; k += 8) {
       const __m256 w = lookup_avx2<BITS>(indices8_avx2<BITS>(load_chunk8<BITS>(row, k)), regs, lut);
-      for (int m = 0; m < MT; ++m) acc[m] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + m * p.in + k), acc[m]);
+      for (int m = 0; m < MT; ++m) acc[0][m] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + m * p.in + k), acc[0][m]);
     }
     if (rest) {
       // lanes past the row's end multiply zeros of tail_x (their LUT values are finite)
       const __m256 w = lookup_avx2<BITS>(indices8_avx2<BITS>(load_tail8<BITS>(row, full, rest)), regs, lut);
-      for (int m = 0; m < MT; ++m) acc[m] = _mm256_fmadd_ps(w, _mm256_load_ps(tail_x[m]), acc[m]);
+      for (int m = 0; m < MT; ++m) acc[0][m] = _mm256_fmadd_ps(w, _mm256_load_ps(tail_x[m]), acc[0][m]);
     }
     const float s = row_scale(p, r), b = row_bias(p, r);
-    for (int m = 0; m < MT; ++m) y[m * p.out + r] = hsum_avx2(acc[m]) * s + b;
+    for (int m = 0; m < MT; ++m) {
+      __m256 total = acc[0][m];
+      for (int u = 1; u < U; ++u) total = _mm256_add_ps(total, acc[u][m]);
+      y[m * p.out + r] = hsum_avx2(total) * s + b;
+    }
   }
 }
 
@@ -342,19 +415,35 @@ EDKM_AVX512 void gemv_avx512_tile(const Problem& p, const float* x, float* y, in
     lut.load(p, r);
     if (lut.group != group || r == r0) regs = lut_regs_avx512<BITS>(lut);
     const uint8_t* row = p.packed + r * p.row_bytes;
-    __m512 acc[MT];
-    for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < full; k += 16) {
+    // U independent accumulators per row of x: one FMA chain alone would wait on its own latency
+    constexpr int U = MT >= 4 ? 1 : 4 / MT;
+    __m512 acc[U][MT];
+    for (int u = 0; u < U; ++u)
+      for (int m = 0; m < MT; ++m) acc[u][m] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 * U <= full; k += 16 * U) {
+      for (int u = 0; u < U; ++u) {
+        const int64_t ku = k + 16 * u;
+        const __m512 w = lookup_avx512<BITS>(unpack(row + ku / 8 * BITS, chunk_bytes), regs, lut);
+        for (int m = 0; m < MT; ++m)
+          acc[u][m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + m * p.in + ku), acc[u][m]);
+      }
+    }
+    for (; k < full; k += 16) {
       const __m512 w = lookup_avx512<BITS>(unpack(row + k / 8 * BITS, chunk_bytes), regs, lut);
-      for (int m = 0; m < MT; ++m) acc[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + m * p.in + k), acc[m]);
+      for (int m = 0; m < MT; ++m) acc[0][m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + m * p.in + k), acc[0][m]);
     }
     if (rest) {
       const __m512 w = lookup_avx512<BITS>(unpack(row + full / 8 * BITS, rest_bytes), regs, lut);
       for (int m = 0; m < MT; ++m)
-        acc[m] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(rest_lanes, x + m * p.in + full), acc[m]);
+        acc[0][m] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(rest_lanes, x + m * p.in + full), acc[0][m]);
     }
     const float s = row_scale(p, r), b = row_bias(p, r);
-    for (int m = 0; m < MT; ++m) y[m * p.out + r] = _mm512_reduce_add_ps(acc[m]) * s + b;
+    for (int m = 0; m < MT; ++m) {
+      __m512 total = acc[0][m];
+      for (int u = 1; u < U; ++u) total = _mm512_add_ps(total, acc[u][m]);
+      y[m * p.out + r] = _mm512_reduce_add_ps(total) * s + b;
+    }
   }
 }
 
@@ -392,7 +481,18 @@ using DecodeFn = void (*)(const Problem&, float*, int64_t, int64_t);
 
 template <int BITS, int MT>
 void gemv_scalar_tile(const Problem& p, const float* x, float* y, int64_t r0, int64_t r1) {
+  if (MT == 1 && table_applies<BITS>(p)) return gemv_scalar_table<BITS>(p, x, y, r0, r1);
   gemv_scalar<BITS>(p, x, MT, y, r0, r1);
+}
+
+bool scalar_table_applies(const Problem& p) {
+  switch (p.bits) {
+    case 1: return table_applies<1>(p);
+    case 2: return table_applies<2>(p);
+    case 3: return table_applies<3>(p);
+    case 4: return table_applies<4>(p);
+    default: return false;
+  }
 }
 
 template <int BITS, int MT>
@@ -511,9 +611,13 @@ int64_t row_grain(const Problem& p, int64_t weights_per_task) {
 }
 
 // Rows of x from which decoding tiles + torch's GEMM beats the fused kernel, per instruction set (measured with
-// benchmarks/inference.py --kernel-sweep on SmolLM2's layer shapes; the scalar decode is slow enough that BLAS on
-// a decoded copy wins from the first row).
-int64_t default_gemm_min_rows(int isa) { return isa == kAvx512 ? 64 : isa == kAvx2 ? 32 : 1; }
+// benchmarks/inference.py --kernel-sweep on SmolLM2's layer shapes). Scalar: only one row through the table
+// kernel; otherwise the scalar decode is slow enough that BLAS on a decoded copy wins from the first row.
+int64_t default_gemm_min_rows(int isa, const Problem& p) {
+  if (isa == kAvx512) return 64;
+  if (isa == kAvx2) return 32;
+  return scalar_table_applies(p) ? 2 : 1;
+}
 
 // Dense fp32 rows [r0, r1), each scale[r] * lut[group(r), index].
 void decode_into(const Problem& p, float* dense, int64_t r0, int64_t r1, int isa) {
@@ -544,7 +648,7 @@ at::Tensor lut_linear(const at::Tensor& x, const at::Tensor& packed, const at::T
   const int64_t m_rows = x.numel() / in_features;
   const int isa = g_isa.load();
   if (m_rows == 0) return at::empty(out_shape, x.options());
-  if (gemm_min_rows <= 0) gemm_min_rows = default_gemm_min_rows(isa);
+  if (gemm_min_rows <= 0) gemm_min_rows = default_gemm_min_rows(isa, p);
 
   if (m_rows >= gemm_min_rows) {
     // compute-bound: decode tiles of rows (exactly the reference's dense weight) and use torch's GEMM
