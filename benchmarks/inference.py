@@ -53,6 +53,7 @@ class Config:
     kernels: bool = True                  # False: OPTIMUM_EDKM_DISABLE_KERNELS=1 (pure-torch decode per call)
     dense_cache: bool = False             # PalettizedLinear.cache_dense_weight
     device: str = "cpu"
+    new_tokens: Optional[int] = None      # overrides --new-tokens (the pure-torch path is ~10x slower)
 
     @property
     def checkpoint(self) -> Optional[str]:
@@ -86,7 +87,7 @@ CONFIGS = {c.name: c for c in [
     Config("p3-lmhead4", bits=3, lm_head_bits=4),
     Config("p4-lmhead4", bits=4, lm_head_bits=4),
     Config("p3-densecache", bits=3, dense_cache=True),
-    Config("p3-torch", bits=3, kernels=False),
+    Config("p3-torch", bits=3, kernels=False, new_tokens=16),
 ]}
 DEFAULT_CONFIGS = ["float", "p2", "p3", "p4", "p3-noscale", "p3-g16", "p3-g16-noscale", "p3-lmhead4",
                    "p3-densecache", "p3-torch"]
@@ -114,9 +115,11 @@ def reset_peak_rss() -> None:
 
 
 def footprint_bytes(model) -> int:
-    """Bytes of the distinct storages behind the model's parameters and buffers (tied tensors once)."""
+    """Bytes of the distinct storages behind the model's parameters, buffers and cached dense weights
+    (``cache_dense_weight``), tied or shared tensors once."""
+    caches = [m._dense_cache[1] for m in model.modules() if getattr(m, "_dense_cache", None) is not None]
     seen, total = set(), 0
-    for tensor in list(model.parameters()) + list(model.buffers()):
+    for tensor in list(model.parameters()) + list(model.buffers()) + caches:
         storage = tensor.untyped_storage()
         key = (storage.data_ptr(), storage.nbytes())
         if key not in seen:
@@ -243,7 +246,7 @@ class _StepClock:
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def measure_decode(model, tokenizer, args, device) -> tuple:
+def measure_decode(model, tokenizer, new_tokens, device) -> tuple:
     import torch
     from transformers import StoppingCriteriaList
 
@@ -253,7 +256,7 @@ def measure_decode(model, tokenizer, args, device) -> tuple:
     with torch.inference_mode():
         model.generate(**inputs, max_new_tokens=8, min_new_tokens=8, **common)    # warm-up
         clock = _StepClock(device)
-        out = model.generate(**inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+        out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                              stopping_criteria=StoppingCriteriaList([clock]), **common)
     steps = clock.times
     tokens = out[0, inputs["input_ids"].shape[1]:].tolist()
@@ -282,11 +285,14 @@ def worker(config: Config, args) -> dict:
 
     result["kernel_isa"] = kernel_isa() if config.kernels else None
     result["prefill_tokens_per_s"] = measure_prefill(model, args, device)
-    result["decode_tokens_per_s"], result["generated"] = measure_decode(model, tokenizer, args, device)
+    result["new_tokens"] = config.new_tokens or args.new_tokens
+    result["decode_tokens_per_s"], result["generated"] = measure_decode(model, tokenizer, result["new_tokens"],
+                                                                        device)
     if device.type == "cpu":
         result["peak_rss_bytes"] = status_bytes("VmHWM")
     else:
         result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
+    result["footprint_bytes"] = footprint_bytes(model)      # after the run: includes dense caches, if any
     result["loadavg_end"] = loadavg()
     return result
 

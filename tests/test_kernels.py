@@ -141,16 +141,21 @@ def test_lut_linear_input_dtypes_shapes_and_strides(dtype, rows):
 
 
 @needs_kernel
-def test_two_threads_split_output_rows():
-    indices, packed, lut, row_scale, _ = make_palette(4096, 576, 4)
-    x = torch.randn(2, 576)
+@pytest.mark.parametrize("isa", isas(), indirect=True)
+def test_two_threads_share_output_rows(isa):
+    """Rows handed out in chunks to two threads: fused path (one and two rows of x; one row on the portable path
+    uses the shared partial-sum tables) and the decode + GEMM path."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        y = call_op(x, packed, lut, row_scale, None, 576, 4096, 4, FORCE_FUSED)
+        for bits, groups, rows, gemm_min_rows in [(3, 1, 1, 0), (3, 2, 1, 0), (4, 1, 2, FORCE_FUSED),
+                                                  (2, 4, 5, FORCE_GEMM)]:
+            indices, packed, lut, row_scale, row_bias = make_palette(1024, 576, bits, groups, bias=True)
+            x = torch.randn(rows, 576)
+            y = call_op(x, packed, lut, row_scale, row_bias, 576, 1024, bits, gemm_min_rows)
+            check_against_float64(y, x, indices, lut, row_scale, row_bias)
     finally:
         torch.set_num_threads(threads)
-    check_against_float64(y, x, indices, lut, row_scale, None)
 
 
 @needs_kernel
@@ -172,6 +177,13 @@ def test_rows_not_byte_aligned_fall_back_to_the_reference():
     y = lut_linear(x, packed, lut, row_scale, row_bias, 13, 6, 3)
     assert torch.equal(y, reference_lut_linear(x, packed, lut, row_scale, row_bias, 13, 6, 3))
     check_against_float64(y, x, indices, lut, row_scale, row_bias)
+
+
+def test_float64_inputs_fall_back_to_the_reference():
+    indices, packed, lut, row_scale, row_bias = make_palette(8, 16, 3, bias=True)
+    x = torch.randn(3, 16, dtype=torch.float64)
+    y = lut_linear(x, packed, lut, row_scale, row_bias.double(), 16, 8, 3)
+    assert torch.equal(y, reference_lut_linear(x, packed, lut, row_scale, row_bias.double(), 16, 8, 3))
 
 
 @needs_kernel

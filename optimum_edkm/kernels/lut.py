@@ -101,9 +101,12 @@ def reference_lut_linear(x: torch.Tensor, packed: torch.Tensor, lut: torch.Tenso
     return F.linear(x, decode(indices, lut, scale, dtype=x.dtype), bias)
 
 
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def _kernel_applies(x: torch.Tensor, in_features: int, bits: int) -> bool:
     # packed/lut on another device than x is a user error that the op reports
-    return x.is_cpu and (in_features * bits) % 8 == 0 and kernel_available()
+    return x.is_cpu and x.dtype in _KERNEL_DTYPES and (in_features * bits) % 8 == 0 and kernel_available()
 
 
 def lut_decode(packed: torch.Tensor, lut: torch.Tensor, scale: Optional[torch.Tensor], in_features: int,

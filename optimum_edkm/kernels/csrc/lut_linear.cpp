@@ -73,6 +73,7 @@ struct Problem {
   const void* lut; at::ScalarType lut_type;
   const void* scale; at::ScalarType scale_type;   // null: no scale
   const void* bias; at::ScalarType bias_type;     // null: no bias
+  const float* x_tables = nullptr;                // portable one-row kernel: partial-sum tables (per LUT group)
 };
 
 // The LUT of one group as float, replicated with period 2**bits to fill 16 lanes (so that a lookup may use the
@@ -181,34 +182,45 @@ bool table_applies(const Problem& p) {
   return G > 1 && p.in >= 8 && entries * (p.out / p.rows_per_group) * 2 <= p.out;
 }
 
+// Tables of every LUT group for one row of x: [groups][in/8*8 / G][K**G].
+template <int BITS>
+std::vector<float> build_tables(const Problem& p, const float* x) {
+  constexpr int64_t G = table_group<BITS>();
+  constexpr int64_t E = int64_t(1) << (G * BITS);
+  const int64_t groups_of_x = p.in / 8 * 8 / G, lut_groups = p.out / p.rows_per_group;
+  std::vector<float> tables(lut_groups * groups_of_x * E);
+  GroupLut lut;
+  for (int64_t group = 0; group < lut_groups; ++group) {
+    lut.load(p, group * p.rows_per_group);
+    for (int64_t g = 0; g < groups_of_x; ++g) {
+      float* t = tables.data() + (group * groups_of_x + g) * E;
+      for (int64_t c = 0; c < (int64_t(1) << BITS); ++c) t[c] = lut.values[c] * x[g * G];
+      for (int64_t j = 1; j < G; ++j) {
+        const int64_t filled = int64_t(1) << (j * BITS);
+        const float xj = x[g * G + j];
+        // high blocks first: block 0 is the source of the others and is overwritten last
+        for (int64_t hi = (int64_t(1) << BITS) - 1; hi >= 0; --hi) {
+          const float add = lut.values[hi] * xj;
+          for (int64_t lo = 0; lo < filled; ++lo) t[hi * filled + lo] = t[lo] + add;
+        }
+      }
+    }
+  }
+  return tables;
+}
+
 template <int BITS>
 void gemv_scalar_table(const Problem& p, const float* x, float* y, int64_t r0, int64_t r1) {
   constexpr int64_t G = table_group<BITS>();
   constexpr int64_t E = int64_t(1) << (G * BITS);
   constexpr uint64_t code_mask = uint64_t(E - 1);
   const int64_t full = p.in / 8 * 8, groups_of_x = full / G;
-  std::vector<float> table(groups_of_x * E);
   GroupLut lut;
   for (int64_t r = r0; r < r1; ++r) {
-    const int64_t previous = lut.group;
     lut.load(p, r);
-    if (lut.group != previous) {
-      for (int64_t g = 0; g < groups_of_x; ++g) {
-        float* t = table.data() + g * E;
-        for (int64_t c = 0; c < (int64_t(1) << BITS); ++c) t[c] = lut.values[c] * x[g * G];
-        for (int64_t j = 1; j < G; ++j) {
-          const int64_t filled = int64_t(1) << (j * BITS);
-          const float xj = x[g * G + j];
-          for (int64_t hi = (int64_t(1) << BITS) - 1; hi >= 0; --hi) {
-            const float add = lut.values[hi] * xj;
-            for (int64_t lo = 0; lo < filled; ++lo) t[hi * filled + lo] = t[lo] + add;
-          }
-        }
-      }
-    }
     const uint8_t* row = p.packed + r * p.row_bytes;
     float part[4] = {0, 0, 0, 0};
-    const float* t = table.data();
+    const float* t = p.x_tables + lut.group * groups_of_x * E;
     for (int64_t k = 0; k < full; k += 8, t += (8 / G) * E) {
       const uint64_t word = load_chunk8<BITS>(row, k);
       for (int64_t c = 0; c < 8 / G; ++c) part[c % 4] += t[c * E + ((word >> (c * G * BITS)) & code_mask)];
@@ -481,8 +493,16 @@ using DecodeFn = void (*)(const Problem&, float*, int64_t, int64_t);
 
 template <int BITS, int MT>
 void gemv_scalar_tile(const Problem& p, const float* x, float* y, int64_t r0, int64_t r1) {
-  if (MT == 1 && table_applies<BITS>(p)) return gemv_scalar_table<BITS>(p, x, y, r0, r1);
+  if (MT == 1 && p.x_tables) return gemv_scalar_table<BITS>(p, x, y, r0, r1);
   gemv_scalar<BITS>(p, x, MT, y, r0, r1);
+}
+
+std::vector<float> scalar_tables(const Problem& p, const float* x) {
+  switch (p.bits) {
+    case 1: return build_tables<1>(p, x);
+    case 2: return build_tables<2>(p, x);
+    default: return build_tables<3>(p, x);
+  }
 }
 
 bool scalar_table_applies(const Problem& p) {
@@ -619,10 +639,28 @@ int64_t default_gemm_min_rows(int isa, const Problem& p) {
   return scalar_table_applies(p) ? 2 : 1;
 }
 
+// Runs body(a, b) over chunks of `chunk` rows of [0, rows) on torch's threads. Chunks are handed out through a
+// counter rather than split in equal halves up front, so a thread that the OS schedules late (busy machine)
+// finds the work already done by the others instead of holding its share back.
+template <typename Body>
+void for_row_chunks(int64_t rows, int64_t chunk, const Body& body) {
+  const int64_t chunks = (rows + chunk - 1) / chunk;
+  if (chunks <= 1 || at::get_num_threads() == 1 || at::in_parallel_region()) {
+    body(0, rows);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(chunks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1))
+      body(c * chunk, std::min(rows, (c + 1) * chunk));
+  });
+}
+
 // Dense fp32 rows [r0, r1), each scale[r] * lut[group(r), index].
 void decode_into(const Problem& p, float* dense, int64_t r0, int64_t r1, int isa) {
   const DecodeFn fn = select_decode(isa, p.bits);
-  at::parallel_for(r0, r1, row_grain(p, 1 << 16), [&](int64_t a, int64_t b) { fn(p, dense + (a - r0) * p.in, a, b); });
+  for_row_chunks(r1 - r0, row_grain(p, 1 << 16),
+                 [&](int64_t a, int64_t b) { fn(p, dense + a * p.in, r0 + a, r0 + b); });
 }
 
 at::Tensor lut_decode(const at::Tensor& packed, const at::Tensor& lut, const c10::optional<at::Tensor>& scale,
@@ -692,7 +730,13 @@ at::Tensor lut_linear(const at::Tensor& x, const at::Tensor& packed, const at::T
     // y rows are offset by m0; the kernel writes y[m * out + r] relative to its x tile
     const float* xt = xp + m0 * in_features;
     float* yt = yp + m0 * out_features;
-    at::parallel_for(0, out_features, row_grain(p, 1 << 15) , [&](int64_t a, int64_t b) { fn(p, xt, yt, a, b); });
+    Problem tile = p;
+    std::vector<float> tables;
+    if (isa == kScalar && mt == 1 && scalar_table_applies(p)) {
+      tables = scalar_tables(p, xt);
+      tile.x_tables = tables.data();
+    }
+    for_row_chunks(out_features, row_grain(p, 1 << 16), [&](int64_t a, int64_t b) { fn(tile, xt, yt, a, b); });
     m0 += mt;
   }
   at::Tensor result = x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
