@@ -24,7 +24,10 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
@@ -639,27 +642,51 @@ int64_t default_gemm_min_rows(int isa, const Problem& p) {
   return scalar_table_applies(p) ? 2 : 1;
 }
 
-// Runs body(a, b) over chunks of `chunk` rows of [0, rows) on torch's threads. Chunks are handed out through a
-// counter rather than split in equal halves up front, so a thread that the OS schedules late (busy machine)
-// finds the work already done by the others instead of holding its share back.
+// Runs body(a, b) over chunks of `chunk` rows of [0, rows), with up to at::get_num_threads() threads: the caller
+// and helpers posted to torch's inter-op pool (at::launch) claim chunks through a counter. The caller waits only
+// for helpers that claimed a chunk, never for one that has not started: on a busy machine a helper scheduled late
+// finds the work done and leaves, instead of holding up a fork/join barrier (an OpenMP region per layer made
+// 2-thread decoding ~3x slower than 1 thread under load). The job is shared, so a late helper never touches
+// freed memory, and it calls body only for a chunk it claimed, i.e. while the caller is still waiting.
+struct ChunkJob {
+  std::atomic<int64_t> next{0};
+  std::atomic<int> in_flight{0};
+  int64_t chunks = 0, chunk = 0, rows = 0;
+  std::function<void(int64_t, int64_t)> body;
+
+  void work() {
+    in_flight.fetch_add(1);
+    for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1))
+      body(c * chunk, std::min(rows, (c + 1) * chunk));
+    in_flight.fetch_sub(1);
+  }
+};
+
+// Below this many weights a layer takes a few microseconds on one core: a helper would arrive after the end.
+constexpr int64_t kMinWeightsForHelpers = int64_t(1) << 18;
+
 template <typename Body>
-void for_row_chunks(int64_t rows, int64_t chunk, const Body& body) {
+void for_row_chunks(int64_t rows, int64_t chunk, int64_t weights, const Body& body) {
   const int64_t chunks = (rows + chunk - 1) / chunk;
-  if (chunks <= 1 || at::get_num_threads() == 1 || at::in_parallel_region()) {
+  const int64_t helpers = std::min<int64_t>(chunks, at::get_num_threads()) - 1;
+  if (helpers <= 0 || weights < kMinWeightsForHelpers || at::in_parallel_region()) {
     body(0, rows);
     return;
   }
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(chunks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-    for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1))
-      body(c * chunk, std::min(rows, (c + 1) * chunk));
-  });
+  auto job = std::make_shared<ChunkJob>();
+  job->chunks = chunks;
+  job->chunk = chunk;
+  job->rows = rows;
+  job->body = [&body](int64_t a, int64_t b) { body(a, b); };
+  for (int64_t h = 0; h < helpers; ++h) at::launch([job] { job->work(); });
+  job->work();
+  while (job->in_flight.load() > 0) std::this_thread::yield();
 }
 
 // Dense fp32 rows [r0, r1), each scale[r] * lut[group(r), index].
 void decode_into(const Problem& p, float* dense, int64_t r0, int64_t r1, int isa) {
   const DecodeFn fn = select_decode(isa, p.bits);
-  for_row_chunks(r1 - r0, row_grain(p, 1 << 16),
+  for_row_chunks(r1 - r0, row_grain(p, 1 << 16), (r1 - r0) * p.in,
                  [&](int64_t a, int64_t b) { fn(p, dense + a * p.in, r0 + a, r0 + b); });
 }
 
@@ -736,7 +763,8 @@ at::Tensor lut_linear(const at::Tensor& x, const at::Tensor& packed, const at::T
       tables = scalar_tables(p, xt);
       tile.x_tables = tables.data();
     }
-    for_row_chunks(out_features, row_grain(p, 1 << 16), [&](int64_t a, int64_t b) { fn(tile, xt, yt, a, b); });
+    for_row_chunks(out_features, row_grain(p, 1 << 16), out_features * in_features * mt,
+                   [&](int64_t a, int64_t b) { fn(tile, xt, yt, a, b); });
     m0 += mt;
   }
   at::Tensor result = x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
