@@ -9,7 +9,7 @@ from .clustered import (CHECKPOINT_WEIGHT_DIM, ClusteredModule, EDKMConv1D, EDKM
                         EDKMTiedLinear, is_clustered)
 from .formats import LUT_DTYPES, ClusteringOptions, PaletteFormat
 from .palettized import (PalettizedConv1D, PalettizedEmbedding, PalettizedLinear, PalettizedModule,
-                         PalettizedTiedLinear, is_palettized, lut_linear)
+                         PalettizedTiedLinear, is_palettized)
 from .registry import clustered_class_for, register_clustered_module, registered_float_classes
 
 __all__ = [
@@ -30,7 +30,6 @@ __all__ = [
     "clustered_class_for",
     "is_clustered",
     "is_palettized",
-    "lut_linear",
     "register_clustered_module",
     "registered_float_classes",
 ]

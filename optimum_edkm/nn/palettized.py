@@ -20,18 +20,12 @@ import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
 
 from ..clustering import decode, pack_indices, packed_size, unpack_indices
+from ..kernels import lut_linear
 from ..storage import WeightStorage
 from .formats import PaletteFormat
 
 #: the buffers that hold a palette's values: they keep their stored dtype when the module is cast
 PALETTE_BUFFERS = ("weight_lut", "weight_scale")
-
-
-def lut_linear(x: torch.Tensor, packed: torch.Tensor, lut: torch.Tensor, scale: Optional[torch.Tensor],
-               bias: Optional[torch.Tensor], out_features: int, in_features: int, bits: int) -> torch.Tensor:
-    """``x @ decode(packed, lut, scale)^T + bias``: the reference path (decodes the dense weight in fp32)."""
-    indices = unpack_indices(packed, bits, out_features * in_features).view(out_features, in_features)
-    return F.linear(x, decode(indices, lut, scale, dtype=x.dtype), bias)
 
 
 class PalettizedModule:
@@ -177,8 +171,9 @@ class PalettizedLinear(PalettizedModule, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cache_dense_weight:
             return F.linear(x, self.dense_weight(x.dtype), self.bias)
-        return lut_linear(x, self.weight, self.weight_lut, self.weight_scale, self.bias, self.out_features,
-                          self.in_features, self.bits)
+        # fused LUT kernel on the packed indices (pure-torch decode + F.linear where it does not apply)
+        return lut_linear(x, self.weight, self.weight_lut, self.weight_scale, self.bias, self.in_features,
+                          self.out_features, self.bits, self.group_size)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -273,7 +268,7 @@ class PalettizedTiedLinear(nn.Module):
         if embedding.cache_dense_weight:
             return F.linear(x, embedding.dense_weight(x.dtype), self.bias)
         return lut_linear(x, embedding.weight, embedding.weight_lut, embedding.weight_scale, self.bias,
-                          self.out_features, self.in_features, embedding.bits)
+                          self.in_features, self.out_features, embedding.bits, embedding.group_size)
 
     def to_float(self, dtype: Optional[torch.dtype] = None) -> nn.Module:
         embedding = self.tied_embedding

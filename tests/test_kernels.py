@@ -1,0 +1,328 @@
+"""The fused LUT linear kernel against independent references: a float64 recomputation of
+``x @ decode(indices, lut, scale)^T + bias`` and the pure-torch ``unpack_indices`` + ``decode`` path.
+
+The first test in a fresh machine builds the C++ extension (20-60 s, once; cached afterwards).
+"""
+
+import itertools
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from optimum_edkm.clustering import decode, pack_indices
+from optimum_edkm.kernels import lut as lut_module
+from optimum_edkm.kernels import (kernel_available, lut_decode, lut_linear, reference_lut_linear, set_kernel_isa,
+                                  supported_isas)
+from optimum_edkm.nn import PaletteFormat, PalettizedLinear
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FORCE_FUSED, FORCE_GEMM = 1 << 30, 1
+
+
+def isas():
+    return supported_isas() if kernel_available() else []
+
+
+needs_kernel = pytest.mark.skipif("not kernel_available()", reason="the C++ LUT kernel could not be built here")
+
+
+@pytest.fixture
+def isa(request):
+    set_kernel_isa(request.param)
+    yield request.param
+    set_kernel_isa("best")
+
+
+def make_palette(out_f, in_f, bits, groups=1, scale=True, bias=False, lut_dtype=torch.float16, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    indices = torch.randint(0, 2 ** bits, (out_f, in_f), dtype=torch.uint8, generator=generator)
+    lut = torch.randn(groups, 2 ** bits, generator=generator).to(lut_dtype)
+    row_scale = (torch.rand(out_f, generator=generator) + 0.5).to(lut_dtype) if scale else None
+    row_bias = torch.randn(out_f, generator=generator) if bias else None
+    return indices, pack_indices(indices, bits), lut, row_scale, row_bias
+
+
+def check_against_float64(y, x, indices, lut, scale, bias):
+    """|y - exact| <= tol * (|x| @ |W|^T + |bias|): fp32 accumulation for float32 inputs; for 16-bit inputs the
+    output (and, on the GEMM path, the weight) is rounded to the input's precision."""
+    weight = decode(indices, lut, scale, dtype=torch.float64)
+    exact = x.double() @ weight.t()
+    magnitude = x.double().abs() @ weight.abs().t()
+    if bias is not None:
+        exact = exact + bias.to(x.dtype).double()
+        magnitude = magnitude + bias.double().abs()
+    tol = 2e-6 * x.shape[-1] ** 0.5 if x.dtype == torch.float32 else 2 * torch.finfo(x.dtype).eps
+    assert y.dtype == x.dtype and y.shape == exact.shape
+    error = (y.double() - exact).abs()
+    assert bool((error <= tol * magnitude + 1e-30).all()), f"max error {float((error / magnitude).max()):.3g}"
+
+
+def call_op(x, packed, lut, scale, bias, in_f, out_f, bits, gemm_min_rows, tile_bytes=8 << 20):
+    return torch.ops.optimum_edkm.lut_linear(x, packed, lut, scale, bias, in_f, out_f, bits, gemm_min_rows,
+                                             tile_bytes)
+
+
+# ------------------------------------------------------------------------------------------------ kernel
+@needs_kernel
+@pytest.mark.parametrize("isa", isas(), indirect=True)
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_fused_kernel_matches_float64_for_every_bit_width(isa, bits):
+    # in_features: a multiple of 16, of 8 only, and neither (tails of the AVX-512 / AVX2 / scalar loops)
+    for in_f, groups, scale, bias, rows in itertools.product([48, 40, 24 + 4 * (bits % 2 == 0)], [1, 3],
+                                                             [False, True], [False, True], [1, 3, 17]):
+        if (in_f * bits) % 8:
+            continue
+        indices, packed, lut, row_scale, row_bias = make_palette(12, in_f, bits, groups, scale, bias)
+        x = torch.randn(rows, in_f)
+        y = call_op(x, packed, lut, row_scale, row_bias, in_f, 12, bits, FORCE_FUSED)
+        check_against_float64(y, x, indices, lut, row_scale, row_bias)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [1, 2, 3])
+def test_scalar_table_kernel_matches_float64(bits):
+    """The portable path for one row of x (tables of partial dot products over groups of indices): used when the
+    layer has enough rows to pay for the tables, i.e. 512 rows here."""
+    set_kernel_isa("scalar")
+    try:
+        for in_f, groups, scale, bias in itertools.product([48, 44], [1, 2], [False, True], [False, True]):
+            if (in_f * bits) % 8:
+                continue
+            indices, packed, lut, row_scale, row_bias = make_palette(512, in_f, bits, groups, scale, bias)
+            x = torch.randn(1, in_f)
+            y = call_op(x, packed, lut, row_scale, row_bias, in_f, 512, bits, 0)
+            check_against_float64(y, x, indices, lut, row_scale, row_bias)
+    finally:
+        set_kernel_isa("best")
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", isas(), indirect=True)
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
+def test_gemm_path_matches_float64_and_tiles(isa, bits):
+    indices, packed, lut, row_scale, row_bias = make_palette(40, 40, bits, groups=4, bias=True)
+    x = torch.randn(600, 40)
+    for tile_bytes in (8 << 20, 7 * 40 * 4):      # whole weight, or tiles of 7 rows (the last one shorter)
+        for bias in (row_bias, None):
+            y = call_op(x, packed, lut, row_scale, bias, 40, 40, bits, FORCE_GEMM, tile_bytes)
+            check_against_float64(y, x, indices, lut, row_scale, bias)
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", isas(), indirect=True)
+def test_decode_is_bit_identical_to_the_reference(isa):
+    for bits, groups, scale, lut_dtype in itertools.product(range(1, 9), [1, 2], [False, True],
+                                                            [torch.float16, torch.float32, torch.bfloat16]):
+        indices, packed, lut, row_scale, _ = make_palette(8, 56, bits, groups, scale, lut_dtype=lut_dtype)
+        expected = decode(indices, lut, row_scale, dtype=torch.float32)
+        assert torch.equal(lut_decode(packed, lut, row_scale, 56, 8, bits), expected)
+        assert torch.equal(lut_decode(packed, lut, row_scale, 56, 8, bits, torch.bfloat16),
+                           expected.to(torch.bfloat16))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 3, 17, 600])
+def test_lut_linear_input_dtypes_shapes_and_strides(dtype, rows):
+    indices, packed, lut, row_scale, row_bias = make_palette(24, 64, 3, groups=2, bias=True)
+    wide = torch.randn(2, rows, 128).to(dtype)
+    x = wide[..., ::2]                          # non-contiguous, 3-D
+    assert not x.is_contiguous()
+    y = lut_linear(x, packed, lut, row_scale, row_bias.to(dtype), 64, 24, 3, group_size=12)
+    assert y.shape == (2, rows, 24)
+    check_against_float64(y.reshape(-1, 24), x.reshape(-1, 64), indices, lut, row_scale, row_bias.to(dtype))
+    reference = reference_lut_linear(x, packed, lut, row_scale, row_bias.to(dtype), 64, 24, 3)
+    tol = 1e-5 if dtype == torch.float32 else 4 * torch.finfo(dtype).eps
+    torch.testing.assert_close(y, reference, rtol=tol, atol=tol * float(reference.abs().max()))
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", isas(), indirect=True)
+def test_two_threads_share_output_rows(isa):
+    """Rows handed out in chunks to two threads: fused path (one and two rows of x; one row on the portable path
+    uses the shared partial-sum tables) and the decode + GEMM path."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for bits, groups, rows, gemm_min_rows in [(3, 1, 1, 0), (3, 2, 1, 0), (4, 1, 2, FORCE_FUSED),
+                                                  (2, 4, 5, FORCE_GEMM)]:
+            indices, packed, lut, row_scale, row_bias = make_palette(1024, 576, bits, groups, bias=True)
+            x = torch.randn(rows, 576)
+            y = call_op(x, packed, lut, row_scale, row_bias, 576, 1024, bits, gemm_min_rows)
+            check_against_float64(y, x, indices, lut, row_scale, row_bias)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
+def test_tied_lm_head_shape_at_4_bits():
+    """The 49152 x 576 4-bit lm_head of SmolLM2, as one token's logits and as a prefill (tiled GEMM path)."""
+    indices, packed, lut, row_scale, _ = make_palette(49152, 576, 4)
+    x = torch.randn(1, 576)
+    check_against_float64(lut_linear(x, packed, lut, row_scale, None, 576, 49152, 4), x, indices, lut, row_scale,
+                          None)
+    x = torch.randn(70, 576)
+    y = lut_linear(x, packed, lut, row_scale, None, 576, 49152, 4)     # 70 rows: tiles of 8 MiB + GEMM
+    exact = x.double() @ decode(indices, lut, row_scale, dtype=torch.float64).t()
+    assert float((y.double() - exact).abs().max()) <= 1e-4 * float(exact.abs().max())
+
+
+def test_rows_not_byte_aligned_fall_back_to_the_reference():
+    indices, packed, lut, row_scale, row_bias = make_palette(6, 13, 3, bias=True)   # 39 bits per row
+    x = torch.randn(5, 13)
+    y = lut_linear(x, packed, lut, row_scale, row_bias, 13, 6, 3)
+    assert torch.equal(y, reference_lut_linear(x, packed, lut, row_scale, row_bias, 13, 6, 3))
+    check_against_float64(y, x, indices, lut, row_scale, row_bias)
+
+
+def test_float64_inputs_fall_back_to_the_reference():
+    indices, packed, lut, row_scale, row_bias = make_palette(8, 16, 3, bias=True)
+    x = torch.randn(3, 16, dtype=torch.float64)
+    y = lut_linear(x, packed, lut, row_scale, row_bias.double(), 16, 8, 3)
+    assert torch.equal(y, reference_lut_linear(x, packed, lut, row_scale, row_bias.double(), 16, 8, 3))
+
+
+@needs_kernel
+def test_gradients_for_input_and_bias_match_the_reference():
+    _, packed, lut, row_scale, row_bias = make_palette(24, 40, 3, bias=True)
+    results = []
+    for function in (lut_linear, reference_lut_linear):
+        x = torch.randn(3, 40, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        bias = row_bias.clone().requires_grad_(True)
+        function(x, packed, lut, row_scale, bias, 40, 24, 3).pow(2).sum().backward()
+        results.append((x.grad, bias.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_bad_inputs_name_the_problem():
+    _, packed, lut, row_scale, _ = make_palette(8, 16, 3)
+    x = torch.randn(1, 16)
+    with pytest.raises(RuntimeError, match="packed bytes"):
+        call_op(x, packed[:-1], lut, row_scale, None, 16, 8, 3, 0)
+    with pytest.raises(RuntimeError, match="last dimension must be in_features=16"):
+        call_op(torch.randn(1, 15), packed, lut, row_scale, None, 16, 8, 3, 0)
+    with pytest.raises(RuntimeError, match=r"\[groups, 8\]"):
+        call_op(x, packed, lut[:, :4], row_scale, None, 16, 8, 3, 0)
+    with pytest.raises(RuntimeError, match="cannot describe 8 output rows"):
+        call_op(x, packed, torch.randn(3, 8), row_scale, None, 16, 8, 3, 0)
+    with pytest.raises(ValueError, match="group_size"):
+        lut_linear(x, packed, lut, row_scale, None, 16, 8, 3, group_size=3)
+
+
+def test_disabled_kernels_use_the_reference_path():
+    script = textwrap.dedent("""
+        import warnings
+        warnings.simplefilter("error")           # disabling must not warn
+        import torch
+        from optimum_edkm.clustering import pack_indices
+        from optimum_edkm.kernels import kernel_available, lut_linear, reference_lut_linear
+        assert not kernel_available()
+        packed = pack_indices(torch.randint(0, 8, (24, 64), dtype=torch.uint8), 3)
+        lut, x = torch.randn(1, 8).half(), torch.randn(2, 64)
+        assert torch.equal(lut_linear(x, packed, lut, None, None, 64, 24, 3),
+                           reference_lut_linear(x, packed, lut, None, None, 64, 24, 3))
+        print("reference path")
+    """)
+    env = dict(os.environ, OPTIMUM_EDKM_DISABLE_KERNELS="1", PYTHONPATH=ROOT)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "reference path" in done.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none in this environment)")
+def test_cuda_uses_decode_and_matmul():
+    indices, packed, lut, row_scale, row_bias = make_palette(24, 64, 3, bias=True)
+    x = torch.randn(5, 64)
+    y = lut_linear(x.cuda(), packed.cuda(), lut.cuda(), row_scale.cuda(), row_bias.cuda(), 64, 24, 3)
+    check_against_float64(y.cpu(), x, indices, lut, row_scale, row_bias)
+
+
+# ------------------------------------------------------------------------------------------------ models
+@pytest.fixture(scope="module")
+def palettized_llama():
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_llama_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(tie=True)).eval()
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            bits = 3 if "mlp" in name else 4
+            layer = PalettizedLinear(module.in_features, module.out_features, False,
+                                     PaletteFormat(bits=bits, per_channel_scale=True))
+            indices, packed, lut, row_scale, _ = make_palette(module.out_features, module.in_features, bits,
+                                                              seed=len(name))
+            layer.weight.copy_(packed)
+            layer.weight_lut.copy_(lut * 0.05)
+            layer.weight_scale.copy_(row_scale)
+            model.set_submodule(name, layer)
+    return model
+
+
+@needs_kernel
+def test_palettized_llama_logits_equal_with_and_without_kernel(palettized_llama, input_ids, monkeypatch):
+    calls = []
+    fused_op = lut_module._state["linear"]
+    monkeypatch.setitem(lut_module._state, "linear", lambda *args: calls.append(args[7]) or fused_op(*args))
+    with torch.no_grad():
+        fused = palettized_llama(input_ids).logits
+        assert sorted(set(calls)) == [3, 4] and len(calls) == 14      # every palettized projection, both widths
+        monkeypatch.setattr(lut_module, "kernel_available", lambda: False)
+        reference = palettized_llama(input_ids).logits
+    assert len(calls) == 14
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_torch_compile_matches_eager(palettized_llama, input_ids, backend):
+    from torch._dynamo.backends.registry import lookup_backend
+
+    graph_ops = []
+
+    def recording_backend(graph_module, example_inputs):
+        graph_ops.extend(str(node.target) for node in graph_module.graph.nodes)
+        return lookup_backend(backend)(graph_module, example_inputs)
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = palettized_llama(input_ids).logits
+        compiled = torch.compile(palettized_llama, backend=recording_backend, fullgraph=True)
+        torch.testing.assert_close(compiled(input_ids).logits, eager, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+    assert graph_ops.count("optimum_edkm.lut_linear.default") == 14     # one opaque node per palettized linear
+
+
+@needs_kernel
+def test_generate_compiles_a_palettized_model_with_a_static_cache(tiny_llama_dir):
+    """is_compileable: transformers compiles the decoding step (fullgraph) and generates the eager tokens."""
+    from torch._dynamo.utils import counters
+    from transformers import AutoModelForCausalLM, CompileConfig
+
+    import optimum_edkm
+    from optimum_edkm import EDKMConfig
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    optimum_edkm.prepare(model, EDKMConfig(bits=3, enable_per_channel_scale=True))
+    assert not model.hf_quantizer.is_compileable          # train-time modules: not claimed
+    optimum_edkm.palettize(model)
+    assert model.hf_quantizer.is_compileable
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(0))
+    eager = model.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="static")
+    config = CompileConfig(backend="aot_eager", fullgraph=True)
+    config._compile_all_devices = True                    # transformers compiles on CPU only when asked
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = model.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="static",
+                              compile_config=config)
+    assert counters["stats"]["unique_graphs"] >= 1
+    torch._dynamo.reset()
+    assert torch.equal(compiled, eager)
