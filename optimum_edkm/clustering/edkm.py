@@ -189,7 +189,7 @@ def _check_counts(counts: torch.Tensor, weight: torch.Tensor, plan: _Plan, name:
     """Non-finite weights (or values beyond the 16-bit range) land on NaN/Inf patterns: one look at the
     counts replaces a pass over the weight."""
     bad = nonfinite_patterns(plan.pattern_dtype, counts.device)
-    if bool(counts.view(-1, PATTERNS)[:, bad].any()):
+    if bool(counts.view(-1, PATTERNS).index_select(1, bad).any()):
         check_weight(weight, name)           # raises, naming the NaN and Inf counts
         raise ValueError(
             f"'{name}' has values that overflow {plan.pattern_dtype} once divided by their channel's scale "

@@ -63,11 +63,11 @@ def _pattern_table(dtype: torch.dtype, device: torch.device, compute: torch.dtyp
 def _nonfinite_patterns(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     codes = torch.arange(PATTERNS, dtype=torch.int32, device=device)
     codes = torch.where(codes >= PATTERNS // 2, codes - PATTERNS, codes).to(torch.int16)
-    return ~torch.isfinite(codes.view(dtype))
+    return (~torch.isfinite(codes.view(dtype))).nonzero().squeeze(1)
 
 
 def nonfinite_patterns(dtype: torch.dtype, device) -> torch.Tensor:
-    """Bool mask of the NaN/Inf patterns of a 16-bit ``dtype`` (index = pattern)."""
+    """int64 patterns of a 16-bit ``dtype`` that stand for NaN or +-Inf."""
     return _nonfinite_patterns(dtype, torch.device(device))
 
 
