@@ -4,7 +4,9 @@ One step = forward + backward + AdamW update on a batch of ``--batch-size`` x ``
 text. Each mode runs in its own fresh process (so that its peak memory is its own): a warm-up step, then
 ``--steps`` timed steps. With ``--rounds N`` the modes alternate N times (plain, eDKM, plain, eDKM, ...), so
 that a burst of load from other processes hits both; the median and the minimum over all timed steps of a
-mode, and its largest peak memory, are reported, with the load average around each run.
+mode, and its largest peak memory, are reported, with the load average around each run. The process's CPU
+time per step (all threads) is reported too: on a shared machine it is less sensitive than wall time to
+being descheduled, though not to it entirely (threads waiting for each other spin).
 
 Modes: ``plain`` (float fine-tuning), ``edkm`` (clustering in the loop, compiled engine kernels where they
 build), ``edkm-torch`` (the same with ``OPTIMUM_EDKM_DISABLE_KERNELS=1``: the pure-torch engine).
@@ -40,6 +42,8 @@ def worker(args) -> dict:
     from optimum_edkm.models import load_causal_lm
 
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, tokenizer, info = load_causal_lm(args.model)
     model.to(device)
@@ -53,9 +57,9 @@ def worker(args) -> dict:
     peak = PeakMemory(device)
     peak.start()
     baseline = peak.base
-    times = []
+    times, cpu_times = [], []
     for step in range(args.steps + 1):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         optimizer.step()
@@ -64,12 +68,21 @@ def worker(args) -> dict:
             torch.cuda.synchronize(device)
         if step:
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
     peak_bytes = peak.peak() + baseline             # peak of the process (model, optimizer state included)
-    from optimum_edkm.clustering.patterns import compiled_ops
-    return {"times": times, "median_seconds": statistics.median(times), "peak_bytes": peak_bytes,
+    return {"times": times, "cpu_times": cpu_times, "median_seconds": statistics.median(times),
+            "peak_bytes": peak_bytes,
             "loss": float(loss), "model": info.get("name", args.model),
             "parameters": sum(p.numel() for p in model.parameters()),
-            "engine_kernels": args.mode.startswith("edkm") and compiled_ops() is not None}
+            "engine_kernels": args.mode.startswith("edkm") and engine_kernels_loaded()}
+
+
+def engine_kernels_loaded() -> bool:
+    try:
+        from optimum_edkm.clustering.patterns import compiled_ops
+    except ImportError:          # a checkout from before the compiled engine (the script also times those)
+        return False
+    return compiled_ops() is not None
 
 
 MODES = {"plain": "plain (float weights)", "edkm": "eDKM, {bits}-bit clustering in the loop",
@@ -79,7 +92,7 @@ MODES = {"plain": "plain (float weights)", "edkm": "eDKM, {bits}-bit clustering 
 def run(args, mode: str) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--worker", mode, "--bits", str(args.bits),
                "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--steps", str(args.steps),
-               "--device", args.device] + (["--model", args.model] if args.model else [])
+               "--device", args.device, "--threads", str(args.threads)] + (["--model", args.model] if args.model else [])
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                MALLOC_MMAP_THRESHOLD_="131072")
     if mode == "edkm-torch":
@@ -97,7 +110,9 @@ def run(args, mode: str) -> dict:
 def pool(runs: list) -> dict:
     """One row per mode from its runs: all timed steps, their median and minimum, the largest peak."""
     times = [t for run in runs for t in run["times"]]
+    cpu_times = [t for run in runs for t in run["cpu_times"]]
     return {"times": times, "median_seconds": statistics.median(times), "min_seconds": min(times),
+            "cpu_times": cpu_times, "median_cpu_seconds": statistics.median(cpu_times),
             "peak_bytes": max(run["peak_bytes"] for run in runs), "loss": runs[-1]["loss"],
             "model": runs[-1]["model"], "parameters": runs[-1]["parameters"],
             "engine_kernels": runs[-1]["engine_kernels"],
@@ -114,6 +129,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=1, help="alternate the modes this many times")
     parser.add_argument("--modes", default="plain,edkm", help=f"comma-separated, from {', '.join(MODES)}")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads of the workers (0: torch's default)")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "train_step.json"))
     parser.add_argument("--worker", choices=list(MODES), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -139,10 +155,11 @@ def main(argv=None) -> dict:
         "setting": {"model": plain["model"], "parameters": plain["parameters"], "bits": args.bits,
                     "batch": f"{args.batch_size} x {args.seq_len} tokens", "steps_timed": args.steps,
                     "rounds": args.rounds, "optimizer": "AdamW", "what": "forward + backward + optimizer step"},
-        "machine": machine(torch.device(args.device)),
+        "machine": dict(machine(torch.device(args.device)), threads=args.threads or torch.get_num_threads()),
         "rows": rows,
         "ratios": {mode: {"time_median": rows[mode]["median_seconds"] / plain["median_seconds"],
                           "time_min": rows[mode]["min_seconds"] / plain["min_seconds"],
+                          "cpu_time_median": rows[mode]["median_cpu_seconds"] / plain["median_cpu_seconds"],
                           "memory_overhead": rows[mode]["peak_bytes"] / plain["peak_bytes"] - 1}
                    for mode in modes if mode != "plain"},
     }
@@ -156,15 +173,17 @@ def main(argv=None) -> dict:
           f"({report['machine'].get('gpu', report['machine']['cpu'])}, {report['machine']['threads']} threads); "
           f"{args.rounds} round(s) x {args.steps} timed steps; load average {min(loads):.2f}-{max(loads):.2f}")
     print()
-    print("| fine-tuning | step time (median) | step time (min) | peak memory of the process | vs plain |")
-    print("|---|---|---|---|---|")
+    print("| fine-tuning | step time (median) | step time (min) | CPU time of the step (median) | peak memory of the "
+          "process | vs plain |")
+    print("|---|---|---|---|---|---|")
     for mode in modes:
         row = rows[mode]
         versus = ("-" if mode == "plain" else
                   f"{report['ratios'][mode]['time_median']:.2f}x median, {report['ratios'][mode]['time_min']:.2f}x "
-                  f"min, memory {100 * report['ratios'][mode]['memory_overhead']:+.1f}%")
+                  f"min, {report['ratios'][mode]['cpu_time_median']:.2f}x CPU time, memory "
+                  f"{100 * report['ratios'][mode]['memory_overhead']:+.1f}%")
         print(f"| {MODES[mode].format(bits=args.bits)} | {row['median_seconds']:.2f} s | {row['min_seconds']:.2f} s | "
-              f"{row['peak_bytes'] / GIB:.2f} GiB | {versus} |")
+              f"{row['median_cpu_seconds']:.2f} s | {row['peak_bytes'] / GIB:.2f} GiB | {versus} |")
     print()
     print(f"{main_mode} / plain: step time {report['ratio_time']:.2f}x (median), memory overhead "
           f"{100 * report['memory_overhead']:+.1f}%")

@@ -220,50 +220,66 @@ def compiled():
 @pytest.mark.parametrize("kind", [0, 1], ids=["bf16-patterns", "fp16-patterns"])
 @pytest.mark.parametrize("groups,with_scale", [(1, False), (4, False), (1, True), (4, True)])
 def test_pattern_kernel_equals_torch_reference(compiled, dtype, kind, groups, with_scale):
-    from optimum_edkm.clustering.patterns import TorchPatternOps
+    from optimum_edkm.clustering.patterns import TorchPatternOps as reference
 
     generator = torch.Generator().manual_seed(kind + 2 * groups)
     weight = (torch.randn(16, 75, generator=generator) * 0.05).to(dtype)
     weight[0, :3] = torch.tensor([0.0, -0.0, 1e-30])            # signed zeros and a value that flushes
     scale = torch.rand(16, generator=generator) + 0.5 if with_scale else None
     grad = torch.randn(16, 75, generator=generator).to(dtype)
-    table, local, shift = (torch.randn(groups * 65536, generator=generator) for _ in range(3))
 
-    counts = compiled.count_patterns(weight, scale, groups, kind)
-    assert torch.equal(counts, TorchPatternOps.count_patterns(weight, scale, groups, kind))
-    assert int(counts.sum()) == weight.numel()
-    gathered = compiled.gather_table(weight, scale, groups, kind, table)
+    keys, counts, nonfinite = compiled.count_pairs(weight, scale, groups, kind)
+    expected_keys, expected_counts, expected_nonfinite = reference.count_pairs(weight, scale, groups, kind)
+    assert torch.equal(keys, expected_keys) and torch.equal(counts, expected_counts)
+    assert nonfinite == expected_nonfinite == 0 and int(counts.sum()) == weight.numel()
+    # every weight's key is among the pairs (an independent recomputation of the keys)
+    assert bool(torch.isin(reference.keys(weight, scale, groups, kind).long(), keys).all())
+    table, local, shift = (torch.randn(keys.numel(), generator=generator) for _ in range(3))
+    gathered = compiled.gather_pairs(weight, scale, groups, kind, keys, table)
     assert gathered.dtype == dtype
-    assert torch.equal(gathered, TorchPatternOps.gather_table(weight, scale, groups, kind, table))
-    kernel_counts, kernel_sums = compiled.pattern_sums(weight, scale, groups, kind, grad)
-    torch_counts, torch_sums = TorchPatternOps.pattern_sums(weight, scale, groups, kind, grad)
-    assert torch.equal(kernel_counts, torch_counts)
+    assert torch.equal(gathered, reference.gather_pairs(weight, scale, groups, kind, keys, table))
+    sum_keys, sum_counts, sums = compiled.sum_pairs(weight, scale, groups, kind, grad)
+    ref_keys, ref_counts, ref_sums = reference.sum_pairs(weight, scale, groups, kind, grad)
+    assert torch.equal(sum_keys, keys) and torch.equal(ref_keys, keys)
+    assert torch.equal(sum_counts, counts) and torch.equal(ref_counts, counts)
     # the kernel sums in float64: compare with an exact float64 recomputation
-    keys = TorchPatternOps.keys(weight, scale, groups, kind).long()
+    position = torch.searchsorted(keys, reference.keys(weight, scale, groups, kind).long())
     scaled = grad.double().reshape(16, -1) * (scale.double().unsqueeze(1) if with_scale else 1.0)
-    exact = torch.zeros(groups * 65536, dtype=torch.float64).index_add_(0, keys, scaled.float().double().reshape(-1))
-    assert torch.allclose(kernel_sums, exact, rtol=0, atol=1e-12)
-    assert torch.allclose(torch_sums.double(), exact, rtol=1e-5, atol=1e-5)
-    assert torch.equal(compiled.weight_grad(weight, scale, groups, kind, grad, local, shift),
-                       TorchPatternOps.weight_grad(weight, scale, groups, kind, grad, local, shift))
+    exact = torch.zeros(keys.numel(), dtype=torch.float64).index_add_(0, position, scaled.float().double().reshape(-1))
+    assert torch.allclose(sums, exact, rtol=0, atol=1e-12)
+    assert torch.allclose(ref_sums.double(), exact, rtol=1e-5, atol=1e-5)
+    assert torch.equal(compiled.weight_grad_pairs(weight, scale, groups, kind, grad, keys, local, shift),
+                       reference.weight_grad_pairs(weight, scale, groups, kind, grad, keys, local, shift))
+
+
+@pytest.mark.parametrize("kind,dtype", [(0, torch.bfloat16), (1, torch.float16)])
+def test_pattern_kernel_counts_nonfinite_weights(compiled, kind, dtype):
+    from optimum_edkm.clustering.patterns import TorchPatternOps as reference
+
+    weight = torch.full((4, 8), 0.5)
+    weight[0, 0], weight[1, 1], weight[2, 2] = float("nan"), float("inf"), -float("inf")
+    weight[3, 3] = 1e6 if kind == 1 else 0.25                   # overflows fp16 only
+    expected = 4 if kind == 1 else 3
+    assert compiled.count_pairs(weight, None, 2, kind)[2] == reference.count_pairs(weight, None, 2, kind)[2] == expected
 
 
 @pytest.mark.parametrize("groups", [1, 3])
 def test_pattern_kernel_threads_merge_to_the_same_counts(compiled, groups):
     """Large enough for per-thread tables (merged after the pass): the result does not depend on threads."""
-    from optimum_edkm.clustering.patterns import TorchPatternOps
+    from optimum_edkm.clustering.patterns import TorchPatternOps as reference
 
     weight = torch.randn(600, 480, generator=torch.Generator().manual_seed(1)) * 0.02
     grad = torch.randn(600, 480, generator=torch.Generator().manual_seed(2))
-    expected = TorchPatternOps.count_patterns(weight, None, groups, 0)
+    expected_keys, expected_counts, _ = reference.count_pairs(weight, None, groups, 0)
     results = []
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        results.append((compiled.count_patterns(weight, None, groups, 0),
-                        *compiled.pattern_sums(weight, None, groups, 0, grad)))
-    for counts, sum_counts, sums in results:
-        assert torch.equal(counts, expected) and torch.equal(sum_counts, expected)
-        assert torch.allclose(sums, results[0][2], rtol=0, atol=1e-9)
+        results.append((*compiled.count_pairs(weight, None, groups, 0)[:2],
+                        *compiled.sum_pairs(weight, None, groups, 0, grad)))
+    for keys, counts, sum_keys, sum_counts, sums in results:
+        assert torch.equal(keys, expected_keys) and torch.equal(sum_keys, expected_keys)
+        assert torch.equal(counts, expected_counts) and torch.equal(sum_counts, expected_counts)
+        assert torch.allclose(sums, results[0][4], rtol=0, atol=1e-9)
 
 
 @pytest.mark.parametrize("bits,group_size,iterations,tolerance", [(1, None, 1, 0.0), (3, 2, 3, 0.0), (6, None, 2, 0.0),

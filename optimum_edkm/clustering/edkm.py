@@ -36,7 +36,7 @@ from .layout import (check_centroids, check_scale, check_weight, cluster_values,
 from .patterns import MAX_DENSE_KEYS, TorchPatternOps, compiled_ops, pattern_kind
 from .reference import ClusterOutput, update_centroids
 from .spec import UNIQUE_DTYPES, ClusteringSpec
-from .uniquify import PATTERNS, UniqueValues, nonfinite_patterns, pattern_values, uniquify
+from .uniquify import PATTERNS, UniqueValues, pattern_values, uniquify
 
 _PATTERN_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -128,16 +128,10 @@ class _Pairs(NamedTuple):
         return self.values.numel()
 
 
-def _pairs_from_counts(counts: torch.Tensor, pattern_dtype: torch.dtype, compute: torch.dtype) -> _Pairs:
-    keys = (counts > 0).nonzero().squeeze(1)
-    values = pattern_values(pattern_dtype, counts.device, compute)[keys.bitwise_and(PATTERNS - 1)]
-    return _Pairs(values, counts[keys].to(compute), keys.bitwise_right_shift(16), keys)
-
-
-def _key_table(pairs: _Pairs, per_pair: torch.Tensor, groups: int) -> torch.Tensor:
-    """A ``groups * 65536`` table holding ``per_pair`` at each pair's key (zero elsewhere)."""
-    table = torch.zeros(groups * PATTERNS, dtype=per_pair.dtype, device=per_pair.device)
-    return table.index_copy_(0, pairs.keys, per_pair)
+def _pairs_from_keys(keys: torch.Tensor, counts: torch.Tensor, pattern_dtype: torch.dtype,
+                     compute: torch.dtype) -> _Pairs:
+    values = pattern_values(pattern_dtype, keys.device, compute)[keys.bitwise_and(PATTERNS - 1)]
+    return _Pairs(values, counts.to(compute), keys.bitwise_right_shift(16), keys)
 
 
 def _group_offsets(uv, groups: int) -> torch.Tensor:
@@ -185,11 +179,10 @@ def _as_rows(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().contiguous()
 
 
-def _check_counts(counts: torch.Tensor, weight: torch.Tensor, plan: _Plan, name: str) -> None:
-    """Non-finite weights (or values beyond the 16-bit range) land on NaN/Inf patterns: one look at the
-    counts replaces a pass over the weight."""
-    bad = nonfinite_patterns(plan.pattern_dtype, counts.device)
-    if bool(counts.view(-1, PATTERNS).index_select(1, bad).any()):
+def _check_nonfinite(nonfinite: int, weight: torch.Tensor, plan: _Plan, name: str) -> None:
+    """Non-finite weights (or values beyond the 16-bit range) land on NaN/Inf patterns: the counting pass
+    reports them, which replaces a pass over the weight."""
+    if nonfinite:
         check_weight(weight, name)           # raises, naming the NaN and Inf counts
         raise ValueError(
             f"'{name}' has values that overflow {plan.pattern_dtype} once divided by their channel's scale "
@@ -210,9 +203,9 @@ class _EDKMFunction(torch.autograd.Function):
         scale_c = None if scale is None else scale.detach().to(cdt).contiguous()
         if plan.dense:
             rows = _as_rows(weight)
-            counts = plan.weight_ops.count_patterns(rows, scale_c, groups, plan.kind)
-            _check_counts(counts, weight, plan, name)
-            uv = _pairs_from_counts(counts, plan.pattern_dtype, cdt)
+            keys, counts, nonfinite = plan.weight_ops.count_pairs(rows, scale_c, groups, plan.kind)
+            _check_nonfinite(nonfinite, weight, plan, name)
+            uv = _pairs_from_keys(keys, counts, plan.pattern_dtype, cdt)
         else:
             check_weight(weight, name)
             uv = uniquify(cluster_values(weight, scale, spec, groups), cdt)
@@ -226,7 +219,7 @@ class _EDKMFunction(torch.autograd.Function):
             dkm = _pair_dkm(uv.values, uv.values, uv, start, spec)
             table, iterations, new_centroids = dkm.table, dkm.iterations, dkm.centroids
         if plan.dense:
-            clustered = plan.weight_ops.gather_table(rows, scale_c, groups, plan.kind, _key_table(uv, table, groups))
+            clustered = plan.weight_ops.gather_pairs(rows, scale_c, groups, plan.kind, uv.keys, table)
         else:
             clustered = table[uv.index].view(weight.shape)
             if scale is not None:
@@ -250,9 +243,9 @@ class _EDKMFunction(torch.autograd.Function):
         if plan.dense:
             rows = _as_rows(weight)
             grad_rows = grad_output.to(weight.dtype).contiguous()
-            counts, sums = plan.weight_ops.pattern_sums(rows, scale_c, groups, plan.kind, grad_rows)
-            uv = _pairs_from_counts(counts, plan.pattern_dtype, cdt)
-            pair_grad = sums[uv.keys].to(cdt)
+            keys, counts, sums = plan.weight_ops.sum_pairs(rows, scale_c, groups, plan.kind, grad_rows)
+            uv = _pairs_from_keys(keys, counts, plan.pattern_dtype, cdt)
+            pair_grad = sums.to(cdt)
         else:
             uv = uniquify(cluster_values(weight, scale, spec, groups), cdt)
             grad = grad_output.to(cdt)
@@ -267,9 +260,8 @@ class _EDKMFunction(torch.autograd.Function):
         else:
             local, per_weight = _torch_pair_backward(uv, pair_grad, start, spec, ctx.iterations)
         if plan.dense:
-            grad_values = plan.weight_ops.weight_grad(rows, scale_c, groups, plan.kind, grad_rows,
-                                                      _key_table(uv, local, groups),
-                                                      _key_table(uv, per_weight, groups))
+            grad_values = plan.weight_ops.weight_grad_pairs(rows, scale_c, groups, plan.kind, grad_rows, uv.keys,
+                                                            local, per_weight)
         else:
             grad_values = local[uv.index].mul_(grad).add_(per_weight[uv.index]).view(weight.shape)
             if scale is not None:

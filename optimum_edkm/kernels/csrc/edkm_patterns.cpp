@@ -3,14 +3,15 @@
 // Every weight w of row r (output channel; group g = r / rows_per_group) has the key
 //     key = g * 65536 + pattern(to16(float(w) / scale[r]))
 // where to16 rounds to bfloat16 or float16 exactly as torch's .to() does (round to nearest even), and the
-// division happens only with a per-channel scale. The Python side (optimum_edkm/clustering/patterns.py)
-// holds the pure-torch reference of each function below; the results are the same element for element
-// (the floating-point sums of `pattern_sums` are accumulated in double, in a different order).
+// division happens only with a per-channel scale. The distinct keys ("pairs") are returned compacted, in
+// increasing order; per-pair tables are expanded to groups x 65536 entries inside the kernel. The pure-torch
+// reference of each function is TorchPatternOps in optimum_edkm/clustering/patterns.py; the results are the same
+// element for element (the gradient sums of `sum_pairs` are accumulated in double, in another order).
 //
-// * count_patterns  - how many weights hold each key (one pass, no per-weight output);
-// * gather_table    - out[i] = table[key_i] * scale[r]     (forward output, in the weight's dtype);
-// * pattern_sums    - counts and sum of grad[i] * scale[r] per key (backward, one pass);
-// * weight_grad     - out[i] = (local[key_i] * grad[i] * scale[r] + shift[key_i]) / scale[r].
+// * count_pairs        - keys, counts, and how many weights fell on NaN/Inf patterns (one pass);
+// * gather_pairs       - out[i] = table[pair of key_i] * scale[r], in the weight's dtype;
+// * sum_pairs          - keys, counts and sums of grad[i] * scale[r] per key (one pass);
+// * weight_grad_pairs  - out[i] = (local[pair] * grad[i] * scale[r] + shift[pair]) / scale[r].
 //
 // Built with -ffp-contract=off so that a*b+c is never fused: the arithmetic is that of the torch ops.
 
@@ -20,7 +21,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#include <cstring>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -28,8 +29,8 @@ namespace edkm {
 namespace {
 
 constexpr int64_t kPatterns = 65536;
-// below this many weights per group, one thread counts the group (zeroing and merging per-thread tables of
-// 65,536 bins would cost more than the count itself)
+// below this many weights per group and thread, one thread counts the group (zeroing and merging per-thread
+// tables of 65,536 bins would cost more than the count itself)
 constexpr int64_t kMinParallelPerThread = 2 * kPatterns;
 constexpr int64_t kGrainElements = 1 << 15;
 
@@ -42,6 +43,12 @@ inline uint16_t to_pattern(float value) {
   } else {
     return c10::Half(value).x;
   }
+}
+
+// NaN and +-Inf: all exponent bits set
+inline bool nonfinite_pattern(int64_t kind, int64_t pattern) {
+  const int64_t exponent = kind == kBFloat16 ? 0x7F80 : 0x7C00;
+  return (pattern & exponent) == exponent;
 }
 
 struct Layout {
@@ -65,20 +72,30 @@ Layout check_layout(const at::Tensor& weight, const c10::optional<at::Tensor>& s
   return layout;
 }
 
-void check_same_shape(const at::Tensor& tensor, const at::Tensor& weight, const char* what) {
-  TORCH_CHECK(tensor.sizes() == weight.sizes() && tensor.is_contiguous(), "edkm_patterns: ", what,
-              " must be contiguous with the weight's shape");
+void check_grad(const at::Tensor& grad, const at::Tensor& weight) {
+  TORCH_CHECK(grad.sizes() == weight.sizes() && grad.is_contiguous() && grad.scalar_type() == weight.scalar_type(),
+              "edkm_patterns: the gradient must be contiguous with the weight's shape and dtype");
 }
 
-void check_table(const at::Tensor& table, const Layout& layout, const char* what) {
-  TORCH_CHECK(table.scalar_type() == at::kFloat && table.is_contiguous() &&
-                  table.numel() == layout.groups * kPatterns,
-              "edkm_patterns: ", what, " must be a contiguous float32 tensor of groups * 65536 values");
+// per-pair float32 values -> a groups x 65536 table (zero where no weight has the key)
+std::vector<float> expand(const at::Tensor& keys, const at::Tensor& per_pair, const Layout& layout, const char* what) {
+  TORCH_CHECK(keys.scalar_type() == at::kLong && keys.dim() == 1 && keys.is_contiguous(),
+              "edkm_patterns: keys must be a contiguous int64 vector");
+  TORCH_CHECK(per_pair.scalar_type() == at::kFloat && per_pair.is_contiguous() && per_pair.numel() == keys.numel(),
+              "edkm_patterns: ", what, " must be a contiguous float32 vector with one value per key");
+  std::vector<float> table(layout.groups * kPatterns, 0.0f);
+  const int64_t* key = keys.data_ptr<int64_t>();
+  const float* value = per_pair.data_ptr<float>();
+  for (int64_t m = 0; m < keys.numel(); ++m) {
+    TORCH_CHECK(key[m] >= 0 && key[m] < layout.groups * kPatterns, "edkm_patterns: key out of range");
+    table[key[m]] = value[m];
+  }
+  return table;
 }
 
-// Calls body(first_row, last_row, bins_of_the_group, thread_slot) so that every group's rows are accumulated
-// into one table of bins: groups split between threads when there are enough of them, otherwise every thread
-// accumulates into its own table (slot 1 + thread) and the tables are merged by `merge(group, slots)`.
+// Calls body(first_row, last_row, group, thread_slot) so that every group's rows are accumulated into one table
+// of bins: whole groups per thread when there are enough groups (slot -1: the group's own bins), otherwise every
+// thread accumulates into its own table (slot = thread) and `merge(group, threads)` adds them up.
 template <typename Body, typename Merge>
 void for_each_group_range(const Layout& layout, Body body, Merge merge) {
   const int64_t threads = at::get_num_threads();
@@ -99,87 +116,76 @@ void for_each_group_range(const Layout& layout, Body body, Merge merge) {
   }
 }
 
-template <typename In, int64_t K, bool Scaled>
-void count_impl(const In* weight, const float* scale, const Layout& layout, int64_t* counts) {
+bool uses_thread_tables(const Layout& layout) {
   const int64_t threads = at::get_num_threads();
-  std::vector<int64_t> local;
-  auto body = [&](int64_t r0, int64_t r1, int64_t g, int64_t slot) {
-    int64_t* bins = counts + g * kPatterns;
-    if (slot >= 0) {
-      bins = local.data() + slot * kPatterns;
-    }
-    for (int64_t r = r0; r < r1; ++r) {
-      const In* row = weight + r * layout.cols;
-      const float s = Scaled ? scale[r] : 1.0f;
-      for (int64_t j = 0; j < layout.cols; ++j) {
-        const float v = Scaled ? static_cast<float>(row[j]) / s : static_cast<float>(row[j]);
-        ++bins[to_pattern<K>(v)];
-      }
-    }
-  };
-  auto merge = [&](int64_t g, int64_t slots) {
-    int64_t* out = counts + g * kPatterns;
-    at::parallel_for(0, kPatterns, 4096, [&](int64_t b0, int64_t b1) {
-      for (int64_t t = 0; t < slots; ++t) {
-        const int64_t* bins = local.data() + t * kPatterns;
-        for (int64_t b = b0; b < b1; ++b) out[b] += bins[b];
-      }
-    });
-    std::fill(local.begin(), local.end(), 0);
-  };
-  if (threads > 1 && layout.groups < threads) local.assign(threads * kPatterns, 0);
-  for_each_group_range(layout, body, merge);
+  return threads > 1 && layout.groups < threads &&
+         layout.rows_per_group * layout.cols >= kMinParallelPerThread * threads;
 }
 
-struct SumBin {
+struct Bin {
   double sum;
   int64_t count;
 };
 
-template <typename In, int64_t K, bool Scaled>
-void sums_impl(const In* weight, const float* scale, const In* grad, const Layout& layout, int64_t* counts,
-               double* sums) {
-  const int64_t threads = at::get_num_threads();
-  const int64_t bins_total = layout.groups * kPatterns;
-  // interleaved (sum, count): one cache line per update
-  std::vector<SumBin> direct(bins_total, SumBin{0.0, 0});
-  std::vector<SumBin> local;
+// One pass: per key, the count of weights (and with Sums, the sum of grad * scale); interleaved (sum, count)
+// so that an update touches one cache line.
+template <typename In, int64_t K, bool Scaled, bool Sums>
+std::vector<Bin> histogram(const In* weight, const float* scale, const In* grad, const Layout& layout) {
+  std::vector<Bin> bins(layout.groups * kPatterns, Bin{0.0, 0});
+  std::vector<Bin> local;
+  if (uses_thread_tables(layout)) local.assign(at::get_num_threads() * kPatterns, Bin{0.0, 0});
   auto body = [&](int64_t r0, int64_t r1, int64_t g, int64_t slot) {
-    SumBin* bins = (slot >= 0 ? local.data() + slot * kPatterns : direct.data() + g * kPatterns);
+    Bin* out = slot >= 0 ? local.data() + slot * kPatterns : bins.data() + g * kPatterns;
     for (int64_t r = r0; r < r1; ++r) {
       const In* row = weight + r * layout.cols;
-      const In* grow = grad + r * layout.cols;
       const float s = Scaled ? scale[r] : 1.0f;
       for (int64_t j = 0; j < layout.cols; ++j) {
         const float v = Scaled ? static_cast<float>(row[j]) / s : static_cast<float>(row[j]);
-        const float gs = Scaled ? static_cast<float>(grow[j]) * s : static_cast<float>(grow[j]);
-        SumBin& bin = bins[to_pattern<K>(v)];
-        bin.sum += static_cast<double>(gs);
+        Bin& bin = out[to_pattern<K>(v)];
         bin.count += 1;
-      }
-    }
-  };
-  auto merge = [&](int64_t g, int64_t slots) {
-    SumBin* out = direct.data() + g * kPatterns;
-    at::parallel_for(0, kPatterns, 4096, [&](int64_t b0, int64_t b1) {
-      for (int64_t t = 0; t < slots; ++t) {
-        const SumBin* bins = local.data() + t * kPatterns;
-        for (int64_t b = b0; b < b1; ++b) {
-          out[b].sum += bins[b].sum;
-          out[b].count += bins[b].count;
+        if constexpr (Sums) {
+          const float g = static_cast<float>(grad[r * layout.cols + j]);
+          bin.sum += static_cast<double>(Scaled ? g * s : g);
         }
       }
-    });
-    std::fill(local.begin(), local.end(), SumBin{0.0, 0});
-  };
-  if (threads > 1 && layout.groups < threads) local.assign(threads * kPatterns, SumBin{0.0, 0});
-  for_each_group_range(layout, body, merge);
-  at::parallel_for(0, bins_total, 4096, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      sums[b] = direct[b].sum;
-      counts[b] = direct[b].count;
     }
-  });
+  };
+  // serial: 65,536 additions per thread cost less than waking the threads again
+  auto merge = [&](int64_t g, int64_t threads) {
+    Bin* out = bins.data() + g * kPatterns;
+    for (int64_t t = 0; t < threads; ++t) {
+      Bin* part = local.data() + t * kPatterns;
+      for (int64_t b = 0; b < kPatterns; ++b) {
+        out[b].sum += part[b].sum;
+        out[b].count += part[b].count;
+        part[b] = Bin{0.0, 0};
+      }
+    }
+  };
+  for_each_group_range(layout, body, merge);
+  return bins;
+}
+
+// keys with a non-zero count, in increasing order, with their counts (and sums)
+std::vector<at::Tensor> compact(const std::vector<Bin>& bins, bool with_sums) {
+  int64_t pairs = 0;
+  for (const Bin& bin : bins) pairs += bin.count > 0;
+  auto options = at::TensorOptions().device(at::kCPU);
+  at::Tensor keys = at::empty({pairs}, options.dtype(at::kLong));
+  at::Tensor counts = at::empty({pairs}, options.dtype(at::kLong));
+  at::Tensor sums = at::empty({with_sums ? pairs : 0}, options.dtype(at::kDouble));
+  int64_t* key = keys.data_ptr<int64_t>();
+  int64_t* count = counts.data_ptr<int64_t>();
+  double* sum = sums.data_ptr<double>();
+  int64_t m = 0;
+  for (int64_t b = 0; b < static_cast<int64_t>(bins.size()); ++b) {
+    if (bins[b].count == 0) continue;
+    key[m] = b;
+    count[m] = bins[b].count;
+    if (with_sums) sum[m] = bins[b].sum;
+    ++m;
+  }
+  return with_sums ? std::vector<at::Tensor>{keys, counts, sums} : std::vector<at::Tensor>{keys, counts};
 }
 
 template <typename In, int64_t K, bool Scaled>
@@ -244,73 +250,73 @@ void dispatch(const at::Tensor& weight, int64_t kind, bool scaled, Fn fn) {
   });
 }
 
-}  // namespace
-
-namespace {
 const float* scale_ptr(const c10::optional<at::Tensor>& scale) {
   return scale.has_value() ? scale->data_ptr<float>() : nullptr;
 }
+
 }  // namespace
 
-at::Tensor count_patterns(const at::Tensor& weight, const c10::optional<at::Tensor>& scale, int64_t groups,
-                          int64_t kind) {
+std::tuple<at::Tensor, at::Tensor, int64_t> count_pairs(const at::Tensor& weight,
+                                                        const c10::optional<at::Tensor>& scale, int64_t groups,
+                                                        int64_t kind) {
   const Layout layout = check_layout(weight, scale, groups);
-  at::Tensor counts = at::zeros({groups * kPatterns}, weight.options().dtype(at::kLong));
+  std::vector<Bin> bins;
   dispatch(weight, kind, scale.has_value(), [&](auto tag, auto kind_c, auto scaled_c) {
     using In = std::remove_pointer_t<decltype(tag)>;
     constexpr int64_t K = decltype(kind_c)::value;
     constexpr bool Scaled = decltype(scaled_c)::value;
-    count_impl<In, K, Scaled>(weight.data_ptr<In>(), scale_ptr(scale), layout, counts.data_ptr<int64_t>());
+    bins = histogram<In, K, Scaled, false>(weight.data_ptr<In>(), scale_ptr(scale), nullptr, layout);
   });
-  return counts;
+  int64_t nonfinite = 0;
+  for (int64_t b = 0; b < static_cast<int64_t>(bins.size()); ++b) {
+    if (bins[b].count > 0 && nonfinite_pattern(kind, b % kPatterns)) nonfinite += bins[b].count;
+  }
+  std::vector<at::Tensor> pairs = compact(bins, false);
+  return {pairs[0], pairs[1], nonfinite};
 }
 
-at::Tensor gather_table(const at::Tensor& weight, const c10::optional<at::Tensor>& scale, int64_t groups,
-                        int64_t kind, const at::Tensor& table) {
+at::Tensor gather_pairs(const at::Tensor& weight, const c10::optional<at::Tensor>& scale, int64_t groups,
+                        int64_t kind, const at::Tensor& keys, const at::Tensor& table) {
   const Layout layout = check_layout(weight, scale, groups);
-  check_table(table, layout, "the table");
+  const std::vector<float> dense = expand(keys, table, layout, "the table");
   at::Tensor out = at::empty_like(weight);
   dispatch(weight, kind, scale.has_value(), [&](auto tag, auto kind_c, auto scaled_c) {
     using In = std::remove_pointer_t<decltype(tag)>;
     constexpr int64_t K = decltype(kind_c)::value;
     constexpr bool Scaled = decltype(scaled_c)::value;
-    gather_impl<In, K, Scaled>(weight.data_ptr<In>(), scale_ptr(scale), table.data_ptr<float>(), layout,
-                               out.data_ptr<In>());
+    gather_impl<In, K, Scaled>(weight.data_ptr<In>(), scale_ptr(scale), dense.data(), layout, out.data_ptr<In>());
   });
   return out;
 }
 
-std::vector<at::Tensor> pattern_sums(const at::Tensor& weight, const c10::optional<at::Tensor>& scale,
-                                     int64_t groups, int64_t kind, const at::Tensor& grad) {
+std::vector<at::Tensor> sum_pairs(const at::Tensor& weight, const c10::optional<at::Tensor>& scale, int64_t groups,
+                                  int64_t kind, const at::Tensor& grad) {
   const Layout layout = check_layout(weight, scale, groups);
-  check_same_shape(grad, weight, "the gradient");
-  TORCH_CHECK(grad.scalar_type() == weight.scalar_type(), "edkm_patterns: the gradient must have the weight's dtype");
-  at::Tensor counts = at::empty({groups * kPatterns}, weight.options().dtype(at::kLong));
-  at::Tensor sums = at::empty({groups * kPatterns}, weight.options().dtype(at::kDouble));
+  check_grad(grad, weight);
+  std::vector<Bin> bins;
   dispatch(weight, kind, scale.has_value(), [&](auto tag, auto kind_c, auto scaled_c) {
     using In = std::remove_pointer_t<decltype(tag)>;
     constexpr int64_t K = decltype(kind_c)::value;
     constexpr bool Scaled = decltype(scaled_c)::value;
-    sums_impl<In, K, Scaled>(weight.data_ptr<In>(), scale_ptr(scale), grad.data_ptr<In>(), layout,
-                             counts.data_ptr<int64_t>(), sums.data_ptr<double>());
+    bins = histogram<In, K, Scaled, true>(weight.data_ptr<In>(), scale_ptr(scale), grad.data_ptr<In>(), layout);
   });
-  return {counts, sums};
+  return compact(bins, true);
 }
 
-at::Tensor weight_grad(const at::Tensor& weight, const c10::optional<at::Tensor>& scale, int64_t groups,
-                       int64_t kind, const at::Tensor& grad, const at::Tensor& local, const at::Tensor& shift) {
+at::Tensor weight_grad_pairs(const at::Tensor& weight, const c10::optional<at::Tensor>& scale, int64_t groups,
+                             int64_t kind, const at::Tensor& grad, const at::Tensor& keys, const at::Tensor& local,
+                             const at::Tensor& shift) {
   const Layout layout = check_layout(weight, scale, groups);
-  check_same_shape(grad, weight, "the gradient");
-  TORCH_CHECK(grad.scalar_type() == weight.scalar_type(), "edkm_patterns: the gradient must have the weight's dtype");
-  check_table(local, layout, "the local derivative");
-  check_table(shift, layout, "the centroid term");
+  check_grad(grad, weight);
+  const std::vector<float> local_table = expand(keys, local, layout, "the local derivative");
+  const std::vector<float> shift_table = expand(keys, shift, layout, "the centroid term");
   at::Tensor out = at::empty_like(weight);
   dispatch(weight, kind, scale.has_value(), [&](auto tag, auto kind_c, auto scaled_c) {
     using In = std::remove_pointer_t<decltype(tag)>;
     constexpr int64_t K = decltype(kind_c)::value;
     constexpr bool Scaled = decltype(scaled_c)::value;
-    weight_grad_impl<In, K, Scaled>(weight.data_ptr<In>(), scale_ptr(scale), grad.data_ptr<In>(),
-                                    local.data_ptr<float>(), shift.data_ptr<float>(), layout, out.data_ptr<In>());
+    weight_grad_impl<In, K, Scaled>(weight.data_ptr<In>(), scale_ptr(scale), grad.data_ptr<In>(), local_table.data(),
+                                    shift_table.data(), layout, out.data_ptr<In>());
   });
   return out;
 }
