@@ -92,7 +92,8 @@ MODES = {"plain": "plain (float weights)", "edkm": "eDKM, {bits}-bit clustering 
 def run(args, mode: str) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--worker", mode, "--bits", str(args.bits),
                "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--steps", str(args.steps),
-               "--device", args.device, "--threads", str(args.threads)] + (["--model", args.model] if args.model else [])
+               "--device", args.device, "--threads", str(args.threads)]
+    command += ["--model", args.model] if args.model else []
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                MALLOC_MMAP_THRESHOLD_="131072")
     if mode == "edkm-torch":
