@@ -120,9 +120,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=2, help="profiled steps (times are per-step averages)")
     parser.add_argument("--top", type=int, default=8, help="ops listed per phase")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     args.device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = args.out or os.path.join(ROOT, "benchmarks", "results", f"profile_train_step_{args.mode}.json")
 
     model, batch, optimizer, info = build(args)

@@ -130,7 +130,9 @@ class _Pairs(NamedTuple):
 
 def _pairs_from_keys(keys: torch.Tensor, counts: torch.Tensor, pattern_dtype: torch.dtype,
                      compute: torch.dtype) -> _Pairs:
-    values = pattern_values(pattern_dtype, keys.device, compute)[keys.bitwise_and(PATTERNS - 1)]
+    # index_select, not [...]: advanced indexing enters a parallel region even for a few thousand elements,
+    # which costs milliseconds on a busy machine
+    values = pattern_values(pattern_dtype, keys.device, compute).index_select(0, keys.bitwise_and(PATTERNS - 1))
     return _Pairs(values, counts.to(compute), keys.bitwise_right_shift(16), keys)
 
 
@@ -199,7 +201,7 @@ class _EDKMFunction(torch.autograd.Function):
         cdt = compute_dtype(weight)
         plan = _plan(weight, spec, groups, kernel)
         # a private copy: the caller may update its centroids in place before this backward runs
-        start = centroids.detach().to(cdt, copy=True)
+        start = centroids.detach().to(cdt, copy=True).contiguous()
         scale_c = None if scale is None else scale.detach().to(cdt).contiguous()
         if plan.dense:
             rows = _as_rows(weight)
