@@ -15,7 +15,7 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 #: layer of each top-level module or subpackage (docs/architecture.md); imports may only go to the same or a
 #: lower layer
 LAYERS = {
-    "validation": 0, "version": 0, "storage": 0, "atomic": 0,
+    "validation": 0, "version": 0, "storage": 0, "atomic": 0, "extensions": 0,
     "clustering": 1, "marshaling": 1, "kernels": 1,
     "nn": 2,
     "losses": 1,

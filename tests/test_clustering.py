@@ -12,6 +12,7 @@ from optimum_edkm.clustering import (ClusteringSpec, SavedTensorMeter, decode, d
                                      uniquify, unpack_indices)
 
 uniquify_module = importlib.import_module("optimum_edkm.clustering.uniquify")
+edkm_module = importlib.import_module("optimum_edkm.clustering.edkm")
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -38,8 +39,9 @@ def reference_on_rounded_domain(weight, centroids, spec, scale):
 CASES = list(itertools.product(range(1, 9), [None, 2], [False, True]))
 
 
+@pytest.mark.parametrize("kernel", [None, False], ids=["compiled-pairs", "torch"])
 @pytest.mark.parametrize("bits,group_size,with_scale", CASES)
-def test_edkm_equals_reference_dkm_in_float64(bits, group_size, with_scale):
+def test_edkm_equals_reference_dkm_in_float64(bits, group_size, with_scale, kernel):
     shape = (6, 37) if bits < 7 else (4, 5, 7)      # odd sizes; a conv-like 3-D weight too
     weight = bf16_representable(shape, seed=bits).requires_grad_(True)
     # scaled rows live in [-1, 1] instead of ~[-0.05, 0.05]: a temperature on the same relative footing
@@ -49,7 +51,7 @@ def test_edkm_equals_reference_dkm_in_float64(bits, group_size, with_scale):
     centroids = init_centroids(weight, spec, scale=scale, seed=bits)
     upstream = torch.randn(shape, generator=torch.Generator().manual_seed(100 + bits), dtype=torch.float64)
 
-    edkm = edkm_cluster(weight, centroids, spec, scale=scale)
+    edkm = edkm_cluster(weight, centroids, spec, scale=scale, kernel=kernel)
     (grad_edkm,) = torch.autograd.grad(edkm.weight, weight, upstream)
 
     if with_scale:
@@ -201,6 +203,177 @@ def test_fp32_master_weights_get_the_gradient_of_their_bf16_rounding():
     (g_exact,) = torch.autograd.grad(out.weight, master, upstream)
     assert relative_error(out.weight, ref.weight) < 1e-5
     assert relative_error(g_exact, g_ref) < 1e-4
+
+
+# ------------------------------------------------------------------------- compiled kernels vs torch paths
+@pytest.fixture(scope="module")
+def compiled():
+    from optimum_edkm.clustering.patterns import compiled_ops
+
+    ops = compiled_ops()
+    if ops is None:
+        pytest.skip("the compiled eDKM kernels could not be built here (no C++ compiler / ninja, or disabled)")
+    return ops
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", [0, 1], ids=["bf16-patterns", "fp16-patterns"])
+@pytest.mark.parametrize("groups,with_scale", [(1, False), (4, False), (1, True), (4, True)])
+def test_pattern_kernel_equals_torch_reference(compiled, dtype, kind, groups, with_scale):
+    from optimum_edkm.clustering.patterns import TorchPatternOps as reference
+
+    generator = torch.Generator().manual_seed(kind + 2 * groups)
+    weight = (torch.randn(16, 75, generator=generator) * 0.05).to(dtype)
+    weight[0, :3] = torch.tensor([0.0, -0.0, 1e-30])            # signed zeros and a value that flushes
+    scale = torch.rand(16, generator=generator) + 0.5 if with_scale else None
+    grad = torch.randn(16, 75, generator=generator).to(dtype)
+
+    keys, counts, nonfinite = compiled.count_pairs(weight, scale, groups, kind)
+    expected_keys, expected_counts, expected_nonfinite = reference.count_pairs(weight, scale, groups, kind)
+    assert torch.equal(keys, expected_keys) and torch.equal(counts, expected_counts)
+    assert nonfinite == expected_nonfinite == 0 and int(counts.sum()) == weight.numel()
+    # every weight's key is among the pairs (an independent recomputation of the keys)
+    assert bool(torch.isin(reference.keys(weight, scale, groups, kind).long(), keys).all())
+    table, local, shift = (torch.randn(keys.numel(), generator=generator) for _ in range(3))
+    gathered = compiled.gather_pairs(weight, scale, groups, kind, keys, table)
+    assert gathered.dtype == dtype
+    assert torch.equal(gathered, reference.gather_pairs(weight, scale, groups, kind, keys, table))
+    sum_keys, sum_counts, sums = compiled.sum_pairs(weight, scale, groups, kind, grad)
+    ref_keys, ref_counts, ref_sums = reference.sum_pairs(weight, scale, groups, kind, grad)
+    assert torch.equal(sum_keys, keys) and torch.equal(ref_keys, keys)
+    assert torch.equal(sum_counts, counts) and torch.equal(ref_counts, counts)
+    # the kernel sums in float64: compare with an exact float64 recomputation
+    position = torch.searchsorted(keys, reference.keys(weight, scale, groups, kind).long())
+    scaled = grad.double().reshape(16, -1) * (scale.double().unsqueeze(1) if with_scale else 1.0)
+    exact = torch.zeros(keys.numel(), dtype=torch.float64).index_add_(0, position, scaled.float().double().reshape(-1))
+    assert torch.allclose(sums, exact, rtol=0, atol=1e-12)
+    assert torch.allclose(ref_sums.double(), exact, rtol=1e-5, atol=1e-5)
+    assert torch.equal(compiled.weight_grad_pairs(weight, scale, groups, kind, grad, keys, local, shift),
+                       reference.weight_grad_pairs(weight, scale, groups, kind, grad, keys, local, shift))
+
+
+@pytest.mark.parametrize("kind,dtype", [(0, torch.bfloat16), (1, torch.float16)])
+def test_pattern_kernel_counts_nonfinite_weights(compiled, kind, dtype):
+    from optimum_edkm.clustering.patterns import TorchPatternOps as reference
+
+    weight = torch.full((4, 8), 0.5)
+    weight[0, 0], weight[1, 1], weight[2, 2] = float("nan"), float("inf"), -float("inf")
+    weight[3, 3] = 1e6 if kind == 1 else 0.25                   # overflows fp16 only
+    expected = 4 if kind == 1 else 3
+    assert compiled.count_pairs(weight, None, 2, kind)[2] == reference.count_pairs(weight, None, 2, kind)[2] == expected
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_pattern_kernel_threads_merge_to_the_same_counts(compiled, groups):
+    """Large enough for per-thread tables (merged after the pass): the result does not depend on threads."""
+    from optimum_edkm.clustering.patterns import TorchPatternOps as reference
+
+    weight = torch.randn(600, 480, generator=torch.Generator().manual_seed(1)) * 0.02
+    grad = torch.randn(600, 480, generator=torch.Generator().manual_seed(2))
+    expected_keys, expected_counts, _ = reference.count_pairs(weight, None, groups, 0)
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        results.append((*compiled.count_pairs(weight, None, groups, 0)[:2],
+                        *compiled.sum_pairs(weight, None, groups, 0, grad)))
+    for keys, counts, sum_keys, sum_counts, sums in results:
+        assert torch.equal(keys, expected_keys) and torch.equal(sum_keys, expected_keys)
+        assert torch.equal(counts, expected_counts) and torch.equal(sum_counts, expected_counts)
+        assert torch.allclose(sums, results[0][4], rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("bits,group_size,iterations,tolerance", [(1, None, 1, 0.0), (3, 2, 3, 0.0), (6, None, 2, 0.0),
+                                                                  (4, 3, 10, 1e-3)])
+def test_pair_kernel_reverse_pass_equals_autograd_in_float64(compiled, bits, group_size, iterations, tolerance):
+    """The compiled DKM on pairs (its reverse pass written out) against the torch path (autograd replay)."""
+    weight = bf16_representable((6, 50), seed=bits).requires_grad_(True)
+    spec = ClusteringSpec(bits=bits, group_size=group_size, temperature=3e-5, iterations=iterations,
+                          tolerance=tolerance)
+    centroids = init_centroids(weight, spec, seed=bits)
+    upstream = torch.randn(weight.shape, generator=torch.Generator().manual_seed(bits), dtype=torch.float64)
+    results = []
+    for kernel in (None, False):
+        out = edkm_cluster(weight, centroids, spec, kernel=kernel)
+        results.append((out, *torch.autograd.grad(out.weight, weight, upstream)))
+    (compiled_out, compiled_grad), (torch_out, torch_grad) = results
+    assert compiled_out.iterations == torch_out.iterations
+    assert relative_error(compiled_out.weight, torch_out.weight) < 1e-13
+    assert relative_error(compiled_out.centroids, torch_out.centroids) < 1e-13
+    assert relative_error(compiled_grad, torch_grad) < 1e-12
+    assert float(torch_grad.abs().max()) > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group_size,with_scale", [(None, False), (8, True)])
+def test_compiled_and_torch_paths_agree_in_low_precision(compiled, dtype, group_size, with_scale):
+    weight = (torch.randn(32, 40, generator=torch.Generator().manual_seed(4)) * 0.02).to(dtype).requires_grad_(True)
+    spec = ClusteringSpec(bits=3, group_size=group_size, temperature=1e-5 if not with_scale else 0.02)
+    scale = per_channel_scale(weight) if with_scale else None
+    centroids = init_centroids(weight, spec, scale=scale)
+    upstream = torch.randn(weight.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
+    compiled_out = edkm_cluster(weight, centroids, spec, scale=scale, kernel=True)
+    torch_out = edkm_cluster(weight, centroids, spec, scale=scale, kernel=False)
+    (compiled_grad,) = torch.autograd.grad(compiled_out.weight, weight, upstream)
+    (torch_grad,) = torch.autograd.grad(torch_out.weight, weight, upstream)
+    tolerance = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+    assert compiled_out.weight.dtype == dtype
+    assert relative_error(compiled_out.weight, torch_out.weight) < tolerance
+    assert relative_error(compiled_out.centroids, torch_out.centroids) < 1e-5
+    assert relative_error(compiled_grad, torch_grad) < tolerance
+
+
+@pytest.mark.parametrize("kernel", [None, False])
+def test_transposed_weight_view_like_conv1d(kernel):
+    """GPT-2's Conv1D presents its [in, out] weight transposed: a non-contiguous view with rows on dim 0."""
+    stored = bf16_representable((40, 12), seed=8).requires_grad_(True)
+    spec = ClusteringSpec(bits=2, group_size=4)
+    centroids = init_centroids(stored.t(), spec)
+    out = edkm_cluster(stored.t(), centroids, spec, kernel=kernel)
+    ref = dkm_reference(stored.t(), centroids, spec)
+    upstream = torch.randn(12, 40, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(out.weight, stored, upstream)
+    (grad_ref,) = torch.autograd.grad(ref.weight, stored, upstream)
+    assert out.weight.shape == (12, 40)
+    assert relative_error(out.weight, ref.weight) < 1e-9 and relative_error(grad, grad_ref) < 1e-9
+
+
+def test_sorted_index_path_equals_pattern_key_path(monkeypatch):
+    """Above MAX_DENSE_KEYS key-table entries the engine falls back to uniquify's sorted per-weight index."""
+    weight = bf16_representable((8, 30), seed=12).requires_grad_(True)
+    spec = ClusteringSpec(bits=3, group_size=2)
+    centroids = init_centroids(weight, spec)
+    upstream = torch.randn(weight.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    dense = edkm_cluster(weight, centroids, spec)
+    (dense_grad,) = torch.autograd.grad(dense.weight, weight, upstream)
+    monkeypatch.setattr(edkm_module, "MAX_DENSE_KEYS", 0)
+    assert not edkm_module._plan(weight, spec, 4, None).dense
+    for kernel in (None, False):
+        out = edkm_cluster(weight, centroids, spec, kernel=kernel)
+        (grad,) = torch.autograd.grad(out.weight, weight, upstream)
+        assert relative_error(out.weight, dense.weight) < 1e-13 and relative_error(grad, dense_grad) < 1e-12
+
+
+@pytest.mark.parametrize("kernel", [None, False])
+def test_non_finite_and_overflowing_values_are_found_in_the_counts(kernel):
+    spec = ClusteringSpec(bits=2)
+    bad = torch.full((4, 4), 0.01)
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="'up.weight' contains 1 NaN and 0 infinite values"):
+        edkm_cluster(bad, torch.zeros(1, 4), spec, name="up.weight", kernel=kernel)
+    # finite in float32 but beyond float16: with unique_dtype=float16 it would be clustered as infinity
+    large = torch.full((4, 4), 0.01)
+    large[0, 0] = 1e6
+    with pytest.raises(ValueError, match="overflow torch.float16"):
+        edkm_cluster(large, torch.zeros(1, 4), ClusteringSpec(bits=2, unique_dtype=torch.float16), kernel=kernel)
+
+
+def test_kernel_true_says_why_it_cannot_run(compiled):
+    spec = ClusteringSpec(bits=2)
+    with pytest.raises(RuntimeError, match="float32/bfloat16/float16 weights"):
+        edkm_cluster(torch.randn(4, 4, dtype=torch.float64), torch.zeros(1, 4, dtype=torch.float64), spec,
+                     kernel=True)
+    with pytest.raises(RuntimeError, match="16-bit clustered values"):
+        edkm_cluster(torch.randn(4, 4), torch.zeros(1, 4), ClusteringSpec(bits=2, unique_dtype=None), kernel=True)
 
 
 # ----------------------------------------------------------------------------------------- uniquification

@@ -14,7 +14,9 @@ def compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
-def check_weight(weight, name: str = "weight") -> None:
+def check_weight(weight, name: str = "weight", finite: bool = True) -> None:
+    """Type, dtype and size of ``weight``; with ``finite`` also no NaN/Inf (a pass over the weight: eDKM's
+    forward skips it and finds non-finite values in its pattern counts instead)."""
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"'{name}' must be a torch.Tensor, got {type(weight).__name__}")
     if not weight.is_floating_point():
@@ -24,6 +26,8 @@ def check_weight(weight, name: str = "weight") -> None:
         )
     if weight.dim() == 0 or weight.numel() == 0:
         raise ValueError(f"'{name}' is empty (shape {tuple(weight.shape)}): there is nothing to cluster")
+    if not finite:
+        return
     finite = torch.isfinite(weight)
     if not bool(finite.all()):
         n_nan = int(torch.isnan(weight).sum())

@@ -59,6 +59,18 @@ def _pattern_table(dtype: torch.dtype, device: torch.device, compute: torch.dtyp
     return torch.where(torch.isfinite(table), table, torch.zeros_like(table))
 
 
+@lru_cache(maxsize=16)
+def _nonfinite_patterns(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    codes = torch.arange(PATTERNS, dtype=torch.int32, device=device)
+    codes = torch.where(codes >= PATTERNS // 2, codes - PATTERNS, codes).to(torch.int16)
+    return (~torch.isfinite(codes.view(dtype))).nonzero().squeeze(1)
+
+
+def nonfinite_patterns(dtype: torch.dtype, device) -> torch.Tensor:
+    """int64 patterns of a 16-bit ``dtype`` that stand for NaN or +-Inf."""
+    return _nonfinite_patterns(dtype, torch.device(device))
+
+
 def pattern_values(dtype: torch.dtype, device, compute: torch.dtype) -> torch.Tensor:
     """Value of every 16-bit pattern of ``dtype`` (index = pattern), in ``compute`` dtype."""
     return _pattern_table(dtype, torch.device(device), compute)

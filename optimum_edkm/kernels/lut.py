@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..clustering import decode, unpack_indices
-from .build import load_extension
+from ..extensions import load_extension
 
 logger = logging.getLogger(__name__)
 

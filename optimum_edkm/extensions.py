@@ -1,4 +1,7 @@
-"""Just-in-time build of the package's C++ sources under ``csrc/``.
+"""Just-in-time build of the package's C++ sources (``optimum_edkm/kernels/csrc/``).
+
+A layer-0 module: the clustering engine (``clustering.patterns``) and the LUT kernel (``kernels.lut``) both load
+their extensions through it, so neither imports the other.
 
 The extension is compiled once per machine (``torch.utils.cpp_extension.load``, cached under
 ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``) with ``-march=native``; the CPU's feature flags are
@@ -18,7 +21,7 @@ from typing import Optional, Sequence
 
 logger = logging.getLogger(__name__)
 
-CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "csrc")
 DISABLE_ENV = "OPTIMUM_EDKM_DISABLE_KERNELS"
 
 

@@ -1,0 +1,119 @@
+"""eDKM's per-weight passes, keyed by 16-bit bit patterns: no per-weight index is ever stored.
+
+Every weight maps to a *key* ``group * 65536 + pattern``, the 16-bit pattern of its clustered value (the weight,
+divided by its row's scale, rounded to bf16/fp16). The distinct keys ("pairs", increasing) replace the
+compacted distinct-value index of :func:`~optimum_edkm.clustering.uniquify`: the forward pass counts the keys
+and writes each weight's clustered value from a per-pair table; the backward pass sums the output gradient per
+key and writes each weight's gradient from two per-pair tables. The key is recomputed from the weight in each
+pass, which costs less than storing (and re-reading) a per-weight index.
+
+Two implementations with the same signatures and results:
+
+* :class:`TorchPatternOps` - pure torch, any device and dtype (the reference; fp64 weights always use it);
+* the compiled CPU kernel ``optimum_edkm/kernels/csrc/edkm_patterns.cpp`` (one fused loop per pass, no
+  per-weight temporaries; fp32/bf16/fp16 weights, fp32 tables), used when it builds (:func:`compiled_ops`).
+
+Per-weight outputs agree bit for bit; the per-key gradient sums differ in summation order only (the kernel
+sums in float64).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .uniquify import PATTERNS, bit_patterns, nonfinite_patterns
+
+#: key-indexed tables are ``groups * 65536`` long; above this many entries the sorted path is used instead
+MAX_DENSE_KEYS = 1 << 25
+_KIND = {torch.bfloat16: 0, torch.float16: 1}
+_PATTERN_DTYPE = {0: torch.bfloat16, 1: torch.float16}
+
+
+class TorchPatternOps:
+    """Pure-torch reference of the pattern-keyed passes (the compiled kernel has the same functions).
+
+    ``weight`` is contiguous with output channels on dim 0, ``scale`` (optional) a contiguous ``[rows]`` tensor in
+    the table dtype, ``kind`` 0 for bf16 patterns and 1 for fp16; keys come back as int64, increasing.
+    """
+
+    @staticmethod
+    def keys(weight: torch.Tensor, scale: Optional[torch.Tensor], groups: int, kind: int) -> torch.Tensor:
+        """int32 key of every weight, row-major."""
+        rows = weight.shape[0]
+        values = weight.reshape(rows, -1)
+        if scale is not None:
+            values = values.to(scale.dtype) / scale.unsqueeze(1)
+        patterns = bit_patterns(values.to(_PATTERN_DTYPE[kind]))
+        if groups > 1:
+            offsets = torch.arange(groups, dtype=torch.int32, device=weight.device) * PATTERNS
+            patterns = patterns.view(groups, -1).add_(offsets.unsqueeze(1))
+        return patterns.reshape(-1)
+
+    @staticmethod
+    def _expand(keys: torch.Tensor, per_pair: torch.Tensor, groups: int) -> torch.Tensor:
+        table = torch.zeros(groups * PATTERNS, dtype=per_pair.dtype, device=per_pair.device)
+        return table.index_copy_(0, keys, per_pair)
+
+    @classmethod
+    def count_pairs(cls, weight, scale, groups: int, kind: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
+        """Distinct keys, how many weights hold each, and how many weights fell on NaN/Inf patterns."""
+        counts = torch.bincount(cls.keys(weight, scale, groups, kind), minlength=groups * PATTERNS)
+        bad = nonfinite_patterns(_PATTERN_DTYPE[kind], counts.device)
+        nonfinite = int(counts.view(groups, PATTERNS).index_select(1, bad).sum())
+        keys = counts.nonzero().squeeze(1)
+        return keys, counts[keys], nonfinite
+
+    @classmethod
+    def gather_pairs(cls, weight, scale, groups: int, kind: int, keys, table) -> torch.Tensor:
+        """``table[pair of the weight's key] * scale[row]`` per weight, in the weight's dtype."""
+        out = cls._expand(keys, table, groups)[cls.keys(weight, scale, groups, kind)].view(weight.shape[0], -1)
+        if scale is not None:
+            out = out * scale.unsqueeze(1)
+        return out.view(weight.shape).to(weight.dtype)
+
+    @classmethod
+    def sum_pairs(cls, weight, scale, groups: int, kind: int, grad) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Distinct keys, their counts, and the sum of ``grad * scale[row]`` over the weights of each."""
+        keys = cls.keys(weight, scale, groups, kind)
+        grad = grad.reshape(weight.shape[0], -1).to(table_dtype(weight))
+        if scale is not None:
+            grad = grad * scale.unsqueeze(1)
+        counts = torch.bincount(keys, minlength=groups * PATTERNS)
+        sums = torch.bincount(keys, weights=grad.reshape(-1), minlength=groups * PATTERNS)
+        present = counts.nonzero().squeeze(1)
+        return present, counts[present], sums[present]
+
+    @classmethod
+    def weight_grad_pairs(cls, weight, scale, groups: int, kind: int, grad, keys, local, shift) -> torch.Tensor:
+        """``(local[pair] * grad * scale[row] + shift[pair]) / scale[row]`` per weight, in the weight's dtype."""
+        key = cls.keys(weight, scale, groups, kind)
+        grad = grad.reshape(weight.shape[0], -1).to(local.dtype)
+        if scale is not None:
+            grad = grad * scale.unsqueeze(1)
+        out = cls._expand(keys, local, groups)[key].view_as(grad).mul_(grad)
+        out.add_(cls._expand(keys, shift, groups)[key].view_as(grad))
+        if scale is not None:
+            out = out / scale.unsqueeze(1)
+        return out.view(weight.shape).to(weight.dtype)
+
+
+def table_dtype(weight: torch.Tensor) -> torch.dtype:
+    """dtype of the key-indexed tables and of the per-weight arithmetic: fp64 for fp64 weights, else fp32."""
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+def pattern_kind(dtype: torch.dtype) -> int:
+    """The ``kind`` argument of the passes for a 16-bit pattern dtype."""
+    return _KIND[dtype]
+
+
+def compiled_ops():
+    """The compiled CPU kernels of the engine (per-weight passes and the DKM on pairs), or ``None`` when they
+    cannot be built (or kernels are disabled with ``OPTIMUM_EDKM_DISABLE_KERNELS=1``)."""
+    # the kernel loader imports nothing but torch: no dependency of the engine on the layers above it
+    from ..extensions import load_extension
+
+    return load_extension("edkm", ("edkm_patterns.cpp", "edkm_pairs.cpp", "edkm_bindings.cpp"),
+                          ("-ffp-contract=off",))
