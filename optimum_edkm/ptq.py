@@ -45,7 +45,7 @@ from typing import NamedTuple, Optional
 import torch
 from tqdm.auto import tqdm
 
-from .baselines.layers import (capture_first_layer_calls, decoder_layers, module_names, named_linears, run_layer,
+from .baselines.layers import (capture_first_layer_calls, check_calibration_ids, decoder_layers, module_names, named_linears, run_layer,
                                run_until, sequential_groups)
 from .baselines.result import BaselineResult
 from .clustering import ClusteringSpec, decode, hard_assign, init_centroids, per_channel_scale
@@ -346,6 +346,7 @@ def palettize_weight(weight: torch.Tensor, hessian: torch.Tensor, spec: Clusteri
 
     def consider(candidate: PaletteCandidate):
         nonlocal best
+        candidate = _as_snapped(candidate, weight, spec, H)
         diagnostics[candidate.origin] = candidate.error
         if best is None or candidate.error < best.error:
             best = candidate
@@ -370,6 +371,28 @@ def palettize_weight(weight: torch.Tensor, hessian: torch.Tensor, spec: Clusteri
                                   f"refit{round_}"))
         lut, scale = fitted, fitted_scale
     return best, diagnostics
+
+
+def _as_snapped(candidate: PaletteCandidate, weight: torch.Tensor, spec: ClusteringSpec,
+                hessian: torch.Tensor) -> PaletteCandidate:
+    """The candidate as snapping will store it. A refit LUT may hold two entries closer than the 16-bit rounding
+    of the clustered values; a weight decoded from one of them then snaps to the other. Such weights take the
+    entry snapping gives (repeated until stable), and the error is recomputed. A GPTQ pass's candidate is exact
+    as it is: where its decoded value would snap elsewhere, :func:`install_palette` writes the value it rounded."""
+    if candidate.rounded_from is not None:
+        return candidate
+    indices = candidate.indices
+    for _ in range(spec.num_clusters):
+        dense = _decoded(indices, candidate.lut, candidate.scale, weight.dtype)
+        snapped = hard_assign(dense, candidate.lut.to(torch.float32), spec, scale=candidate.scale).indices
+        if torch.equal(snapped, indices):
+            break
+        indices = snapped
+    else:
+        raise RuntimeError("snapping the decoded weight did not settle; please report this LUT")
+    if indices is candidate.indices:
+        return candidate
+    return candidate._replace(indices=indices, error=output_error(weight, dense, hessian))
 
 
 def _decoded(indices: torch.Tensor, lut: torch.Tensor, scale: Optional[torch.Tensor], dtype: torch.dtype):
@@ -445,18 +468,21 @@ def palettize_post_training(model, calibration_ids: torch.Tensor, config=None, *
     """
     from .api import _edkm_config, prepare
 
+    if importance not in IMPORTANCES:
+        raise ValueError(f"importance must be one of {IMPORTANCES}, got {importance!r}")
+    if importance == "fisher" and not fisher:
+        raise ValueError("importance='fisher' needs fisher={module name: Fisher diagonal}, e.g. from "
+                         "optimum_edkm.sensitivity.fisher_diagonal(float_model, token_ids)")
+    if not isinstance(refits, int) or isinstance(refits, bool) or refits < 0:
+        raise ValueError(f"refits must be an integer >= 0, got {refits!r}")
+    _check_options(block_size, damp)
+    check_calibration_ids(calibration_ids)
     if config is not None:
         prepare(model, config)
     edkm_config = _edkm_config(model)
     if edkm_config.palettized:
         raise ValueError("the model is palettized already; post-training palettization needs the train-time model "
                          "(load the float model and prepare it)")
-    if importance not in IMPORTANCES:
-        raise ValueError(f"importance must be one of {IMPORTANCES}, got {importance!r}")
-    if importance == "fisher" and not fisher:
-        raise ValueError("importance='fisher' needs fisher={module name: Fisher diagonal}, e.g. from "
-                         "optimum_edkm.sensitivity.fisher_diagonal(float_model, token_ids)")
-    _check_options(block_size, damp)
     names = module_names(model)
     layers = decoder_layers(model)
     clustered = [m for m in model.modules() if isinstance(m, CLUSTERED_TYPES)]
