@@ -25,6 +25,7 @@ float model, bits per weight, wall time and load average:
 import argparse
 import copy
 import json
+import logging
 import os
 import sys
 import time
@@ -143,6 +144,7 @@ def main(argv=None):
         print(summary_table(rest[0] if rest else DEFAULT_OUT))
         return
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     started, load_start = time.time(), os.getloadavg()
     torch.manual_seed(0)

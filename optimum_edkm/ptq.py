@@ -39,7 +39,7 @@ centroids.
 from __future__ import annotations
 
 import logging
-import math
+import time
 from typing import NamedTuple, Optional
 
 import torch
@@ -248,7 +248,9 @@ def refit_lut(weight: torch.Tensor, hessian: torch.Tensor, indices: torch.Tensor
         r2 = min(r1 + chunk_rows, rows)
         index = indices[r1:r2].long()
         onehot = torch.nn.functional.one_hot(index, k).to(torch.float32)     # [n, columns, k]
-        block = onehot.transpose(1, 2) @ (H @ onehot)                          # [n, k, k]
+        # one large product H @ [columns, n*k] (a batched product with k-wide matrices is far slower)
+        spread = (H @ onehot.permute(1, 0, 2).reshape(columns, -1)).view(columns, r2 - r1, k)
+        block = torch.einsum("nia,inb->nab", onehot, spread)                    # [n, k, k]
         rhs = torch.zeros(r2 - r1, k, dtype=torch.float32, device=W.device).scatter_add_(1, index, WH[r1:r2])
         weights = s[r1:r2]
         A.index_add_(0, group[r1:r2], block.double() * weights.pow(2).view(-1, 1, 1))
@@ -496,7 +498,9 @@ def palettize_post_training(model, calibration_ids: torch.Tensor, config=None, *
     storage, details = {}, {}
     try:
         calls = capture_first_layer_calls(model, calibration_ids, batch_size)
-        for layer in tqdm(layers, desc="post-training palettization", unit="layer", disable=not progress):
+        for number, layer in enumerate(tqdm(layers, desc="post-training palettization", unit="layer",
+                                            disable=not progress)):
+            layer_started = time.perf_counter()
             linears = {name: m for name, m in named_linears(layer).items() if isinstance(m, EDKMLinear)}
             if linears:
                 for group in sequential_groups(layer, calls[0], linears):
@@ -520,6 +524,8 @@ def palettize_post_training(model, calibration_ids: torch.Tensor, config=None, *
                         storage[full] = _storage(module)
             outputs = run_layer(layer, calls)
             calls = [call.with_hidden_states(output) for call, output in zip(calls, outputs)]
+            logger.info("post-training palettization: layer %d/%d in %.1f s", number + 1, len(layers),
+                        time.perf_counter() - layer_started)
     finally:
         model.train(was_training)
     settings = {"importance": importance, "refits": refits, "refit_scales": refit_scales, "block_size": block_size,
