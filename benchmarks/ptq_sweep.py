@@ -75,6 +75,8 @@ def parse_args(argv=None):
     tune.add_argument("--batch-size", type=int, default=8)
     tune.add_argument("--seq-len", type=int, default=256)
     tune.add_argument("--loss", default="forward_kl", help="ce, or a distillation divergence")
+    tune.add_argument("--teacher-sequences", type=int, default=0,
+                      help="training rows of teacher text (--seq-len tokens, cached) added to the help train windows")
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     parser.add_argument("--tag", default="")
@@ -184,6 +186,12 @@ def main(argv=None):
                   else calibration.reshape(-1))
         fisher = fisher_diagonal(model, stream, samples=args.fisher_samples, seq_len=256)
     teacher = copy.deepcopy(model) if args.steps > 0 and args.loss != "ce" else None
+    generated = None
+    if args.steps > 0 and args.teacher_sequences:  # sampled from the float model, before it is compressed
+        from optimum_edkm.distillation import GenerationSettings, cached_teacher_data
+
+        generated = cached_teacher_data(model, tokenizer, GenerationSettings(
+            sequences=args.teacher_sequences, seq_len=args.seq_len, seed=0))
 
     begin = time.time()
     details = {}
@@ -224,7 +232,8 @@ def main(argv=None):
             trainer = finetune(model, train_ids, output_dir=os.path.join(ROOT, "runs", "ptq-sweep", "train"),
                                steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
                                learning_rate=args.learning_rate, progress=False,
-                               logging_steps=max(1, args.steps // 6), teacher_model=teacher, **kd)
+                               logging_steps=max(1, args.steps // 6), teacher_model=teacher, sequences=generated,
+                               **kd)
             record["train_seconds"] = round(time.time() - tune_begin, 1)
             details["train_loss"] = [round(h["loss"], 4) for h in trainer.state.log_history if "loss" in h]
         else:
