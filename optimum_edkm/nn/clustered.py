@@ -125,8 +125,14 @@ class ClusteredModule:
         extra = {} if sample_weight is None else {"sample_weight": sample_weight}
         centroids = init_centroids(rows, self.spec, scale=self.weight_scale, seed=seed, name=name, **extra)
         self.weight_centroids.copy_(centroids)
-        k = self.spec.num_clusters
-        spacing = (centroids[:, -1] - centroids[:, 0]) / max(k - 1, 1)
+        self.set_temperature_from_centroids()
+
+    @torch.no_grad()
+    def set_temperature_from_centroids(self) -> None:
+        """Absolute temperature := ``relative_temperature`` times the squared mean spacing of neighbouring
+        centroids (centroids sorted per group, as k-means and post-training palettization leave them)."""
+        centroids = self.weight_centroids
+        spacing = (centroids.amax(1) - centroids.amin(1)) / max(self.spec.num_clusters - 1, 1)
         tau = self.relative_temperature * float(spacing.pow(2).mean())
         self.weight_temperature.fill_(max(tau, torch.finfo(torch.float32).tiny))
         self._snap_cache = self._soft_cache = None

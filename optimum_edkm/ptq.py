@@ -1,0 +1,536 @@
+"""Post-training palettization: GPTQ's error feedback onto look-up tables ("GPTVQ with vector dimension 1").
+
+GPTQ (Frantar et al., ICLR 2023) rounds a linear layer's weight one input column at a time and pushes each
+column's rounding error onto the columns not rounded yet, weighted by the inverse Hessian of the layer's output
+error, so that the layer's *output* on calibration inputs stays close to the float one. GPTVQ (van Baalen et al.,
+arXiv 2402.15319) does the same onto codebooks. This module does it onto the project's palettized format - one
+LUT per tensor or per group of output rows, an optional fp16 per-output-channel scale - for every clustered
+linear layer of a model prepared with :func:`optimum_edkm.prepare`, written from the papers' description:
+
+1. **LUT.** k-means on the layer's float weight (:func:`optimum_edkm.clustering.init_centroids`), weighted by an
+   importance per weight: ``"hessian"`` - the input second moment ``diag(X^T X)`` of the weight's column (what
+   a weight's error costs in the layer's output when errors of different columns do not interact);
+   ``"obs"`` - ``1 / [H^-1]_jj``, the optimal-brain-surgeon cost of a column's error when the other columns
+   compensate (what GPTQ's own loss counts); ``"fisher"`` - a given Fisher diagonal
+   (:func:`optimum_edkm.sensitivity.fisher_diagonal`); ``"none"`` - plain k-means. The LUT is rounded to its
+   storage dtype at once, so every later step works with the values that will be stored.
+2. **Rounding with error feedback.** Columns in order (or by decreasing Hessian diagonal with ``act_order``:
+   free here, since a LUT does not depend on the column order), blocks of ``block_size`` columns with lazy batch
+   updates, dampening ``damp * mean(diag H)``. Each column goes to the nearest LUT entry of its row's group
+   computed *exactly as hard assignment computes it* (the weight's 16-bit rounding divided by the scale, lowest
+   index on ties), so the indices are those :func:`optimum_edkm.palettize` will find.
+3. **M-step** (``refits`` rounds): with the indices fixed, the LUT entries (and, with ``refit_scale``, the
+   per-channel scales) that minimise the layer's output error ``tr((W - Q) H (W - Q)^T)`` solve a small linear
+   least-squares problem per LUT (``2**bits`` unknowns; per row for a scale). The refit LUT then starts another
+   rounding pass. Of every candidate (each pass, each refit) the one with the lowest output error is kept.
+
+Layers are processed in the order the model computes them (GPTQ's "true sequential" order: q/k/v, then o,
+then gate/up, then down, each calibrated on inputs produced by the already-palettized linears before it;
+the next decoder layer sees the palettized layer's outputs).
+
+The result stays a *train-time* model: every ``EDKMLinear`` holds, as its float weight, the decoded palettized
+weight ``scale[row] * lut[group, index]`` and, as its centroids, the LUT (plus the scale and an absolute
+temperature set as :meth:`~optimum_edkm.nn.ClusteredModule.init_clusters` sets it). Hard assignment
+of that weight reproduces the indices, so :func:`optimum_edkm.palettize` gives exactly the post-training model
+(checked bit for bit after every module), and eDKM fine-tuning starts from it with weights sitting on their
+centroids.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import NamedTuple, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from .baselines.layers import (capture_first_layer_calls, check_calibration_ids, decoder_layers, module_names, named_linears, run_layer,
+                               run_until, sequential_groups)
+from .baselines.result import BaselineResult
+from .clustering import ClusteringSpec, decode, hard_assign, init_centroids, per_channel_scale
+from .clustering.layout import compute_dtype, value_dtype
+from .nn import EDKMLinear, is_clustered
+
+logger = logging.getLogger(__name__)
+
+#: how the k-means that chooses a layer's LUT weighs each weight (see the module docstring)
+IMPORTANCES = ("none", "hessian", "obs", "fisher")
+
+
+class LutRoundingResult(NamedTuple):
+    """One GPTQ pass onto fixed LUTs.
+
+    Attributes:
+        indices: uint8 ``[rows, columns]`` LUT index of every weight.
+        rounded_from: ``[rows, columns]`` (the weight's dtype) what each weight was when its column was rounded
+            (the float weight plus the error feedback it received); its hard assignment gives ``indices``.
+        dense: ``[rows, columns]`` (the weight's dtype) the decoded weight ``scale[row] * lut[group, index]``.
+        loss: GPTQ's estimate of the output error, ``sum (w - q)^2 / (2 U_jj^2)``.
+    """
+
+    indices: torch.Tensor
+    rounded_from: torch.Tensor
+    dense: torch.Tensor
+    loss: float
+
+
+def _check_palette(weight: torch.Tensor, lut: torch.Tensor, spec: ClusteringSpec, scale: Optional[torch.Tensor]):
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(f"expected a 2-D float weight [rows, columns], got {weight.dtype} {tuple(weight.shape)}")
+    rows = weight.shape[0]
+    groups = 1 if spec.group_size is None else rows // spec.group_size
+    if spec.group_size is not None and rows % spec.group_size:
+        raise ValueError(f"group_size={spec.group_size} does not divide the weight's {rows} rows")
+    if tuple(lut.shape) != (groups, spec.num_clusters):
+        raise ValueError(f"the LUT has shape {tuple(lut.shape)}, expected ({groups}, {spec.num_clusters}) "
+                         f"(groups x 2**bits)")
+    if scale is not None and tuple(scale.shape) != (rows,):
+        raise ValueError(f"the per-channel scale has shape {tuple(scale.shape)}, expected ({rows},)")
+
+
+class _NearestEntry:
+    """Rounds weight columns to their row's nearest LUT entry with the arithmetic of
+    :func:`~optimum_edkm.clustering.hard_assign` (values: the weight in its own dtype, divided by the scale in
+    the compute dtype, rounded to the clustered 16-bit dtype; squared distances; first index on ties) and decodes
+    them as :func:`~optimum_edkm.clustering.decode` does after :meth:`snap` (fp32, scale in the LUT's dtype)."""
+
+    def __init__(self, weight: torch.Tensor, lut: torch.Tensor, spec: ClusteringSpec,
+                 scale: Optional[torch.Tensor]):
+        rows = weight.shape[0]
+        self.weight_dtype = weight.dtype
+        self.compute = compute_dtype(weight)
+        self.values = value_dtype(weight, spec)
+        group = torch.zeros(rows, dtype=torch.long, device=weight.device) if spec.group_size is None else \
+            torch.arange(rows, device=weight.device) // spec.group_size
+        work = torch.promote_types(lut.dtype, torch.float32)
+        self.distance_lut = lut.to(self.compute)[group]                     # [rows, k]
+        self.decode_lut = lut.to(work)[group]                               # [rows, k]
+        self.divide = None if scale is None else scale.to(self.compute).unsqueeze(1)
+        self.multiply = None if scale is None else scale.to(lut.dtype).to(work).unsqueeze(1)
+
+    def indices(self, columns: torch.Tensor) -> torch.Tensor:
+        """LUT indices (int64) of ``[rows, n]`` columns (any float dtype; taken in the weight's dtype)."""
+        values = columns.to(self.weight_dtype).to(self.compute)
+        if self.divide is not None:
+            values = values / self.divide
+        values = values.to(self.values).to(self.compute)
+        distance = (values.unsqueeze(-1) - self.distance_lut.unsqueeze(1)).pow(2)
+        return distance.min(-1).indices
+
+    def decode(self, indices: torch.Tensor) -> torch.Tensor:
+        """The decoded weights (the weight's dtype) of ``[rows, n]`` indices."""
+        dense = self.decode_lut.gather(1, indices)
+        if self.multiply is not None:
+            dense = dense * self.multiply
+        return dense.to(self.weight_dtype)
+
+
+def _working_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _prepare_hessian(weight: torch.Tensor, hessian: torch.Tensor, damp: float):
+    """Dead inputs (zero diagonal) get ``H_jj = 1`` and zero weight (as GPTQ does); returns the working weight, the
+    undamped Hessian with dead entries fixed and the damped one."""
+    dtype = _working_dtype(weight.dtype)
+    W = weight.detach().to(dtype).clone()
+    H = hessian.detach().to(dtype=dtype, device=W.device).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    damped = H.clone()
+    diagonal = torch.arange(H.shape[0], device=H.device)
+    damped[diagonal, diagonal] += damp * torch.mean(torch.diag(H))
+    return W, H, damped
+
+
+def _upper_cholesky_of_inverse(H: torch.Tensor) -> torch.Tensor:
+    L, info = torch.linalg.cholesky_ex(H)
+    if int(info) == 0:
+        L, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+    if int(info) != 0:
+        raise ValueError("the damped Hessian is not positive definite (too few or degenerate calibration tokens "
+                         "for this layer); increase damp or use more calibration data")
+    return L
+
+
+def _check_options(block_size, damp):
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+        raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
+    if not isinstance(damp, (int, float)) or isinstance(damp, bool) or not damp > 0:
+        raise ValueError(f"damp must be > 0 (fraction of the mean Hessian diagonal added to it), got {damp!r}")
+
+
+@torch.no_grad()
+def gptq_lut_round(weight: torch.Tensor, hessian: torch.Tensor, lut: torch.Tensor, spec: ClusteringSpec,
+                   scale: Optional[torch.Tensor] = None, block_size: int = 128, damp: float = 0.01,
+                   act_order: bool = False) -> LutRoundingResult:
+    """Round a ``[rows, columns]`` weight onto fixed LUTs with GPTQ's error feedback.
+
+    Args:
+        weight: the float weight, output channels on dim 0 (its dtype is the one hard assignment will see).
+        hessian: ``[columns, columns]``, ``2/N X^T X`` of the layer's calibration inputs.
+        lut: ``[groups, 2**bits]`` LUT as it will be stored (e.g. fp16).
+        spec: bits and LUT grouping (``spec.group_size`` output rows per LUT, ``None``: one LUT).
+        scale: optional per-output-channel scale (the module's buffer); weights are rounded as ``w / scale``.
+        block_size: columns per lazy batch update (changes the speed, not the result).
+        damp: dampening, a fraction of the mean Hessian diagonal.
+        act_order: round columns by decreasing Hessian diagonal.
+    """
+    _check_palette(weight, lut, spec, scale)
+    _check_options(block_size, damp)
+    rows, columns = weight.shape
+    if tuple(hessian.shape) != (columns, columns):
+        raise ValueError(f"hessian must be [{columns}, {columns}], got {tuple(hessian.shape)}")
+    W, _, damped = _prepare_hessian(weight, hessian, damp)
+    rounding = _NearestEntry(weight, lut, spec, scale)
+    permutation = None
+    if act_order:
+        permutation = torch.argsort(torch.diag(damped), descending=True)
+        W, damped = W[:, permutation], damped[permutation][:, permutation]
+    U = _upper_cholesky_of_inverse(damped)
+    indices = torch.zeros(rows, columns, dtype=torch.long, device=W.device)
+    rounded_from = torch.zeros_like(W)
+    Q = torch.zeros_like(W)
+    loss = torch.zeros((), dtype=W.dtype, device=W.device)
+    for i1 in range(0, columns, block_size):
+        i2 = min(i1 + block_size, columns)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            w = W1[:, i]
+            index = rounding.indices(w.unsqueeze(1))
+            q = rounding.decode(index).to(W.dtype).squeeze(1)
+            indices[:, i1 + i] = index.squeeze(1)
+            rounded_from[:, i1 + i] = w
+            Q[:, i1 + i] = q
+            error = (w - q) / U1[i, i]
+            W1[:, i:] -= error.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            Err1[:, i] = error
+        loss += Err1.pow(2).sum() / 2
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    if permutation is not None:
+        inverse = torch.argsort(permutation)
+        indices, rounded_from, Q = indices[:, inverse], rounded_from[:, inverse], Q[:, inverse]
+    return LutRoundingResult(indices.to(torch.uint8), rounded_from.to(weight.dtype), Q.to(weight.dtype),
+                             float(loss))
+
+
+def output_error(weight: torch.Tensor, dense: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``tr((W - Q) H (W - Q)^T)``: with ``H = 2/N X^T X``, twice the mean squared error of the layer's outputs
+    over the N calibration tokens (summed over output channels)."""
+    error = (weight.double() - dense.double())
+    return float(((error @ hessian.double()) * error).sum())
+
+
+@torch.no_grad()
+def refit_lut(weight: torch.Tensor, hessian: torch.Tensor, indices: torch.Tensor, lut: torch.Tensor,
+              spec: ClusteringSpec, scale: Optional[torch.Tensor] = None, chunk_rows: int = 128) -> torch.Tensor:
+    """The LUT entries minimising ``tr((W - Q) H (W - Q)^T)`` for fixed ``indices`` (one least-squares problem of
+    ``2**bits`` unknowns per LUT), ``Q[r] = scale[r] * lut[group(r), indices[r]]``; returned in float64. An entry
+    no weight uses keeps its value in ``lut`` (a tiny ridge towards it keeps every system well posed)."""
+    _check_palette(weight, lut, spec, scale)
+    rows, columns = weight.shape
+    k = spec.num_clusters
+    groups = lut.shape[0]
+    H = hessian.to(torch.float32)
+    W = weight.to(torch.float32)
+    s = torch.ones(rows, dtype=torch.float64, device=W.device) if scale is None else scale.double()
+    group = torch.zeros(rows, dtype=torch.long, device=W.device) if spec.group_size is None else \
+        torch.arange(rows, device=W.device) // spec.group_size
+    A = torch.zeros(groups, k, k, dtype=torch.float64, device=W.device)
+    b = torch.zeros(groups, k, dtype=torch.float64, device=W.device)
+    WH = W @ H
+    for r1 in range(0, rows, chunk_rows):
+        r2 = min(r1 + chunk_rows, rows)
+        index = indices[r1:r2].long()
+        onehot = torch.nn.functional.one_hot(index, k).to(torch.float32)     # [n, columns, k]
+        # one large product H @ [columns, n*k] (a batched product with k-wide matrices is far slower)
+        spread = (H @ onehot.permute(1, 0, 2).reshape(columns, -1)).view(columns, r2 - r1, k)
+        block = torch.einsum("nia,inb->nab", onehot, spread)                    # [n, k, k]
+        rhs = torch.zeros(r2 - r1, k, dtype=torch.float32, device=W.device).scatter_add_(1, index, WH[r1:r2])
+        weights = s[r1:r2]
+        A.index_add_(0, group[r1:r2], block.double() * weights.pow(2).view(-1, 1, 1))
+        b.index_add_(0, group[r1:r2], rhs.double() * weights.view(-1, 1))
+    ridge = 1e-9 * A.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-30)
+    eye = torch.eye(k, dtype=torch.float64, device=W.device)
+    previous = lut.double()
+    return torch.linalg.solve(A + ridge.view(-1, 1, 1) * eye, b + ridge.view(-1, 1) * previous)
+
+
+@torch.no_grad()
+def refit_scale(weight: torch.Tensor, hessian: torch.Tensor, indices: torch.Tensor, lut: torch.Tensor,
+                spec: ClusteringSpec, scale: torch.Tensor) -> torch.Tensor:
+    """Per-row scales minimising ``tr((W - Q) H (W - Q)^T)`` for fixed indices and LUT: row ``r`` with
+    ``u = lut[group(r), indices[r]]`` gets ``(u H w^T) / (u H u^T)``; kept positive (a row whose fit is not keeps
+    its ``scale``). Returned in float64."""
+    _check_palette(weight, lut, spec, scale)
+    rows = weight.shape[0]
+    group = torch.zeros(rows, dtype=torch.long, device=weight.device) if spec.group_size is None else \
+        torch.arange(rows, device=weight.device) // spec.group_size
+    u = lut.double()[group].gather(1, indices.long())
+    uH = u @ hessian.double()
+    numerator = (uH * weight.double()).sum(1)
+    denominator = (uH * u).sum(1)
+    fitted = numerator / denominator.clamp_min(torch.finfo(torch.float64).tiny)
+    return torch.where((denominator > 0) & (fitted > 0), fitted, scale.double())
+
+
+def _round_to(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    info = torch.finfo(dtype)
+    return values.clamp(-info.max, info.max).to(dtype)
+
+
+def _sorted(lut: torch.Tensor, indices: torch.Tensor, spec: ClusteringSpec) -> tuple:
+    """The LUT sorted ascending per group and the indices remapped so that the decoded weight is unchanged."""
+    sorted_lut, order = lut.sort(1)
+    rank = torch.argsort(order, 1)                                    # old entry -> new position
+    rows = indices.shape[0]
+    group = torch.zeros(rows, dtype=torch.long, device=lut.device) if spec.group_size is None else \
+        torch.arange(rows, device=lut.device) // spec.group_size
+    return sorted_lut, rank[group].gather(1, indices.long()).to(torch.uint8)
+
+
+def _importance(kind: str, hessian: torch.Tensor, rows: int, damp: float, fisher: Optional[torch.Tensor]):
+    if kind == "none":
+        return None
+    if kind == "fisher":
+        return fisher
+    H = hessian.double().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    if kind == "hessian":
+        column = torch.diag(H)
+    else:  # "obs": 1 / [H^-1]_jj of the damped Hessian
+        diagonal = torch.arange(H.shape[0], device=H.device)
+        H[diagonal, diagonal] += damp * torch.mean(torch.diag(H))
+        column = 1.0 / torch.diag(torch.cholesky_inverse(torch.linalg.cholesky(H)))
+    return column.float().unsqueeze(0).expand(rows, -1)
+
+
+class PaletteCandidate(NamedTuple):
+    lut: torch.Tensor            # [groups, k] in the LUT's storage dtype
+    scale: Optional[torch.Tensor]  # [rows] fp32 holding storage-dtype values, or None
+    indices: torch.Tensor        # uint8 [rows, columns]
+    rounded_from: Optional[torch.Tensor]  # what a GPTQ pass rounded (hard-assigns to indices), or None
+    error: float                 # output_error of the decoded weight
+    origin: str
+
+
+@torch.no_grad()
+def palettize_weight(weight: torch.Tensor, hessian: torch.Tensor, spec: ClusteringSpec, lut_dtype: torch.dtype,
+                     channel_scale: bool, importance: str = "hessian", fisher: Optional[torch.Tensor] = None,
+                     refits: int = 1, refit_scales: bool = False, block_size: int = 128, damp: float = 0.01,
+                     act_order: bool = False, seed: int = 0, name: str = "weight") -> tuple:
+    """Post-training palettization of one ``[rows, columns]`` weight (see the module docstring).
+
+    Returns ``(best, diagnostics)``: the :class:`PaletteCandidate` with the lowest :func:`output_error` among the
+    GPTQ passes and the refits, and ``{origin: output error}`` of every candidate plus the plain nearest-entry
+    rounding of the float weight onto the first LUT (``"nearest"``)."""
+    if importance not in IMPORTANCES:
+        raise ValueError(f"importance must be one of {IMPORTANCES}, got {importance!r}")
+    if importance == "fisher" and fisher is None:
+        raise ValueError(f"{name}: importance='fisher' needs the Fisher diagonal of this weight")
+    if not isinstance(refits, int) or isinstance(refits, bool) or refits < 0:
+        raise ValueError(f"refits must be an integer >= 0, got {refits!r}")
+    rows = weight.shape[0]
+    H = hessian.double()
+    scale = per_channel_scale(weight, name=name) if channel_scale else None
+    sample_weight = _importance(importance, hessian, rows, damp, fisher)
+    centroids = init_centroids(weight, spec, scale=scale, seed=seed, name=name, sample_weight=sample_weight)
+    lut = centroids.to(lut_dtype)
+    nearest = hard_assign(weight, lut.to(centroids.dtype), spec, scale=scale, name=name).indices
+    diagnostics = {"nearest": output_error(weight, _decoded(nearest, lut, scale, weight.dtype), H)}
+    best: Optional[PaletteCandidate] = None
+
+    def consider(candidate: PaletteCandidate):
+        nonlocal best
+        candidate = _as_snapped(candidate, weight, spec, H)
+        diagnostics[candidate.origin] = candidate.error
+        if best is None or candidate.error < best.error:
+            best = candidate
+
+    for round_ in range(refits + 1):
+        passed = gptq_lut_round(weight, hessian, lut, spec, scale, block_size, damp, act_order)
+        consider(PaletteCandidate(lut, scale, passed.indices, passed.rounded_from,
+                                  output_error(weight, passed.dense, H), f"gptq{round_}"))
+        if round_ == refits:
+            break
+        indices = passed.indices
+        fitted = _round_to(refit_lut(weight, hessian, indices, lut, spec, scale), lut_dtype)
+        fitted, indices = _sorted(fitted, indices, spec)
+        fitted_scale = scale
+        if refit_scales and scale is not None:
+            fitted_scale = refit_scale(weight, hessian, indices, fitted, spec, scale)
+            fitted_scale = _round_to(fitted_scale, lut_dtype).to(scale.dtype)
+            fitted = _round_to(refit_lut(weight, hessian, indices, fitted, spec, fitted_scale), lut_dtype)
+            fitted, indices = _sorted(fitted, indices, spec)
+        consider(PaletteCandidate(fitted, fitted_scale, indices, None,
+                                  output_error(weight, _decoded(indices, fitted, fitted_scale, weight.dtype), H),
+                                  f"refit{round_}"))
+        lut, scale = fitted, fitted_scale
+    return best, diagnostics
+
+
+def _as_snapped(candidate: PaletteCandidate, weight: torch.Tensor, spec: ClusteringSpec,
+                hessian: torch.Tensor) -> PaletteCandidate:
+    """The candidate as snapping will store it. A refit LUT may hold two entries closer than the 16-bit rounding
+    of the clustered values; a weight decoded from one of them then snaps to the other. Such weights take the
+    entry snapping gives (repeated until stable), and the error is recomputed. A GPTQ pass's candidate is exact
+    as it is: where its decoded value would snap elsewhere, :func:`install_palette` writes the value it rounded."""
+    if candidate.rounded_from is not None:
+        return candidate
+    indices = candidate.indices
+    for _ in range(spec.num_clusters):
+        dense = _decoded(indices, candidate.lut, candidate.scale, weight.dtype)
+        snapped = hard_assign(dense, candidate.lut.to(torch.float32), spec, scale=candidate.scale).indices
+        if torch.equal(snapped, indices):
+            break
+        indices = snapped
+    else:
+        raise RuntimeError("snapping the decoded weight did not settle; please report this LUT")
+    if indices is candidate.indices:
+        return candidate
+    return candidate._replace(indices=indices, error=output_error(weight, dense, hessian))
+
+
+def _decoded(indices: torch.Tensor, lut: torch.Tensor, scale: Optional[torch.Tensor], dtype: torch.dtype):
+    """The dense weight a palettized module computes (scale in the LUT's dtype, as snapping stores it)."""
+    return decode(indices, lut, None if scale is None else scale.to(lut.dtype), dtype=dtype)
+
+
+@torch.no_grad()
+def install_palette(module, candidate: PaletteCandidate) -> dict:
+    """Write a palettization into a train-time module: the decoded weight as its float weight, the LUT as its
+    centroids, the scale, and the absolute temperature :meth:`init_clusters` would set for these centroids.
+    Weights whose decoded value would snap to another entry (two entries closer than the 16-bit rounding of the
+    clustered values) keep the value a GPTQ pass rounded instead, so that snapping reproduces the indices.
+    Returns ``{"mismatched": n}``: weights whose index snapping still changed (0 unless a refit LUT has such
+    near-duplicate entries; the model is then what snapping gives, which is what :func:`palettize` stores)."""
+    rows = module.rows()
+    if candidate.scale is not None:
+        if module.weight_scale is None:
+            raise ValueError("the palette has a per-channel scale but the module has none")
+        module.weight_scale.copy_(candidate.scale)
+    elif module.weight_scale is not None:
+        raise ValueError("the module has a per-channel scale but the palette has none")
+    module.weight_centroids.copy_(candidate.lut.to(module.weight_centroids.dtype))
+    dense = _decoded(candidate.indices, candidate.lut, candidate.scale, rows.dtype)
+    rows.copy_(dense)
+    snapped, _ = module.snap()
+    wrong = snapped != candidate.indices
+    if bool(wrong.any()) and candidate.rounded_from is not None:
+        rows[wrong] = candidate.rounded_from[wrong].to(rows.dtype)
+        snapped, _ = module.snap()
+        wrong = snapped != candidate.indices
+    module.set_temperature_from_centroids()
+    return {"mismatched": int(wrong.sum())}
+
+
+@torch.no_grad()
+def palettize_post_training(model, calibration_ids: torch.Tensor, config=None, *, importance: str = "hessian",
+                            fisher: Optional[dict] = None, refits: int = 1, refit_scales: bool = False,
+                            block_size: int = 128, damp: float = 0.01, act_order: bool = False,
+                            batch_size: int = 8, progress: bool = True) -> BaselineResult:
+    """GPTQ-style post-training palettization of every clustered linear in ``model.model.layers``.
+
+    The model must be prepared for eDKM (:func:`optimum_edkm.prepare`, or pass ``config`` to prepare a float
+    model here). It stays a train-time model holding the post-training palettization (see the module
+    docstring): fine-tune it with eDKM, or finalize it with :func:`optimum_edkm.palettize`.
+
+    Args:
+        calibration_ids: ``[n_samples, seq_len]`` calibration token ids.
+        config: an :class:`~optimum_edkm.EDKMConfig` to prepare a float model with first (``None``: the model is
+            prepared already).
+        importance: the k-means weighting of the LUT: ``"hessian"``, ``"obs"``, ``"fisher"`` or ``"none"``.
+        fisher: ``{module name: Fisher diagonal}`` (e.g. :func:`optimum_edkm.sensitivity.fisher_diagonal` of
+            the float model), needed with ``importance="fisher"``.
+        refits: least-squares LUT refits, each followed by another rounding pass (0: one pass, no refit).
+        refit_scales: refit the per-channel scales with the LUT (models with a per-channel scale only).
+        block_size, damp, act_order: GPTQ's lazy-batch block, dampening and column order.
+        batch_size: calibration sequences per forward.
+
+    Returns a :class:`~optimum_edkm.baselines.BaselineResult`: the storage of every palettized weight, the
+    settings, and per module the output error ``tr((W - Q) H (W - Q)^T)`` of each candidate.
+    """
+    from .api import edkm_config, prepare
+
+    if importance not in IMPORTANCES:
+        raise ValueError(f"importance must be one of {IMPORTANCES}, got {importance!r}")
+    if importance == "fisher" and not fisher:
+        raise ValueError("importance='fisher' needs fisher={module name: Fisher diagonal}, e.g. from "
+                         "optimum_edkm.sensitivity.fisher_diagonal(float_model, token_ids)")
+    if not isinstance(refits, int) or isinstance(refits, bool) or refits < 0:
+        raise ValueError(f"refits must be an integer >= 0, got {refits!r}")
+    _check_options(block_size, damp)
+    check_calibration_ids(calibration_ids)
+    if config is not None:
+        prepare(model, config)
+    prepared = edkm_config(model)
+    if prepared.palettized:
+        raise ValueError("the model is palettized already; post-training palettization needs the train-time model "
+                         "(load the float model and prepare it)")
+    names = module_names(model)
+    layers = decoder_layers(model)
+    clustered = [m for m in model.modules() if is_clustered(m)]
+    covered = {id(m) for layer in layers for m in layer.modules() if isinstance(m, EDKMLinear)}
+    skipped = [names[id(m)] for m in clustered if id(m) not in covered]
+    if skipped:
+        logger.warning("post-training palettization covers the linears of the decoder layers; %d clustered "
+                       "module(s) outside them keep their k-means LUT: %s", len(skipped), ", ".join(skipped[:5]))
+    was_training = model.training
+    model.eval()
+    storage, details = {}, {}
+    try:
+        calls = capture_first_layer_calls(model, calibration_ids, batch_size)
+        for number, layer in enumerate(tqdm(layers, desc="post-training palettization", unit="layer",
+                                            disable=not progress)):
+            layer_started = time.perf_counter()
+            linears = {name: m for name, m in named_linears(layer).items() if isinstance(m, EDKMLinear)}
+            if linears:
+                for group in sequential_groups(layer, calls[0], linears):
+                    for name, hessian in _hessians(layer, calls, {n: linears[n] for n in group}).items():
+                        module = linears[name]
+                        full = names[id(module)]
+                        weight_fisher = None
+                        if importance == "fisher":
+                            if full not in fisher:
+                                raise ValueError(f"fisher has no entry for {full!r}; compute it for every linear")
+                            weight_fisher = fisher[full]
+                        original = module.rows().detach().clone()
+                        best, errors = palettize_weight(
+                            original, hessian, module.spec, module.lut_dtype,
+                            module.weight_scale is not None, importance, weight_fisher, refits, refit_scales,
+                            block_size, damp, act_order, seed=prepared.seed, name=f"{full}.weight")
+                        installed = install_palette(module, best)
+                        dense = module.snapped_weight()
+                        errors["final"] = output_error(original, module.rows(dense), hessian)
+                        details[full] = {"output_error": errors, "chosen": best.origin, **installed}
+                        storage[full] = module.storage()
+            outputs = run_layer(layer, calls)
+            calls = [call.with_hidden_states(output) for call, output in zip(calls, outputs)]
+            logger.info("post-training palettization: layer %d/%d in %.1f s", number + 1, len(layers),
+                        time.perf_counter() - layer_started)
+    finally:
+        model.train(was_training)
+    settings = {"importance": importance, "refits": refits, "refit_scales": refit_scales, "block_size": block_size,
+                "damp": damp, "act_order": act_order, "calibration_tokens": int(calibration_ids.numel()),
+                "bits": prepared.bits, "granularity": prepared.granularity,
+                "group_size": prepared.group_size, "per_channel_scale": prepared.enable_per_channel_scale}
+    return BaselineResult(storage=storage, settings=settings, details=details)
+
+
+def _hessians(layer, calls, watched: dict) -> dict:
+    """``{name: 2/N X^T X}`` of each watched linear's inputs over the calibration calls (float32, as GPTQ)."""
+    gram = {name: None for name in watched}
+    tokens = dict.fromkeys(watched, 0)
+
+    def accumulate(name: str, inputs: torch.Tensor):
+        x = inputs.reshape(-1, inputs.shape[-1]).float()
+        gram[name] = x.T @ x if gram[name] is None else gram[name] + x.T @ x
+        tokens[name] += x.shape[0]
+
+    run_until(layer, calls, watched, accumulate)
+    return {name: (2 * gram[name] / tokens[name]).float() for name in watched}
