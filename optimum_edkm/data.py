@@ -554,6 +554,16 @@ def _load_hub(dataset_id: str, *, split: Optional[str], config: Optional[str], t
 def _load_text_files(files: Sequence[Path]):
     import datasets
 
+    for path in files:             # datasets' own error names neither the file nor the encoding
+        try:
+            with open(path, encoding="utf-8") as handle:
+                while handle.read(1 << 20):
+                    pass
+        except UnicodeDecodeError as error:
+            raise ValueError(
+                f"{str(path)!r} is not UTF-8 text (byte {error.start}: {error.reason}); convert it, e.g. "
+                f"iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}"
+            ) from None
     return datasets.load_dataset(
         "text", data_files=[str(f) for f in files], sample_by="document", split="train", keep_in_memory=True
     )

@@ -15,6 +15,7 @@ from datasets import Dataset
 
 from .api import prepare
 from .config import EDKMConfig
+from .evaluation.perplexity import check_token_ids
 from .trainer import EDKMTrainer, EDKMTrainingArguments
 
 
@@ -171,6 +172,9 @@ def finetune(model, token_ids: Optional[torch.Tensor], config: Optional[EDKMConf
     enables distillation with ``distillation_weight`` / ``distillation_loss``. Returns the trainer
     (``trainer.model`` is the palettized model, ``trainer.state.log_history`` the logs).
     """
+    for rows in (token_ids, sequences):          # before preparing: an id beyond the vocabulary fails in forward
+        if isinstance(rows, torch.Tensor):
+            check_token_ids(rows, model)
     if getattr(model, "hf_quantizer", None) is None:
         if config is None:
             raise ValueError("pass config=EDKMConfig(...) to fine-tune a float model")

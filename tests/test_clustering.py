@@ -555,3 +555,45 @@ def test_bad_input_raises_clear_errors():
         unpack_indices(torch.zeros(2, dtype=torch.uint8), 3, 8)
     with pytest.raises(TypeError, match="integer tensor"):
         pack_indices(torch.tensor([0.0, 1.0]), 3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# inputs the engine cannot represent: raised, never computed silently
+
+
+@pytest.mark.parametrize("entry", ["init_centroids", "hard_assign", "edkm", "edkm-torch"])
+def test_a_finite_weight_that_overflows_the_16_bit_clustering_dtype_is_named(entry):
+    spec = ClusteringSpec(bits=3, unique_dtype=torch.float16)
+    weight = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    centroids = init_centroids(weight, spec)
+    weight[2, 3] = 1e6                                    # finite in fp32, beyond fp16's 65504
+    with pytest.raises(ValueError, match=r"'layers.0.w'.*overflow torch.float16"):
+        if entry == "init_centroids":
+            init_centroids(weight, spec, name="layers.0.w")
+        elif entry == "hard_assign":
+            hard_assign(weight, centroids, spec, name="layers.0.w")
+        else:
+            edkm_cluster(weight, centroids, spec, name="layers.0.w", kernel=None if entry == "edkm" else False)
+
+
+@pytest.mark.parametrize("engine", ["edkm", "reference"])
+def test_a_temperature_whose_softmax_overflows_is_refused_and_one_just_above_gives_finite_gradients(engine):
+    import dataclasses
+
+    weight = torch.randn(8, 64, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    spec = ClusteringSpec(bits=3)
+    centroids = init_centroids(weight.detach(), spec)
+    run = (lambda s: edkm_cluster(weight, centroids, s, name="w")) if engine == "edkm" else \
+        (lambda s: dkm_reference(weight, centroids, s, name="w"))
+    with pytest.raises(ValueError, match="temperature 1e-40 is too small for 'w'"):
+        run(dataclasses.replace(spec, temperature=1e-40))
+    out = run(dataclasses.replace(spec, temperature=1e-30))
+    (out.weight * torch.randn_like(out.weight)).sum().backward()
+    assert torch.isfinite(out.weight).all() and torch.isfinite(weight.grad).all()
+
+
+def test_a_0_dim_weight_is_called_a_scalar_not_empty():
+    with pytest.raises(ValueError, match="0-dim tensor"):
+        init_centroids(torch.tensor(0.5), ClusteringSpec(bits=2))
+    with pytest.raises(ValueError, match="is empty"):
+        init_centroids(torch.zeros(0, 4), ClusteringSpec(bits=2))

@@ -98,6 +98,27 @@ def test_perplexity_rejects_bad_arguments():
         evaluate_perplexity(model, stream(200), context_length=128, progress=False)
 
 
+@pytest.mark.parametrize("bad_id", [97, 5000, -1])
+def test_token_ids_outside_the_vocabulary_are_named_before_the_forward_pass(bad_id, monkeypatch):
+    model = tiny_llama()
+    ids = stream(40)
+    ids[17] = bad_id
+    monkeypatch.setattr(model, "forward", lambda *a, **k: pytest.fail("forward ran on out-of-vocabulary ids"))
+    with pytest.raises(ValueError, match=r"1 id\(s\) outside the model's vocabulary \[0, 97\)"):
+        evaluate_perplexity(model, ids, context_length=16, progress=False)
+
+
+def test_a_text_file_that_is_not_utf8_is_named(tmp_path):
+    good = tmp_path / "good.txt"
+    good.write_text("plain text\n", encoding="utf-8")
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
+    assert "plain text" in data.load_text(str(good)).joined()
+    for source in (bad, tmp_path):            # the file itself, and a folder holding it
+        with pytest.raises(ValueError, match="latin1.txt' is not UTF-8 text"):
+            data.load_text(str(source))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # effective bits
 

@@ -111,7 +111,9 @@ def test_a_tied_embedding_is_clustered_once_and_the_head_reads_its_palette(tiny_
     palettize(model)
     assert isinstance(model.model.embed_tokens, PalettizedEmbedding)
     assert isinstance(model.lm_head, optimum_edkm.PalettizedTiedLinear)
-    assert torch.equal(logits(model, input_ids), expected)
+    # the fused LUT kernel sums in another order than F.linear on the decoded weight
+    torch.testing.assert_close(logits(model, input_ids), expected, rtol=1e-5, atol=1e-6)
+    expected = logits(model, input_ids)
     report = optimum_edkm.size_report(model)
     vocab, hidden_size = 128, 32
     assert report["clustered_weights"] == vocab * hidden_size + sum(

@@ -31,8 +31,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .layout import (check_centroids, check_scale, check_weight, cluster_values, compute_dtype, num_groups,
-                     row_view_shape, value_dtype)
+from .layout import (check_centroids, check_scale, check_temperature, check_weight, cluster_values, compute_dtype,
+                     num_groups, row_view_shape, value_dtype)
 from .patterns import MAX_DENSE_KEYS, TorchPatternOps, compiled_ops, pattern_kind
 from .reference import ClusterOutput, update_centroids
 from .spec import UNIQUE_DTYPES, ClusteringSpec
@@ -210,7 +210,8 @@ class _EDKMFunction(torch.autograd.Function):
             uv = _pairs_from_keys(keys, counts, plan.pattern_dtype, cdt)
         else:
             check_weight(weight, name)
-            uv = uniquify(cluster_values(weight, scale, spec, groups), cdt)
+            uv = uniquify(cluster_values(weight, scale, spec, groups), cdt, name)
+        check_temperature(spec.temperature, uv.values, start, name)
         if plan.pair_kernel is not None:
             table, history, masses = plan.pair_kernel.pairs_forward(
                 uv.values, uv.counts, _group_offsets(uv, groups), start, spec.temperature, spec.iterations,
@@ -227,7 +228,7 @@ class _EDKMFunction(torch.autograd.Function):
             if scale is not None:
                 clustered = clustered * scale_c.view(row_view_shape(weight))
             clustered = clustered.to(weight.dtype)
-        ctx.spec, ctx.plan = spec, plan
+        ctx.spec, ctx.plan, ctx.name = spec, plan, name
         ctx.iterations = info["iterations"] = iterations
         ctx.save_for_backward(weight, start, scale)
         new_centroids = new_centroids.to(centroids.dtype)
@@ -249,7 +250,7 @@ class _EDKMFunction(torch.autograd.Function):
             uv = _pairs_from_keys(keys, counts, plan.pattern_dtype, cdt)
             pair_grad = sums.to(cdt)
         else:
-            uv = uniquify(cluster_values(weight, scale, spec, groups), cdt)
+            uv = uniquify(cluster_values(weight, scale, spec, groups), cdt, ctx.name)
             grad = grad_output.to(cdt)
             if scale is not None:
                 grad = grad * scale_c.view(row_view_shape(weight))

@@ -130,7 +130,7 @@ def init_centroids(weight: torch.Tensor, spec: ClusteringSpec, scale: Optional[t
     if not isinstance(restarts, int) or restarts < 1:
         raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
     cdt = compute_dtype(weight)
-    uv = uniquify(cluster_values(weight, scale, spec, groups), cdt)
+    uv = uniquify(cluster_values(weight, scale, spec, groups), cdt, name)
     masses = value_masses(uv, weight, scale, sample_weight, name)
     k = spec.num_clusters
     pair_counts = torch.bincount(uv.group, minlength=groups)
@@ -176,7 +176,7 @@ def hard_assign(weight: torch.Tensor, centroids: torch.Tensor, spec: ClusteringS
     check_centroids(centroids, groups, spec, name)
     check_scale(scale, weight, name)
     cdt = compute_dtype(weight)
-    uv = uniquify(cluster_values(weight, scale, spec, groups), cdt)
+    uv = uniquify(cluster_values(weight, scale, spec, groups), cdt, name)
     _, label = _nearest(uv.values, uv.group, centroids.to(cdt))
     indices = label.to(torch.uint8)[uv.index].view(weight.shape)
     return HardAssignment(indices, centroids.detach().clone())

@@ -24,7 +24,10 @@ def check_weight(weight, name: str = "weight", finite: bool = True) -> None:
             f"'{name}' has dtype {weight.dtype}; clustering needs floating-point weights "
             f"(float32, bfloat16, float16 or float64). Dequantize it first."
         )
-    if weight.dim() == 0 or weight.numel() == 0:
+    if weight.dim() == 0:
+        raise ValueError(f"'{name}' is a 0-dim tensor (a scalar, value {float(weight):.4g}); clustering needs a "
+                         f"weight with output channels on dim 0 (reshape it, e.g. weight.reshape(1, -1))")
+    if weight.numel() == 0:
         raise ValueError(f"'{name}' is empty (shape {tuple(weight.shape)}): there is nothing to cluster")
     if not finite:
         return
@@ -79,6 +82,28 @@ def check_scale(scale, weight: torch.Tensor, name: str = "weight") -> None:
         )
     if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
         raise ValueError(f"per-channel scale of '{name}' must be finite and > 0")
+
+
+@torch.no_grad()
+def check_temperature(temperature: float, values: torch.Tensor, centroids: torch.Tensor, name: str = "weight"
+                      ) -> None:
+    """Refuse a temperature so small that the soft assignment overflows the compute dtype.
+
+    The logits ``-(w - c)^2 / tau`` and their slope ``2 |w - c| / tau`` are bounded by the spread of the
+    clustered values and centroids; past the dtype's largest value a whole softmax row becomes ``-inf`` (NaN
+    output) and the backward multiplies ``inf`` by 0 (NaN gradients). ``values``: the clustered (distinct)
+    values, any shape.
+    """
+    low = min(float(values.min()), float(centroids.min()))
+    spread = max(float(values.max()), float(centroids.max())) - low
+    worst = max(spread * spread, 2.0 * spread)
+    largest = torch.finfo(values.dtype).max / 4          # room for sums of a few such terms
+    if worst / temperature > largest:
+        raise ValueError(
+            f"temperature {temperature:.3g} is too small for '{name}' (clustered values and centroids spread over "
+            f"{spread:.3g}): the softmax logits -(w - c)^2 / temperature overflow {values.dtype} and the outputs "
+            f"and gradients would be NaN. Use a temperature of at least {worst / largest:.3g} (modules set it as "
+            f"relative_temperature x the squared centroid spacing)")
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .layout import check_centroids, check_scale, check_weight, num_groups, row_view_shape
+from .layout import check_centroids, check_scale, check_temperature, check_weight, num_groups, row_view_shape
 from .spec import ClusteringSpec
 
 
@@ -52,6 +52,7 @@ def dkm_reference(weight: torch.Tensor, centroids: torch.Tensor, spec: Clusterin
         values = values / scale.to(weight.dtype).view(row_view_shape(weight))
     x = values.reshape(groups, -1, 1)                        # [G, n, 1]
     c = centroids.detach().to(weight.dtype, copy=True)       # [G, k]
+    check_temperature(spec.temperature, x.detach(), c, name)
     iterations = 0
     for _ in range(spec.iterations):
         attention = torch.softmax(-(x - c.unsqueeze(1)).pow(2) / spec.temperature, dim=-1)   # [G, n, k]

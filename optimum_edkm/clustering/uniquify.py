@@ -77,20 +77,31 @@ def pattern_values(dtype: torch.dtype, device, compute: torch.dtype) -> torch.Te
 
 
 @torch.no_grad()
-def uniquify(values: torch.Tensor, compute: torch.dtype) -> UniqueValues:
-    """Distinct values per row of ``values`` (shape ``[groups, n]``), with counts and per-weight index."""
+def uniquify(values: torch.Tensor, compute: torch.dtype, name: str = "weight") -> UniqueValues:
+    """Distinct values per row of ``values`` (shape ``[groups, n]``), with counts and per-weight index.
+
+    16-bit ``values`` come from finite weights (checked before); a NaN/Inf pattern among them is a value that
+    overflowed the 16-bit clustering dtype when it was rounded to it: raises ``ValueError`` naming ``name``.
+    """
     groups = values.shape[0]
     if values.dtype in UNIQUE_DTYPES:
-        return _uniquify_patterns(values, compute)
+        return _uniquify_patterns(values, compute, name)
     return _uniquify_sorted(values.to(compute), groups)
 
 
-def _uniquify_patterns(values: torch.Tensor, compute: torch.dtype) -> UniqueValues:
+def _uniquify_patterns(values: torch.Tensor, compute: torch.dtype, name: str) -> UniqueValues:
     groups = values.shape[0]
     device = values.device
     idx_dtype = index_dtype(values.numel())
     patterns = bit_patterns(values).reshape(-1)
     pattern_counts = torch.bincount(patterns, minlength=PATTERNS)
+    overflowed = int(pattern_counts[nonfinite_patterns(values.dtype, device)].sum())
+    if overflowed:
+        raise ValueError(
+            f"'{name}' has {overflowed} value(s) that overflow {values.dtype} (largest finite magnitude "
+            f"{torch.finfo(values.dtype).max:.4g}) once rounded to the clustering dtype (divided by their channel's "
+            f"scale, if any); clustering would treat them as 0. Use a per-channel scale, or "
+            f"unique_dtype=torch.bfloat16 (fp32 range)")
     present = pattern_counts > 0
     slot = (present.cumsum(0) - 1).to(torch.int32)
     table = pattern_values(values.dtype, device, compute)[present]

@@ -99,6 +99,7 @@ def evaluate_perplexity(
             f"use a context_length <= {max_positions}"
         )
     windows = perplexity_windows(token_ids.numel(), context_length, stride)
+    check_token_ids(token_ids, model)
     device = next(model.parameters()).device
     token_ids = token_ids.to(device=device, dtype=torch.long)
 
@@ -131,6 +132,22 @@ def evaluate_perplexity(
         stride=context_length if stride is None else stride,
         windows=len(windows),
     )
+
+
+def check_token_ids(token_ids: torch.Tensor, model) -> None:
+    """Token ids must lie in ``[0, vocab_size)`` of the model's input embedding: an id beyond it would index out
+    of range in the forward pass (a crash deep in torch, or on GPU an asynchronous device assert)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None) or getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is None or token_ids.numel() == 0:
+        return
+    low, high = int(token_ids.min()), int(token_ids.max())
+    if low < 0 or high >= vocab:
+        bad = int(((token_ids < 0) | (token_ids >= vocab)).sum())
+        raise ValueError(
+            f"token_ids hold {bad} id(s) outside the model's vocabulary [0, {vocab}) (smallest {low}, largest "
+            f"{high}); tokenize the text with this model's tokenizer"
+        )
 
 
 def _batches_of_equal_length(windows: list[Window], batch_size: int):
