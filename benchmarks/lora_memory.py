@@ -6,10 +6,11 @@ text, AdamW on the adapters only (rank ``--rank`` on q_proj and v_proj):
 * ``float``: peft LoRA on the float model;
 * ``palettized``: ``optimum_edkm.peft`` LoRA on the model palettized to ``--bits`` (k-means LUTs with an fp16
   scale per output channel; no eDKM training, which does not change memory or speed), every palettized weight
-  decoded again in backward (``EDKMLoraLinear.decode_in_backward = True``, the default, and
-  ``optimum_edkm.peft.decode_in_backward(model)`` for the layers LoRA does not target);
-* ``palettized-keep``: the same without either: autograd keeps every decoded dense weight until backward
-  (peft's plain path).
+  decoded again in backward (the default: ``EDKMLoraLinear.decode_in_backward = True``, and the fused LUT op of
+  the layers LoRA does not target keeps only the packed indices);
+* ``palettized-keep``: ``EDKMLoraLinear.decode_in_backward = False`` and
+  ``optimum_edkm.peft.decode_in_backward(model, enabled=False)``: autograd keeps every decoded dense weight
+  until backward (peft's plain path).
 
     python benchmarks/lora_memory.py                     # offline SmolLM2-135M, batch 4 x 256, 3 timed steps
 
@@ -67,8 +68,7 @@ def worker(args) -> dict:
         optimum_edkm.palettize(model)
         model = peft.get_peft_model(model, lora_config(**lora))
         EDKMLoraLinear.decode_in_backward = args.mode == "palettized"
-        if args.mode == "palettized":
-            decode_in_backward(model)        # the layers LoRA does not target as well
+        decode_in_backward(model, enabled=args.mode == "palettized")    # the layers LoRA does not target
     import gc
     gc.collect()
     resident = state_bytes(model)

@@ -18,7 +18,8 @@ What :class:`EDKMLoraLinear` adds to peft's ``lora.Linear``:
 * the frozen palettized base is decoded for the forward pass and decoded *again* in backward instead of
   keeping the dense weight alive for backward (what bitsandbytes' 4-bit matmul does for QLoRA);
   ``EDKMLoraLinear.decode_in_backward = False`` keeps peft's plain path. The palettized layers LoRA does not
-  target keep their decoded weight for backward unless :func:`decode_in_backward` is applied to the model;
+  target do the same (their fused LUT op keeps only the packed indices); :func:`decode_in_backward` with
+  ``enabled=False`` makes them keep the decoded weight instead;
 * merging is defined and never silent. A palettized layer can only hold values of its LUT, so
   ``merge()`` / ``merge_and_unload()`` raise :class:`PalettizedMergeError` with the two ways out:
   :func:`merge_and_repalettize` (lossy, re-assigns every weight of ``W + BA`` to its nearest LUT entry and
@@ -71,48 +72,35 @@ def _merge_refusal(base: nn.Module) -> str:
             f"optimum_edkm.peft.merge_and_repalettize(peft_model)")
 
 
-class _DecodeInBackward(torch.autograd.Function):
-    """``x @ dense(W).T`` for a frozen palettized ``W`` that keeps nothing for backward: the dense weight is
-    decoded again from the packed indices to compute the input gradient."""
-
-    @staticmethod
-    def forward(ctx, x, module):
-        ctx.module = module
-        return F.linear(x, module.dense_weight(x.dtype))
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        return grad_output @ ctx.module.dense_weight(grad_output.dtype), None
-
-
 def palettized_linear(x: torch.Tensor, module: PalettizedLinear, decode_in_backward: bool = True) -> torch.Tensor:
-    """The palettized layer's output; with ``decode_in_backward`` (and a graph being recorded) the dense
-    weight is not kept for backward but decoded again there."""
-    if not (decode_in_backward and torch.is_grad_enabled() and x.requires_grad):
-        return PalettizedLinear.forward(module, x)       # the class's own forward (see decode_in_backward())
-    out = _DecodeInBackward.apply(x, module)
-    return out if module.bias is None else out + module.bias.to(out.dtype)
+    """The palettized layer's output. ``decode_in_backward`` (the layer's own forward): only the packed indices
+    are kept for backward, which decodes the weight again; ``False``: ``F.linear`` on the decoded weight, which
+    autograd keeps (a faster backward for the memory of the dense weight)."""
+    if decode_in_backward:
+        return PalettizedLinear.forward(module, x)
+    return F.linear(x, module.dense_weight(x.dtype), module.bias)
 
 
 def decode_in_backward(model, enabled: bool = True) -> int:
-    """Make every :class:`PalettizedLinear` of ``model`` decode its weight again in backward instead of keeping the
-    dense weight for it (the layers LoRA does not target too: they pass gradients to the adapters below them, and
-    by default autograd keeps each one's decoded weight, as much memory as the float weights). Sets an
-    instance-level ``forward``; ``enabled=False`` removes it. Returns the number of layers changed."""
+    """Whether every :class:`PalettizedLinear` of ``model`` decodes its weight again in backward (``True``, what
+    the class does by default since 0.2: its fused LUT op keeps only the packed indices) or keeps the decoded
+    weight for backward (``False``: sets an instance-level ``forward``; faster backward, as much memory as the
+    float weights). The layers LoRA does not target matter too: they pass gradients down to the adapters below
+    them. Returns the number of layers set."""
     changed = 0
     for module in model.modules():
         if not isinstance(module, PalettizedLinear):
             continue
         if enabled:
-            module.forward = types.MethodType(_recomputing_forward, module)   # deepcopy rebinds it to the copy
-        else:
             module.__dict__.pop("forward", None)
+        else:
+            module.forward = types.MethodType(_keeping_forward, module)   # deepcopy rebinds it to the copy
         changed += 1
     return changed
 
 
-def _recomputing_forward(self, x):
-    return palettized_linear(x, self, True)
+def _keeping_forward(self, x):
+    return palettized_linear(x, self, False)
 
 
 class EDKMLoraLinear(LoraLinear):

@@ -209,7 +209,7 @@ def test_lora_options_that_need_the_dense_base_weight_are_refused(palettized_dir
         peft.get_peft_model(load_palettized(palettized_dir), lora_config(r=2, target_modules=TARGETS, **option))
 
 
-def test_decode_in_backward_covers_the_layers_lora_does_not_target_and_survives_a_copy(palettized_dir):
+def test_layers_lora_does_not_target_decode_in_backward_unless_told_to_keep_the_weight(palettized_dir):
     import copy
 
     from optimum_edkm.peft import decode_in_backward
@@ -228,14 +228,15 @@ def test_decode_in_backward_covers_the_layers_lora_does_not_target_and_survives_
         peft_model.zero_grad(set_to_none=True)
         return set(saved), grads, float(loss)
 
-    kept, reference, loss = saved_shapes_and_grads()
-    assert decode_in_backward(peft_model) == len(palettized)
-    recomputed, grads, same_loss = saved_shapes_and_grads()
-    assert kept & dense_shapes and not recomputed & dense_shapes
+    recomputed, reference, loss = saved_shapes_and_grads()         # default: every layer decodes again
+    assert not recomputed & dense_shapes
+    assert decode_in_backward(peft_model, enabled=False) == len(palettized)
+    kept, grads, same_loss = saved_shapes_and_grads()
+    assert kept & dense_shapes
     assert same_loss == pytest.approx(loss, rel=1e-6) and grads.keys() == reference.keys()
     assert all(torch.allclose(grads[n], reference[n], atol=1e-6) for n in grads)
     clone = copy.deepcopy(peft_model)
     layer = next(m for m in clone.modules() if isinstance(m, PalettizedLinear))
     assert layer.forward.__self__ is layer                     # bound to the copy, not to the original
-    assert decode_in_backward(peft_model, enabled=False) == len(palettized)
-    assert saved_shapes_and_grads()[0] & dense_shapes
+    assert decode_in_backward(peft_model) == len(palettized)
+    assert not saved_shapes_and_grads()[0] & dense_shapes

@@ -119,16 +119,24 @@ def lut_decode(packed: torch.Tensor, lut: torch.Tensor, scale: Optional[torch.Te
     return decode(indices, lut, scale, dtype=dtype)
 
 
+def _forward(x, packed, lut, scale, bias, in_features, out_features, bits):
+    if _kernel_applies(x, in_features, bits):
+        return _state["linear"](x, packed, lut, scale, bias, in_features, out_features, bits, GEMM_MIN_ROWS,
+                                GEMM_TILE_BYTES)
+    return reference_lut_linear(x, packed, lut, scale, bias, in_features, out_features, bits)
+
+
 class _LutLinearFunction(torch.autograd.Function):
-    """The kernel's forward with gradients for ``x`` and ``bias`` (the palette itself is frozen)."""
+    """The forward (kernel or reference) with gradients for ``x`` and ``bias`` (the palette itself is frozen).
+    Only the packed indices, LUT and scale are kept for backward: the dense weight is decoded again there (as
+    bitsandbytes does for QLoRA), so a palettized layer under a graph costs no dense weight of memory."""
 
     @staticmethod
     def forward(ctx, x, packed, lut, scale, bias, in_features, out_features, bits):
         ctx.save_for_backward(packed, lut, scale)
         ctx.shape = (in_features, out_features, bits)
-        ctx.has_bias = bias is not None
-        return _state["linear"](x, packed, lut, scale, bias, in_features, out_features, bits, GEMM_MIN_ROWS,
-                                GEMM_TILE_BYTES)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return _forward(x, packed, lut, scale, bias, in_features, out_features, bits)
 
     @staticmethod
     def backward(ctx, grad):
@@ -137,8 +145,8 @@ class _LutLinearFunction(torch.autograd.Function):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x = grad @ lut_decode(packed, lut, scale, in_features, out_features, bits, grad.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[4]:
-            grad_bias = grad.reshape(-1, out_features).sum(0)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[4]:
+            grad_bias = grad.reshape(-1, out_features).sum(0).to(ctx.bias_dtype)
         return grad_x, None, None, None, grad_bias, None, None, None
 
 
@@ -151,14 +159,11 @@ def lut_linear(x: torch.Tensor, packed: torch.Tensor, lut: torch.Tensor, scale: 
     ``[out, in]``); ``lut``: ``[groups, 2**bits]`` (groups of ``group_size`` consecutive output rows, one group
     when ``None``); ``scale``: optional per-output-row ``[out]``; ``bias``: optional ``[out]``. The result has
     ``x``'s dtype and shape ``x.shape[:-1] + (out_features,)``. Differentiable with respect to ``x`` and
-    ``bias``.
+    ``bias``; backward decodes the weight again instead of keeping it (kernel and pure-torch path alike).
     """
     if group_size is not None and lut.shape[0] * group_size != out_features:
         raise ValueError(f"lut_linear: a LUT of {lut.shape[0]} groups of {group_size} rows does not cover "
                          f"{out_features} output rows; pass the group_size the weight was palettized with")
-    if not _kernel_applies(x, in_features, bits):
-        return reference_lut_linear(x, packed, lut, scale, bias, in_features, out_features, bits)
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return _LutLinearFunction.apply(x, packed, lut, scale, bias, in_features, out_features, bits)
-    return _state["linear"](x, packed, lut, scale, bias, in_features, out_features, bits, GEMM_MIN_ROWS,
-                            GEMM_TILE_BYTES)
+    return _forward(x, packed, lut, scale, bias, in_features, out_features, bits)
