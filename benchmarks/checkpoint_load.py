@@ -55,8 +55,7 @@ def build(directory: str, embedding_bits: int) -> dict:
 
     torch.manual_seed(0)
     model, tokenizer, info = load_causal_lm()
-    config = optimum_edkm.EDKMConfig(bits=3, enable_per_channel_scale=True,
-                                     embedding_bits=embedding_bits or None)
+    config = optimum_edkm.EDKMConfig(bits=3, enable_per_channel_scale=True, embedding_bits=embedding_bits or None)
     optimum_edkm.prepare(model, config)
     optimum_edkm.palettize(model)
     optimum_edkm.save_pretrained(model, directory)
@@ -64,12 +63,16 @@ def build(directory: str, embedding_bits: int) -> dict:
 
 
 def load(directory: str, mode: str) -> dict:
-    done = subprocess.run([sys.executable, "-c", WORKER, directory, mode], capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")))
+    done = subprocess.run(
+        [sys.executable, "-c", WORKER, directory, mode],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")),
+    )
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"load worker failed:\n{done.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def main(argv=None) -> int:
@@ -83,12 +86,17 @@ def main(argv=None) -> int:
         directory = os.path.join(workdir, "palettized")
         checkpoint = build(directory, args.embedding_bits)
         rows = {"with sha256 check": [], "without (verify_checksums(False))": []}
-        for _ in range(args.runs):                       # interleaved, so drift in machine load hits both
+        for _ in range(args.runs):  # interleaved, so drift in machine load hits both
             rows["with sha256 check"].append(load(directory, "hash"))
             rows["without (verify_checksums(False))"].append(load(directory, "skip"))
-    summary = {name: {"load_s_median": statistics.median(r["load_s"] for r in runs),
-                      "hash_s_median": statistics.median(r.get("hash_s", 0.0) for r in runs), "runs": runs}
-               for name, runs in rows.items()}
+    summary = {
+        name: {
+            "load_s_median": statistics.median(r["load_s"] for r in runs),
+            "hash_s_median": statistics.median(r.get("hash_s", 0.0) for r in runs),
+            "runs": runs,
+        }
+        for name, runs in rows.items()
+    }
     hashed = summary["with sha256 check"]
     megabytes = checkpoint["file_bytes"] / 1e6
     print(f"\ncheckpoint: {checkpoint['model']}, {megabytes:.1f} MB in {len(checkpoint['files'])} file(s)\n")
@@ -98,10 +106,21 @@ def main(argv=None) -> int:
         print(f"| {name} | {row['load_s_median']:.2f} s | {row['hash_s_median']:.3f} s |")
     throughput = megabytes / hashed["hash_s_median"] if hashed["hash_s_median"] else float("nan")
     extra = hashed["load_s_median"] - summary["without (verify_checksums(False))"]["load_s_median"]
-    print(f"\nsha256 of every tensor: {hashed['hash_s_median']:.3f} s ({throughput:,.0f} MB/s); load time difference "
-          f"{extra:+.2f} s")
-    write_json(args.out, {"benchmark": "checkpoint_load", "checkpoint": checkpoint, "summary": summary,
-                          "hash_mb_per_s": throughput, "machine": machine(_cpu()), "wall_s": time.time() - started})
+    print(
+        f"\nsha256 of every tensor: {hashed['hash_s_median']:.3f} s ({throughput:,.0f} MB/s); load time difference "
+        f"{extra:+.2f} s"
+    )
+    write_json(
+        args.out,
+        {
+            "benchmark": "checkpoint_load",
+            "checkpoint": checkpoint,
+            "summary": summary,
+            "hash_mb_per_s": throughput,
+            "machine": machine(_cpu()),
+            "wall_s": time.time() - started,
+        },
+    )
     return 0
 
 

@@ -11,7 +11,7 @@ import torch
 
 from optimum_edkm import atomic
 
-GIB = 2 ** 30
+GIB = 2**30
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -41,7 +41,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
         else:
-            with open("/proc/self/clear_refs", "w") as refs:   # resets VmHWM to the current RSS
+            with open("/proc/self/clear_refs", "w") as refs:  # resets VmHWM to the current RSS
                 refs.write("5")
             self.base = self._status("VmRSS")
 
@@ -59,8 +59,13 @@ def write_json(path: str, report: dict) -> None:
 
 
 def machine(device: torch.device) -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "device": str(device),
-            "threads": torch.get_num_threads(), "os": platform.platform()}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "os": platform.platform(),
+    }
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             info["cpu"] = re.search(r"model name\s*:\s*(.*)", cpuinfo.read()).group(1).strip()

@@ -35,8 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import optimum_edkm  # noqa: E402
 import optimum_edkm.models  # noqa: E402
 from optimum_edkm.export.common import export_copy, palette_records  # noqa: E402
-from optimum_edkm.export.stateful import (StatefulCausalLM, greedy_generate, reference_generate,  # noqa: E402
-                                          reset_cache, torch_step)
+from optimum_edkm.export.stateful import StatefulCausalLM, greedy_generate, reference_generate, reset_cache, torch_step  # noqa: E402
 
 PROMPT = "Explain in a few sentences what a Python list comprehension is."
 
@@ -90,18 +89,29 @@ def main(argv=None) -> int:
     del wrapper, traced
 
     load = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else []
-    print(f"\nSmolLM2-135M-Instruct, {args.bits}-bit palettized (per-channel scale), embedding "
-          f"{f'{args.embedding_bits}-bit palettized, tied' if args.embedding_bits else 'fp32, tied'}; prompt "
-          f"{len(prompt)} tokens, {args.new_tokens} greedy new tokens; load average {' '.join(load)}\n")
+    print(
+        f"\nSmolLM2-135M-Instruct, {args.bits}-bit palettized (per-channel scale), embedding "
+        f"{f'{args.embedding_bits}-bit palettized, tied' if args.embedding_bits else 'fp32, tied'}; prompt "
+        f"{len(prompt)} tokens, {args.new_tokens} greedy new tokens; load average {' '.join(load)}\n"
+    )
     print("| generator | new tokens | equal to generate | first difference | seconds |")
     print("|---|---|---|---|---|")
     results = []
     for label, tokens, seconds in rows:
         difference = first_difference(tokens, expected)
-        print(f"| {label} | {len(tokens)} | {'yes' if difference is None else 'NO'} | "
-              f"{'-' if difference is None else difference} | {seconds:.1f} |")
-        results.append({"generator": label, "tokens": tokens, "equal": difference is None,
-                        "first_difference": difference, "seconds": seconds})
+        print(
+            f"| {label} | {len(tokens)} | {'yes' if difference is None else 'NO'} | "
+            f"{'-' if difference is None else difference} | {seconds:.1f} |"
+        )
+        results.append(
+            {
+                "generator": label,
+                "tokens": tokens,
+                "equal": difference is None,
+                "first_difference": difference,
+                "seconds": seconds,
+            }
+        )
     print(f"\ntext: {tokenizer.decode(expected)!r}")
 
     package = None
@@ -109,28 +119,55 @@ def main(argv=None) -> int:
         from optimum_edkm.export import to_coreml_generate
 
         start = time.perf_counter()
-        result = to_coreml_generate(model, args.convert, context_length=args.context_length,
-                                    minimum_deployment_target=args.target, overwrite=True, check_logits=False)
+        result = to_coreml_generate(
+            model,
+            args.convert,
+            context_length=args.context_length,
+            minimum_deployment_target=args.target,
+            overwrite=True,
+            check_logits=False,
+        )
         seconds = time.perf_counter() - start
         report = result.verification
         print("\n" + report.summary())
-        print(f"\npackage {result.path}: {result.package_bytes:,} B ({result.package_bytes / 1e6:.1f} MB), "
-              f"weight.bin {result.weight_bin_bytes:,} B, {seconds:.0f} s to convert and verify")
+        print(
+            f"\npackage {result.path}: {result.package_bytes:,} B ({result.package_bytes / 1e6:.1f} MB), "
+            f"weight.bin {result.weight_bin_bytes:,} B, {seconds:.0f} s to convert and verify"
+        )
         print("op counts:", json.dumps(result.op_counts, sort_keys=True))
-        package = {"path": result.path, "package_bytes": result.package_bytes,
-                   "weight_bin_bytes": result.weight_bin_bytes, "op_counts": result.op_counts,
-                   "target": result.target, "spec_version": result.spec_version, "seconds": seconds,
-                   "palettized_payload_bytes": report.palettized_payload_bytes,
-                   "nbit_payload_bytes": report.nbit_payload_bytes, "float_bytes": report.float_bytes,
-                   "converter_bytes": report.converter_bytes, "index_bytes": report.index_bytes,
-                   "tied_embedding": report.tied_embedding, "states": report.states,
-                   "greedy_tokens_checked": result.greedy_tokens, "checks": report.checks,
-                   "failures": report.failures}
+        package = {
+            "path": result.path,
+            "package_bytes": result.package_bytes,
+            "weight_bin_bytes": result.weight_bin_bytes,
+            "op_counts": result.op_counts,
+            "target": result.target,
+            "spec_version": result.spec_version,
+            "seconds": seconds,
+            "palettized_payload_bytes": report.palettized_payload_bytes,
+            "nbit_payload_bytes": report.nbit_payload_bytes,
+            "float_bytes": report.float_bytes,
+            "converter_bytes": report.converter_bytes,
+            "index_bytes": report.index_bytes,
+            "tied_embedding": report.tied_embedding,
+            "states": report.states,
+            "greedy_tokens_checked": result.greedy_tokens,
+            "checks": report.checks,
+            "failures": report.failures,
+        }
 
-    document = {"model": info, "bits": args.bits, "embedding_bits": args.embedding_bits or None,
-                "prompt_tokens": len(prompt), "new_tokens": args.new_tokens,
-                "context_length": args.context_length, "generators": results, "package": package,
-                "load_average": load, "platform": platform.platform(), "torch": torch.__version__}
+    document = {
+        "model": info,
+        "bits": args.bits,
+        "embedding_bits": args.embedding_bits or None,
+        "prompt_tokens": len(prompt),
+        "new_tokens": args.new_tokens,
+        "context_length": args.context_length,
+        "generators": results,
+        "package": package,
+        "load_average": load,
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+    }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as handle:
         json.dump(document, handle, indent=2, default=str)

@@ -11,7 +11,8 @@ For every configuration, in a fresh process: load the model, then measure
 Palettized checkpoints are built once (float model -> ``optimum_edkm.prepare`` with k-means -> ``palettize`` ->
 ``save_pretrained``; no training, quality is irrelevant here) into ``--cache-dir`` and loaded with
 ``from_pretrained`` as a user would. The ``lmhead4`` configurations also palettize the tied embedding / lm_head
-at 4 bits (``EDKMConfig(embedding_bits=4)``): one LUT and one set of packed indices serve both uses. Configurations run interleaved, ``--repeats`` times; the table shows the median.
+at 4 bits (``EDKMConfig(embedding_bits=4)``): one LUT and one set of packed indices serve both uses.
+Configurations run interleaved, ``--repeats`` times; the table shows the median.
 
     python benchmarks/inference.py                      # all CPU configurations (~15-25 min on 2 busy cores)
     python benchmarks/inference.py --configs float,p3   # a subset
@@ -37,7 +38,7 @@ from typing import Optional
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-MIB = 2 ** 20
+MIB = 2**20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,14 +46,14 @@ class Config:
     """One row of the table."""
 
     name: str
-    bits: Optional[int] = None            # None: the float model
-    group_size: Optional[int] = None      # None: one LUT per tensor
-    scale: bool = True                    # per-output-channel scale
-    lm_head_bits: Optional[int] = None    # palettize the tied embedding / lm_head too
-    kernels: bool = True                  # False: OPTIMUM_EDKM_DISABLE_KERNELS=1 (pure-torch decode per call)
-    dense_cache: bool = False             # PalettizedLinear.cache_dense_weight
+    bits: Optional[int] = None  # None: the float model
+    group_size: Optional[int] = None  # None: one LUT per tensor
+    scale: bool = True  # per-output-channel scale
+    lm_head_bits: Optional[int] = None  # palettize the tied embedding / lm_head too
+    kernels: bool = True  # False: OPTIMUM_EDKM_DISABLE_KERNELS=1 (pure-torch decode per call)
+    dense_cache: bool = False  # PalettizedLinear.cache_dense_weight
     device: str = "cpu"
-    new_tokens: Optional[int] = None      # overrides --new-tokens (the pure-torch path is ~10x slower)
+    new_tokens: Optional[int] = None  # overrides --new-tokens (the pure-torch path is ~10x slower)
 
     @property
     def checkpoint(self) -> Optional[str]:
@@ -65,8 +66,11 @@ class Config:
     def describe(self) -> str:
         if self.bits is None:
             return "float32"
-        parts = [f"{self.bits}-bit", "per-tensor LUT" if self.group_size is None else f"LUT per {self.group_size} rows",
-                 "scale" if self.scale else "no scale"]
+        parts = [
+            f"{self.bits}-bit",
+            "per-tensor LUT" if self.group_size is None else f"LUT per {self.group_size} rows",
+            "scale" if self.scale else "no scale",
+        ]
         if self.lm_head_bits:
             parts.append(f"tied emb/lm_head {self.lm_head_bits}-bit")
         if not self.kernels:
@@ -76,24 +80,38 @@ class Config:
         return ", ".join(parts)
 
 
-CONFIGS = {c.name: c for c in [
-    Config("float"),
-    Config("p2", bits=2),
-    Config("p3", bits=3),
-    Config("p4", bits=4),
-    Config("p3-noscale", bits=3, scale=False),
-    Config("p3-g16", bits=3, group_size=16),
-    Config("p3-g16-noscale", bits=3, group_size=16, scale=False),
-    Config("p3-lmhead4", bits=3, lm_head_bits=4),
-    Config("p4-lmhead4", bits=4, lm_head_bits=4),
-    Config("p3-densecache", bits=3, dense_cache=True),
-    Config("p3-torch", bits=3, kernels=False, new_tokens=16),
-]}
-DEFAULT_CONFIGS = ["float", "p2", "p3", "p4", "p3-noscale", "p3-g16", "p3-g16-noscale", "p3-lmhead4",
-                   "p3-densecache", "p3-torch"]
+CONFIGS = {
+    c.name: c
+    for c in [
+        Config("float"),
+        Config("p2", bits=2),
+        Config("p3", bits=3),
+        Config("p4", bits=4),
+        Config("p3-noscale", bits=3, scale=False),
+        Config("p3-g16", bits=3, group_size=16),
+        Config("p3-g16-noscale", bits=3, group_size=16, scale=False),
+        Config("p3-lmhead4", bits=3, lm_head_bits=4),
+        Config("p4-lmhead4", bits=4, lm_head_bits=4),
+        Config("p3-densecache", bits=3, dense_cache=True),
+        Config("p3-torch", bits=3, kernels=False, new_tokens=16),
+    ]
+}
+DEFAULT_CONFIGS = [
+    "float",
+    "p2",
+    "p3",
+    "p4",
+    "p3-noscale",
+    "p3-g16",
+    "p3-g16-noscale",
+    "p3-lmhead4",
+    "p3-densecache",
+    "p3-torch",
+]
 CUDA_CONFIGS = ["float", "p3", "p3-densecache"]
-CONFIGS.update({f"{name}-cuda": dataclasses.replace(CONFIGS[name], name=f"{name}-cuda", device="cuda")
-                for name in CUDA_CONFIGS})
+CONFIGS.update(
+    {f"{name}-cuda": dataclasses.replace(CONFIGS[name], name=f"{name}-cuda", device="cuda") for name in CUDA_CONFIGS}
+)
 
 
 def loadavg() -> str:
@@ -110,7 +128,7 @@ def status_bytes(field: str) -> int:
 
 
 def reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as refs:   # VmHWM := current RSS
+    with open("/proc/self/clear_refs", "w") as refs:  # VmHWM := current RSS
         refs.write("5")
 
 
@@ -142,11 +160,16 @@ def build_checkpoint(config: Config, cache_dir: str) -> str:
 
     torch.manual_seed(0)
     model, tokenizer, _ = load_causal_lm()
-    granularity = {} if config.group_size is None else dict(granularity="per_grouped_channel",
-                                                            group_size=config.group_size)
+    granularity = (
+        {} if config.group_size is None else dict(granularity="per_grouped_channel", group_size=config.group_size)
+    )
     started = time.perf_counter()
-    optimum_edkm.prepare(model, EDKMConfig(bits=config.bits, enable_per_channel_scale=config.scale,
-                                           embedding_bits=config.lm_head_bits, **granularity))
+    optimum_edkm.prepare(
+        model,
+        EDKMConfig(
+            bits=config.bits, enable_per_channel_scale=config.scale, embedding_bits=config.lm_head_bits, **granularity
+        ),
+    )
     optimum_edkm.palettize(model)
     optimum_edkm.save_pretrained(model, path)
     tokenizer.save_pretrained(path)
@@ -163,8 +186,9 @@ def load_model(config: Config, cache_dir: str):
     if config.bits is None:
         model, tokenizer, _ = load_causal_lm(device=config.device)
     else:
-        import optimum_edkm  # noqa: F401  (registers the quantizer)
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        import optimum_edkm  # noqa: F401  (registers the quantizer)
 
         path = os.path.join(cache_dir, config.checkpoint)
         model = AutoModelForCausalLM.from_pretrained(path, device_map=config.device)
@@ -191,10 +215,11 @@ def measure_prefill(model, args, device) -> float:
     import torch
 
     vocab = model.config.vocab_size
-    ids = torch.randint(100, vocab - 100, (args.prefill_batch, args.prefill_len),
-                        generator=torch.Generator().manual_seed(0)).to(device)
+    ids = torch.randint(
+        100, vocab - 100, (args.prefill_batch, args.prefill_len), generator=torch.Generator().manual_seed(0)
+    ).to(device)
     with torch.inference_mode():
-        model(input_ids=ids[:1, :64])      # warm-up (kernel build, allocator, BLAS threads)
+        model(input_ids=ids[:1, :64])  # warm-up (kernel build, allocator, BLAS threads)
         best = float("inf")
         for _ in range(args.prefill_runs):
             synchronize(device)
@@ -228,12 +253,17 @@ def measure_decode(model, tokenizer, new_tokens, device) -> tuple:
     inputs = tokenizer(prompt, return_tensors="pt").to(device)
     common = dict(do_sample=False, pad_token_id=tokenizer.eos_token_id or 0)
     with torch.inference_mode():
-        model.generate(**inputs, max_new_tokens=8, min_new_tokens=8, **common)    # warm-up
+        model.generate(**inputs, max_new_tokens=8, min_new_tokens=8, **common)  # warm-up
         clock = _StepClock(device)
-        out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             stopping_criteria=StoppingCriteriaList([clock]), **common)
+        out = model.generate(
+            **inputs,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            stopping_criteria=StoppingCriteriaList([clock]),
+            **common,
+        )
     steps = clock.times
-    tokens = out[0, inputs["input_ids"].shape[1]:].tolist()
+    tokens = out[0, inputs["input_ids"].shape[1] :].tolist()
     # from the first generated token (prefill done) to the last
     return (len(steps) - 1) / (steps[-1] - steps[0]), tokens
 
@@ -247,9 +277,15 @@ def worker(config: Config, args) -> dict:
     started = time.perf_counter()
     model, tokenizer = load_model(config, args.cache_dir)
     load_s = time.perf_counter() - started
-    result = {"config": config.name, "description": config.describe(), **dataclasses.asdict(config),
-              "load_s": load_s, "footprint_bytes": footprint_bytes(model), "threads": torch.get_num_threads(),
-              "loadavg_start": loadavg()}
+    result = {
+        "config": config.name,
+        "description": config.describe(),
+        **dataclasses.asdict(config),
+        "load_s": load_s,
+        "footprint_bytes": footprint_bytes(model),
+        "threads": torch.get_num_threads(),
+        "loadavg_start": loadavg(),
+    }
     if device.type == "cpu":
         result["rss_after_load_bytes"] = status_bytes("VmRSS")
         reset_peak_rss()
@@ -260,13 +296,12 @@ def worker(config: Config, args) -> dict:
     result["kernel_isa"] = kernel_isa() if config.kernels else None
     result["prefill_tokens_per_s"] = measure_prefill(model, args, device)
     result["new_tokens"] = config.new_tokens or args.new_tokens
-    result["decode_tokens_per_s"], result["generated"] = measure_decode(model, tokenizer, result["new_tokens"],
-                                                                        device)
+    result["decode_tokens_per_s"], result["generated"] = measure_decode(model, tokenizer, result["new_tokens"], device)
     if device.type == "cpu":
         result["peak_rss_bytes"] = status_bytes("VmHWM")
     else:
         result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
-    result["footprint_bytes"] = footprint_bytes(model)      # after the run: includes dense caches, if any
+    result["footprint_bytes"] = footprint_bytes(model)  # after the run: includes dense caches, if any
     result["loadavg_end"] = loadavg()
     return result
 
@@ -275,10 +310,24 @@ def run_in_fresh_process(config: Config, args) -> dict:
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if not config.kernels:
         env["OPTIMUM_EDKM_DISABLE_KERNELS"] = "1"
-    command = [sys.executable, os.path.abspath(__file__), "--worker", config.name, "--cache-dir", args.cache_dir,
-               "--prefill-batch", str(args.prefill_batch), "--prefill-len", str(args.prefill_len),
-               "--prefill-runs", str(args.prefill_runs), "--new-tokens", str(args.new_tokens),
-               "--threads", str(args.threads)]
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        config.name,
+        "--cache-dir",
+        args.cache_dir,
+        "--prefill-batch",
+        str(args.prefill_batch),
+        "--prefill-len",
+        str(args.prefill_len),
+        "--prefill-runs",
+        str(args.prefill_runs),
+        "--new-tokens",
+        str(args.new_tokens),
+        "--threads",
+        str(args.threads),
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{config.name} failed:\n{done.stderr[-3000:]}")
@@ -316,21 +365,34 @@ def kernel_sweep(args) -> dict:
     for m in [int(v) for v in args.sweep_rows.split(",")]:
         for out_f, in_f in shapes:
             weights = [torch.randn(out_f, in_f) for _ in range(30)]
-            palettes = [(pack_indices(torch.randint(0, 2 ** bits, (out_f, in_f), dtype=torch.uint8), bits),
-                         torch.randn(1, 2 ** bits).half(), torch.rand(out_f).half()) for _ in range(30)]
+            palettes = [
+                (
+                    pack_indices(torch.randint(0, 2**bits, (out_f, in_f), dtype=torch.uint8), bits),
+                    torch.randn(1, 2**bits).half(),
+                    torch.rand(out_f).half(),
+                )
+                for _ in range(30)
+            ]
             x = torch.randn(m, in_f)
-            row = {"rows": m, "out": out_f, "in": in_f, "bits": bits, "loadavg": loadavg(),
-                   "float_us": timed([lambda w=w: F.linear(x, w) for w in weights])}
+            row = {
+                "rows": m,
+                "out": out_f,
+                "in": in_f,
+                "bits": bits,
+                "loadavg": loadavg(),
+                "float_us": timed([lambda w=w: F.linear(x, w) for w in weights]),
+            }
             for isa in supported_isas():
                 set_kernel_isa(isa)
-                row[f"fused_{isa}_us"] = timed([lambda p=p: op(x, p[0], p[1], p[2], None, in_f, out_f, bits,
-                                                               1 << 30, 8 << 20) for p in palettes])
-                row[f"gemm_{isa}_us"] = timed([lambda p=p: op(x, p[0], p[1], p[2], None, in_f, out_f, bits,
-                                                              1, 8 << 20) for p in palettes])
+                row[f"fused_{isa}_us"] = timed(
+                    [lambda p=p: op(x, p[0], p[1], p[2], None, in_f, out_f, bits, 1 << 30, 8 << 20) for p in palettes]
+                )
+                row[f"gemm_{isa}_us"] = timed(
+                    [lambda p=p: op(x, p[0], p[1], p[2], None, in_f, out_f, bits, 1, 8 << 20) for p in palettes]
+                )
             set_kernel_isa("best")
             rows.append(row)
-            print(" ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-                  flush=True)
+            print(" ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
     return {"kernel_sweep": rows, "threads": torch.get_num_threads()}
 
 
@@ -340,14 +402,31 @@ def summarize(results: list) -> list:
     for result in results:
         by_config.setdefault(result["config"], []).append(result)
     float_rows = by_config.get("float", [])
-    base = {key: statistics.median(r[key] for r in float_rows) for key in
-            ("prefill_tokens_per_s", "decode_tokens_per_s", "footprint_bytes")} if float_rows else None
+    base = (
+        {
+            key: statistics.median(r[key] for r in float_rows)
+            for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "footprint_bytes")
+        }
+        if float_rows
+        else None
+    )
     summary = []
     for name, runs in by_config.items():
-        row = {"config": name, "description": runs[0]["description"], "device": runs[0]["device"],
-               "runs": len(runs), "kernel_isa": runs[0].get("kernel_isa")}
-        for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "footprint_bytes", "rss_after_load_bytes",
-                    "peak_rss_bytes", "peak_cuda_bytes"):
+        row = {
+            "config": name,
+            "description": runs[0]["description"],
+            "device": runs[0]["device"],
+            "runs": len(runs),
+            "kernel_isa": runs[0].get("kernel_isa"),
+        }
+        for key in (
+            "prefill_tokens_per_s",
+            "decode_tokens_per_s",
+            "footprint_bytes",
+            "rss_after_load_bytes",
+            "peak_rss_bytes",
+            "peak_cuda_bytes",
+        ):
             if key in runs[0]:
                 row[key] = statistics.median(r[key] for r in runs)
         if base:
@@ -360,17 +439,23 @@ def summarize(results: list) -> list:
 
 
 def print_table(summary: list) -> None:
-    print("\n| config | what | decode tok/s | x float | prefill tok/s | x float | footprint MiB | x float | "
-          "RSS after load MiB | peak RSS in run MiB | load avg at start |")
+    print(
+        "\n| config | what | decode tok/s | x float | prefill tok/s | x float | footprint MiB | x float | "
+        "RSS after load MiB | peak RSS in run MiB | load avg at start |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in summary:
+
         def ratio(key):
             return f"{row[key]:.2f}" if key in row else "-"
+
         peak = row.get("peak_rss_bytes", row.get("peak_cuda_bytes", 0))
-        print(f"| {row['config']} | {row['description']} | {row['decode_tokens_per_s']:.1f} | "
-              f"{ratio('decode_vs_float')} | {row['prefill_tokens_per_s']:.0f} | {ratio('prefill_vs_float')} | "
-              f"{row['footprint_bytes'] / MIB:.1f} | {ratio('footprint_vs_float')} | "
-              f"{row.get('rss_after_load_bytes', 0) / MIB:.0f} | {peak / MIB:.0f} | {'; '.join(row['loadavg'])} |")
+        print(
+            f"| {row['config']} | {row['description']} | {row['decode_tokens_per_s']:.1f} | "
+            f"{ratio('decode_vs_float')} | {row['prefill_tokens_per_s']:.0f} | {ratio('prefill_vs_float')} | "
+            f"{row['footprint_bytes'] / MIB:.1f} | {ratio('footprint_vs_float')} | "
+            f"{row.get('rss_after_load_bytes', 0) / MIB:.0f} | {peak / MIB:.0f} | {'; '.join(row['loadavg'])} |"
+        )
 
 
 def plot(summary: list, path: str) -> None:
@@ -381,8 +466,11 @@ def plot(summary: list, path: str) -> None:
 
     names = [row["config"] for row in summary]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for axis, key, title in zip(axes, ("decode_tokens_per_s", "prefill_tokens_per_s", "footprint_bytes"),
-                                ("decode (batch 1), tokens/s", "prefill, tokens/s", "model footprint, MiB")):
+    for axis, key, title in zip(
+        axes,
+        ("decode_tokens_per_s", "prefill_tokens_per_s", "footprint_bytes"),
+        ("decode (batch 1), tokens/s", "prefill, tokens/s", "model footprint, MiB"),
+    ):
         values = [row[key] / (MIB if key == "footprint_bytes" else 1) for row in summary]
         colors = ["tab:gray" if name == "float" else "tab:blue" for name in names]
         axis.bar(names, values, color=colors)
@@ -390,8 +478,9 @@ def plot(summary: list, path: str) -> None:
         axis.tick_params(axis="x", rotation=60)
         for index, value in enumerate(values):
             axis.annotate(f"{value:.0f}", (index, value), ha="center", va="bottom", fontsize=7)
-    fig.suptitle("SmolLM2-135M: float vs palettized (fused LUT kernel), "
-                 f"{summary[0].get('device', 'cpu')}, median of runs")
+    fig.suptitle(
+        f"SmolLM2-135M: float vs palettized (fused LUT kernel), {summary[0].get('device', 'cpu')}, median of runs"
+    )
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -407,8 +496,9 @@ def main() -> None:
     parser.add_argument("--prefill-runs", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "optimum_edkm",
-                                                           "bench_inference"))
+    parser.add_argument(
+        "--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "optimum_edkm", "bench_inference")
+    )
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "inference.json"))
     parser.add_argument("--plot", default=os.path.join(ROOT, "docs", "inference.png"))
     parser.add_argument("--kernel-sweep", action="store_true")
@@ -420,8 +510,8 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(CONFIGS[args.worker], args)))
         return
-    from layer_memory import machine, write_json   # benchmarks/ helper (same folder)
     import torch
+    from layer_memory import machine, write_json  # benchmarks/ helper (same folder)
 
     if args.kernel_sweep:
         report = kernel_sweep(args)
@@ -440,14 +530,20 @@ def main() -> None:
         for config in configs:
             result = run_in_fresh_process(config, args)
             results.append(result)
-            print(f"[{repeat + 1}/{args.repeats}] {config.name}: decode {result['decode_tokens_per_s']:.1f} tok/s, "
-                  f"prefill {result['prefill_tokens_per_s']:.0f} tok/s, footprint "
-                  f"{result['footprint_bytes'] / MIB:.1f} MiB, load avg {result['loadavg_start']}", flush=True)
+            print(
+                f"[{repeat + 1}/{args.repeats}] {config.name}: decode {result['decode_tokens_per_s']:.1f} tok/s, "
+                f"prefill {result['prefill_tokens_per_s']:.0f} tok/s, footprint "
+                f"{result['footprint_bytes'] / MIB:.1f} MiB, load avg {result['loadavg_start']}",
+                flush=True,
+            )
     summary = summarize(results)
     print_table(summary)
-    report = {"machine": machine(torch.device("cpu")), "settings": {k: v for k, v in vars(args).items()
-                                                                  if k not in ("worker",)},
-              "summary": summary, "runs": results}
+    report = {
+        "machine": machine(torch.device("cpu")),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("worker",)},
+        "summary": summary,
+        "runs": results,
+    }
     write_json(args.out, report)
     if args.plot:
         plot(summary, args.plot)

@@ -21,15 +21,18 @@ import sys
 import time
 
 import torch
-
 from common import GIB, ROOT, PeakMemory, machine, write_json  # noqa: E402,F401  (shared helpers)
 
 
 # ----------------------------------------------------------------------------------------------- worker
 def make_projections(count: int, size: int, device: torch.device):
     generator = torch.Generator().manual_seed(0)
-    return [(torch.randn(size, size, generator=generator) * 0.02).to(device=device, dtype=torch.bfloat16)
-            .requires_grad_(True) for _ in range(count)]
+    return [
+        (torch.randn(size, size, generator=generator) * 0.02)
+        .to(device=device, dtype=torch.bfloat16)
+        .requires_grad_(True)
+        for _ in range(count)
+    ]
 
 
 def run_optimum_edkm(args, device) -> dict:
@@ -44,7 +47,7 @@ def run_optimum_edkm(args, device) -> dict:
     upstream = torch.randn(args.size, args.size, generator=torch.Generator().manual_seed(1)).to(device, torch.bfloat16)
     peak = PeakMemory(device)
     times, saved, resident, peaks = [], [], [], []
-    for run in range(args.runs + 1):                       # run 0 warms up caches and is not reported
+    for run in range(args.runs + 1):  # run 0 warms up caches and is not reported
         for w in weights:
             w.grad = None
         peak.start()
@@ -61,15 +64,19 @@ def run_optimum_edkm(args, device) -> dict:
             saved.append(meter.saved_bytes)
             resident.append(meter.resident_bytes)
             peaks.append(peak.peak())
-    return {"init_seconds": init_seconds, "times": times, "saved_bytes": max(saved),
-            "resident_bytes": max(resident), "peak_bytes": max(peaks)}
+    return {
+        "init_seconds": init_seconds,
+        "times": times,
+        "saved_bytes": max(saved),
+        "resident_bytes": max(resident),
+        "peak_bytes": max(peaks),
+    }
 
 
 def run_coremltools(args, device) -> dict:
-    import torch.nn as nn
-    from coremltools.optimize.torch.palettization import (DKMPalettizer, DKMPalettizerConfig,
-                                                          ModuleDKMPalettizerConfig)
     import coremltools
+    import torch.nn as nn
+    from coremltools.optimize.torch.palettization import DKMPalettizer, DKMPalettizerConfig, ModuleDKMPalettizerConfig
 
     sys.path.insert(0, ROOT)
     from optimum_edkm.clustering import SavedTensorMeter
@@ -108,10 +115,16 @@ def run_coremltools(args, device) -> dict:
             saved.append(meter.saved_bytes)
             resident.append(meter.resident_bytes)
             peaks.append(peak.peak())
-    return {"init_seconds": init_seconds, "times": times, "saved_bytes": max(saved),
-            "resident_bytes": max(resident), "peak_bytes": max(peaks), "options": options,
-            "version": coremltools.__version__,
-            "note": "includes the 8-token linear layer itself (negligible); bf16 model on CPU"}
+    return {
+        "init_seconds": init_seconds,
+        "times": times,
+        "saved_bytes": max(saved),
+        "resident_bytes": max(resident),
+        "peak_bytes": max(peaks),
+        "options": options,
+        "version": coremltools.__version__,
+        "note": "includes the 8-token linear layer itself (negligible); bf16 model on CPU",
+    }
 
 
 def worker_main(args) -> None:
@@ -125,31 +138,49 @@ def worker_main(args) -> None:
 
 # ----------------------------------------------------------------------------------------------- driver
 def run_worker(args, engine: str, projections: int) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), "--worker", engine, "--size", str(args.size),
-               "--projections", str(projections), "--bits", str(args.bits), "--runs", str(args.runs),
-               "--device", args.device, "--coremltools-kmeans-n-init", str(args.coremltools_kmeans_n_init)]
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        engine,
+        "--size",
+        str(args.size),
+        "--projections",
+        str(projections),
+        "--bits",
+        str(args.bits),
+        "--runs",
+        str(args.runs),
+        "--device",
+        args.device,
+        "--coremltools-kmeans-n-init",
+        str(args.coremltools_kmeans_n_init),
+    ]
     # big blocks straight from mmap, so freed memory leaves the RSS and VmHWM measures live memory only
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               MALLOC_MMAP_THRESHOLD_="131072")
+    env = dict(
+        os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), MALLOC_MMAP_THRESHOLD_="131072"
+    )
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
         tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
         return {"engine": engine, "status": "error", "error": " | ".join(tail)}
-    result = json.loads(lines[-1][len("RESULT "):])
-    result.update(engine=engine, status="ok", projections_measured=projections,
-                  wall_seconds=time.perf_counter() - start)
+    result = json.loads(lines[-1][len("RESULT ") :])
+    result.update(
+        engine=engine, status="ok", projections_measured=projections, wall_seconds=time.perf_counter() - start
+    )
     return result
 
 
 def dkm_projections_that_fit(args) -> int:
     """All four projections if plain DKM's saved maps (~100 B/weight in bf16, x2 for backward peaks) fit."""
-    need = args.projections * args.size ** 2 * 2 ** args.bits / 8 * 110 * 2
+    need = args.projections * args.size**2 * 2**args.bits / 8 * 110 * 2
     if args.device.startswith("cuda"):
         free = torch.cuda.mem_get_info(torch.device(args.device))[0]
     else:
         import psutil
+
         free = psutil.virtual_memory().available
     return args.projections if need < 0.7 * free else 1
 
@@ -166,7 +197,7 @@ def scaled(result: dict, factor: float) -> dict:
 
 
 def fmt_bytes(value: float) -> str:
-    return f"{value / GIB:.3f} GiB" if value >= 0.1 * GIB else f"{value / 2 ** 20:.2f} MiB"
+    return f"{value / GIB:.3f} GiB" if value >= 0.1 * GIB else f"{value / 2**20:.2f} MiB"
 
 
 def main(argv=None) -> dict:
@@ -176,12 +207,23 @@ def main(argv=None) -> dict:
     parser.add_argument("--bits", type=int, default=3)
     parser.add_argument("--runs", type=int, default=3, help="timed fwd+bwd runs (after one warm-up)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dkm-projections", default="auto",
-                        help="projections measured for plain DKM ('auto': all if they fit, else 1 and scaled)")
-    parser.add_argument("--coremltools", choices=["auto", "skip"], default="auto",
-                        help="add coremltools' DKMPalettizer row when coremltools is installed (CPU only)")
-    parser.add_argument("--coremltools-projections", type=int, default=1,
-                        help="projections measured for coremltools (scaled linearly to --projections)")
+    parser.add_argument(
+        "--dkm-projections",
+        default="auto",
+        help="projections measured for plain DKM ('auto': all if they fit, else 1 and scaled)",
+    )
+    parser.add_argument(
+        "--coremltools",
+        choices=["auto", "skip"],
+        default="auto",
+        help="add coremltools' DKMPalettizer row when coremltools is installed (CPU only)",
+    )
+    parser.add_argument(
+        "--coremltools-projections",
+        type=int,
+        default=1,
+        help="projections measured for coremltools (scaled linearly to --projections)",
+    )
     parser.add_argument("--coremltools-kmeans-n-init", type=int, default=1)
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "layer_memory.json"))
     parser.add_argument("--worker", choices=["dkm", "edkm", "coremltools"], help=argparse.SUPPRESS)
@@ -201,54 +243,73 @@ def main(argv=None) -> dict:
     if args.coremltools == "auto" and device.type == "cpu":
         try:
             import importlib.util
+
             has_coremltools = importlib.util.find_spec("coremltools") is not None
         except ValueError:
             has_coremltools = False
         if has_coremltools:
             count = min(args.coremltools_projections, args.projections)
             print(f"coremltools DKMPalettizer on {count} projection(s) ...", flush=True)
-            rows["DKM (coremltools DKMPalettizer)"] = scaled(run_worker(args, "coremltools", count),
-                                                            args.projections / count)
+            rows["DKM (coremltools DKMPalettizer)"] = scaled(
+                run_worker(args, "coremltools", count), args.projections / count
+            )
 
     dkm, edkm = rows["DKM (reference)"], rows["eDKM (optimum-edkm)"]
     for row in rows.values():
         if row.get("status") == "ok":
             row["median_seconds"] = statistics.median(row["times"])
     report = {
-        "setting": {"layer": f"{args.projections} x ({args.size} x {args.size}) bf16 projections",
-                    "bits": args.bits, "iterations": 3, "temperature": 1e-4, "runs": args.runs,
-                    "what": "forward + backward of the clustering of every projection"},
+        "setting": {
+            "layer": f"{args.projections} x ({args.size} x {args.size}) bf16 projections",
+            "bits": args.bits,
+            "iterations": 3,
+            "temperature": 1e-4,
+            "runs": args.runs,
+            "what": "forward + backward of the clustering of every projection",
+        },
         "machine": machine(device),
         "rows": rows,
     }
     if dkm.get("status") == "ok" and edkm.get("status") == "ok":
         report["ratio_saved_bytes"] = dkm["saved_bytes"] / max(edkm["saved_bytes"], 1)
-        report["ratio_saved_bytes_including_weights"] = (
-            (dkm["saved_bytes"] + dkm["resident_bytes"]) / (edkm["saved_bytes"] + edkm["resident_bytes"]))
+        report["ratio_saved_bytes_including_weights"] = (dkm["saved_bytes"] + dkm["resident_bytes"]) / (
+            edkm["saved_bytes"] + edkm["resident_bytes"]
+        )
         report["ratio_time"] = dkm["median_seconds"] / edkm["median_seconds"]
         report["ratio_peak_bytes"] = dkm["peak_bytes"] / max(edkm["peak_bytes"], 1)
 
     print()
-    print(f"{report['setting']['layer']}, {args.bits} bits, fwd+bwd of the clustering, "
-          f"median of {args.runs} runs, device {device} ({report['machine'].get('gpu', report['machine']['cpu'])}, "
-          f"{report['machine']['threads']} threads)")
+    print(
+        f"{report['setting']['layer']}, {args.bits} bits, fwd+bwd of the clustering, "
+        f"median of {args.runs} runs, device {device} ({report['machine'].get('gpu', report['machine']['cpu'])}, "
+        f"{report['machine']['threads']} threads)"
+    )
     print()
-    print("| engine | saved for backward (beyond the weights) | weights referenced by the graph | peak memory "
-          "| fwd+bwd median | measured on |")
+    print(
+        "| engine | saved for backward (beyond the weights) | weights referenced by the graph | peak memory "
+        "| fwd+bwd median | measured on |"
+    )
     print("|---|---|---|---|---|---|")
     for name, row in rows.items():
         if row.get("status") != "ok":
             print(f"| {name} | error: {row.get('error', '')[:120]} | | | | |")
             continue
-        measured = (f"{row['scaled_from_projections']} projection(s), x{args.projections / row['scaled_from_projections']:g}"
-                    if "scaled_from_projections" in row else f"{row['projections_measured']} projection(s)")
-        print(f"| {name} | {fmt_bytes(row['saved_bytes'])} | {fmt_bytes(row['resident_bytes'])} | "
-              f"{fmt_bytes(row['peak_bytes'])} | {row['median_seconds']:.2f} s | {measured} |")
+        measured = (
+            f"{row['scaled_from_projections']} projection(s), x{args.projections / row['scaled_from_projections']:g}"
+            if "scaled_from_projections" in row
+            else f"{row['projections_measured']} projection(s)"
+        )
+        print(
+            f"| {name} | {fmt_bytes(row['saved_bytes'])} | {fmt_bytes(row['resident_bytes'])} | "
+            f"{fmt_bytes(row['peak_bytes'])} | {row['median_seconds']:.2f} s | {measured} |"
+        )
     if "ratio_saved_bytes" in report:
         print()
-        print(f"DKM / eDKM: saved for backward {report['ratio_saved_bytes']:,.0f}x "
-              f"({report['ratio_saved_bytes_including_weights']:.1f}x counting the referenced weights), "
-              f"peak memory {report['ratio_peak_bytes']:.1f}x, fwd+bwd time {report['ratio_time']:.1f}x")
+        print(
+            f"DKM / eDKM: saved for backward {report['ratio_saved_bytes']:,.0f}x "
+            f"({report['ratio_saved_bytes_including_weights']:.1f}x counting the referenced weights), "
+            f"peak memory {report['ratio_peak_bytes']:.1f}x, fwd+bwd time {report['ratio_time']:.1f}x"
+        )
     write_json(args.out, report)
     return report
 

@@ -68,8 +68,9 @@ def worker(args) -> dict:
         optimum_edkm.palettize(model)
         model = peft.get_peft_model(model, lora_config(**lora))
         EDKMLoraLinear.decode_in_backward = args.mode == "palettized"
-        decode_in_backward(model, enabled=args.mode == "palettized")    # the layers LoRA does not target
+        decode_in_backward(model, enabled=args.mode == "palettized")  # the layers LoRA does not target
     import gc
+
     gc.collect()
     resident = state_bytes(model)
     model.train()
@@ -91,23 +92,46 @@ def worker(args) -> dict:
             torch.cuda.synchronize(device)
         if step:
             times.append(time.perf_counter() - start)
-    return {"times": times, "median_seconds": statistics.median(times), "peak_bytes": peak.peak() + baseline,
-            "training_bytes": peak.peak(), "state_dict_bytes": resident, "loss": float(loss),
-            "trainable_parameters": sum(p.numel() for p in trainable), "model": info.get("name", args.model),
-            "parameters": info.get("parameters")}
+    return {
+        "times": times,
+        "median_seconds": statistics.median(times),
+        "peak_bytes": peak.peak() + baseline,
+        "training_bytes": peak.peak(),
+        "state_dict_bytes": resident,
+        "loss": float(loss),
+        "trainable_parameters": sum(p.numel() for p in trainable),
+        "model": info.get("name", args.model),
+        "parameters": info.get("parameters"),
+    }
 
 
 def run(args, mode: str) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), "--worker", mode, "--bits", str(args.bits),
-               "--rank", str(args.rank), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
-               "--steps", str(args.steps), "--device", args.device] + (["--model", args.model] if args.model else [])
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               MALLOC_MMAP_THRESHOLD_="131072")
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        mode,
+        "--bits",
+        str(args.bits),
+        "--rank",
+        str(args.rank),
+        "--batch-size",
+        str(args.batch_size),
+        "--seq-len",
+        str(args.seq_len),
+        "--steps",
+        str(args.steps),
+        "--device",
+        args.device,
+    ] + (["--model", args.model] if args.model else [])
+    env = dict(
+        os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), MALLOC_MMAP_THRESHOLD_="131072"
+    )
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"{mode} worker failed:\n{(done.stderr or done.stdout)[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def main(argv=None) -> dict:
@@ -135,26 +159,40 @@ def main(argv=None) -> dict:
         load = handle.read().split()[:3]
     base = rows["float"]
     report = {
-        "setting": {"model": base["model"], "parameters": base["parameters"], "bits": args.bits, "rank": args.rank,
-                    "targets": TARGETS, "batch": f"{args.batch_size} x {args.seq_len} tokens",
-                    "steps_timed": args.steps, "optimizer": "AdamW (adapters only)",
-                    "what": "forward + backward + optimizer step"},
+        "setting": {
+            "model": base["model"],
+            "parameters": base["parameters"],
+            "bits": args.bits,
+            "rank": args.rank,
+            "targets": TARGETS,
+            "batch": f"{args.batch_size} x {args.seq_len} tokens",
+            "steps_timed": args.steps,
+            "optimizer": "AdamW (adapters only)",
+            "what": "forward + backward + optimizer step",
+        },
         "machine": machine(torch.device(args.device)),
         "load_average": load,
         "rows": rows,
     }
     print()
-    print(f"{base['model']}, LoRA r={args.rank} on {'/'.join(TARGETS)} ({base['trainable_parameters']:,} trainable), "
-          f"batch {args.batch_size} x {args.seq_len}, device {args.device}, load average {' '.join(load)}")
+    print(
+        f"{base['model']}, LoRA r={args.rank} on {'/'.join(TARGETS)} ({base['trainable_parameters']:,} trainable), "
+        f"batch {args.batch_size} x {args.seq_len}, device {args.device}, load average {' '.join(load)}"
+    )
     print()
     print("| LoRA base | state dict | peak memory of the process | of which the training loop | step time (median) |")
     print("|---|---:|---:|---:|---:|")
-    labels = {"float": "float model", "palettized": f"palettized {args.bits}-bit, decode in backward",
-              "palettized-keep": f"palettized {args.bits}-bit, dense weight kept for backward"}
+    labels = {
+        "float": "float model",
+        "palettized": f"palettized {args.bits}-bit, decode in backward",
+        "palettized-keep": f"palettized {args.bits}-bit, dense weight kept for backward",
+    }
     for mode in MODES:
         row = rows[mode]
-        print(f"| {labels[mode]} | {row['state_dict_bytes'] / GIB:.3f} GiB | {row['peak_bytes'] / GIB:.2f} GiB | "
-              f"{row['training_bytes'] / GIB:.2f} GiB | {row['median_seconds']:.2f} s |")
+        print(
+            f"| {labels[mode]} | {row['state_dict_bytes'] / GIB:.3f} GiB | {row['peak_bytes'] / GIB:.2f} GiB | "
+            f"{row['training_bytes'] / GIB:.2f} GiB | {row['median_seconds']:.2f} s |"
+        )
     write_json(args.out, report)
     return report
 

@@ -33,10 +33,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from common import machine, write_json  # noqa: E402
 
-STEP_RANGES = {"step::forward": "model forward", "step::backward": "model backward",
-               "step::optimizer": "optimizer"}
+STEP_RANGES = {"step::forward": "model forward", "step::backward": "model backward", "step::optimizer": "optimizer"}
 ENGINE_RANGES = {"edkm::forward": "clustering forward", "edkm::backward": "clustering backward"}
-MMAP_THRESHOLD = "131072"       # as in train_step.py
+MMAP_THRESHOLD = "131072"  # as in train_step.py
 PHASES = ["clustering forward", "model forward", "clustering backward", "model backward", "optimizer"]
 
 
@@ -53,7 +52,7 @@ def build(args):
         optimum_edkm.prepare(model, EDKMConfig(bits=args.bits))
     model.train()
     token_ids = load_text(split=CALIBRATION_SPLIT).token_ids(tokenizer)
-    batch = token_ids[:args.batch_size * args.seq_len].view(args.batch_size, args.seq_len).to(args.device)
+    batch = token_ids[: args.batch_size * args.seq_len].view(args.batch_size, args.seq_len).to(args.device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     return model, batch, optimizer, info
 
@@ -95,11 +94,20 @@ def breakdown(events, steps: int) -> dict:
     # model phases are what remains of the step ranges once the engine ranges inside them are taken out
     totals["model forward"] -= totals["clustering forward"]
     totals["model backward"] -= totals["clustering backward"]
-    return {phase: {"total_us": totals[phase] / steps,
-                    "ops": sorted(({"op": name, "self_us": value[0] / steps, "calls": value[1] // steps}
-                                   for name, value in ops[phase].items() if name not in STEP_RANGES),
-                                  key=lambda row: -row["self_us"])}
-            for phase in PHASES}
+    return {
+        phase: {
+            "total_us": totals[phase] / steps,
+            "ops": sorted(
+                (
+                    {"op": name, "self_us": value[0] / steps, "calls": value[1] // steps}
+                    for name, value in ops[phase].items()
+                    if name not in STEP_RANGES
+                ),
+                key=lambda row: -row["self_us"],
+            ),
+        }
+        for phase in PHASES
+    }
 
 
 def same_allocator_as_train_step() -> None:
@@ -138,17 +146,19 @@ def main(argv=None) -> dict:
     phases = breakdown(prof.events(), args.steps)
     total = sum(p["total_us"] for p in phases.values())
 
-    print(f"{info.get('name', args.model)}, {args.mode}, batch {args.batch_size} x {args.seq_len}, device "
-          f"{args.device}, {torch.get_num_threads()} threads; profiled step {seconds:.2f} s (mean of {args.steps}) "
-          f"(unprofiled warm-up {', '.join(f'{s:.2f}' for s in unprofiled)} s); load average "
-          f"{load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after")
+    print(
+        f"{info.get('name', args.model)}, {args.mode}, batch {args.batch_size} x {args.seq_len}, device "
+        f"{args.device}, {torch.get_num_threads()} threads; profiled step {seconds:.2f} s (mean of {args.steps}) "
+        f"(unprofiled warm-up {', '.join(f'{s:.2f}' for s in unprofiled)} s); load average "
+        f"{load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after"
+    )
     print()
     print("| phase | time | share |")
     print("|---|---|---|")
     for phase in PHASES:
         print(f"| {phase} | {phases[phase]['total_us'] / 1e6:.3f} s | {100 * phases[phase]['total_us'] / total:.1f}% |")
     for phase in PHASES:
-        rows = phases[phase]["ops"][:args.top]
+        rows = phases[phase]["ops"][: args.top]
         if not rows or phases[phase]["total_us"] == 0:
             continue
         print()
@@ -158,14 +168,29 @@ def main(argv=None) -> dict:
         print("|---|---|---|")
         for row in rows:
             print(f"| `{row['op']}` | {row['self_us'] / 1e3:.1f} ms | {row['calls']} |")
-    report = {"setting": {"model": info.get("name", args.model), "mode": args.mode, "bits": args.bits,
-                          "batch": f"{args.batch_size} x {args.seq_len} tokens", "optimizer": "AdamW"},
-              "machine": machine(args.device), "load_average": [load_before[0], os.getloadavg()[0]],
-              "profiled_step_seconds": seconds, "warmup_step_seconds": unprofiled,
-              "phases": {phase: {"seconds": value["total_us"] / 1e6,
-                                 "ops": [dict(op=row["op"], self_seconds=row["self_us"] / 1e6, calls=row["calls"])
-                                         for row in value["ops"][:40]]}
-                         for phase, value in phases.items()}}
+    report = {
+        "setting": {
+            "model": info.get("name", args.model),
+            "mode": args.mode,
+            "bits": args.bits,
+            "batch": f"{args.batch_size} x {args.seq_len} tokens",
+            "optimizer": "AdamW",
+        },
+        "machine": machine(args.device),
+        "load_average": [load_before[0], os.getloadavg()[0]],
+        "profiled_step_seconds": seconds,
+        "warmup_step_seconds": unprofiled,
+        "phases": {
+            phase: {
+                "seconds": value["total_us"] / 1e6,
+                "ops": [
+                    dict(op=row["op"], self_seconds=row["self_us"] / 1e6, calls=row["calls"])
+                    for row in value["ops"][:40]
+                ],
+            }
+            for phase, value in phases.items()
+        },
+    }
     write_json(out, report)
     return report
 

@@ -18,7 +18,6 @@ import time
 from typing import Optional
 
 import torch
-
 from quality_methods import QuantizationReport, register_method
 
 
@@ -29,10 +28,12 @@ def _post_training(lut_group_size: Optional[int], channel_scale: bool):
         from optimum_edkm.evaluation import palettized_storage
         from optimum_edkm.ptq import palettize_post_training
 
-        granularity = {} if lut_group_size is None else {"granularity": "per_grouped_channel",
-                                                         "group_size": lut_group_size}
-        config = EDKMConfig(bits=bits, enable_per_channel_scale=channel_scale, temperature=context.recipe.temperature,
-                            **granularity)
+        granularity = (
+            {} if lut_group_size is None else {"granularity": "per_grouped_channel", "group_size": lut_group_size}
+        )
+        config = EDKMConfig(
+            bits=bits, enable_per_channel_scale=channel_scale, temperature=context.recipe.temperature, **granularity
+        )
         calibration = context.calibration.input_ids
         teacher = context.teacher_text(model)
         if teacher is not None:
@@ -46,8 +47,9 @@ def _post_training(lut_group_size: Optional[int], channel_scale: bool):
         settings = dict(result.settings, lut_group_size=lut_group_size, per_channel_scale=channel_scale)
         errors = [d["output_error"] for d in result.details.values()]
         details = {"output_error_sum": {k: sum(e[k] for e in errors) for k in errors[0]}} if errors else {}
-        return QuantizationReport("ptq", bits, lut_group_size, palettized_storage(model),
-                                  time.perf_counter() - started, settings, details)
+        return QuantizationReport(
+            "ptq", bits, lut_group_size, palettized_storage(model), time.perf_counter() - started, settings, details
+        )
 
     return compress
 

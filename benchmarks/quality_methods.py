@@ -44,9 +44,16 @@ class QuantizationReport:
     details: dict = dataclasses.field(default_factory=dict)
 
     def as_dict(self) -> dict:
-        return {"method": self.method, "bits": self.bits, "group_size": self.group_size, "seconds": self.seconds,
-                "settings": self.settings, "compressed_modules": len(self.storage),
-                "schemes": sorted({s.scheme for s in self.storage.values()}), "details": self.details}
+        return {
+            "method": self.method,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "seconds": self.seconds,
+            "settings": self.settings,
+            "compressed_modules": len(self.storage),
+            "schemes": sorted({s.scheme for s in self.storage.values()}),
+            "details": self.details,
+        }
 
 
 @dataclasses.dataclass
@@ -72,8 +79,9 @@ class RunContext:
         if self._fisher is None:
             from optimum_edkm.sensitivity import fisher_diagonal
 
-            self._fisher = fisher_diagonal(base, self.calibration.token_ids, samples=self.fisher_samples,
-                                           seq_len=self.recipe.seq_len)
+            self._fisher = fisher_diagonal(
+                base, self.calibration.token_ids, samples=self.fisher_samples, seq_len=self.recipe.seq_len
+            )
         return self._fisher
 
     def teacher_text(self, base) -> Optional[torch.Tensor]:
@@ -95,8 +103,9 @@ def _baseline(name: str) -> MethodFn:
             result = baselines.rtn(model, bits, group_size)
         else:
             result = getattr(baselines, name)(model, context.calibration.input_ids, bits, group_size)
-        return QuantizationReport(name, bits, group_size, result.storage, time.perf_counter() - started,
-                                  result.settings, result.details)
+        return QuantizationReport(
+            name, bits, group_size, result.storage, time.perf_counter() - started, result.settings, result.details
+        )
 
     return compress
 
@@ -105,8 +114,13 @@ def _train_losses(trainer) -> list:
     return [round(h["loss"], 4) for h in trainer.state.log_history if "loss" in h]
 
 
-def _palettization(lut_group_size: Optional[int], fine_tune: bool, channel_scale: bool = True,
-                   sensitivity: bool = False, cross_entropy: bool = False) -> MethodFn:
+def _palettization(
+    lut_group_size: Optional[int],
+    fine_tune: bool,
+    channel_scale: bool = True,
+    sensitivity: bool = False,
+    cross_entropy: bool = False,
+) -> MethodFn:
     """A row compressed by optimum-edkm: k-means palettization (``fine_tune=False``) or eDKM fine-tuning, with one
     LUT per tensor (``lut_group_size=None``) or per ``lut_group_size`` output rows, with a per-output-channel scale
     (``channel_scale``), k-means weighted by the float model's Fisher diagonal (``sensitivity``), and either the
@@ -122,13 +136,19 @@ def _palettization(lut_group_size: Optional[int], fine_tune: bool, channel_scale
         recipe = context.recipe
         if cross_entropy:
             recipe = dataclasses.replace(recipe, distillation_weight=0.0, teacher_sequences=0)
-        granularity = {} if lut_group_size is None else {"granularity": "per_grouped_channel",
-                                                         "group_size": lut_group_size}
-        config = EDKMConfig(bits=bits, temperature=recipe.temperature, enable_per_channel_scale=channel_scale,
-                            **granularity)
+        granularity = (
+            {} if lut_group_size is None else {"granularity": "per_grouped_channel", "group_size": lut_group_size}
+        )
+        config = EDKMConfig(
+            bits=bits, temperature=recipe.temperature, enable_per_channel_scale=channel_scale, **granularity
+        )
         started = time.perf_counter()
-        settings = {"lut_group_size": lut_group_size, "per_channel_scale": channel_scale,
-                    "sensitivity_weighted": sensitivity, "temperature": recipe.temperature}
+        settings = {
+            "lut_group_size": lut_group_size,
+            "per_channel_scale": channel_scale,
+            "sensitivity_weighted": sensitivity,
+            "temperature": recipe.temperature,
+        }
         details = {}
         weighted = sensitivity or (fine_tune and recipe.fisher_samples > 0)
         settings["sensitivity_weighted"] = weighted
@@ -142,17 +162,25 @@ def _palettization(lut_group_size: Optional[int], fine_tune: bool, channel_scale
             prepare(model, config)
         if fine_tune:
             with tempfile.TemporaryDirectory() as workdir:
-                trainer = finetune(model, context.calibration.token_ids if recipe.use_text else None,
-                                   output_dir=workdir, progress=False, teacher_model=teacher, sequences=generated,
-                                   logging_steps=max(1, recipe.steps // 10), **recipe.finetune_arguments())
+                trainer = finetune(
+                    model,
+                    context.calibration.token_ids if recipe.use_text else None,
+                    output_dir=workdir,
+                    progress=False,
+                    teacher_model=teacher,
+                    sequences=generated,
+                    logging_steps=max(1, recipe.steps // 10),
+                    **recipe.finetune_arguments(),
+                )
             del teacher
             settings.update(recipe.as_dict())
             details["train_loss"] = _train_losses(trainer)
         else:
             palettize(model)
-        method = ("edkm" if fine_tune else "skm" if weighted else "kmeans")
-        return QuantizationReport(method, bits, lut_group_size, palettized_storage(model),
-                                  time.perf_counter() - started, settings, details)
+        method = "edkm" if fine_tune else "skm" if weighted else "kmeans"
+        return QuantizationReport(
+            method, bits, lut_group_size, palettized_storage(model), time.perf_counter() - started, settings, details
+        )
 
     return compress
 
@@ -176,15 +204,25 @@ def _finetuned_float(model, bits, group_size, context):
     recipe = context.recipe
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
-        args = TrainingArguments(**recipe_arguments(workdir, recipe.steps, recipe.batch_size, recipe.learning_rate,
-                                                    logging_steps=max(1, recipe.steps // 10), progress=False))
-        trainer = Trainer(model=model, args=args,
-                          train_dataset=window_dataset(context.calibration.token_ids, recipe.seq_len))
+        args = TrainingArguments(
+            **recipe_arguments(
+                workdir,
+                recipe.steps,
+                recipe.batch_size,
+                recipe.learning_rate,
+                logging_steps=max(1, recipe.steps // 10),
+                progress=False,
+            )
+        )
+        trainer = Trainer(
+            model=model, args=args, train_dataset=window_dataset(context.calibration.token_ids, recipe.seq_len)
+        )
         trainer.train()
     model.eval()
     settings = {k: v for k, v in recipe.as_dict().items() if k in ("steps", "learning_rate", "batch_size", "seq_len")}
-    return QuantizationReport("fp-finetuned", None, None, {}, time.perf_counter() - started, settings,
-                              {"train_loss": _train_losses(trainer)})
+    return QuantizationReport(
+        "fp-finetuned", None, None, {}, time.perf_counter() - started, settings, {"train_loss": _train_losses(trainer)}
+    )
 
 
 _finetuned_float.bits_independent = True
@@ -216,8 +254,19 @@ METHODS: dict = {
 }
 
 #: what runs without --methods
-DEFAULT_METHODS = ["fp-finetuned", "rtn", "gptq", "awq", "kmeans-scaled", "kmeans-g16", "skm-scaled", "skm-g16",
-                   "edkm-ce-scaled", "edkm-scaled", "edkm-skm-g16"]
+DEFAULT_METHODS = [
+    "fp-finetuned",
+    "rtn",
+    "gptq",
+    "awq",
+    "kmeans-scaled",
+    "kmeans-g16",
+    "skm-scaled",
+    "skm-g16",
+    "edkm-ce-scaled",
+    "edkm-scaled",
+    "edkm-skm-g16",
+]
 
 
 def register_method(name: str, method: MethodFn) -> None:

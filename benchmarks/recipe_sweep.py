@@ -26,11 +26,11 @@ import torch
 
 import optimum_edkm
 from optimum_edkm import EDKMConfig
-from optimum_edkm.data import (DEFAULT_TEXT, OOD_VALIDATION_TEXT, TRAIN_SPLIT, VALIDATION_SPLIT, load_text)
+from optimum_edkm.data import DEFAULT_TEXT, OOD_VALIDATION_TEXT, TRAIN_SPLIT, VALIDATION_SPLIT, load_text
 from optimum_edkm.distillation import GenerationSettings, cached_teacher_data
-from optimum_edkm.losses import DIVERGENCES
 from optimum_edkm.evaluation import evaluate_perplexity
 from optimum_edkm.finetune import finetune
+from optimum_edkm.losses import DIVERGENCES
 from optimum_edkm.models import load_default_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,28 +45,51 @@ def parse_args(argv=None):
     parser.add_argument("--warmup-steps", type=int, default=0)
     parser.add_argument("--temperature", type=float, default=0.01, help="eDKM softmax temperature (relative)")
     parser.add_argument("--group-size", type=int, default=0, help="output rows per LUT (0: one LUT per tensor)")
-    parser.add_argument("--scale", action=argparse.BooleanOptionalAction, default=True,
-                        help="fp16 scale per output channel (default on)")
-    parser.add_argument("--loss", default="ce", choices=("ce",) + DIVERGENCES,
-                        help="ce: cross-entropy on the data; otherwise distillation from the float model")
+    parser.add_argument(
+        "--scale",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fp16 scale per output channel (default on)",
+    )
+    parser.add_argument(
+        "--loss",
+        default="ce",
+        choices=("ce",) + DIVERGENCES,
+        help="ce: cross-entropy on the data; otherwise distillation from the float model",
+    )
     parser.add_argument("--kd-weight", type=float, default=1.0, help="weight of the distillation term (with --loss)")
     parser.add_argument("--kd-temperature", type=float, default=1.0)
-    parser.add_argument("--data", default="help", choices=DATA_CHOICES,
-                        help="help: the help topics' train split; generated: teacher text; mixed: both")
+    parser.add_argument(
+        "--data",
+        default="help",
+        choices=DATA_CHOICES,
+        help="help: the help topics' train split; generated: teacher text; mixed: both",
+    )
     parser.add_argument("--generated-sequences", type=int, default=128)
     parser.add_argument("--generation-seed", type=int, default=0)
     parser.add_argument("--generation-top-k", type=int, default=0)
-    parser.add_argument("--generation-threads", type=int, default=0,
-                        help="torch threads while generating (0: unchanged); 1 is far faster on a loaded machine")
+    parser.add_argument(
+        "--generation-threads",
+        type=int,
+        default=0,
+        help="torch threads while generating (0: unchanged); 1 is far faster on a loaded machine",
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--init", default="kmeans", choices=("kmeans", "fisher"),
-                        help="k-means initialisation: plain, or weighted by squared gradients (Fisher diagonal)")
+    parser.add_argument(
+        "--init",
+        default="kmeans",
+        choices=("kmeans", "fisher"),
+        help="k-means initialisation: plain, or weighted by squared gradients (Fisher diagonal)",
+    )
     parser.add_argument("--fisher-samples", type=int, default=16, help="windows of --seq-len for the Fisher pass")
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--skip-start", action="store_true",
-                        help="do not score the starting point (the same for every run with the same --init)")
+    parser.add_argument(
+        "--skip-start",
+        action="store_true",
+        help="do not score the starting point (the same for every run with the same --init)",
+    )
     parser.add_argument("--tag", default="", help="free text recorded with the line")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "recipe_validation.jsonl"))
     return parser.parse_args(argv)
@@ -74,8 +97,11 @@ def parse_args(argv=None):
 
 def summary_table(path: str) -> str:
     """Every recorded line of ``path`` as a markdown table (validation perplexities and ratios to float)."""
-    lines = ["| # | tag | steps | loss | data | init | LUT | in-domain val. | x float | news val. | x float | "
-             "train s | load avg |", "|---:|---|---:|---|---|---|---|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        "| # | tag | steps | loss | data | init | LUT | in-domain val. | x float | news val. | x float | "
+        "train s | load avg |",
+        "|---:|---|---:|---|---|---|---|---:|---:|---:|---:|---:|---|",
+    ]
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             record = json.loads(line)
@@ -88,15 +114,21 @@ def summary_table(path: str) -> str:
                 f"| {settings.get('init', 'kmeans')} | {lut}{'+scale' if settings.get('scale') else ''} | "
                 f"{scores.get('in_domain', float('nan')):.3f} | {ratios.get('in_domain', float('nan')):.3f} | "
                 f"{scores.get('out_of_domain', float('nan')):.3f} | {ratios.get('out_of_domain', float('nan')):.3f} | "
-                f"{record.get('train_seconds', 0):.0f} | {record.get('load_average_end')} |")
+                f"{record.get('train_seconds', 0):.0f} | {record.get('load_average_end')} |"
+            )
     return "\n".join(lines)
 
 
 def main(argv=None):
     if argv is None and "--summary" in sys.argv[1:]:
         default = os.path.join(ROOT, "benchmarks", "results", "recipe_validation.jsonl")
-        print(summary_table(sys.argv[sys.argv.index("--summary") + 1] if len(sys.argv) > sys.argv.index(
-            "--summary") + 1 else default))
+        print(
+            summary_table(
+                sys.argv[sys.argv.index("--summary") + 1]
+                if len(sys.argv) > sys.argv.index("--summary") + 1
+                else default
+            )
+        )
         return
     args = parse_args(argv)
     if args.threads:
@@ -112,12 +144,17 @@ def main(argv=None):
     eval_ids = {k: t.token_ids(tokenizer)[: args.eval_tokens] for k, t in texts.items()}
 
     def perplexities():
-        return {k: round(evaluate_perplexity(model, ids, context_length=512, progress=False).perplexity, 4)
-                for k, ids in eval_ids.items()}
+        return {
+            k: round(evaluate_perplexity(model, ids, context_length=512, progress=False).perplexity, 4)
+            for k, ids in eval_ids.items()
+        }
 
-    record = {"command": "python benchmarks/recipe_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "settings": vars(args).copy(), "validation_texts": {k: f"{t.name}/{t.split}" for k, t in texts.items()},
-              "eval_tokens": {k: int(v.numel()) for k, v in eval_ids.items()}}
+    record = {
+        "command": "python benchmarks/recipe_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "settings": vars(args).copy(),
+        "validation_texts": {k: f"{t.name}/{t.split}" for k, t in texts.items()},
+        "eval_tokens": {k: int(v.numel()) for k, v in eval_ids.items()},
+    }
     record["settings"].pop("out")
     # the float model's figures depend only on the texts and the token count: computed once, then read back
     float_cache = os.path.join(ROOT, "runs", "recipe-sweep", f"float-{args.eval_tokens}.json")
@@ -132,8 +169,12 @@ def main(argv=None):
     train_ids = load_text(DEFAULT_TEXT, split=TRAIN_SPLIT).token_ids(tokenizer) if args.data != "generated" else None
     generated, generation_seconds = None, 0.0
     if args.data != "help":
-        settings = GenerationSettings(sequences=args.generated_sequences, seq_len=args.seq_len,
-                                      seed=args.generation_seed, top_k=args.generation_top_k)
+        settings = GenerationSettings(
+            sequences=args.generated_sequences,
+            seq_len=args.seq_len,
+            seed=args.generation_seed,
+            top_k=args.generation_top_k,
+        )
         begin = time.time()
         threads = torch.get_num_threads()
         torch.set_num_threads(args.generation_threads or threads)
@@ -147,8 +188,9 @@ def main(argv=None):
     if args.init == "fisher":
         from optimum_edkm.sensitivity import fisher_diagonal, prepare_weighted
 
-        calibration = load_text(DEFAULT_TEXT, split=TRAIN_SPLIT).token_ids(tokenizer) if train_ids is None \
-            else train_ids
+        calibration = (
+            load_text(DEFAULT_TEXT, split=TRAIN_SPLIT).token_ids(tokenizer) if train_ids is None else train_ids
+        )
         fisher = fisher_diagonal(model, calibration, samples=args.fisher_samples, seq_len=args.seq_len)
         prepare_weighted(model, config, fisher)
     else:
@@ -159,22 +201,47 @@ def main(argv=None):
     begin = time.time()
     losses = []
     if args.steps > 0:
-        kd = {} if args.loss == "ce" else {"distillation_weight": args.kd_weight, "distillation_loss": args.loss,
-                                           "distillation_temperature": args.kd_temperature}
-        trainer = finetune(model, train_ids, output_dir=os.path.join(ROOT, "runs", "recipe-sweep"), steps=args.steps,
-                           seq_len=args.seq_len, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                           warmup_steps=args.warmup_steps, progress=False, logging_steps=max(1, args.steps // 6),
-                           teacher_model=teacher, sequences=generated, **kd)
+        kd = (
+            {}
+            if args.loss == "ce"
+            else {
+                "distillation_weight": args.kd_weight,
+                "distillation_loss": args.loss,
+                "distillation_temperature": args.kd_temperature,
+            }
+        )
+        trainer = finetune(
+            model,
+            train_ids,
+            output_dir=os.path.join(ROOT, "runs", "recipe-sweep"),
+            steps=args.steps,
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            warmup_steps=args.warmup_steps,
+            progress=False,
+            logging_steps=max(1, args.steps // 6),
+            teacher_model=teacher,
+            sequences=generated,
+            **kd,
+        )
         losses = [round(h["loss"], 4) for h in trainer.state.log_history if "loss" in h]
         record["tuned"] = perplexities()
-    record.update({
-        "train_seconds": round(time.time() - begin, 1), "generation_seconds": round(generation_seconds, 1),
-        "losses": losses, "ratio_vs_float": {k: round(v / record["float"][k], 4)
-                                             for k, v in record.get("tuned", record.get("start", {})).items()},
-        "wall_seconds": round(time.time() - started, 1), "load_average_start": [round(x, 2) for x in load_start],
-        "load_average_end": [round(x, 2) for x in os.getloadavg()], "tag": args.tag,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    })
+    record.update(
+        {
+            "train_seconds": round(time.time() - begin, 1),
+            "generation_seconds": round(generation_seconds, 1),
+            "losses": losses,
+            "ratio_vs_float": {
+                k: round(v / record["float"][k], 4) for k, v in record.get("tuned", record.get("start", {})).items()
+            },
+            "wall_seconds": round(time.time() - started, 1),
+            "load_average_start": [round(x, 2) for x in load_start],
+            "load_average_end": [round(x, 2) for x in os.getloadavg()],
+            "tag": args.tag,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+    )
     line = json.dumps(record)
     print(line, flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

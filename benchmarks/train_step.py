@@ -69,33 +69,57 @@ def worker(args) -> dict:
         if step:
             times.append(time.perf_counter() - start)
             cpu_times.append(time.process_time() - cpu_start)
-    peak_bytes = peak.peak() + baseline             # peak of the process (model, optimizer state included)
-    return {"times": times, "cpu_times": cpu_times, "median_seconds": statistics.median(times),
-            "peak_bytes": peak_bytes,
-            "loss": float(loss), "model": info.get("name", args.model),
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "engine_kernels": args.mode.startswith("edkm") and engine_kernels_loaded()}
+    peak_bytes = peak.peak() + baseline  # peak of the process (model, optimizer state included)
+    return {
+        "times": times,
+        "cpu_times": cpu_times,
+        "median_seconds": statistics.median(times),
+        "peak_bytes": peak_bytes,
+        "loss": float(loss),
+        "model": info.get("name", args.model),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "engine_kernels": args.mode.startswith("edkm") and engine_kernels_loaded(),
+    }
 
 
 def engine_kernels_loaded() -> bool:
     try:
         from optimum_edkm.clustering.patterns import compiled_ops
-    except ImportError:          # a checkout from before the compiled engine (the script also times those)
+    except ImportError:  # a checkout from before the compiled engine (the script also times those)
         return False
     return compiled_ops() is not None
 
 
-MODES = {"plain": "plain (float weights)", "edkm": "eDKM, {bits}-bit clustering in the loop",
-         "edkm-torch": "eDKM, {bits}-bit, pure-torch engine (no compiled kernels)"}
+MODES = {
+    "plain": "plain (float weights)",
+    "edkm": "eDKM, {bits}-bit clustering in the loop",
+    "edkm-torch": "eDKM, {bits}-bit, pure-torch engine (no compiled kernels)",
+}
 
 
 def run(args, mode: str) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), "--worker", mode, "--bits", str(args.bits),
-               "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--steps", str(args.steps),
-               "--device", args.device, "--threads", str(args.threads)]
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        mode,
+        "--bits",
+        str(args.bits),
+        "--batch-size",
+        str(args.batch_size),
+        "--seq-len",
+        str(args.seq_len),
+        "--steps",
+        str(args.steps),
+        "--device",
+        args.device,
+        "--threads",
+        str(args.threads),
+    ]
     command += ["--model", args.model] if args.model else []
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               MALLOC_MMAP_THRESHOLD_="131072")
+    env = dict(
+        os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), MALLOC_MMAP_THRESHOLD_="131072"
+    )
     if mode == "edkm-torch":
         env["OPTIMUM_EDKM_DISABLE_KERNELS"] = "1"
     load_before = os.getloadavg()[0]
@@ -103,7 +127,7 @@ def run(args, mode: str) -> dict:
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"{mode} worker failed:\n{(done.stderr or done.stdout)[-3000:]}")
-    result = json.loads(lines[-1][len("RESULT "):])
+    result = json.loads(lines[-1][len("RESULT ") :])
     result["load_average"] = [load_before, os.getloadavg()[0]]
     return result
 
@@ -112,12 +136,19 @@ def pool(runs: list) -> dict:
     """One row per mode from its runs: all timed steps, their median and minimum, the largest peak."""
     times = [t for run in runs for t in run["times"]]
     cpu_times = [t for run in runs for t in run["cpu_times"]]
-    return {"times": times, "median_seconds": statistics.median(times), "min_seconds": min(times),
-            "cpu_times": cpu_times, "median_cpu_seconds": statistics.median(cpu_times),
-            "peak_bytes": max(run["peak_bytes"] for run in runs), "loss": runs[-1]["loss"],
-            "model": runs[-1]["model"], "parameters": runs[-1]["parameters"],
-            "engine_kernels": runs[-1]["engine_kernels"],
-            "load_average": [run["load_average"] for run in runs]}
+    return {
+        "times": times,
+        "median_seconds": statistics.median(times),
+        "min_seconds": min(times),
+        "cpu_times": cpu_times,
+        "median_cpu_seconds": statistics.median(cpu_times),
+        "peak_bytes": max(run["peak_bytes"] for run in runs),
+        "loss": runs[-1]["loss"],
+        "model": runs[-1]["model"],
+        "parameters": runs[-1]["parameters"],
+        "engine_kernels": runs[-1]["engine_kernels"],
+        "load_average": [run["load_average"] for run in runs],
+    }
 
 
 def main(argv=None) -> dict:
@@ -142,52 +173,79 @@ def main(argv=None) -> dict:
     modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
     unknown = [mode for mode in modes if mode not in MODES]
     if unknown or "plain" not in modes or len(modes) < 2:
-        parser.error(f"--modes needs 'plain' and at least one of edkm, edkm-torch (got {args.modes!r}; "
-                     f"unknown: {unknown})")
+        parser.error(
+            f"--modes needs 'plain' and at least one of edkm, edkm-torch (got {args.modes!r}; unknown: {unknown})"
+        )
     runs = {mode: [] for mode in modes}
     for round_index in range(args.rounds):
         for mode in modes:
-            print(f"round {round_index + 1}/{args.rounds}: {mode} fine-tuning ... (load average "
-                  f"{os.getloadavg()[0]:.2f})", flush=True)
+            print(
+                f"round {round_index + 1}/{args.rounds}: {mode} fine-tuning ... (load average "
+                f"{os.getloadavg()[0]:.2f})",
+                flush=True,
+            )
             runs[mode].append(run(args, mode))
     rows = {mode: pool(mode_runs) for mode, mode_runs in runs.items()}
     plain = rows["plain"]
     report = {
-        "setting": {"model": plain["model"], "parameters": plain["parameters"], "bits": args.bits,
-                    "batch": f"{args.batch_size} x {args.seq_len} tokens", "steps_timed": args.steps,
-                    "rounds": args.rounds, "optimizer": "AdamW", "what": "forward + backward + optimizer step"},
+        "setting": {
+            "model": plain["model"],
+            "parameters": plain["parameters"],
+            "bits": args.bits,
+            "batch": f"{args.batch_size} x {args.seq_len} tokens",
+            "steps_timed": args.steps,
+            "rounds": args.rounds,
+            "optimizer": "AdamW",
+            "what": "forward + backward + optimizer step",
+        },
         "machine": dict(machine(torch.device(args.device)), threads=args.threads or torch.get_num_threads()),
         "rows": rows,
-        "ratios": {mode: {"time_median": rows[mode]["median_seconds"] / plain["median_seconds"],
-                          "time_min": rows[mode]["min_seconds"] / plain["min_seconds"],
-                          "cpu_time_median": rows[mode]["median_cpu_seconds"] / plain["median_cpu_seconds"],
-                          "memory_overhead": rows[mode]["peak_bytes"] / plain["peak_bytes"] - 1}
-                   for mode in modes if mode != "plain"},
+        "ratios": {
+            mode: {
+                "time_median": rows[mode]["median_seconds"] / plain["median_seconds"],
+                "time_min": rows[mode]["min_seconds"] / plain["min_seconds"],
+                "cpu_time_median": rows[mode]["median_cpu_seconds"] / plain["median_cpu_seconds"],
+                "memory_overhead": rows[mode]["peak_bytes"] / plain["peak_bytes"] - 1,
+            }
+            for mode in modes
+            if mode != "plain"
+        },
     }
     main_mode = "edkm" if "edkm" in rows else modes[1]
     report["ratio_time"] = report["ratios"][main_mode]["time_median"]
     report["memory_overhead"] = report["ratios"][main_mode]["memory_overhead"]
     loads = [load for row in rows.values() for pair in row["load_average"] for load in pair]
     print()
-    print(f"{plain['model']} ({plain['parameters'] / 1e6:.1f} M parameters), batch {args.batch_size} x "
-          f"{args.seq_len} tokens, AdamW, device {args.device} "
-          f"({report['machine'].get('gpu', report['machine']['cpu'])}, {report['machine']['threads']} threads); "
-          f"{args.rounds} round(s) x {args.steps} timed steps; load average {min(loads):.2f}-{max(loads):.2f}")
+    print(
+        f"{plain['model']} ({plain['parameters'] / 1e6:.1f} M parameters), batch {args.batch_size} x "
+        f"{args.seq_len} tokens, AdamW, device {args.device} "
+        f"({report['machine'].get('gpu', report['machine']['cpu'])}, {report['machine']['threads']} threads); "
+        f"{args.rounds} round(s) x {args.steps} timed steps; load average {min(loads):.2f}-{max(loads):.2f}"
+    )
     print()
-    print("| fine-tuning | step time (median) | step time (min) | CPU time of the step (median) | peak memory of the "
-          "process | vs plain |")
+    print(
+        "| fine-tuning | step time (median) | step time (min) | CPU time of the step (median) | peak memory of the "
+        "process | vs plain |"
+    )
     print("|---|---|---|---|---|---|")
     for mode in modes:
         row = rows[mode]
-        versus = ("-" if mode == "plain" else
-                  f"{report['ratios'][mode]['time_median']:.2f}x median, {report['ratios'][mode]['time_min']:.2f}x "
-                  f"min, {report['ratios'][mode]['cpu_time_median']:.2f}x CPU time, memory "
-                  f"{100 * report['ratios'][mode]['memory_overhead']:+.1f}%")
-        print(f"| {MODES[mode].format(bits=args.bits)} | {row['median_seconds']:.2f} s | {row['min_seconds']:.2f} s | "
-              f"{row['median_cpu_seconds']:.2f} s | {row['peak_bytes'] / GIB:.2f} GiB | {versus} |")
+        versus = (
+            "-"
+            if mode == "plain"
+            else f"{report['ratios'][mode]['time_median']:.2f}x median, {report['ratios'][mode]['time_min']:.2f}x "
+            f"min, {report['ratios'][mode]['cpu_time_median']:.2f}x CPU time, memory "
+            f"{100 * report['ratios'][mode]['memory_overhead']:+.1f}%"
+        )
+        print(
+            f"| {MODES[mode].format(bits=args.bits)} | {row['median_seconds']:.2f} s | {row['min_seconds']:.2f} s | "
+            f"{row['median_cpu_seconds']:.2f} s | {row['peak_bytes'] / GIB:.2f} GiB | {versus} |"
+        )
     print()
-    print(f"{main_mode} / plain: step time {report['ratio_time']:.2f}x (median), memory overhead "
-          f"{100 * report['memory_overhead']:+.1f}%")
+    print(
+        f"{main_mode} / plain: step time {report['ratio_time']:.2f}x (median), memory overhead "
+        f"{100 * report['memory_overhead']:+.1f}%"
+    )
     write_json(args.out, report)
     return report
 

@@ -36,8 +36,11 @@ def main(argv=None) -> int:
     parser.add_argument("--compare", action="store_true", help="also generate with the torch model and compare")
     args = parser.parse_args(argv)
     if sys.platform != "darwin":
-        print(f"error: running a Core ML package needs macOS (this is {sys.platform}); check it here with "
-              f"`optimum-edkm-coreml verify {args.package} --model {args.model}`", file=sys.stderr)
+        print(
+            f"error: running a Core ML package needs macOS (this is {sys.platform}); check it here with "
+            f"`optimum-edkm-coreml verify {args.package} --model {args.model}`",
+            file=sys.stderr,
+        )
         return 2
 
     import coremltools as ct
@@ -49,29 +52,31 @@ def main(argv=None) -> int:
     if args.no_chat_template or not tokenizer.chat_template:
         prompt = tokenizer(args.prompt)["input_ids"]
     else:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
-                                               add_generation_prompt=True, return_dict=True)["input_ids"]
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, return_dict=True
+        )["input_ids"]
     start = time.perf_counter()
     mlmodel = ct.models.MLModel(args.package, compute_units=getattr(ct.ComputeUnit, COMPUTE_UNITS[args.compute_units]))
     print(f"loaded {args.package} in {time.perf_counter() - start:.1f} s; prompt of {len(prompt)} tokens\n")
 
     shown = []
 
-    def show(token: int) -> None:               # stream the text as it is decoded
+    def show(token: int) -> None:  # stream the text as it is decoded
         before = tokenizer.decode(shown)
         shown.append(token)
-        print(tokenizer.decode(shown)[len(before):], end="", flush=True)
+        print(tokenizer.decode(shown)[len(before) :], end="", flush=True)
 
     start = time.perf_counter()
-    tokens = generate_with_package(mlmodel, prompt, args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                                   on_token=show)
+    tokens = generate_with_package(
+        mlmodel, prompt, args.max_new_tokens, eos_token_id=tokenizer.eos_token_id, on_token=show
+    )
     seconds = time.perf_counter() - start
     print(f"\n\n{len(tokens)} tokens in {seconds:.2f} s ({len(tokens) / seconds:.1f} tokens/s, prefill included)")
 
     if args.compare:
-        import optimum_edkm  # noqa: F401  registers the "edkm" quantization method
         from transformers import AutoModelForCausalLM
 
+        import optimum_edkm  # noqa: F401  registers the "edkm" quantization method
         from optimum_edkm.export.stateful import reference_generate
 
         model = AutoModelForCausalLM.from_pretrained(args.model).eval()

@@ -27,11 +27,10 @@ import torch
 import optimum_edkm
 from optimum_edkm import EDKMConfig
 from optimum_edkm.data import OOD_TEST_TEXT, TEST_SPLIT, TRAIN_SPLIT, load_text
-from optimum_edkm.losses import DIVERGENCES
 from optimum_edkm.evaluation import evaluate_perplexity
 from optimum_edkm.finetune import DEFAULT_RECIPE, finetune
+from optimum_edkm.losses import DIVERGENCES
 from optimum_edkm.models import DEFAULT_MODEL_CAVEAT, load_causal_lm
-
 
 #: steps of the main job (README command 1): with the teacher forward (+25% a step), the Fisher pass and the teacher
 #: text, 24 steps of 8 x 256 tokens keep it within 15 minutes on the 2-core machine (estimate from an 18.2 s step)
@@ -44,34 +43,61 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="Hub id or local folder (default: offline SmolLM2-135M)")
     parser.add_argument("--bits", type=int, default=3)
-    parser.add_argument("--granularity", default="per_grouped_channel", choices=["per_tensor", "per_grouped_channel"],
-                        help="one LUT per tensor, or per --group-size output channels (default, with 16)")
-    parser.add_argument("--group-size", type=int, default=None, help="output channels per LUT (default 16 with "
-                                                                   "per_grouped_channel)")
-    parser.add_argument("--per-channel-scale", action=argparse.BooleanOptionalAction, default=True,
-                        help="an fp16 scale per output channel next to each LUT (default on; --no-per-channel-scale "
-                             "for the plain per-tensor LUT)")
+    parser.add_argument(
+        "--granularity",
+        default="per_grouped_channel",
+        choices=["per_tensor", "per_grouped_channel"],
+        help="one LUT per tensor, or per --group-size output channels (default, with 16)",
+    )
+    parser.add_argument(
+        "--group-size", type=int, default=None, help="output channels per LUT (default 16 with per_grouped_channel)"
+    )
+    parser.add_argument(
+        "--per-channel-scale",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="an fp16 scale per output channel next to each LUT (default on; --no-per-channel-scale "
+        "for the plain per-tensor LUT)",
+    )
     parser.add_argument("--temperature", type=float, default=recipe.temperature, help="eDKM softmax temperature")
-    parser.add_argument("--steps", type=int, default=MAIN_JOB_STEPS,
-                        help=f"optimizer steps of eDKM fine-tuning (default {MAIN_JOB_STEPS}; the benchmark's recipe "
-                             f"runs {recipe.steps})")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=MAIN_JOB_STEPS,
+        help=f"optimizer steps of eDKM fine-tuning (default {MAIN_JOB_STEPS}; the benchmark's recipe "
+        f"runs {recipe.steps})",
+    )
     parser.add_argument("--learning-rate", type=float, default=recipe.learning_rate)
     parser.add_argument("--batch-size", type=int, default=recipe.batch_size)
     parser.add_argument("--seq-len", type=int, default=recipe.seq_len)
-    parser.add_argument("--distillation-weight", type=float, default=recipe.distillation_weight,
-                        help="0: cross-entropy on the training text; 1: distillation from the float model only")
+    parser.add_argument(
+        "--distillation-weight",
+        type=float,
+        default=recipe.distillation_weight,
+        help="0: cross-entropy on the training text; 1: distillation from the float model only",
+    )
     parser.add_argument("--distillation-loss", default=recipe.distillation_loss, choices=DIVERGENCES)
-    parser.add_argument("--teacher-sequences", type=int, default=recipe.teacher_sequences,
-                        help="sequences of text sampled from the float model added to the training text (cached)")
-    parser.add_argument("--fisher-samples", type=int, default=recipe.fisher_samples,
-                        help="0: plain k-means start; n: k-means weighted by the Fisher diagonal on n windows")
+    parser.add_argument(
+        "--teacher-sequences",
+        type=int,
+        default=recipe.teacher_sequences,
+        help="sequences of text sampled from the float model added to the training text (cached)",
+    )
+    parser.add_argument(
+        "--fisher-samples",
+        type=int,
+        default=recipe.fisher_samples,
+        help="0: plain k-means start; n: k-means weighted by the Fisher diagonal on n windows",
+    )
     parser.add_argument("--train-text", default=None, help="file, folder or datasets id (default: help topics)")
     parser.add_argument("--train-split", default=None)
     parser.add_argument("--eval-text", default=None, help="file, folder or datasets id (default: help topics)")
     parser.add_argument("--eval-split", default=None)
-    parser.add_argument("--ood-text", default=OOD_TEST_TEXT,
-                        help=f"out-of-domain text: file, folder or built-in name (default {OOD_TEST_TEXT!r}); "
-                             f"'none' to skip")
+    parser.add_argument(
+        "--ood-text",
+        default=OOD_TEST_TEXT,
+        help=f"out-of-domain text: file, folder or built-in name (default {OOD_TEST_TEXT!r}); 'none' to skip",
+    )
     parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens scored per text (0: all)")
     parser.add_argument("--context-length", type=int, default=512)
     parser.add_argument("--output", default="runs/finetune-edkm", help="where the palettized model is saved")
@@ -79,10 +105,17 @@ def parse_args():
     if args.granularity == "per_grouped_channel" and args.group_size is None:
         args.group_size = DEFAULT_GROUP_SIZE
     args.recipe = dataclasses.replace(
-        recipe, steps=args.steps, learning_rate=args.learning_rate, batch_size=args.batch_size, seq_len=args.seq_len,
-        temperature=args.temperature, distillation_weight=args.distillation_weight,
-        distillation_loss=args.distillation_loss, teacher_sequences=args.teacher_sequences,
-        fisher_samples=args.fisher_samples)
+        recipe,
+        steps=args.steps,
+        learning_rate=args.learning_rate,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        temperature=args.temperature,
+        distillation_weight=args.distillation_weight,
+        distillation_loss=args.distillation_loss,
+        teacher_sequences=args.teacher_sequences,
+        fisher_samples=args.fisher_samples,
+    )
     return args
 
 
@@ -93,16 +126,22 @@ def main():
     started = time.perf_counter()
     model, tokenizer, model_info = load_causal_lm(args.model)
     default_text = args.train_text is None and args.eval_text is None
-    train_text = load_text(args.train_text, split=args.train_split or (TRAIN_SPLIT if args.train_text is None
-                                                                       else None))
-    texts = {"in-domain": load_text(args.eval_text, split=args.eval_split or (TEST_SPLIT if args.eval_text is None
-                                                                              else None))}
+    train_text = load_text(
+        args.train_text, split=args.train_split or (TRAIN_SPLIT if args.train_text is None else None)
+    )
+    texts = {
+        "in-domain": load_text(
+            args.eval_text, split=args.eval_split or (TEST_SPLIT if args.eval_text is None else None)
+        )
+    }
     if args.ood_text.lower() != "none":
         texts["out-of-domain"] = load_text(args.ood_text)
     train_ids = train_text.token_ids(tokenizer)
     eval_ids = {label: text.token_ids(tokenizer, max_tokens=args.eval_tokens or None) for label, text in texts.items()}
-    print(f"model: {model_info.get('name', args.model)}  ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M "
-          f"parameters)")
+    print(
+        f"model: {model_info.get('name', args.model)}  ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M "
+        f"parameters)"
+    )
     print(f"fine-tuning text: {json.dumps(train_text.describe(tokens=train_ids.numel()))}")
     for label, text in texts.items():
         print(f"{label} text: {json.dumps(text.describe(tokens=eval_ids[label].numel()))}")
@@ -114,8 +153,10 @@ def main():
         for text_label, ids in eval_ids.items():
             result = evaluate_perplexity(model, ids, context_length=args.context_length, progress=False)
             values[text_label] = result.perplexity
-            print(f"{label:<34} {text_label:>13} perplexity {result.perplexity:10.3f}   "
-                  f"({result.scored_tokens} tokens)", flush=True)
+            print(
+                f"{label:<34} {text_label:>13} perplexity {result.perplexity:10.3f}   ({result.scored_tokens} tokens)",
+                flush=True,
+            )
         return values
 
     results = {"float": perplexity("float model")}
@@ -124,32 +165,56 @@ def main():
     if recipe.teacher_sequences:
         begin = time.perf_counter()
         generated = recipe.teacher_text(model, tokenizer)
-        print(f"teacher text: {tuple(generated.shape)} tokens ready in {time.perf_counter() - begin:.0f} s "
-              f"(cached under $OPTIMUM_EDKM_CACHE or ~/.cache/optimum_edkm)")
-    config = EDKMConfig(bits=args.bits, granularity=args.granularity, group_size=args.group_size,
-                        enable_per_channel_scale=args.per_channel_scale, temperature=recipe.temperature)
+        print(
+            f"teacher text: {tuple(generated.shape)} tokens ready in {time.perf_counter() - begin:.0f} s "
+            f"(cached under $OPTIMUM_EDKM_CACHE or ~/.cache/optimum_edkm)"
+        )
+    config = EDKMConfig(
+        bits=args.bits,
+        granularity=args.granularity,
+        group_size=args.group_size,
+        enable_per_channel_scale=args.per_channel_scale,
+        temperature=recipe.temperature,
+    )
     recipe.prepare(model, config, train_ids)
     start = "sensitivity-weighted k-means" if recipe.fisher_samples else "k-means palettization"
     results["kmeans"] = perplexity(f"{start}, {args.bits}-bit")
-    trainer = finetune(model, train_ids if recipe.use_text else None, output_dir=os.path.join(args.output, "trainer"),
-                       teacher_model=teacher, sequences=generated, **recipe.finetune_arguments())
+    trainer = finetune(
+        model,
+        train_ids if recipe.use_text else None,
+        output_dir=os.path.join(args.output, "trainer"),
+        teacher_model=teacher,
+        sequences=generated,
+        **recipe.finetune_arguments(),
+    )
     del teacher
     results["edkm"] = perplexity(f"eDKM fine-tuned ({recipe.steps} steps), {args.bits}-bit")
     size = optimum_edkm.size_report(model)
     saved = optimum_edkm.save_pretrained(model, args.output)
     tokenizer.save_pretrained(saved)
-    print(f"palettized model: {size['theoretical_bytes'] / 2 ** 20:.1f} MiB "
-          f"({size['bits_per_clustered_weight']:.3f} bits per clustered weight, "
-          f"{size['bits_per_weight']:.2f} bits per parameter overall) saved to {saved}")
+    print(
+        f"palettized model: {size['theoretical_bytes'] / 2**20:.1f} MiB "
+        f"({size['bits_per_clustered_weight']:.3f} bits per clustered weight, "
+        f"{size['bits_per_weight']:.2f} bits per parameter overall) saved to {saved}"
+    )
     for label in eval_ids:
         print(f"{label}: eDKM / float perplexity {results['edkm'][label] / results['float'][label]:.3f}x")
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     print(f"train loss: first {losses[0] if losses else None}, last {losses[-1] if losses else None}")
     print(f"total time {time.perf_counter() - started:.0f} s")
     with open(os.path.join(saved, "perplexity.json"), "w") as handle:
-        json.dump({"perplexity": results, "config": config.to_dict(), "recipe": recipe.as_dict(),
-                   "eval_tokens": {k: int(v.numel()) for k, v in eval_ids.items()},
-                   "texts": {k: t.describe() for k, t in texts.items()}, "size": size}, handle, indent=2)
+        json.dump(
+            {
+                "perplexity": results,
+                "config": config.to_dict(),
+                "recipe": recipe.as_dict(),
+                "eval_tokens": {k: int(v.numel()) for k, v in eval_ids.items()},
+                "texts": {k: t.describe() for k, t in texts.items()},
+                "size": size,
+            },
+            handle,
+            indent=2,
+        )
 
 
 if __name__ == "__main__":

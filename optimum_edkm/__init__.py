@@ -10,15 +10,23 @@ backward keeps), :mod:`.nn` (module classes and their conversions), :mod:`.confi
 :mod:`.baselines`, :mod:`.evaluation` and :mod:`.kernels` are leaves.
 """
 
-from .version import __version__
-from .config import EDKMConfig
-from .quantizer import EDKMHfQuantizer  # registers the quantizer with transformers
 from .api import checkpoint_bytes, model_card_section, palettize, prepare, push_to_hub, save_pretrained, size_report
 from .checkpoint import CheckpointError, verify_checksums
+from .config import EDKMConfig
 from .marshaling import saved_tensor_policy
+from .nn import (
+    EDKMConv1D,
+    EDKMEmbedding,
+    EDKMLinear,
+    EDKMTiedLinear,
+    PalettizedConv1D,
+    PalettizedEmbedding,
+    PalettizedLinear,
+    PalettizedTiedLinear,
+)
+from .quantizer import EDKMHfQuantizer  # registers the quantizer with transformers
 from .trainer import ClusteringSchedule, ClusteringScheduleCallback, EDKMTrainer, EDKMTrainingArguments
-from .nn import (EDKMConv1D, EDKMEmbedding, EDKMLinear, EDKMTiedLinear, PalettizedConv1D, PalettizedEmbedding,
-                 PalettizedLinear, PalettizedTiedLinear)
+from .version import __version__
 
 __all__ = [
     "CheckpointError",

@@ -24,7 +24,8 @@ logger = logging.getLogger(__name__)
 MODEL_FILE_PATTERN = re.compile(
     r"(config\.json|generation_config\.json"
     r"|(model|pytorch_model)(\.[\w-]+)?(-\d{5}-of-\d{5})?\.(safetensors|bin)"
-    r"|(model|pytorch_model)(\.[\w-]+)?\.(safetensors|bin)\.index(\.[\w-]+)?\.json)")
+    r"|(model|pytorch_model)(\.[\w-]+)?\.(safetensors|bin)\.index(\.[\w-]+)?\.json)"
+)
 MODEL_CARD = "README.md"
 CARD_BEGIN = "<!-- optimum-edkm: begin palettization section -->"
 CARD_END = "<!-- optimum-edkm: end palettization section -->"
@@ -63,8 +64,9 @@ def prepare(model, config: EDKMConfig):
     existing = quant_method(model)
     # transformers de-quantizes GGUF checkpoints to float on load: such a model is a float model for eDKM
     if existing is not None and existing != "gguf":
-        raise ValueError(f"the model is already quantized ({existing}); load the float model again to prepare it "
-                         f"for eDKM")
+        raise ValueError(
+            f"the model is already quantized ({existing}); load the float model again to prepare it for eDKM"
+        )
     if config.palettized:
         raise ValueError("prepare() takes a config with palettized=False; palettize(model) sets it after training")
     quantizer = EDKMHfQuantizer(config, pre_quantized=False)
@@ -119,14 +121,21 @@ def size_report(model) -> dict:
     for module in model.modules():
         if is_clustered(module) or is_palettized(module):
             converted[id(module)] = module.storage()
-            counted.update(id(t) for t in (module.weight, getattr(module, "weight_lut", None),
-                                           getattr(module, "weight_centroids", None),
-                                           getattr(module, "weight_temperature", None), module.weight_scale)
-                           if t is not None)
+            counted.update(
+                id(t)
+                for t in (
+                    module.weight,
+                    getattr(module, "weight_lut", None),
+                    getattr(module, "weight_centroids", None),
+                    getattr(module, "weight_temperature", None),
+                    module.weight_scale,
+                )
+                if t is not None
+            )
     clustered_weights = sum(storage.numel for storage in converted.values())
     clustered_bytes = sum(storage.stored_bytes for storage in converted.values())
     other_bytes, other_parameters, seen = 0, 0, set(counted)
-    for tensor in model.state_dict(keep_vars=True).values():     # persistent tensors: what a checkpoint holds
+    for tensor in model.state_dict(keep_vars=True).values():  # persistent tensors: what a checkpoint holds
         if id(tensor) in seen:
             continue
         seen.add(id(tensor))
@@ -168,8 +177,9 @@ def model_card_section(model) -> str:
     """Markdown describing the palettization, for the model card (README.md) of a saved model."""
     config = edkm_config(model)
     report = size_report(model)
-    granularity = ("one LUT per weight tensor" if config.group_size is None
-                   else f"one LUT per {config.group_size} output channels")
+    granularity = (
+        "one LUT per weight tensor" if config.group_size is None else f"one LUT per {config.group_size} output channels"
+    )
     embedding = config.embedding_bits if config.embedding_bits is not None else "not clustered"
     lines = [
         CARD_BEGIN,
@@ -188,7 +198,7 @@ def model_card_section(model) -> str:
         f"| LUT dtype | {config.lut_dtype} |",
         f"| clustered weights | {report['clustered_weights']:,} ({report['bits_per_clustered_weight']:.3f} bits each "
         f"with LUTs and scales) |",
-        f"| checkpoint size | {report['theoretical_bytes'] / 2 ** 20:.2f} MiB "
+        f"| checkpoint size | {report['theoretical_bytes'] / 2**20:.2f} MiB "
         f"({report['bits_per_weight']:.2f} bits per parameter overall) |",
         f"| kept in floating point | {', '.join(config.modules_to_not_convert or []) or 'nothing'} |",
         "",
@@ -197,7 +207,7 @@ def model_card_section(model) -> str:
         "```python",
         "import optimum_edkm  # registers the 'edkm' quantization method",
         "from transformers import AutoModelForCausalLM",
-        "model = AutoModelForCausalLM.from_pretrained(\"<this repo>\")",
+        'model = AutoModelForCausalLM.from_pretrained("<this repo>")',
         "```",
         CARD_END,
         "",
@@ -209,7 +219,7 @@ def _card_with_section(existing: str, section: str) -> str:
     """``existing`` model card with the palettization section replaced (or appended)."""
     start, end = existing.find(CARD_BEGIN), existing.find(CARD_END)
     if start != -1 and end > start:
-        tail = existing[end + len(CARD_END):]
+        tail = existing[end + len(CARD_END) :]
         return existing[:start] + section.rstrip("\n") + tail
     return (existing.rstrip("\n") + "\n\n" if existing.strip() else "") + section
 
@@ -232,8 +242,10 @@ def save_pretrained(model, save_directory: str, *, is_main_process: bool = True,
     if not is_main_process:
         return target
     if kwargs.get("safe_serialization") is False:
-        raise ValueError("optimum-edkm saves safetensors only (their header carries the commit record that loading "
-                         "verifies); drop safe_serialization=False")
+        raise ValueError(
+            "optimum-edkm saves safetensors only (their header carries the commit record that loading "
+            "verifies); drop safe_serialization=False"
+        )
     card_path = os.path.join(target, MODEL_CARD)
     existing_card = open(card_path, encoding="utf-8").read() if os.path.isfile(card_path) else ""
 
@@ -246,8 +258,15 @@ def save_pretrained(model, save_directory: str, *, is_main_process: bool = True,
     return commit_folder(target, stage, owns=owns_model_file)
 
 
-def push_to_hub(model, repo_id: str, *, private: Optional[bool] = None, token: Optional[str] = None,
-                commit_message: str = "Upload eDKM-palettized model", **save_kwargs) -> str:
+def push_to_hub(
+    model,
+    repo_id: str,
+    *,
+    private: Optional[bool] = None,
+    token: Optional[str] = None,
+    commit_message: str = "Upload eDKM-palettized model",
+    **save_kwargs,
+) -> str:
     """Upload exactly the files :func:`save_pretrained` writes (with the model card section) to the Hub."""
     from huggingface_hub import HfApi
 

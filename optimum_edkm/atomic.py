@@ -70,7 +70,7 @@ def _normalize_modes(path: str) -> None:
     """Give everything staged under ``path`` the user's normal permissions (some writers, safetensors among
     them, create 0600 files; a folder from ``mkdtemp`` is 0700)."""
     file_mode = _default_file_mode()
-    folder_mode = file_mode | ((file_mode & 0o444) >> 2)          # x wherever r is granted
+    folder_mode = file_mode | ((file_mode & 0o444) >> 2)  # x wherever r is granted
     for root, dirs, files in os.walk(path):
         for name in dirs:
             os.chmod(os.path.join(root, name), folder_mode)
@@ -140,7 +140,8 @@ def resolve_target_folder(path: Union[str, os.PathLike], what: str = "save direc
     if os.path.lexists(real) and not os.path.isdir(real):
         kind = "a regular file" if os.path.isfile(real) else "not a folder"
         raise FileExistsError(
-            f"the {what} {path!r} is {kind}" + (f" (it resolves to {real!r})" if real != path else "")
+            f"the {what} {path!r} is {kind}"
+            + (f" (it resolves to {real!r})" if real != path else "")
             + "; pass a folder path (nothing was written or moved)"
         )
     return real
@@ -152,8 +153,9 @@ def makedirs(path: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ one file
-def write_file(path: Union[str, os.PathLike], content: Content, *, binary: Optional[bool] = None,
-               encoding: str = "utf-8") -> str:
+def write_file(
+    path: Union[str, os.PathLike], content: Content, *, binary: Optional[bool] = None, encoding: str = "utf-8"
+) -> str:
     """Write ``content`` (bytes, text, or a callable given the open file) to ``path`` atomically.
 
     The file keeps the permissions of the file it replaces (or the user's default ones for a new file).
@@ -212,7 +214,7 @@ def _apply_journal(folder: str, journal: dict) -> None:
     for name in journal["install"]:
         source = os.path.join(staging, name)
         if not os.path.lexists(source):
-            continue                                    # installed before the interruption
+            continue  # installed before the interruption
         target = os.path.join(folder, name)
         if os.path.isdir(target) and not os.path.islink(target):
             # a folder cannot be renamed over a non-empty folder: move the old one into the staging area first
@@ -231,9 +233,12 @@ def _read_journal(folder: str) -> Optional[dict]:
     try:
         with open(path, encoding="utf-8") as handle:
             journal = json.load(handle)
-        if journal.get("version") != JOURNAL_VERSION or not isinstance(journal.get("install"), list) \
-                or not isinstance(journal.get("remove"), list) \
-                or not str(journal.get("staging", "")).startswith(STAGING_PREFIX):
+        if (
+            journal.get("version") != JOURNAL_VERSION
+            or not isinstance(journal.get("install"), list)
+            or not isinstance(journal.get("remove"), list)
+            or not str(journal.get("staging", "")).startswith(STAGING_PREFIX)
+        ):
             raise ValueError("unexpected content")
         for name in journal["install"] + journal["remove"]:
             if not isinstance(name, str) or os.sep in name or name in ("", ".", ".."):
@@ -289,8 +294,11 @@ def _restore_legacy(folder: str) -> Optional[str]:
     parent = os.path.dirname(folder)
     if not os.path.isdir(parent):
         return None
-    retired = [name for name in os.listdir(parent) if name.startswith(LEGACY_RETIRED_PREFIX)
-               and os.path.isdir(os.path.join(parent, name))]
+    retired = [
+        name
+        for name in os.listdir(parent)
+        if name.startswith(LEGACY_RETIRED_PREFIX) and os.path.isdir(os.path.join(parent, name))
+    ]
     if len(retired) != 1:
         return None
     os.replace(os.path.join(parent, retired[0]), folder)
@@ -298,9 +306,14 @@ def _restore_legacy(folder: str) -> Optional[str]:
     return "restored"
 
 
-def commit_folder(folder: Union[str, os.PathLike], stage: Callable[[str], None], *,
-                  owns: Callable[[str], bool] = lambda name: False, last: Iterable[str] = ("config.json",),
-                  what: str = "save directory") -> str:
+def commit_folder(
+    folder: Union[str, os.PathLike],
+    stage: Callable[[str], None],
+    *,
+    owns: Callable[[str], bool] = lambda name: False,
+    last: Iterable[str] = ("config.json",),
+    what: str = "save directory",
+) -> str:
     """Replace files of ``folder`` by the files ``stage(staging_folder)`` writes, atomically (see module doc).
 
     Args:
@@ -317,14 +330,14 @@ def commit_folder(folder: Union[str, os.PathLike], stage: Callable[[str], None],
     makedirs(folder)
     recover_folder(folder)
     staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder)
-    with _folder_lock(staging):                       # marks the staging folder as alive for recover_folder
+    with _folder_lock(staging):  # marks the staging folder as alive for recover_folder
         try:
             stage(staging)
             _normalize_modes(staging)
             _fsync_tree(staging)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
-            if created:                                # a failed first save leaves no empty folder behind
+            if created:  # a failed first save leaves no empty folder behind
                 with contextlib.suppress(OSError):
                     os.rmdir(folder)
             raise
@@ -337,10 +350,14 @@ def _install(folder: str, staging: str, owns: Callable[[str], bool], last: Itera
         last = list(last)
         entries = sorted(os.listdir(staging))
         order = [name for name in entries if name not in last] + [name for name in last if name in entries]
-        stale = sorted(name for name in os.listdir(folder)
-                       if not name.startswith(TEMP_PREFIX) and name not in entries and owns(name)
-                       and (os.path.isfile(os.path.join(folder, name)) or os.path.islink(os.path.join(folder, name))))
-        journal = {"version": JOURNAL_VERSION, "staging": os.path.basename(staging), "install": order,
-                   "remove": stale}
-        write_json(_journal_path(folder), journal)          # the commit point
+        stale = sorted(
+            name
+            for name in os.listdir(folder)
+            if not name.startswith(TEMP_PREFIX)
+            and name not in entries
+            and owns(name)
+            and (os.path.isfile(os.path.join(folder, name)) or os.path.islink(os.path.join(folder, name)))
+        )
+        journal = {"version": JOURNAL_VERSION, "staging": os.path.basename(staging), "install": order, "remove": stale}
+        write_json(_journal_path(folder), journal)  # the commit point
         _apply_journal(folder, journal)

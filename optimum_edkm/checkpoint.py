@@ -43,9 +43,18 @@ KEY_MODULES = "edkm_modules"
 KEY_SHA256 = "edkm_sha256"
 #: tensors only converted modules have; any of them the model does not expect is refused
 STATE_SUFFIXES = ("weight_lut", "weight_scale", "weight_centroids", "weight_temperature")
-SAFETENSORS_DTYPES = {torch.uint8: "U8", torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16",
-                      torch.float64: "F64", torch.int8: "I8", torch.int32: "I32", torch.int64: "I64",
-                      torch.bool: "BOOL", torch.int16: "I16"}
+SAFETENSORS_DTYPES = {
+    torch.uint8: "U8",
+    torch.float16: "F16",
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int8: "I8",
+    torch.int32: "I32",
+    torch.int64: "I64",
+    torch.bool: "BOOL",
+    torch.int16: "I16",
+}
 
 _settings = threading.local()
 
@@ -81,8 +90,11 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
 
 def converted_modules(model) -> dict:
     """``{module name: role}`` of every clustered / palettized module (and tied head) of ``model``."""
-    return {name: module.edkm_role for name, module in model.named_modules()
-            if getattr(module, "edkm_role", None) is not None}
+    return {
+        name: module.edkm_role
+        for name, module in model.named_modules()
+        if getattr(module, "edkm_role", None) is not None
+    }
 
 
 def canonical_config(config) -> dict:
@@ -115,8 +127,7 @@ def commit_record(model, config, state_dict: dict) -> dict:
         KEY_CONFIG: json.dumps(canonical_config(config), sort_keys=True),
         KEY_ARCHITECTURE: type(model).__name__,
         KEY_MODULES: json.dumps(converted_modules(model), sort_keys=True),
-        KEY_SHA256: json.dumps({name: tensor_sha256(tensor) for name, tensor in state_dict.items()},
-                               sort_keys=True),
+        KEY_SHA256: json.dumps({name: tensor_sha256(tensor) for name, tensor in state_dict.items()}, sort_keys=True),
         "edkm_version": __version__,
     }
 
@@ -127,7 +138,7 @@ class StoredTensor:
     file: str
     dtype: str
     shape: tuple
-    begin: int            # absolute byte offsets in the file
+    begin: int  # absolute byte offsets in the file
     end: int
 
 
@@ -141,8 +152,7 @@ def read_header(path: str) -> tuple[dict, dict]:
             (length,) = struct.unpack("<Q", prefix)
             size = os.fstat(handle.fileno()).st_size
             if length > size - 8:
-                raise CheckpointError(f"{path} is truncated: its header claims {length} bytes, the file has "
-                                      f"{size}")
+                raise CheckpointError(f"{path} is truncated: its header claims {length} bytes, the file has {size}")
             header = json.loads(handle.read(length))
     except (OSError, ValueError) as error:
         if isinstance(error, CheckpointError):
@@ -154,8 +164,9 @@ def read_header(path: str) -> tuple[dict, dict]:
     for name, entry in header.items():
         begin, end = entry["data_offsets"]
         if start + end > size:
-            raise CheckpointError(f"{path} is truncated: tensor '{name}' ends at byte {start + end}, the file has "
-                                  f"{size}")
+            raise CheckpointError(
+                f"{path} is truncated: tensor '{name}' ends at byte {start + end}, the file has {size}"
+            )
         tensors[name] = StoredTensor(path, entry["dtype"], tuple(entry["shape"]), start + begin, start + end)
     return tensors, metadata
 
@@ -164,8 +175,10 @@ def _sha256_of_range(path: str, begin: int, end: int, cache: dict) -> str:
     mapped = cache.get(path)
     if mapped is None:
         handle = open(path, "rb")
-        mapped = cache[path] = (handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-                                if os.fstat(handle.fileno()).st_size else b"")
+        mapped = cache[path] = (
+            handle,
+            mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(handle.fileno()).st_size else b"",
+        )
     return hashlib.sha256(memoryview(mapped[1])[begin:end]).hexdigest()
 
 
@@ -185,7 +198,8 @@ def refuse_pickle_files(checkpoint_files: Iterable[str]) -> list:
         raise CheckpointError(
             f"{os.path.basename(pickled[0])} is a pickle-format weight file: optimum-edkm loads palettized and "
             f"train-format checkpoints only from safetensors files, whose commit record lets it verify them. "
-            f"Re-save the model with optimum_edkm.save_pretrained (safetensors)")
+            f"Re-save the model with optimum_edkm.save_pretrained (safetensors)"
+        )
     if not files:
         raise CheckpointError("the checkpoint has no weight file; it is incomplete")
     return files
@@ -234,36 +248,44 @@ def _check_structure(model, config, expected: dict, found: dict, modules: dict) 
         raise CheckpointError(
             f"the model ({type(model).__name__}) has {len(absent)} module(s) that the checkpoint does not contain "
             f"(e.g. '{absent[0]}'): the checkpoint was saved from another architecture or another configuration; "
-            f"load it with the model class it was saved from (config.json 'architectures')")
+            f"load it with the model class it was saved from (config.json 'architectures')"
+        )
     for key, (shape, dtype) in expected.items():
         if key not in found:
             raise CheckpointError(
                 f"the checkpoint is missing tensor '{key}' ({len(set(t.file for t in found.values()))} safetensors "
-                f"file(s) checked): the file is incomplete or config.json does not match it; re-save the model")
+                f"file(s) checked): the file is incomplete or config.json does not match it; re-save the model"
+            )
         stored = found[key]
         if stored.shape != shape:
             hint = ""
             module = model.get_submodule(_owner_module(key))
             if key.endswith(".weight") and is_palettized(module):
                 out, inn = module.dense_shape
-                hint = (f"; {module.bits}-bit indices of a {out}x{inn} weight need {shape[0]} bytes, so the checkpoint "
-                        f"does not match config.json's quantization_config (bits={module.bits}, "
-                        f"group_size={module.group_size})")
-            raise CheckpointError(f"tensor '{key}' has shape {stored.shape} in the checkpoint but the model expects "
-                                  f"{shape}{hint}")
+                hint = (
+                    f"; {module.bits}-bit indices of a {out}x{inn} weight need {shape[0]} bytes, so the checkpoint "
+                    f"does not match config.json's quantization_config (bits={module.bits}, "
+                    f"group_size={module.group_size})"
+                )
+            raise CheckpointError(
+                f"tensor '{key}' has shape {stored.shape} in the checkpoint but the model expects {shape}{hint}"
+            )
         want = SAFETENSORS_DTYPES.get(dtype)
         if key.rsplit(".", 1)[-1] in ("weight", "bias") and is_clustered(model.get_submodule(_owner_module(key))):
-            continue                                   # float weights load into the model's dtype
+            continue  # float weights load into the model's dtype
         if want is not None and stored.dtype != want:
-            raise CheckpointError(f"tensor '{key}' is stored as {stored.dtype} but must be {want}; the checkpoint "
-                                  f"is corrupted or was edited")
+            raise CheckpointError(
+                f"tensor '{key}' is stored as {stored.dtype} but must be {want}; the checkpoint "
+                f"is corrupted or was edited"
+            )
     unexpected = sorted(key for key in found if key.rsplit(".", 1)[-1] in STATE_SUFFIXES and key not in expected)
     if unexpected:
         raise CheckpointError(
             f"the checkpoint holds tensor '{unexpected[0]}' ({len(unexpected)} unexpected eDKM tensor(s)) that the "
             f"model built from config.json does not have: config.json's quantization_config (e.g. "
             f"enable_per_channel_scale={config.enable_per_channel_scale}, modules_to_not_convert) does not match "
-            f"the weights")
+            f"the weights"
+        )
 
 
 def _check_values(found: dict, expected: dict) -> None:
@@ -272,8 +294,10 @@ def _check_values(found: dict, expected: dict) -> None:
             continue
         values = _read_tensor(found[key], key).float()
         if not bool(torch.isfinite(values).all()):
-            raise CheckpointError(f"tensor '{key}' holds NaN or infinite values: the checkpoint is corrupted (the "
-                                  f"model would compute NaN); re-save it from a good model")
+            raise CheckpointError(
+                f"tensor '{key}' holds NaN or infinite values: the checkpoint is corrupted (the "
+                f"model would compute NaN); re-save it from a good model"
+            )
         if key.endswith(("weight_scale", "weight_temperature")) and not bool((values > 0).all()):
             raise CheckpointError(f"tensor '{key}' holds values <= 0: the checkpoint is corrupted")
 
@@ -283,49 +307,66 @@ def _check_record(model, config, records: list, modules: dict) -> Optional[dict]
     if not with_record:
         saved_by = str(getattr(config, "edkm_version", "0.1.0"))
         if saved_by.startswith("0.1."):
-            logger.warning("this checkpoint was saved by optimum-edkm %s and has no commit record: its tensors "
-                           "are checked for shape and values only; re-save it to add the record", saved_by)
+            logger.warning(
+                "this checkpoint was saved by optimum-edkm %s and has no commit record: its tensors "
+                "are checked for shape and values only; re-save it to add the record",
+                saved_by,
+            )
             return None
         raise CheckpointError(
             f"{os.path.basename(records[0][0])} has no optimum-edkm commit record in its header although "
             f"config.json says it was saved by optimum-edkm {saved_by}: the weight file was rewritten by another "
-            f"tool, so it cannot be verified; re-save the model with optimum_edkm.save_pretrained")
+            f"tool, so it cannot be verified; re-save the model with optimum_edkm.save_pretrained"
+        )
     for path, meta in with_record:
         if meta.get(KEY_FORMAT) != RECORD_FORMAT:
-            raise CheckpointError(f"{os.path.basename(path)} has commit record format {meta.get(KEY_FORMAT)!r}; "
-                                  f"this optimum-edkm reads {RECORD_FORMAT!r}: upgrade optimum-edkm")
+            raise CheckpointError(
+                f"{os.path.basename(path)} has commit record format {meta.get(KEY_FORMAT)!r}; "
+                f"this optimum-edkm reads {RECORD_FORMAT!r}: upgrade optimum-edkm"
+            )
     path, meta = with_record[0]
     for other_path, other in with_record[1:]:
         if other.get(KEY_CONFIG) != meta.get(KEY_CONFIG) or other.get(KEY_SHA256) != meta.get(KEY_SHA256):
-            raise CheckpointError(f"{os.path.basename(path)} and {os.path.basename(other_path)} come from different "
-                                  f"saves (their commit records differ): the checkpoint mixes two models; re-save it")
+            raise CheckpointError(
+                f"{os.path.basename(path)} and {os.path.basename(other_path)} come from different "
+                f"saves (their commit records differ): the checkpoint mixes two models; re-save it"
+            )
     try:
         saved_config = json.loads(meta[KEY_CONFIG])
         saved_modules = json.loads(meta.get(KEY_MODULES, "{}"))
         hashes = json.loads(meta[KEY_SHA256])
     except (KeyError, ValueError) as error:
-        raise CheckpointError(f"the commit record of {os.path.basename(path)} is damaged ({error}); re-save the "
-                              f"model") from None
+        raise CheckpointError(
+            f"the commit record of {os.path.basename(path)} is damaged ({error}); re-save the model"
+        ) from None
     current = canonical_config(config)
     differing = sorted(k for k in set(saved_config) | set(current) if saved_config.get(k) != current.get(k))
     if differing:
-        details = "; ".join(f"{k}: saved {saved_config.get(k)!r}, config.json {current.get(k)!r}"
-                            for k in differing[:4])
+        details = "; ".join(
+            f"{k}: saved {saved_config.get(k)!r}, config.json {current.get(k)!r}" for k in differing[:4]
+        )
         raise CheckpointError(
             f"config.json's quantization_config differs from the one these weights were saved with ({details}): "
             f"config.json was edited after saving, or it belongs to another save. Restore the saved values (they "
-            f"are in the safetensors metadata '{KEY_CONFIG}') or re-save the model")
+            f"are in the safetensors metadata '{KEY_CONFIG}') or re-save the model"
+        )
     if saved_modules and saved_modules != modules:
         only_model = sorted(set(modules) - set(saved_modules))
         only_saved = sorted(set(saved_modules) - set(modules))
-        what = (f"the model has module(s) the checkpoint does not contain (e.g. '{only_model[0]}')" if only_model
-                else f"the checkpoint has converted module(s) the model does not (e.g. '{only_saved[0]}')"
-                if only_saved else "the modules' kinds differ")
+        what = (
+            f"the model has module(s) the checkpoint does not contain (e.g. '{only_model[0]}')"
+            if only_model
+            else f"the checkpoint has converted module(s) the model does not (e.g. '{only_saved[0]}')"
+            if only_saved
+            else "the modules' kinds differ"
+        )
         raise CheckpointError(f"{what}: the checkpoint was saved from another architecture or configuration")
     architecture = meta.get(KEY_ARCHITECTURE)
     if architecture and architecture != type(model).__name__:
-        raise CheckpointError(f"the checkpoint was saved from a {architecture} and is being loaded into a "
-                              f"{type(model).__name__}: load it with the class it was saved from")
+        raise CheckpointError(
+            f"the checkpoint was saved from a {architecture} and is being loaded into a "
+            f"{type(model).__name__}: load it with the class it was saved from"
+        )
     return hashes
 
 
@@ -339,7 +380,8 @@ def _check_hashes(found: dict, hashes: dict) -> None:
                 if hashes[key] != digest:
                     raise CheckpointError(
                         f"tensor '{key}' in {os.path.basename(stored.file)} does not match its recorded sha256: the "
-                        f"bytes changed after saving (a corrupted or edited file); re-save or re-download the model")
+                        f"bytes changed after saving (a corrupted or edited file); re-save or re-download the model"
+                    )
             else:
                 unmatched_files[key] = digest
         unmatched_record = {key: digest for key, digest in hashes.items() if key not in found}
@@ -347,14 +389,18 @@ def _check_hashes(found: dict, hashes: dict) -> None:
         for key, digest in unmatched_files.items():
             # transformers may rename tensors when saving (weight conversions); the bytes must still match
             if digest not in renamed:
-                raise CheckpointError(f"tensor '{key}' is not in the checkpoint's commit record: it was added or "
-                                      f"changed after saving; re-save the model")
+                raise CheckpointError(
+                    f"tensor '{key}' is not in the checkpoint's commit record: it was added or "
+                    f"changed after saving; re-save the model"
+                )
         file_digests = set(unmatched_files.values())
         missing = sorted(key for key, digest in unmatched_record.items() if digest not in file_digests)
         if missing:
-            raise CheckpointError(f"the checkpoint is missing tensor '{missing[0]}' ({len(missing)} recorded at "
-                                  f"saving are absent): a weight file is incomplete or was replaced; re-save the "
-                                  f"model")
+            raise CheckpointError(
+                f"the checkpoint is missing tensor '{missing[0]}' ({len(missing)} recorded at "
+                f"saving are absent): a weight file is incomplete or was replaced; re-save the "
+                f"model"
+            )
     finally:
         for handle, mapped in cache.values():
             if isinstance(mapped, mmap.mmap):

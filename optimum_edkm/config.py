@@ -82,7 +82,9 @@ class EDKMConfig(QuantizationConfigMixin):
                     f"EDKMConfig.{name} is no longer part of the checkpoint config: saving tensors for backward is "
                     f"a training-time option now (EDKMTrainingArguments(offload_saved_tensors=..., "
                     f"shard_saved_tensors=...) or optimum_edkm.marshaling.saved_tensor_policy); ignored",
-                    FutureWarning, stacklevel=2)
+                    FutureWarning,
+                    stacklevel=2,
+                )
         if kwargs:
             raise ValueError(
                 f"unknown EDKMConfig field(s): {', '.join(sorted(kwargs))}; valid fields are "
@@ -107,9 +109,22 @@ class EDKMConfig(QuantizationConfigMixin):
 
     @staticmethod
     def valid_fields() -> list:
-        return ["bits", "granularity", "group_size", "enable_per_channel_scale", "temperature", "iterations",
-                "tolerance", "embedding_bits", "module_bits", "modules_to_not_convert", "seed", "uniquify",
-                "lut_dtype", "palettized"]
+        return [
+            "bits",
+            "granularity",
+            "group_size",
+            "enable_per_channel_scale",
+            "temperature",
+            "iterations",
+            "tolerance",
+            "embedding_bits",
+            "module_bits",
+            "modules_to_not_convert",
+            "seed",
+            "uniquify",
+            "lut_dtype",
+            "palettized",
+        ]
 
     def post_init(self):
         if self.granularity not in GRANULARITIES:
@@ -118,7 +133,8 @@ class EDKMConfig(QuantizationConfigMixin):
             if self.group_size is None:
                 raise ValueError(
                     "EDKMConfig.group_size must be a positive integer with granularity='per_grouped_channel' "
-                    "(output channels per LUT, e.g. 16), got None")
+                    "(output channels per LUT, e.g. 16), got None"
+                )
         elif self.group_size is not None:
             raise ValueError(
                 "EDKMConfig.group_size is only used with granularity='per_grouped_channel'; set that "
@@ -126,27 +142,33 @@ class EDKMConfig(QuantizationConfigMixin):
             )
         # the engine's own spec validates the clustering fields (one set of rules for every entry point)
         try:
-            ClusteringSpec(bits=self.bits, group_size=self.group_size, temperature=self.temperature,
-                           iterations=self.iterations, tolerance=self.tolerance)
+            ClusteringSpec(
+                bits=self.bits,
+                group_size=self.group_size,
+                temperature=self.temperature,
+                iterations=self.iterations,
+                tolerance=self.tolerance,
+            )
         except ValueError as error:
             raise ValueError(f"EDKMConfig.{error}") from None
         if self.embedding_bits is not None:
             check_bits(self.embedding_bits, "EDKMConfig.embedding_bits")
         if self.module_bits is not None:
             if not isinstance(self.module_bits, dict) or not all(isinstance(k, str) for k in self.module_bits):
-                raise ValueError(f"EDKMConfig.module_bits must be a dict of module name -> bits, got "
-                                 f"{self.module_bits!r}")
+                raise ValueError(
+                    f"EDKMConfig.module_bits must be a dict of module name -> bits, got {self.module_bits!r}"
+                )
             for name, value in self.module_bits.items():
                 check_bits(value, f"EDKMConfig.module_bits[{name!r}]")
             self.module_bits = dict(sorted(self.module_bits.items()))
         for field in ("enable_per_channel_scale", "uniquify", "palettized"):
             check_bool(getattr(self, field), f"EDKMConfig.{field}")
         if self.modules_to_not_convert is not None and (
-                not isinstance(self.modules_to_not_convert, (list, tuple))
-                or not all(isinstance(name, str) for name in self.modules_to_not_convert)):
+            not isinstance(self.modules_to_not_convert, (list, tuple))
+            or not all(isinstance(name, str) for name in self.modules_to_not_convert)
+        ):
             raise ValueError(
-                f"EDKMConfig.modules_to_not_convert must be a list of module names, got "
-                f"{self.modules_to_not_convert!r}"
+                f"EDKMConfig.modules_to_not_convert must be a list of module names, got {self.modules_to_not_convert!r}"
             )
         if self.modules_to_not_convert is not None:
             self.modules_to_not_convert = list(self.modules_to_not_convert)
@@ -166,9 +188,17 @@ class EDKMConfig(QuantizationConfigMixin):
         bits = self.bits_for(name, kind)
         if bits is None:
             raise ValueError(f"module {name!r} ({kind}) is not clustered by this config")
-        return PaletteFormat(bits=bits, group_size=self.group_size, per_channel_scale=self.enable_per_channel_scale,
-                             lut_dtype=LUT_DTYPES[self.lut_dtype])
+        return PaletteFormat(
+            bits=bits,
+            group_size=self.group_size,
+            per_channel_scale=self.enable_per_channel_scale,
+            lut_dtype=LUT_DTYPES[self.lut_dtype],
+        )
 
     def clustering_options(self) -> ClusteringOptions:
-        return ClusteringOptions(relative_temperature=float(self.temperature), iterations=self.iterations,
-                                 tolerance=float(self.tolerance), uniquify=self.uniquify)
+        return ClusteringOptions(
+            relative_temperature=float(self.temperature),
+            iterations=self.iterations,
+            tolerance=float(self.tolerance),
+            uniquify=self.uniquify,
+        )

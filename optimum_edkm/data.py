@@ -63,8 +63,10 @@ TEST_POSITION, VALIDATION_POSITION = 0, 3
 #: topics sharing a paragraph at least this long are one group (short ones are boilerplate such as "See also:").
 MIN_SHARED_PARAGRAPH = 40
 #: part of the cache key: change it whenever help_topic_split changes.
-SPLIT_RULE = (f"groups-sharing-paragraphs-{MIN_SHARED_PARAGRAPH}-every-{HELD_OUT_EVERY}-test-{TEST_POSITION}-"
-              f"validation-{VALIDATION_POSITION}-v2")
+SPLIT_RULE = (
+    f"groups-sharing-paragraphs-{MIN_SHARED_PARAGRAPH}-every-{HELD_OUT_EVERY}-test-{TEST_POSITION}-"
+    f"validation-{VALIDATION_POSITION}-v2"
+)
 TEXT_FILE_SUFFIXES = (".txt", ".md", ".rst", ".text")
 DOCUMENT_SEPARATOR = "\n\n"
 PSF_LICENCE = "PSF-2.0 (Python Software Foundation License; ships with CPython as pydoc_data.topics)"
@@ -160,8 +162,9 @@ def load_text(
             split = TEST_SPLIT if TEST_SPLIT in splits else splits[0]
         if split not in splits:
             raise ValueError(f"the built-in text {name!r} has split(s) {splits}, got split={split!r}")
-        loader = {DEFAULT_TEXT: _load_help_topics, OOD_TEST_TEXT: _load_enwiki,
-                  OOD_VALIDATION_TEXT: _load_lee_news}[name]
+        loader = {DEFAULT_TEXT: _load_help_topics, OOD_TEST_TEXT: _load_enwiki, OOD_VALIDATION_TEXT: _load_lee_news}[
+            name
+        ]
         return loader(split, cache_dir)
     if not isinstance(source, (str, os.PathLike)) or not str(source):
         raise TypeError(f"source must be a path, a datasets id or None, got {source!r}")
@@ -268,15 +271,23 @@ def help_topic_split(topics: Mapping[str, str]) -> dict[str, list[tuple[str, str
     splits: dict[str, list[tuple[str, str]]] = {split: [] for split in DEFAULT_SPLITS}
     for index, first in enumerate(sorted(groups)):
         position = index % HELD_OUT_EVERY
-        split = (TEST_SPLIT if position == TEST_POSITION else VALIDATION_SPLIT if position == VALIDATION_POSITION
-                 else TRAIN_SPLIT)
+        split = (
+            TEST_SPLIT
+            if position == TEST_POSITION
+            else VALIDATION_SPLIT
+            if position == VALIDATION_POSITION
+            else TRAIN_SPLIT
+        )
         splits[split] += [(name, topics[name]) for name in groups[first]]
     for split, documents in splits.items():
         seen: set = set()
         kept = []
         for name, text in documents:
-            pieces = [p for p in text.split(DOCUMENT_SEPARATOR)
-                      if len(p.strip()) < MIN_SHARED_PARAGRAPH or p.strip() not in seen]
+            pieces = [
+                p
+                for p in text.split(DOCUMENT_SEPARATOR)
+                if len(p.strip()) < MIN_SHARED_PARAGRAPH or p.strip() not in seen
+            ]
             seen.update(p.strip() for p in pieces)
             text = DOCUMENT_SEPARATOR.join(pieces)
             if text.strip():
@@ -303,9 +314,9 @@ def _load_help_topics(split: str, cache_dir: Optional[os.PathLike]) -> TextData:
         dataset=_load_text_files(files),
         licence=PSF_LICENCE,
         source=f"Python {version} Language Reference help topics (pydoc_data.topics), {len(documents)} of "
-               f"{len(topics)} topics: topics sharing paragraphs grouped; of the groups sorted by name, every "
-               f"{HELD_OUT_EVERY}th from position {TEST_POSITION} is the test split, from position "
-               f"{VALIDATION_POSITION} the validation split, the rest train; no paragraph in two splits",
+        f"{len(topics)} topics: topics sharing paragraphs grouped; of the groups sorted by name, every "
+        f"{HELD_OUT_EVERY}th from position {TEST_POSITION} is the test split, from position "
+        f"{VALIDATION_POSITION} the validation split, the rest train; no paragraph in two splits",
     )
 
 
@@ -322,14 +333,28 @@ ENWIKI_ARTICLE_CHARS = 4000
 #: articles shorter than this after cleaning (stubs, lists) are dropped
 ENWIKI_MIN_CHARS = 500
 ENWIKI_RULE = f"wikitext-clean-v2-cut-{ENWIKI_ARTICLE_CHARS}-min-{ENWIKI_MIN_CHARS}"
-ENWIKI_LICENCE = ("CC BY-SA 3.0 and GFDL (English Wikipedia text, April 2016 dump excerpt), redistributed as test "
-                  "data in the gensim wheel (gensim itself: LGPL-2.1-only)")
-LEE_NEWS_LICENCE = ("no licence stated for the article text (Australian Broadcasting Corporation news, collected for "
-                    "the Lee, Pincombe & Welsh 2005 document-similarity study); redistributed as test data in the "
-                    "gensim wheel (gensim itself: LGPL-2.1-only)")
+ENWIKI_LICENCE = (
+    "CC BY-SA 3.0 and GFDL (English Wikipedia text, April 2016 dump excerpt), redistributed as test "
+    "data in the gensim wheel (gensim itself: LGPL-2.1-only)"
+)
+LEE_NEWS_LICENCE = (
+    "no licence stated for the article text (Australian Broadcasting Corporation news, collected for "
+    "the Lee, Pincombe & Welsh 2005 document-similarity study); redistributed as test data in the "
+    "gensim wheel (gensim itself: LGPL-2.1-only)"
+)
 #: sections from which an article is cut (reference lists, not prose)
-_ENWIKI_TAIL_SECTIONS = ("references", "external links", "see also", "notes", "further reading", "bibliography",
-                         "sources", "footnotes", "citations", "notes and references")
+_ENWIKI_TAIL_SECTIONS = (
+    "references",
+    "external links",
+    "see also",
+    "notes",
+    "further reading",
+    "bibliography",
+    "sources",
+    "footnotes",
+    "citations",
+    "notes and references",
+)
 
 
 def gensim_data_file(name: str) -> Path:
@@ -340,12 +365,14 @@ def gensim_data_file(name: str) -> Path:
     if spec is None or spec.origin is None:
         raise ModuleNotFoundError(
             f"the out-of-domain texts ({OOD_TEST_TEXT!r}, {OOD_VALIDATION_TEXT!r}) ship in the gensim wheel, which "
-            f"is not installed; install it with:\n    {GENSIM_INSTALL}\n(or pip install -e \".[examples]\")"
+            f'is not installed; install it with:\n    {GENSIM_INSTALL}\n(or pip install -e ".[examples]")'
         )
     path = Path(spec.origin).parent / GENSIM_DATA / name
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed gensim; reinstall with:\n    "
-                                f"pip install --force-reinstall {GENSIM_INSTALL.split(' ', 2)[2]}")
+        raise FileNotFoundError(
+            f"{path} is missing from the installed gensim; reinstall with:\n    "
+            f"pip install --force-reinstall {GENSIM_INSTALL.split(' ', 2)[2]}"
+        )
     return path
 
 
@@ -365,9 +392,10 @@ def wikitext_to_plain(wikitext: str) -> str:
     text = re.sub(r"<!--.*?-->", "", wikitext, flags=re.S)
     text = re.sub(r"<ref[^>/]*/>", "", text)
     text = re.sub(r"<ref[^>]*>.*?</ref>", "", text, flags=re.S)
-    text = re.sub(r"<(math|gallery|timeline|source|syntaxhighlight|score|imagemap)[^>]*>.*?</\1>", "", text,
-                  flags=re.S | re.I)
-    text = _remove_nested(text, r"\{\{[^{}]*\}\}")          # templates, innermost first
+    text = re.sub(
+        r"<(math|gallery|timeline|source|syntaxhighlight|score|imagemap)[^>]*>.*?</\1>", "", text, flags=re.S | re.I
+    )
+    text = _remove_nested(text, r"\{\{[^{}]*\}\}")  # templates, innermost first
     text = _remove_nested(text, r"\{\|(?:(?!\{\|)[\s\S])*?\|\}")  # tables, innermost first
 
     def link(match):
@@ -436,8 +464,12 @@ def enwiki_articles(path: os.PathLike) -> list[tuple[str, str]]:
             body = fields.get("text")
             wikitext = (body.text or "") if body is not None else ""
             element.clear()
-            if (namespace is not None and namespace.text != "0") or fields.get("redirect") is not None \
-                    or wikitext.lstrip().lower().startswith("#redirect") or "(disambiguation)" in title:
+            if (
+                (namespace is not None and namespace.text != "0")
+                or fields.get("redirect") is not None
+                or wikitext.lstrip().lower().startswith("#redirect")
+                or "(disambiguation)" in title
+            ):
                 continue
             plain = _cut_at_paragraph(wikitext_to_plain(wikitext), ENWIKI_ARTICLE_CHARS)
             if len(plain) >= ENWIKI_MIN_CHARS:
@@ -460,26 +492,31 @@ def _load_enwiki(split: str, cache_dir: Optional[os.PathLike]) -> TextData:
         dataset=_load_text_files(files),
         licence=ENWIKI_LICENCE,
         source=f"English Wikipedia articles from gensim {version} ({GENSIM_DATA}/{ENWIKI_FILE}): {len(files)} "
-               f"articles in dump order, markup stripped, each cut to {ENWIKI_ARTICLE_CHARS} characters at a "
-               f"paragraph end; out-of-domain test text, never trained, calibrated or chosen on",
+        f"articles in dump order, markup stripped, each cut to {ENWIKI_ARTICLE_CHARS} characters at a "
+        f"paragraph end; out-of-domain test text, never trained, calibrated or chosen on",
     )
 
 
 def _load_lee_news(split: str, cache_dir: Optional[os.PathLike]) -> TextData:
     path = gensim_data_file(LEE_NEWS_FILE)
     version = _gensim_version()
-    articles = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
-                if line.strip()]
+    articles = [
+        line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()
+    ]
     digest = _digest(articles)
-    files = _cached_documents(cache_dir, f"{OOD_VALIDATION_TEXT}-{version}-{digest}", split,
-                              [(f"article-{i:03d}", text) for i, text in enumerate(articles)])
+    files = _cached_documents(
+        cache_dir,
+        f"{OOD_VALIDATION_TEXT}-{version}-{digest}",
+        split,
+        [(f"article-{i:03d}", text) for i, text in enumerate(articles)],
+    )
     return TextData(
         name=OOD_VALIDATION_TEXT,
         split=split,
         dataset=_load_text_files(files),
         licence=LEE_NEWS_LICENCE,
         source=f"ABC news articles of the Lee background corpus from gensim {version} ({GENSIM_DATA}/"
-               f"{LEE_NEWS_FILE}), {len(articles)} articles in file order; out-of-domain validation text",
+        f"{LEE_NEWS_FILE}), {len(articles)} articles in file order; out-of-domain validation text",
     )
 
 
@@ -492,8 +529,9 @@ def _cache_folder(cache_dir: Optional[os.PathLike], key: str, split: str) -> Pat
     return folder / "text" / key / split
 
 
-def _cached_documents(cache_dir: Optional[os.PathLike], key: str, split: str,
-                      documents: Sequence[tuple[str, str]]) -> list[Path]:
+def _cached_documents(
+    cache_dir: Optional[os.PathLike], key: str, split: str, documents: Sequence[tuple[str, str]]
+) -> list[Path]:
     """Write ``(name, text)`` documents once as numbered files under the cache; returns the files in order."""
     folder = _cache_folder(cache_dir, key, split)
     files = []
@@ -554,7 +592,7 @@ def _load_hub(dataset_id: str, *, split: Optional[str], config: Optional[str], t
 def _load_text_files(files: Sequence[Path]):
     import datasets
 
-    for path in files:             # datasets' own error names neither the file nor the encoding
+    for path in files:  # datasets' own error names neither the file nor the encoding
         try:
             with open(path, encoding="utf-8") as handle:
                 while handle.read(1 << 20):
@@ -575,5 +613,8 @@ def _safe_file_name(name: str) -> str:
 
 def _looks_like_path(source: str) -> bool:
     # datasets ids are "name" or "owner/name"; anything else shaped like a path is a missing file.
-    return (source.startswith((".", "/", "~", "\\")) or source.count("/") > 1
-            or Path(source).suffix.lower() in TEXT_FILE_SUFFIXES)
+    return (
+        source.startswith((".", "/", "~", "\\"))
+        or source.count("/") > 1
+        or Path(source).suffix.lower() in TEXT_FILE_SUFFIXES
+    )

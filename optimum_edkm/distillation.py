@@ -28,8 +28,8 @@ import torch
 
 from . import atomic
 
-
 logger = logging.getLogger(__name__)
+
 
 #: ``distillation_loss`` values: what is measured between student (S) and teacher (T) distributions per token
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +80,9 @@ def first_token_candidates(tokenizer, vocab_size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate_teacher_data(model, tokenizer, settings: GenerationSettings = GenerationSettings(),
-                          progress: bool = False) -> torch.Tensor:
+def generate_teacher_data(
+    model, tokenizer, settings: GenerationSettings = GenerationSettings(), progress: bool = False
+) -> torch.Tensor:
     """Sample ``settings.sequences`` sequences of ``settings.seq_len`` tokens from ``model``: a first token drawn
     uniformly from the vocabulary (special tokens excluded), greedy decoding up to a per-sequence length drawn
     from ``settings.greedy_tokens``, then sampling. Batched with the model's KV cache; deterministic for a
@@ -110,17 +111,23 @@ def generate_teacher_data(model, tokenizer, settings: GenerationSettings = Gener
                 logits = output.logits[:, -1].float().cpu()
                 if settings.suppress_special and special.numel():
                     logits[:, special[special < logits.shape[1]]] = -torch.inf
-                chosen = torch.where(position < greedy_until, logits.argmax(-1),
-                                     _sample(logits, settings, generator))
+                chosen = torch.where(position < greedy_until, logits.argmax(-1), _sample(logits, settings, generator))
                 tokens[:, position] = chosen
                 if position + 1 < settings.seq_len:
-                    output = model(input_ids=chosen.unsqueeze(1).to(device), use_cache=True,
-                                   **{cache_argument: _output_cache(output)})
+                    output = model(
+                        input_ids=chosen.unsqueeze(1).to(device),
+                        use_cache=True,
+                        **{cache_argument: _output_cache(output)},
+                    )
             chunks.append(tokens)
             if progress:
                 done = start + rows
-                logger.info("teacher text: %d/%d sequences, %.1f tokens/s", done, settings.sequences,
-                            done * settings.seq_len / (time.perf_counter() - started))
+                logger.info(
+                    "teacher text: %d/%d sequences, %.1f tokens/s",
+                    done,
+                    settings.sequences,
+                    done * settings.seq_len / (time.perf_counter() - started),
+                )
     finally:
         model.train(was_training)
     return torch.cat(chunks)
@@ -158,13 +165,23 @@ def model_fingerprint(model) -> str:
 
 def teacher_data_key(model, tokenizer, settings: GenerationSettings) -> str:
     """The cache key of :func:`cached_teacher_data`: model fingerprint, vocabulary and every setting."""
-    record = {"model": model_fingerprint(model), "vocab": len(tokenizer), "settings": dataclasses.asdict(settings),
-              "device": next(model.parameters()).device.type, "format": 1}
+    record = {
+        "model": model_fingerprint(model),
+        "vocab": len(tokenizer),
+        "settings": dataclasses.asdict(settings),
+        "device": next(model.parameters()).device.type,
+        "format": 1,
+    }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def cached_teacher_data(model, tokenizer, settings: GenerationSettings = GenerationSettings(),
-                        cache_dir: Optional[os.PathLike] = None, progress: bool = False) -> torch.Tensor:
+def cached_teacher_data(
+    model,
+    tokenizer,
+    settings: GenerationSettings = GenerationSettings(),
+    cache_dir: Optional[os.PathLike] = None,
+    progress: bool = False,
+) -> torch.Tensor:
     """:func:`generate_teacher_data`, stored once under ``cache_dir`` (default
     ``$OPTIMUM_EDKM_CACHE/teacher-text``) with its settings next to it; a later call with the same model,
     tokenizer and settings reads the file instead of generating."""
@@ -182,11 +199,24 @@ def cached_teacher_data(model, tokenizer, settings: GenerationSettings = Generat
     tokens = generate_teacher_data(model, tokenizer, settings, progress=progress)
     seconds = time.perf_counter() - started
     atomic.write_file(path, lambda handle: torch.save(tokens, handle), binary=True)
-    atomic.write_file(path.with_suffix(".json"), json.dumps(
-        {"settings": dataclasses.asdict(settings), "seconds": seconds,
-         "tokens_per_second": tokens.numel() / max(seconds, 1e-9)}, indent=1))
-    logger.info("generated %d teacher tokens in %.0f s (%.1f tokens/s), cached in %s", tokens.numel(), seconds,
-                tokens.numel() / max(seconds, 1e-9), path)
+    atomic.write_file(
+        path.with_suffix(".json"),
+        json.dumps(
+            {
+                "settings": dataclasses.asdict(settings),
+                "seconds": seconds,
+                "tokens_per_second": tokens.numel() / max(seconds, 1e-9),
+            },
+            indent=1,
+        ),
+    )
+    logger.info(
+        "generated %d teacher tokens in %.0f s (%.1f tokens/s), cached in %s",
+        tokens.numel(),
+        seconds,
+        tokens.numel() / max(seconds, 1e-9),
+        path,
+    )
     return tokens
 
 

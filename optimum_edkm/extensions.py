@@ -66,8 +66,7 @@ def load_extension(name: str, sources: tuple, extra_cflags: tuple = ()) -> Optio
         flags = ["-O3", "-march=native", "-fopenmp", *extra_cflags]
         module_name = f"optimum_edkm_{name}_{_cpu_fingerprint()}_{_source_digest(paths)}"
         logger.info("building the C++ kernel %s (once per machine)", name)
-        return load(name=module_name, sources=paths, extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                    verbose=False)
+        return load(name=module_name, sources=paths, extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # any build problem falls back to the reference path
         warnings.warn(
             f"optimum-edkm: the C++ kernel {name!r} could not be built ({type(error).__name__}: "

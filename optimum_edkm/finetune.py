@@ -63,11 +63,19 @@ class Recipe:
 
     def finetune_arguments(self) -> dict:
         """Keyword arguments of :func:`finetune` (steps, batch, learning rate, distillation settings)."""
-        arguments = dict(steps=self.steps, seq_len=self.seq_len, batch_size=self.batch_size,
-                         learning_rate=self.learning_rate, warmup_steps=self.warmup_steps)
+        arguments = dict(
+            steps=self.steps,
+            seq_len=self.seq_len,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            warmup_steps=self.warmup_steps,
+        )
         if self.distillation_weight > 0:
-            arguments.update(distillation_weight=self.distillation_weight, distillation_loss=self.distillation_loss,
-                             distillation_temperature=self.distillation_temperature)
+            arguments.update(
+                distillation_weight=self.distillation_weight,
+                distillation_loss=self.distillation_loss,
+                distillation_temperature=self.distillation_temperature,
+            )
         return arguments
 
     def generation_settings(self):
@@ -81,9 +89,7 @@ class Recipe:
             return None
         from .distillation import cached_teacher_data
 
-        return cached_teacher_data(model, tokenizer, self.generation_settings(), cache_dir=cache_dir,
-                                   progress=progress)
-
+        return cached_teacher_data(model, tokenizer, self.generation_settings(), cache_dir=cache_dir, progress=progress)
 
     def prepare(self, model, config: EDKMConfig, token_ids: Optional[torch.Tensor] = None):
         """Prepare the float ``model`` for eDKM with ``config``: plain k-means, or with ``fisher_samples`` the
@@ -94,8 +100,9 @@ class Recipe:
 
         if token_ids is None:
             raise ValueError("a Fisher-weighted initialisation needs token_ids (calibration text)")
-        fisher = fisher_diagonal(model, token_ids, samples=self.fisher_samples, seq_len=self.seq_len,
-                                 seed=self.generation_seed)
+        fisher = fisher_diagonal(
+            model, token_ids, samples=self.fisher_samples, seq_len=self.seq_len, seed=self.generation_seed
+        )
         return prepare_weighted(model, config, fisher)
 
 
@@ -130,8 +137,9 @@ def window_dataset(token_ids: torch.Tensor, seq_len: int) -> Dataset:
     return sequence_dataset(token_windows(token_ids, seq_len))
 
 
-def training_rows(token_ids: Optional[torch.Tensor], seq_len: int, sequences: Optional[torch.Tensor] = None,
-                  seed: int = 0) -> torch.Tensor:
+def training_rows(
+    token_ids: Optional[torch.Tensor], seq_len: int, sequences: Optional[torch.Tensor] = None, seed: int = 0
+) -> torch.Tensor:
     """The windows of ``token_ids`` and the rows of ``sequences`` together, shuffled with ``seed`` when both are
     given (Trainer shuffles every epoch again)."""
     from .distillation import mix_sequences
@@ -148,20 +156,54 @@ def training_rows(token_ids: Optional[torch.Tensor], seq_len: int, sequences: Op
     return parts[0] if len(parts) == 1 else mix_sequences(parts, seed)
 
 
-def recipe_arguments(output_dir: str, steps: int, batch_size: int, learning_rate: float, warmup_steps: int = 0,
-                     seed: int = 0, logging_steps: int = 5, progress: bool = True) -> dict:
+def recipe_arguments(
+    output_dir: str,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    warmup_steps: int = 0,
+    seed: int = 0,
+    logging_steps: int = 5,
+    progress: bool = True,
+) -> dict:
     """The ``TrainingArguments`` fields of the recipe, shared with the float fine-tuning reference of the quality
     benchmark so that both train the same way."""
-    return dict(output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch_size,
-                learning_rate=learning_rate, warmup_steps=warmup_steps, lr_scheduler_type="cosine", weight_decay=0.0,
-                logging_steps=logging_steps, save_strategy="no", report_to=[], seed=seed, disable_tqdm=not progress,
-                use_cpu=not torch.cuda.is_available(), dataloader_drop_last=True)
+    return dict(
+        output_dir=output_dir,
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate,
+        warmup_steps=warmup_steps,
+        lr_scheduler_type="cosine",
+        weight_decay=0.0,
+        logging_steps=logging_steps,
+        save_strategy="no",
+        report_to=[],
+        seed=seed,
+        disable_tqdm=not progress,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_drop_last=True,
+    )
 
 
-def finetune(model, token_ids: Optional[torch.Tensor], config: Optional[EDKMConfig] = None, *, output_dir: str,
-             steps: int = 30, seq_len: int = 256, batch_size: int = 8, learning_rate: float = 1e-3,
-             warmup_steps: int = 0, seed: int = 0, logging_steps: int = 5, progress: bool = True,
-             teacher_model=None, sequences: Optional[torch.Tensor] = None, **training_arguments) -> EDKMTrainer:
+def finetune(
+    model,
+    token_ids: Optional[torch.Tensor],
+    config: Optional[EDKMConfig] = None,
+    *,
+    output_dir: str,
+    steps: int = 30,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    learning_rate: float = 1e-3,
+    warmup_steps: int = 0,
+    seed: int = 0,
+    logging_steps: int = 5,
+    progress: bool = True,
+    teacher_model=None,
+    sequences: Optional[torch.Tensor] = None,
+    **training_arguments,
+) -> EDKMTrainer:
     """Fine-tune ``model`` with eDKM for ``steps`` optimizer steps and palettize it.
 
     The training rows are the ``seq_len``-token windows of the stream ``token_ids`` plus the rows of
@@ -172,7 +214,7 @@ def finetune(model, token_ids: Optional[torch.Tensor], config: Optional[EDKMConf
     enables distillation with ``distillation_weight`` / ``distillation_loss``. Returns the trainer
     (``trainer.model`` is the palettized model, ``trainer.state.log_history`` the logs).
     """
-    for rows in (token_ids, sequences):          # before preparing: an id beyond the vocabulary fails in forward
+    for rows in (token_ids, sequences):  # before preparing: an id beyond the vocabulary fails in forward
         if isinstance(rows, torch.Tensor):
             check_token_ids(rows, model)
     if getattr(model, "hf_quantizer", None) is None:
@@ -182,8 +224,10 @@ def finetune(model, token_ids: Optional[torch.Tensor], config: Optional[EDKMConf
     elif config is not None:
         raise ValueError("the model is already prepared for eDKM; its own config is used, do not pass config")
     dataset = sequence_dataset(training_rows(token_ids, seq_len, sequences, seed))
-    args = EDKMTrainingArguments(**recipe_arguments(output_dir, steps, batch_size, learning_rate, warmup_steps, seed,
-                                                    logging_steps, progress), **training_arguments)
+    args = EDKMTrainingArguments(
+        **recipe_arguments(output_dir, steps, batch_size, learning_rate, warmup_steps, seed, logging_steps, progress),
+        **training_arguments,
+    )
     trainer = EDKMTrainer(model=model, args=args, train_dataset=dataset, teacher_model=teacher_model)
     trainer.train()
     trainer.finalize()

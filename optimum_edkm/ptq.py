@@ -45,8 +45,16 @@ from typing import NamedTuple, Optional
 import torch
 from tqdm.auto import tqdm
 
-from .baselines.layers import (capture_first_layer_calls, check_calibration_ids, decoder_layers, module_names, named_linears, run_layer,
-                               run_until, sequential_groups)
+from .baselines.layers import (
+    capture_first_layer_calls,
+    check_calibration_ids,
+    decoder_layers,
+    input_hessians,
+    module_names,
+    named_linears,
+    run_layer,
+    sequential_groups,
+)
 from .baselines.result import BaselineResult
 from .clustering import ClusteringSpec, decode, hard_assign, init_centroids, per_channel_scale
 from .clustering.layout import compute_dtype, value_dtype
@@ -83,8 +91,9 @@ def _check_palette(weight: torch.Tensor, lut: torch.Tensor, spec: ClusteringSpec
     if spec.group_size is not None and rows % spec.group_size:
         raise ValueError(f"group_size={spec.group_size} does not divide the weight's {rows} rows")
     if tuple(lut.shape) != (groups, spec.num_clusters):
-        raise ValueError(f"the LUT has shape {tuple(lut.shape)}, expected ({groups}, {spec.num_clusters}) "
-                         f"(groups x 2**bits)")
+        raise ValueError(
+            f"the LUT has shape {tuple(lut.shape)}, expected ({groups}, {spec.num_clusters}) (groups x 2**bits)"
+        )
     if scale is not None and tuple(scale.shape) != (rows,):
         raise ValueError(f"the per-channel scale has shape {tuple(scale.shape)}, expected ({rows},)")
 
@@ -95,17 +104,19 @@ class _NearestEntry:
     the compute dtype, rounded to the clustered 16-bit dtype; squared distances; first index on ties) and decodes
     them as :func:`~optimum_edkm.clustering.decode` does after :meth:`snap` (fp32, scale in the LUT's dtype)."""
 
-    def __init__(self, weight: torch.Tensor, lut: torch.Tensor, spec: ClusteringSpec,
-                 scale: Optional[torch.Tensor]):
+    def __init__(self, weight: torch.Tensor, lut: torch.Tensor, spec: ClusteringSpec, scale: Optional[torch.Tensor]):
         rows = weight.shape[0]
         self.weight_dtype = weight.dtype
         self.compute = compute_dtype(weight)
         self.values = value_dtype(weight, spec)
-        group = torch.zeros(rows, dtype=torch.long, device=weight.device) if spec.group_size is None else \
-            torch.arange(rows, device=weight.device) // spec.group_size
+        group = (
+            torch.zeros(rows, dtype=torch.long, device=weight.device)
+            if spec.group_size is None
+            else torch.arange(rows, device=weight.device) // spec.group_size
+        )
         work = torch.promote_types(lut.dtype, torch.float32)
-        self.distance_lut = lut.to(self.compute)[group]                     # [rows, k]
-        self.decode_lut = lut.to(work)[group]                               # [rows, k]
+        self.distance_lut = lut.to(self.compute)[group]  # [rows, k]
+        self.decode_lut = lut.to(work)[group]  # [rows, k]
         self.divide = None if scale is None else scale.to(self.compute).unsqueeze(1)
         self.multiply = None if scale is None else scale.to(lut.dtype).to(work).unsqueeze(1)
 
@@ -150,8 +161,10 @@ def _upper_cholesky_of_inverse(H: torch.Tensor) -> torch.Tensor:
     if int(info) == 0:
         L, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
     if int(info) != 0:
-        raise ValueError("the damped Hessian is not positive definite (too few or degenerate calibration tokens "
-                         "for this layer); increase damp or use more calibration data")
+        raise ValueError(
+            "the damped Hessian is not positive definite (too few or degenerate calibration tokens "
+            "for this layer); increase damp or use more calibration data"
+        )
     return L
 
 
@@ -163,9 +176,16 @@ def _check_options(block_size, damp):
 
 
 @torch.no_grad()
-def gptq_lut_round(weight: torch.Tensor, hessian: torch.Tensor, lut: torch.Tensor, spec: ClusteringSpec,
-                   scale: Optional[torch.Tensor] = None, block_size: int = 128, damp: float = 0.01,
-                   act_order: bool = False) -> LutRoundingResult:
+def gptq_lut_round(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    lut: torch.Tensor,
+    spec: ClusteringSpec,
+    scale: Optional[torch.Tensor] = None,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+) -> LutRoundingResult:
     """Round a ``[rows, columns]`` weight onto fixed LUTs with GPTQ's error feedback.
 
     Args:
@@ -214,20 +234,26 @@ def gptq_lut_round(weight: torch.Tensor, hessian: torch.Tensor, lut: torch.Tenso
     if permutation is not None:
         inverse = torch.argsort(permutation)
         indices, rounded_from, Q = indices[:, inverse], rounded_from[:, inverse], Q[:, inverse]
-    return LutRoundingResult(indices.to(torch.uint8), rounded_from.to(weight.dtype), Q.to(weight.dtype),
-                             float(loss))
+    return LutRoundingResult(indices.to(torch.uint8), rounded_from.to(weight.dtype), Q.to(weight.dtype), float(loss))
 
 
 def output_error(weight: torch.Tensor, dense: torch.Tensor, hessian: torch.Tensor) -> float:
     """``tr((W - Q) H (W - Q)^T)``: with ``H = 2/N X^T X``, twice the mean squared error of the layer's outputs
     over the N calibration tokens (summed over output channels)."""
-    error = (weight.double() - dense.double())
+    error = weight.double() - dense.double()
     return float(((error @ hessian.double()) * error).sum())
 
 
 @torch.no_grad()
-def refit_lut(weight: torch.Tensor, hessian: torch.Tensor, indices: torch.Tensor, lut: torch.Tensor,
-              spec: ClusteringSpec, scale: Optional[torch.Tensor] = None, chunk_rows: int = 128) -> torch.Tensor:
+def refit_lut(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    indices: torch.Tensor,
+    lut: torch.Tensor,
+    spec: ClusteringSpec,
+    scale: Optional[torch.Tensor] = None,
+    chunk_rows: int = 128,
+) -> torch.Tensor:
     """The LUT entries minimising ``tr((W - Q) H (W - Q)^T)`` for fixed ``indices`` (one least-squares problem of
     ``2**bits`` unknowns per LUT), ``Q[r] = scale[r] * lut[group(r), indices[r]]``; returned in float64. An entry
     no weight uses keeps its value in ``lut`` (a tiny ridge towards it keeps every system well posed)."""
@@ -238,18 +264,21 @@ def refit_lut(weight: torch.Tensor, hessian: torch.Tensor, indices: torch.Tensor
     H = hessian.to(torch.float32)
     W = weight.to(torch.float32)
     s = torch.ones(rows, dtype=torch.float64, device=W.device) if scale is None else scale.double()
-    group = torch.zeros(rows, dtype=torch.long, device=W.device) if spec.group_size is None else \
-        torch.arange(rows, device=W.device) // spec.group_size
+    group = (
+        torch.zeros(rows, dtype=torch.long, device=W.device)
+        if spec.group_size is None
+        else torch.arange(rows, device=W.device) // spec.group_size
+    )
     A = torch.zeros(groups, k, k, dtype=torch.float64, device=W.device)
     b = torch.zeros(groups, k, dtype=torch.float64, device=W.device)
     WH = W @ H
     for r1 in range(0, rows, chunk_rows):
         r2 = min(r1 + chunk_rows, rows)
         index = indices[r1:r2].long()
-        onehot = torch.nn.functional.one_hot(index, k).to(torch.float32)     # [n, columns, k]
+        onehot = torch.nn.functional.one_hot(index, k).to(torch.float32)  # [n, columns, k]
         # one large product H @ [columns, n*k] (a batched product with k-wide matrices is far slower)
         spread = (H @ onehot.permute(1, 0, 2).reshape(columns, -1)).view(columns, r2 - r1, k)
-        block = torch.einsum("nia,inb->nab", onehot, spread)                    # [n, k, k]
+        block = torch.einsum("nia,inb->nab", onehot, spread)  # [n, k, k]
         rhs = torch.zeros(r2 - r1, k, dtype=torch.float32, device=W.device).scatter_add_(1, index, WH[r1:r2])
         weights = s[r1:r2]
         A.index_add_(0, group[r1:r2], block.double() * weights.pow(2).view(-1, 1, 1))
@@ -261,15 +290,24 @@ def refit_lut(weight: torch.Tensor, hessian: torch.Tensor, indices: torch.Tensor
 
 
 @torch.no_grad()
-def refit_scale(weight: torch.Tensor, hessian: torch.Tensor, indices: torch.Tensor, lut: torch.Tensor,
-                spec: ClusteringSpec, scale: torch.Tensor) -> torch.Tensor:
+def refit_scale(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    indices: torch.Tensor,
+    lut: torch.Tensor,
+    spec: ClusteringSpec,
+    scale: torch.Tensor,
+) -> torch.Tensor:
     """Per-row scales minimising ``tr((W - Q) H (W - Q)^T)`` for fixed indices and LUT: row ``r`` with
     ``u = lut[group(r), indices[r]]`` gets ``(u H w^T) / (u H u^T)``; kept positive (a row whose fit is not keeps
     its ``scale``). Returned in float64."""
     _check_palette(weight, lut, spec, scale)
     rows = weight.shape[0]
-    group = torch.zeros(rows, dtype=torch.long, device=weight.device) if spec.group_size is None else \
-        torch.arange(rows, device=weight.device) // spec.group_size
+    group = (
+        torch.zeros(rows, dtype=torch.long, device=weight.device)
+        if spec.group_size is None
+        else torch.arange(rows, device=weight.device) // spec.group_size
+    )
     u = lut.double()[group].gather(1, indices.long())
     uH = u @ hessian.double()
     numerator = (uH * weight.double()).sum(1)
@@ -286,10 +324,13 @@ def _round_to(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _sorted(lut: torch.Tensor, indices: torch.Tensor, spec: ClusteringSpec) -> tuple:
     """The LUT sorted ascending per group and the indices remapped so that the decoded weight is unchanged."""
     sorted_lut, order = lut.sort(1)
-    rank = torch.argsort(order, 1)                                    # old entry -> new position
+    rank = torch.argsort(order, 1)  # old entry -> new position
     rows = indices.shape[0]
-    group = torch.zeros(rows, dtype=torch.long, device=lut.device) if spec.group_size is None else \
-        torch.arange(rows, device=lut.device) // spec.group_size
+    group = (
+        torch.zeros(rows, dtype=torch.long, device=lut.device)
+        if spec.group_size is None
+        else torch.arange(rows, device=lut.device) // spec.group_size
+    )
     return sorted_lut, rank[group].gather(1, indices.long()).to(torch.uint8)
 
 
@@ -311,19 +352,31 @@ def _importance(kind: str, hessian: torch.Tensor, rows: int, damp: float, fisher
 
 
 class PaletteCandidate(NamedTuple):
-    lut: torch.Tensor            # [groups, k] in the LUT's storage dtype
+    lut: torch.Tensor  # [groups, k] in the LUT's storage dtype
     scale: Optional[torch.Tensor]  # [rows] fp32 holding storage-dtype values, or None
-    indices: torch.Tensor        # uint8 [rows, columns]
+    indices: torch.Tensor  # uint8 [rows, columns]
     rounded_from: Optional[torch.Tensor]  # what a GPTQ pass rounded (hard-assigns to indices), or None
-    error: float                 # output_error of the decoded weight
+    error: float  # output_error of the decoded weight
     origin: str
 
 
 @torch.no_grad()
-def palettize_weight(weight: torch.Tensor, hessian: torch.Tensor, spec: ClusteringSpec, lut_dtype: torch.dtype,
-                     channel_scale: bool, importance: str = "hessian", fisher: Optional[torch.Tensor] = None,
-                     refits: int = 1, refit_scales: bool = False, block_size: int = 128, damp: float = 0.01,
-                     act_order: bool = False, seed: int = 0, name: str = "weight") -> tuple:
+def palettize_weight(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    spec: ClusteringSpec,
+    lut_dtype: torch.dtype,
+    channel_scale: bool,
+    importance: str = "hessian",
+    fisher: Optional[torch.Tensor] = None,
+    refits: int = 1,
+    refit_scales: bool = False,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+    seed: int = 0,
+    name: str = "weight",
+) -> tuple:
     """Post-training palettization of one ``[rows, columns]`` weight (see the module docstring).
 
     Returns ``(best, diagnostics)``: the :class:`PaletteCandidate` with the lowest :func:`output_error` among the
@@ -354,8 +407,11 @@ def palettize_weight(weight: torch.Tensor, hessian: torch.Tensor, spec: Clusteri
 
     for round_ in range(refits + 1):
         passed = gptq_lut_round(weight, hessian, lut, spec, scale, block_size, damp, act_order)
-        consider(PaletteCandidate(lut, scale, passed.indices, passed.rounded_from,
-                                  output_error(weight, passed.dense, H), f"gptq{round_}"))
+        consider(
+            PaletteCandidate(
+                lut, scale, passed.indices, passed.rounded_from, output_error(weight, passed.dense, H), f"gptq{round_}"
+            )
+        )
         if round_ == refits:
             break
         indices = passed.indices
@@ -367,15 +423,23 @@ def palettize_weight(weight: torch.Tensor, hessian: torch.Tensor, spec: Clusteri
             fitted_scale = _round_to(fitted_scale, lut_dtype).to(scale.dtype)
             fitted = _round_to(refit_lut(weight, hessian, indices, fitted, spec, fitted_scale), lut_dtype)
             fitted, indices = _sorted(fitted, indices, spec)
-        consider(PaletteCandidate(fitted, fitted_scale, indices, None,
-                                  output_error(weight, _decoded(indices, fitted, fitted_scale, weight.dtype), H),
-                                  f"refit{round_}"))
+        consider(
+            PaletteCandidate(
+                fitted,
+                fitted_scale,
+                indices,
+                None,
+                output_error(weight, _decoded(indices, fitted, fitted_scale, weight.dtype), H),
+                f"refit{round_}",
+            )
+        )
         lut, scale = fitted, fitted_scale
     return best, diagnostics
 
 
-def _as_snapped(candidate: PaletteCandidate, weight: torch.Tensor, spec: ClusteringSpec,
-                hessian: torch.Tensor) -> PaletteCandidate:
+def _as_snapped(
+    candidate: PaletteCandidate, weight: torch.Tensor, spec: ClusteringSpec, hessian: torch.Tensor
+) -> PaletteCandidate:
     """The candidate as snapping will store it. A refit LUT may hold two entries closer than the 16-bit rounding
     of the clustered values; a weight decoded from one of them then snaps to the other. Such weights take the
     entry snapping gives (repeated until stable), and the error is recomputed. A GPTQ pass's candidate is exact
@@ -430,10 +494,21 @@ def install_palette(module, candidate: PaletteCandidate) -> dict:
 
 
 @torch.no_grad()
-def palettize_post_training(model, calibration_ids: torch.Tensor, config=None, *, importance: str = "hessian",
-                            fisher: Optional[dict] = None, refits: int = 1, refit_scales: bool = False,
-                            block_size: int = 128, damp: float = 0.01, act_order: bool = False,
-                            batch_size: int = 8, progress: bool = True) -> BaselineResult:
+def palettize_post_training(
+    model,
+    calibration_ids: torch.Tensor,
+    config=None,
+    *,
+    importance: str = "hessian",
+    fisher: Optional[dict] = None,
+    refits: int = 1,
+    refit_scales: bool = False,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> BaselineResult:
     """GPTQ-style post-training palettization of every clustered linear in ``model.model.layers``.
 
     The model must be prepared for eDKM (:func:`optimum_edkm.prepare`, or pass ``config`` to prepare a float
@@ -460,8 +535,10 @@ def palettize_post_training(model, calibration_ids: torch.Tensor, config=None, *
     if importance not in IMPORTANCES:
         raise ValueError(f"importance must be one of {IMPORTANCES}, got {importance!r}")
     if importance == "fisher" and not fisher:
-        raise ValueError("importance='fisher' needs fisher={module name: Fisher diagonal}, e.g. from "
-                         "optimum_edkm.sensitivity.fisher_diagonal(float_model, token_ids)")
+        raise ValueError(
+            "importance='fisher' needs fisher={module name: Fisher diagonal}, e.g. from "
+            "optimum_edkm.sensitivity.fisher_diagonal(float_model, token_ids)"
+        )
     if not isinstance(refits, int) or isinstance(refits, bool) or refits < 0:
         raise ValueError(f"refits must be an integer >= 0, got {refits!r}")
     _check_options(block_size, damp)
@@ -470,28 +547,35 @@ def palettize_post_training(model, calibration_ids: torch.Tensor, config=None, *
         prepare(model, config)
     prepared = edkm_config(model)
     if prepared.palettized:
-        raise ValueError("the model is palettized already; post-training palettization needs the train-time model "
-                         "(load the float model and prepare it)")
+        raise ValueError(
+            "the model is palettized already; post-training palettization needs the train-time model "
+            "(load the float model and prepare it)"
+        )
     names = module_names(model)
     layers = decoder_layers(model)
     clustered = [m for m in model.modules() if is_clustered(m)]
     covered = {id(m) for layer in layers for m in layer.modules() if isinstance(m, EDKMLinear)}
     skipped = [names[id(m)] for m in clustered if id(m) not in covered]
     if skipped:
-        logger.warning("post-training palettization covers the linears of the decoder layers; %d clustered "
-                       "module(s) outside them keep their k-means LUT: %s", len(skipped), ", ".join(skipped[:5]))
+        logger.warning(
+            "post-training palettization covers the linears of the decoder layers; %d clustered "
+            "module(s) outside them keep their k-means LUT: %s",
+            len(skipped),
+            ", ".join(skipped[:5]),
+        )
     was_training = model.training
     model.eval()
     storage, details = {}, {}
     try:
         calls = capture_first_layer_calls(model, calibration_ids, batch_size)
-        for number, layer in enumerate(tqdm(layers, desc="post-training palettization", unit="layer",
-                                            disable=not progress)):
+        for number, layer in enumerate(
+            tqdm(layers, desc="post-training palettization", unit="layer", disable=not progress)
+        ):
             layer_started = time.perf_counter()
             linears = {name: m for name, m in named_linears(layer).items() if isinstance(m, EDKMLinear)}
             if linears:
                 for group in sequential_groups(layer, calls[0], linears):
-                    for name, hessian in _hessians(layer, calls, {n: linears[n] for n in group}).items():
+                    for name, hessian in input_hessians(layer, calls, {n: linears[n] for n in group}).items():
                         module = linears[name]
                         full = names[id(module)]
                         weight_fisher = None
@@ -501,9 +585,21 @@ def palettize_post_training(model, calibration_ids: torch.Tensor, config=None, *
                             weight_fisher = fisher[full]
                         original = module.rows().detach().clone()
                         best, errors = palettize_weight(
-                            original, hessian, module.spec, module.lut_dtype,
-                            module.weight_scale is not None, importance, weight_fisher, refits, refit_scales,
-                            block_size, damp, act_order, seed=prepared.seed, name=f"{full}.weight")
+                            original,
+                            hessian,
+                            module.spec,
+                            module.lut_dtype,
+                            module.weight_scale is not None,
+                            importance,
+                            weight_fisher,
+                            refits,
+                            refit_scales,
+                            block_size,
+                            damp,
+                            act_order,
+                            seed=prepared.seed,
+                            name=f"{full}.weight",
+                        )
                         installed = install_palette(module, best)
                         dense = module.snapped_weight()
                         errors["final"] = output_error(original, module.rows(dense), hessian)
@@ -511,26 +607,25 @@ def palettize_post_training(model, calibration_ids: torch.Tensor, config=None, *
                         storage[full] = module.storage()
             outputs = run_layer(layer, calls)
             calls = [call.with_hidden_states(output) for call, output in zip(calls, outputs)]
-            logger.info("post-training palettization: layer %d/%d in %.1f s", number + 1, len(layers),
-                        time.perf_counter() - layer_started)
+            logger.info(
+                "post-training palettization: layer %d/%d in %.1f s",
+                number + 1,
+                len(layers),
+                time.perf_counter() - layer_started,
+            )
     finally:
         model.train(was_training)
-    settings = {"importance": importance, "refits": refits, "refit_scales": refit_scales, "block_size": block_size,
-                "damp": damp, "act_order": act_order, "calibration_tokens": int(calibration_ids.numel()),
-                "bits": prepared.bits, "granularity": prepared.granularity,
-                "group_size": prepared.group_size, "per_channel_scale": prepared.enable_per_channel_scale}
+    settings = {
+        "importance": importance,
+        "refits": refits,
+        "refit_scales": refit_scales,
+        "block_size": block_size,
+        "damp": damp,
+        "act_order": act_order,
+        "calibration_tokens": int(calibration_ids.numel()),
+        "bits": prepared.bits,
+        "granularity": prepared.granularity,
+        "group_size": prepared.group_size,
+        "per_channel_scale": prepared.enable_per_channel_scale,
+    }
     return BaselineResult(storage=storage, settings=settings, details=details)
-
-
-def _hessians(layer, calls, watched: dict) -> dict:
-    """``{name: 2/N X^T X}`` of each watched linear's inputs over the calibration calls (float32, as GPTQ)."""
-    gram = {name: None for name in watched}
-    tokens = dict.fromkeys(watched, 0)
-
-    def accumulate(name: str, inputs: torch.Tensor):
-        x = inputs.reshape(-1, inputs.shape[-1]).float()
-        gram[name] = x.T @ x if gram[name] is None else gram[name] + x.T @ x
-        tokens[name] += x.shape[0]
-
-    run_until(layer, calls, watched, accumulate)
-    return {name: (2 * gram[name] / tokens[name]).float() for name in watched}

@@ -25,8 +25,15 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 from .atomic import recover_folder
 from .checkpoint import CheckpointError, checkpoint_state_dict, commit_record, verify_checkpoint
 from .config import QUANT_METHOD, EDKMConfig
-from .nn import (CHECKPOINT_WEIGHT_DIM, EDKMTiedLinear, PaletteFormat, PalettizedTiedLinear, clustered_class_for,
-                 is_clustered, is_palettized)
+from .nn import (
+    CHECKPOINT_WEIGHT_DIM,
+    EDKMTiedLinear,
+    PaletteFormat,
+    PalettizedTiedLinear,
+    clustered_class_for,
+    is_clustered,
+    is_palettized,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +56,11 @@ class ModulePlan:
 def tied_pairs(model) -> dict:
     """``{output head module: input embedding module}`` of tied weights (transformers' tie mapping)."""
     tied = getattr(model, "all_tied_weights_keys", None) or {}
-    return {target.removesuffix(".weight"): source.removesuffix(".weight") for target, source in tied.items()
-            if target.endswith(".weight") and source.endswith(".weight")}
+    return {
+        target.removesuffix(".weight"): source.removesuffix(".weight")
+        for target, source in tied.items()
+        if target.endswith(".weight") and source.endswith(".weight")
+    }
 
 
 def resolve_modules_to_not_convert(model, config: EDKMConfig) -> list:
@@ -139,8 +149,10 @@ def convert_model(model, config: EDKMConfig, plans: dict, form: str) -> None:
             replacement = plan.clustered_class.from_float(module, plan.palette, options)
             if form == "train-checkpoint":
                 weight = replacement.weight
-                replacement.weight = nn.Parameter(torch.empty((1,) + tuple(weight.shape), dtype=weight.dtype,
-                                                              device="meta"), requires_grad=weight.requires_grad)
+                replacement.weight = nn.Parameter(
+                    torch.empty((1,) + tuple(weight.shape), dtype=weight.dtype, device="meta"),
+                    requires_grad=weight.requires_grad,
+                )
         built[name] = replacement
         model.set_submodule(name, replacement)
     for name, plan in plans.items():
@@ -172,8 +184,9 @@ def finish_train_checkpoint_load(model) -> None:
 def init_clusters(model, config: EDKMConfig, progress: bool = True) -> None:
     """k-means initialisation of every clustered module (seeded, identical on every process)."""
     modules = [(name, m) for name, m in model.named_modules() if is_clustered(m)]
-    for name, module in tqdm(modules, desc="eDKM: k-means initialisation", disable=not progress or len(modules) < 2,
-                             leave=False):
+    for name, module in tqdm(
+        modules, desc="eDKM: k-means initialisation", disable=not progress or len(modules) < 2, leave=False
+    ):
         module.init_clusters(seed=config.seed, name=f"{name}.weight")
 
 
@@ -199,8 +212,10 @@ class EDKMHfQuantizer(HfQuantizer):
 
     def validate_environment(self, *args, device_map=None, **kwargs):
         if isinstance(device_map, dict) and "disk" in set(device_map.values()):
-            raise ValueError("eDKM models cannot be offloaded to disk with device_map; use 'cpu' for the modules "
-                             "that do not fit on the accelerator")
+            raise ValueError(
+                "eDKM models cannot be offloaded to disk with device_map; use 'cpu' for the modules "
+                "that do not fit on the accelerator"
+            )
 
     def update_dtype(self, dtype):
         return dtype
@@ -212,12 +227,14 @@ class EDKMHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         config = self.quantization_config
         if config.palettized and not self.pre_quantized:
-            raise ValueError("EDKMConfig(palettized=True) describes a saved palettized checkpoint; to palettize a "
-                             "float model, load it with palettized=False and call optimum_edkm.palettize(model)")
+            raise ValueError(
+                "EDKMConfig(palettized=True) describes a saved palettized checkpoint; to palettize a "
+                "float model, load it with palettized=False and call optimum_edkm.palettize(model)"
+            )
         if self.pre_quantized:
             self._repair_interrupted_save(checkpoint_files)
         if self.pre_quantized and config.modules_to_not_convert is not None:
-            skip = list(config.modules_to_not_convert)    # exactly the modules the checkpoint was saved with
+            skip = list(config.modules_to_not_convert)  # exactly the modules the checkpoint was saved with
         else:
             skip = resolve_modules_to_not_convert(model, config)
         plans = plan_conversion(model, config, skip)
@@ -236,7 +253,8 @@ class EDKMHfQuantizer(HfQuantizer):
         if folder is not None and recover_folder(folder) == "rolled-forward":
             raise CheckpointError(
                 f"{folder} was being replaced by a save that was interrupted after it committed; optimum-edkm has "
-                f"now completed it, so the folder holds the new model: load it again")
+                f"now completed it, so the folder holds the new model: load it again"
+            )
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self.pre_quantized and not self.palettized:
@@ -273,9 +291,13 @@ class EDKMHfQuantizer(HfQuantizer):
     def _dequantize(self, model, dtype=None):
         """Back to plain ``nn.Linear`` / ``Conv1D`` / ``nn.Embedding`` holding the palettized (snapped) weights:
         a model that loads without optimum-edkm. Tied weights are tied again."""
-        converted = [(name, module) for name, module in model.named_modules()
-                     if is_clustered(module) or is_palettized(module)
-                     or isinstance(module, (EDKMTiedLinear, PalettizedTiedLinear))]
+        converted = [
+            (name, module)
+            for name, module in model.named_modules()
+            if is_clustered(module)
+            or is_palettized(module)
+            or isinstance(module, (EDKMTiedLinear, PalettizedTiedLinear))
+        ]
         tied = any(isinstance(module, (EDKMTiedLinear, PalettizedTiedLinear)) for _, module in converted)
         # every float module is built before the first one is installed (a tied head reads its embedding)
         replacements = [(name, module.to_float(dtype)) for name, module in converted]

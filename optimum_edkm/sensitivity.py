@@ -23,12 +23,16 @@ def _linear_weights(model) -> dict:
     from transformers.pytorch_utils import Conv1D
 
     embeddings = {id(m) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
-    return {name: module.weight for name, module in model.named_modules()
-            if isinstance(module, (torch.nn.Linear, Conv1D)) and id(module) not in embeddings}
+    return {
+        name: module.weight
+        for name, module in model.named_modules()
+        if isinstance(module, (torch.nn.Linear, Conv1D)) and id(module) not in embeddings
+    }
 
 
-def fisher_diagonal(model, token_ids: torch.Tensor, samples: int = 16, seq_len: int = 256, seed: int = 0,
-                    modules: Optional[dict] = None) -> dict:
+def fisher_diagonal(
+    model, token_ids: torch.Tensor, samples: int = 16, seq_len: int = 256, seed: int = 0, modules: Optional[dict] = None
+) -> dict:
     """Empirical Fisher diagonal of the weights of ``modules`` (default: every decoder linear layer of a float
     model): the mean over ``samples`` calibration windows (``seq_len`` tokens drawn with ``seed`` from the 1-D
     stream ``token_ids``) of the squared gradient of that window's mean next-token cross-entropy. One backward
@@ -69,7 +73,7 @@ def module_sensitivity(fisher: dict, model, bits: int) -> dict:
     ``1/2 sum F_i (w_i - q(w_i))^2`` with ``q`` a per-row min-max uniform ``bits``-bit rounding (a cheap stand-in
     for the palettization error). Used to decide where extra bits pay most."""
     scores = {}
-    levels = 2 ** bits - 1
+    levels = 2**bits - 1
     for name, importance in fisher.items():
         weight = model.get_submodule(name).weight.detach().float().cpu()
         low, high = weight.amin(-1, keepdim=True), weight.amax(-1, keepdim=True)

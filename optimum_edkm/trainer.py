@@ -44,11 +44,13 @@ class ClusteringSchedule:
     def __post_init__(self):
         check_int(self.clustering_milestone, "clustering_milestone", minimum=0)
         if self.temperature_schedule not in TEMPERATURE_SCHEDULES:
-            raise ValueError(f"temperature_schedule must be one of {TEMPERATURE_SCHEDULES}, got "
-                             f"{self.temperature_schedule!r}")
+            raise ValueError(
+                f"temperature_schedule must be one of {TEMPERATURE_SCHEDULES}, got {self.temperature_schedule!r}"
+            )
         if not 0 < self.final_temperature_factor or not math.isfinite(self.final_temperature_factor):
-            raise ValueError(f"final_temperature_factor must be a finite number > 0, got "
-                             f"{self.final_temperature_factor!r}")
+            raise ValueError(
+                f"final_temperature_factor must be a finite number > 0, got {self.final_temperature_factor!r}"
+            )
         if not self.collapse_tolerance >= 0:
             raise ValueError(f"collapse_tolerance must be >= 0, got {self.collapse_tolerance!r}")
 
@@ -72,36 +74,68 @@ class ClusteringSchedule:
 class EDKMTrainingArguments(TrainingArguments):
     """``TrainingArguments`` plus the clustering schedule and the training-time options of eDKM."""
 
-    clustering_milestone: int = field(default=0, metadata={
-        "help": "optimizer steps of plain fine-tuning before clustering starts (centroids are re-initialised "
-                "from the weights at that step)"})
-    temperature_schedule: str = field(default="constant", metadata={
-        "help": "'constant', or anneal the temperature from its initial value to final_temperature_factor "
-                "times it with a 'linear' or 'cosine' schedule after the milestone"})
+    clustering_milestone: int = field(
+        default=0,
+        metadata={
+            "help": "optimizer steps of plain fine-tuning before clustering starts (centroids are re-initialised "
+            "from the weights at that step)"
+        },
+    )
+    temperature_schedule: str = field(
+        default="constant",
+        metadata={
+            "help": "'constant', or anneal the temperature from its initial value to final_temperature_factor "
+            "times it with a 'linear' or 'cosine' schedule after the milestone"
+        },
+    )
     final_temperature_factor: float = field(default=0.1, metadata={"help": "end of the temperature schedule"})
-    collapse_tolerance: float = field(default=1e-3, metadata={
-        "help": "centroids closer than this fraction of the mean centroid spacing are treated as collapsed and "
-                "spread again before the step; 0 disables the repair"})
-    cluster_stats_sample: int = field(default=65536, metadata={
-        "help": "weights per module sampled (fixed positions) for the logged cluster statistics"})
-    palettize_at_end: bool = field(default=False, metadata={
-        "help": "snap the model to its palettized form when train() finishes (otherwise call trainer.finalize() "
-                "or optimum_edkm.palettize(model) when you are done training)"})
-    distillation_weight: float = field(default=0.0, metadata={
-        "help": "weight of the distillation loss (KL divergence to the teacher's next-token distribution); the "
-                "loss is (1 - w) * cross-entropy + w * KL. Needs EDKMTrainer(teacher_model=...)"})
-    distillation_temperature: float = field(default=1.0, metadata={
-        "help": "softmax temperature of the distillation loss (the KL term is multiplied by its square)"})
-    distillation_loss: str = field(default="forward_kl", metadata={
-        "help": f"divergence to the teacher, one of {DIVERGENCES} (optimum_edkm.losses.token_divergence)"})
-    offload_saved_tensors: Union[bool, str] = field(default=False, metadata={
-        "help": "move what the clustering saves for backward to the CPU (True) or another device"})
-    shard_saved_tensors: bool = field(default=False, metadata={
-        "help": "under data parallelism, keep only this rank's slice of what the clustering saves for backward"})
+    collapse_tolerance: float = field(
+        default=1e-3,
+        metadata={
+            "help": "centroids closer than this fraction of the mean centroid spacing are treated as collapsed and "
+            "spread again before the step; 0 disables the repair"
+        },
+    )
+    cluster_stats_sample: int = field(
+        default=65536,
+        metadata={"help": "weights per module sampled (fixed positions) for the logged cluster statistics"},
+    )
+    palettize_at_end: bool = field(
+        default=False,
+        metadata={
+            "help": "snap the model to its palettized form when train() finishes (otherwise call trainer.finalize() "
+            "or optimum_edkm.palettize(model) when you are done training)"
+        },
+    )
+    distillation_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "weight of the distillation loss (KL divergence to the teacher's next-token distribution); the "
+            "loss is (1 - w) * cross-entropy + w * KL. Needs EDKMTrainer(teacher_model=...)"
+        },
+    )
+    distillation_temperature: float = field(
+        default=1.0,
+        metadata={"help": "softmax temperature of the distillation loss (the KL term is multiplied by its square)"},
+    )
+    distillation_loss: str = field(
+        default="forward_kl",
+        metadata={"help": f"divergence to the teacher, one of {DIVERGENCES} (optimum_edkm.losses.token_divergence)"},
+    )
+    offload_saved_tensors: Union[bool, str] = field(
+        default=False,
+        metadata={"help": "move what the clustering saves for backward to the CPU (True) or another device"},
+    )
+    shard_saved_tensors: bool = field(
+        default=False,
+        metadata={
+            "help": "under data parallelism, keep only this rank's slice of what the clustering saves for backward"
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
-        ClusteringSchedule.from_arguments(self)          # validates the schedule fields
+        ClusteringSchedule.from_arguments(self)  # validates the schedule fields
         check_int(self.cluster_stats_sample, "cluster_stats_sample", minimum=1)
         if not 0 <= self.distillation_weight <= 1:
             raise ValueError(f"distillation_weight must be in [0, 1], got {self.distillation_weight!r}")
@@ -151,7 +185,8 @@ class ClusteringScheduleCallback(TrainerCallback):
             raise ValueError(
                 f"clustering_milestone={schedule.clustering_milestone} is at or beyond max_steps={state.max_steps}: "
                 f"clustering would never run and palettizing would snap the model to its pre-training centroids; "
-                f"lower clustering_milestone or raise max_steps")
+                f"lower clustering_milestone or raise max_steps"
+            )
         self.apply(model, state.global_step, state.max_steps, starting=True, args=args)
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
@@ -166,8 +201,12 @@ class ClusteringScheduleCallback(TrainerCallback):
         for _, module in modules:
             module.clustering_enabled = active
             module.temperature_factor = factor
-        if active and schedule.clustering_milestone > 0 and step == schedule.clustering_milestone and \
-                not self._milestone_initialised:
+        if (
+            active
+            and schedule.clustering_milestone > 0
+            and step == schedule.clustering_milestone
+            and not self._milestone_initialised
+        ):
             # the weights moved during plain fine-tuning: start clustering from their current k-means
             seed = self.seed if self.seed is not None else edkm_config(base_model(model)).seed
             for name, module in modules:
@@ -186,13 +225,13 @@ class EDKMTrainer(Trainer):
     ``palettize_at_end=True``.
     """
 
-    def __init__(self, model=None, args: Optional[TrainingArguments] = None, *positional, teacher_model=None,
-                 **kwargs):
+    def __init__(self, model=None, args: Optional[TrainingArguments] = None, *positional, teacher_model=None, **kwargs):
         if args is None:
             raise ValueError("EDKMTrainer needs args=EDKMTrainingArguments(output_dir=...)")
         if getattr(args, "distillation_weight", 0.0) > 0 and teacher_model is None:
-            raise ValueError("distillation_weight > 0 needs a teacher: EDKMTrainer(..., teacher_model=<the float "
-                             "model>)")
+            raise ValueError(
+                "distillation_weight > 0 needs a teacher: EDKMTrainer(..., teacher_model=<the float model>)"
+            )
         self._check_trainable(model)
         super().__init__(model, args, *positional, **kwargs)
         self.edkm_config = edkm_config(base_model(model))
@@ -209,8 +248,10 @@ class EDKMTrainer(Trainer):
     def _check_trainable(model) -> None:
         config = edkm_config(base_model(model))
         if config.palettized or not clustered_modules(model):
-            raise ValueError("the model is already palettized (LUTs and indices only): there are no float weights "
-                             "left to fine-tune; load the float or train-format checkpoint instead")
+            raise ValueError(
+                "the model is already palettized (LUTs and indices only): there are no float weights "
+                "left to fine-tune; load the float or train-format checkpoint instead"
+            )
 
     def clustered_modules(self):
         return clustered_modules(self.model)
@@ -223,16 +264,21 @@ class EDKMTrainer(Trainer):
         """Trainer's loss, mixed with the KL divergence to the teacher when ``distillation_weight > 0``."""
         weight = getattr(self.args, "distillation_weight", 0.0)
         if self.teacher_model is None or weight == 0 or not model.training:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
         labels = inputs.get("labels")
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
-                                             num_items_in_batch=num_items_in_batch)
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         with torch.no_grad():
             teacher_logits = self.teacher_model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
-        distillation = distillation_term(outputs.logits, teacher_logits, labels,
-                                         getattr(self.args, "distillation_loss", "forward_kl"),
-                                         self.args.distillation_temperature, num_items_in_batch)
+        distillation = distillation_term(
+            outputs.logits,
+            teacher_logits,
+            labels,
+            getattr(self.args, "distillation_loss", "forward_kl"),
+            self.args.distillation_temperature,
+            num_items_in_batch,
+        )
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             distillation = distillation * self.accelerator.num_processes
         loss = (1 - weight) * loss + weight * distillation
@@ -252,8 +298,7 @@ class EDKMTrainer(Trainer):
             if name not in self._sample_positions:
                 generator = torch.Generator().manual_seed(self.edkm_config.seed)
                 count = min(numel, sample_size)
-                positions = torch.randperm(numel, generator=generator)[:count] if count < numel \
-                    else torch.arange(numel)
+                positions = torch.randperm(numel, generator=generator)[:count] if count < numel else torch.arange(numel)
                 self._sample_positions[name] = positions.to(module.weight.device)
             labels, entropy = module.assignment_sample(self._sample_positions[name])
             entropy_sum += float(entropy.sum())
@@ -311,8 +356,9 @@ class EDKMTrainer(Trainer):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return super()._save(output_dir, state_dict)
-        commit_folder(output_dir, lambda staging: super(EDKMTrainer, self)._save(staging, state_dict),
-                      owns=owns_model_file)
+        commit_folder(
+            output_dir, lambda staging: super(EDKMTrainer, self)._save(staging, state_dict), owns=owns_model_file
+        )
 
 
 def _policy_counters(modules) -> dict:

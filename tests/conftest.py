@@ -22,9 +22,19 @@ def one_cpu_thread():
 def tiny_llama_config(tie: bool = True, **overrides):
     from transformers import LlamaConfig
 
-    values = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie, bos_token_id=1,
-                  eos_token_id=2, pad_token_id=0)
+    values = dict(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     values.update(overrides)
     return LlamaConfig(**values)
 
@@ -32,8 +42,7 @@ def tiny_llama_config(tie: bool = True, **overrides):
 def tiny_gpt2_config():
     from transformers import GPT2Config
 
-    return GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1,
-                      eos_token_id=2)
+    return GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2)
 
 
 def save_float_model(config, directory, seed=0, dtype=torch.float32):

@@ -34,22 +34,38 @@ def main():
     sequences = [[(i * 7 + j * 3) % 120 + 3 for j in range(16)] for i in range(64)]
     dataset = Dataset.from_dict({"input_ids": sequences, "labels": sequences})
     args = EDKMTrainingArguments(
-        output_dir=os.path.join(out_dir, "trainer"), max_steps=steps, per_device_train_batch_size=per_device_batch,
-        learning_rate=3e-3, logging_steps=1, use_cpu=True, report_to=[], save_strategy="no",
-        seed=0, dataloader_drop_last=True, shard_saved_tensors=shard,
+        output_dir=os.path.join(out_dir, "trainer"),
+        max_steps=steps,
+        per_device_train_batch_size=per_device_batch,
+        learning_rate=3e-3,
+        logging_steps=1,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        seed=0,
+        dataloader_drop_last=True,
+        shard_saved_tensors=shard,
         offload_saved_tensors={"min_bytes": 1, "memory_threshold": 1.0} if shard else False,
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
     )
     trainer = EDKMTrainer(model=model, args=args, train_dataset=dataset)
     trainer.train()
     rank = int(os.environ.get("RANK", 0))
-    state = {name: {"centroids": m.weight_centroids.clone(), "weight": m.weight.detach().clone()}
-             for name, m in model.named_modules() if is_clustered(m)}
+    state = {
+        name: {"centroids": m.weight_centroids.clone(), "weight": m.weight.detach().clone()}
+        for name, m in model.named_modules()
+        if is_clustered(m)
+    }
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    kept = [entry["edkm/bytes_on_device"] + entry["edkm/bytes_offloaded"] for entry in trainer.state.log_history
-            if "edkm/bytes_on_device" in entry]
-    torch.save({"modules": state, "losses": losses, "world_size": trainer.args.world_size, "kept_bytes": kept},
-               os.path.join(out_dir, f"rank{rank}.pt"))
+    kept = [
+        entry["edkm/bytes_on_device"] + entry["edkm/bytes_offloaded"]
+        for entry in trainer.state.log_history
+        if "edkm/bytes_on_device" in entry
+    ]
+    torch.save(
+        {"modules": state, "losses": losses, "world_size": trainer.args.world_size, "kept_bytes": kept},
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
 
 
 if __name__ == "__main__":

@@ -35,9 +35,13 @@ def main():
     os.makedirs(out_dir, exist_ok=True)
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
     from transformers import AutoModelForCausalLM
@@ -68,7 +72,7 @@ def main():
         first = save_at
     losses = []
     for step in range(first, steps):
-        batch = torch.tensor(sequences(step)[rank * per_rank:(rank + 1) * per_rank])
+        batch = torch.tensor(sequences(step)[rank * per_rank : (rank + 1) * per_rank])
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         optimizer.step()
@@ -79,8 +83,10 @@ def main():
             reported /= world
         losses.append(float(reported))
         if save_at is not None and not resume and step + 1 == save_at:
-            dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)},
-                     checkpoint_id=checkpoint)
+            dcp.save(
+                {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)},
+                checkpoint_id=checkpoint,
+            )
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     modules = {}
@@ -99,35 +105,52 @@ def main():
 
         positions = torch.arange(0, 64)
         # statistics and palettization read whole weights outside forward: every rank takes part (collectives)
-        sharded_stats = {name: module.assignment_sample(positions) for name, module in model.named_modules()
-                         if is_clustered(module)}
+        sharded_stats = {
+            name: module.assignment_sample(positions) for name, module in model.named_modules() if is_clustered(module)
+        }
         if rank == 0:
             # the export that needs no gathering inside the modules: the full state dict in an unsharded model
-            unsharded = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=EDKMConfig(
-                bits=3, temperature=0.25))
+            unsharded = AutoModelForCausalLM.from_pretrained(
+                float_dir, quantization_config=EDKMConfig(bits=3, temperature=0.25)
+            )
             unsharded.load_state_dict(full)
             modules_by_name = dict(unsharded.named_modules())
             agreement["stats"] = all(
-                torch.equal(labels, modules_by_name[name].assignment_sample(positions)[0]) and
-                torch.equal(entropy, modules_by_name[name].assignment_sample(positions)[1])
-                for name, (labels, entropy) in sharded_stats.items())
+                torch.equal(labels, modules_by_name[name].assignment_sample(positions)[0])
+                and torch.equal(entropy, modules_by_name[name].assignment_sample(positions)[1])
+                for name, (labels, entropy) in sharded_stats.items()
+            )
             optimum_edkm.palettize(unsharded)
             palettized_dir = optimum_edkm.save_pretrained(unsharded, os.path.join(out_dir, "palettized"))
-            reference_packed = {name: (m.weight.clone(), m.weight_lut.clone()) for name, m in unsharded.named_modules()
-                                if isinstance(m, PalettizedLinear)}
+            reference_packed = {
+                name: (m.weight.clone(), m.weight_lut.clone())
+                for name, m in unsharded.named_modules()
+                if isinstance(m, PalettizedLinear)
+            }
         try:
             optimum_edkm.palettize(model)
             palettize_outcome = "ok"
-        except Exception as error:          # noqa: BLE001  (recorded for the test and the docs)
+        except Exception as error:  # noqa: BLE001  (recorded for the test and the docs)
             palettize_outcome = f"{type(error).__name__}: {str(error)[:200]}"
         if rank == 0 and palettize_outcome == "ok":
-            packed = {name: (m.weight, m.weight_lut) for name, m in model.named_modules()
-                      if isinstance(m, PalettizedLinear)}
+            packed = {
+                name: (m.weight, m.weight_lut) for name, m in model.named_modules() if isinstance(m, PalettizedLinear)
+            }
             agreement["palettized"] = packed.keys() == reference_packed.keys() and all(
                 torch.equal(packed[n][0], reference_packed[n][0]) and torch.equal(packed[n][1], reference_packed[n][1])
-                for n in packed)
-    torch.save({"losses": losses, "modules": modules, "world_size": world, "palettize": palettize_outcome,
-                "palettized_dir": palettized_dir, "agreement": agreement}, os.path.join(out_dir, f"rank{rank}.pt"))
+                for n in packed
+            )
+    torch.save(
+        {
+            "losses": losses,
+            "modules": modules,
+            "world_size": world,
+            "palettize": palettize_outcome,
+            "palettized_dir": palettized_dir,
+            "agreement": agreement,
+        },
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

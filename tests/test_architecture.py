@@ -15,14 +15,33 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 #: layer of each top-level module or subpackage (docs/architecture.md); imports may only go to the same or a
 #: lower layer
 LAYERS = {
-    "validation": 0, "version": 0, "storage": 0, "atomic": 0, "extensions": 0,
-    "clustering": 1, "marshaling": 1, "kernels": 1,
+    "validation": 0,
+    "version": 0,
+    "storage": 0,
+    "atomic": 0,
+    "extensions": 0,
+    "clustering": 1,
+    "marshaling": 1,
+    "kernels": 1,
     "nn": 2,
     "losses": 1,
-    "config": 3, "checkpoint": 3, "quantizer": 3, "api": 3, "trainer": 3,
+    "config": 3,
+    "checkpoint": 3,
+    "quantizer": 3,
+    "api": 3,
+    "trainer": 3,
     "finetune": 4,
-    "export": 4, "baselines": 4, "evaluation": 4, "data": 4, "models": 4, "distillation": 4, "commands": 4,
-    "peft": 4, "sensitivity": 4, "ptq": 4, "__init__": 5,
+    "export": 4,
+    "baselines": 4,
+    "evaluation": 4,
+    "data": 4,
+    "models": 4,
+    "distillation": 4,
+    "commands": 4,
+    "peft": 4,
+    "sensitivity": 4,
+    "ptq": 4,
+    "__init__": 5,
 }
 
 
@@ -34,8 +53,9 @@ def _modules() -> dict:
             if name.endswith(".py"):
                 relative = os.path.relpath(os.path.join(folder, name), os.path.dirname(ROOT))[:-3]
                 dotted = relative.replace(os.sep, ".")
-                found[dotted.removesuffix(".__init__") if dotted.endswith(".__init__") else dotted] = \
-                    os.path.join(folder, name)
+                found[dotted.removesuffix(".__init__") if dotted.endswith(".__init__") else dotted] = os.path.join(
+                    folder, name
+                )
     return found
 
 
@@ -81,9 +101,12 @@ def _layer(module: str) -> int:
 
 def test_no_module_imports_a_higher_layer():
     graph = _graph()
-    upward = sorted(f"{source} (layer {_layer(source)}) -> {target} (layer {_layer(target)})"
-                    for source, targets in graph.items() for target in targets
-                    if _layer(target) > _layer(source) and target != PACKAGE)
+    upward = sorted(
+        f"{source} (layer {_layer(source)}) -> {target} (layer {_layer(target)})"
+        for source, targets in graph.items()
+        for target in targets
+        if _layer(target) > _layer(source) and target != PACKAGE
+    )
     assert not upward, "imports from a lower layer to a higher one:\n" + "\n".join(upward)
 
 
@@ -96,7 +119,6 @@ def _unit(module: str) -> str:
 def _cycles(edges: dict) -> list:
     """Strongly connected components of more than one node (Tarjan)."""
     index, low, stack, on_stack, cycles, counter = {}, {}, [], set(), [], [0]
-
 
     def visit(node):
         index[node] = low[node] = counter[0]
@@ -129,8 +151,10 @@ def _cycles(edges: dict) -> list:
 def test_the_import_graph_has_no_cycle():
     graph = _graph()
     # a subpackage's __init__ re-exporting its own modules is not a cycle of concepts; every other edge counts
-    edges = {source: {t for t in targets if not (source.count(".") < t.count(".") and t.startswith(source + "."))}
-             for source, targets in graph.items()}
+    edges = {
+        source: {t for t in targets if not (source.count(".") < t.count(".") and t.startswith(source + "."))}
+        for source, targets in graph.items()
+    }
     cycles = _cycles(edges)
     assert not cycles, "import cycles between modules:\n" + "\n".join(" <-> ".join(c) for c in cycles)
 
@@ -139,7 +163,8 @@ def test_no_cycle_between_subpackages():
     units = {}
     for source, targets in _graph().items():
         units.setdefault(_unit(source), set()).update(
-            _unit(t) for t in targets if _unit(t) not in (_unit(source), "__init__"))
+            _unit(t) for t in targets if _unit(t) not in (_unit(source), "__init__")
+        )
     cycles = _cycles(units)
     assert not cycles, "import cycles between subpackages:\n" + "\n".join(" <-> ".join(c) for c in cycles)
 

@@ -6,12 +6,18 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from optimum_edkm.baselines import (awq, fake_quantize, gptq, gptq_quantize_weight, minmax_params,
-                                    quantize_groupwise, rtn)
+from optimum_edkm.baselines import (
+    awq,
+    fake_quantize,
+    gptq,
+    gptq_quantize_weight,
+    minmax_params,
+    quantize_groupwise,
+    rtn,
+)
 from optimum_edkm.baselines.awq import search_clip
 from optimum_edkm.baselines.layers import capture_first_layer_calls, sequential_groups
 from optimum_edkm.evaluation import WeightStorage, effective_bits
-
 
 ROW = [-0.2, 0.0, 0.4, 0.9]
 
@@ -86,7 +92,7 @@ def slow_gptq(weight, hessian, bits, group_size, symmetric, damp, act_order):
 
 def correlated_inputs(tokens, columns, seed, outliers=()):
     generator = torch.Generator().manual_seed(seed)
-    mixing = torch.randn(columns, columns, generator=generator) / columns ** 0.5 + torch.eye(columns)
+    mixing = torch.randn(columns, columns, generator=generator) / columns**0.5 + torch.eye(columns)
     x = torch.randn(tokens, columns, generator=generator) @ mixing
     for channel in outliers:
         x[:, channel] *= 10
@@ -135,9 +141,16 @@ def test_gptq_rejects_a_hessian_of_the_wrong_shape():
 
 def tiny_llama(kv_heads=2, seed=0):
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=128,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         model.model.embed_tokens.weight[:, [3, 17, 50]] *= 20  # outlier channels in every activation
@@ -152,13 +165,14 @@ def assert_on_grid(weight, bits, group_size):
     """Every row-group holds at most 2**bits distinct values."""
     for group in weight.split(group_size, dim=1):
         for row in group:
-            assert row.unique().numel() <= 2 ** bits
+            assert row.unique().numel() <= 2**bits
 
 
 @torch.no_grad()
 def output_error(model, reference, ids):
-    return float(((model.model(input_ids=ids).last_hidden_state - reference.model(input_ids=ids).last_hidden_state)
-                  ** 2).mean())
+    return float(
+        ((model.model(input_ids=ids).last_hidden_state - reference.model(input_ids=ids).last_hidden_state) ** 2).mean()
+    )
 
 
 @pytest.mark.parametrize("kv_heads", [2, 4])
@@ -217,8 +231,10 @@ def test_true_sequential_groups_follow_execution_order():
     call = capture_first_layer_calls(model, tokens(1, 8, seed=0), batch_size=1)[0]
     groups = sequential_groups(model.model.layers[0], call)
     assert [sorted(g) for g in groups] == [
-        ["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
-        ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"],
+        ["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"],
+        ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"],
+        ["mlp.down_proj"],
     ]
 
 

@@ -7,9 +7,20 @@ import math
 import pytest
 import torch
 
-from optimum_edkm.clustering import (ClusteringSpec, SavedTensorMeter, decode, dkm_reference, edkm_cluster,
-                                     hard_assign, init_centroids, pack_indices, packed_size, per_channel_scale,
-                                     uniquify, unpack_indices)
+from optimum_edkm.clustering import (
+    ClusteringSpec,
+    SavedTensorMeter,
+    decode,
+    dkm_reference,
+    edkm_cluster,
+    hard_assign,
+    init_centroids,
+    pack_indices,
+    packed_size,
+    per_channel_scale,
+    uniquify,
+    unpack_indices,
+)
 
 uniquify_module = importlib.import_module("optimum_edkm.clustering.uniquify")
 edkm_module = importlib.import_module("optimum_edkm.clustering.edkm")
@@ -42,7 +53,7 @@ CASES = list(itertools.product(range(1, 9), [None, 2], [False, True]))
 @pytest.mark.parametrize("kernel", [None, False], ids=["compiled-pairs", "torch"])
 @pytest.mark.parametrize("bits,group_size,with_scale", CASES)
 def test_edkm_equals_reference_dkm_in_float64(bits, group_size, with_scale, kernel):
-    shape = (6, 37) if bits < 7 else (4, 5, 7)      # odd sizes; a conv-like 3-D weight too
+    shape = (6, 37) if bits < 7 else (4, 5, 7)  # odd sizes; a conv-like 3-D weight too
     weight = bf16_representable(shape, seed=bits).requires_grad_(True)
     # scaled rows live in [-1, 1] instead of ~[-0.05, 0.05]: a temperature on the same relative footing
     temperature = 0.1 if with_scale else 1e-4
@@ -84,14 +95,17 @@ def test_temperature_controls_softness_and_gradients_match_at_any_temperature():
         (g_edkm,) = torch.autograd.grad(edkm.weight, weight, upstream)
         assert relative_error(g_edkm, g_ref) < 1e-9
     # a cold softmax is nearly a hard assignment: the output has (almost) only 4 distinct values
-    cold = edkm_cluster(weight, init_centroids(weight, ClusteringSpec(bits=2, temperature=1e-9)),
-                        ClusteringSpec(bits=2, temperature=1e-9))
+    cold = edkm_cluster(
+        weight,
+        init_centroids(weight, ClusteringSpec(bits=2, temperature=1e-9)),
+        ClusteringSpec(bits=2, temperature=1e-9),
+    )
     assert cold.weight.detach().unique().numel() <= 4
 
 
 def test_early_stop_on_tolerance_is_the_same_in_both_engines():
     weight = bf16_representable((16, 16), seed=5).requires_grad_(True)
-    loose = ClusteringSpec(bits=3, iterations=10, tolerance=1.0)     # every update moves less than 1.0
+    loose = ClusteringSpec(bits=3, iterations=10, tolerance=1.0)  # every update moves less than 1.0
     centroids = init_centroids(weight, loose)
     assert dkm_reference(weight, centroids, loose).iterations == 1
     assert edkm_cluster(weight, centroids, loose).iterations == 1
@@ -108,7 +122,7 @@ def test_early_stop_on_tolerance_is_the_same_in_both_engines():
 def test_a_cluster_that_attracts_no_weight_keeps_its_centroid():
     weight = bf16_representable((8, 8), seed=6).requires_grad_(True)
     spec = ClusteringSpec(bits=2)
-    centroids = torch.tensor([[-0.01, 0.01, 5.0, 6.0]], dtype=torch.float64)   # two far from every weight
+    centroids = torch.tensor([[-0.01, 0.01, 5.0, 6.0]], dtype=torch.float64)  # two far from every weight
     ref = dkm_reference(weight, centroids, spec)
     edkm = edkm_cluster(weight, centroids, spec)
     assert ref.centroids[0, 2:].tolist() == [5.0, 6.0] and edkm.centroids[0, 2:].tolist() == [5.0, 6.0]
@@ -166,10 +180,10 @@ def test_saved_for_backward_is_100x_smaller_than_reference_dkm():
 def test_saved_tensor_meter_counts_views_once_and_separates_resident():
     base = torch.randn(64, 64, requires_grad=True)
     with SavedTensorMeter(resident=[base]) as meter:
-        hidden = base.exp()                      # saves its output (64*64*4 bytes)
-        (hidden.t() * hidden.t()).sum()          # two saves of a view of the same storage
-        (base * 2).sin()                         # saves base*2 (new) ...
-        (base.view(-1) * 3).sum()                # ... and multiplication by a constant saves nothing
+        hidden = base.exp()  # saves its output (64*64*4 bytes)
+        (hidden.t() * hidden.t()).sum()  # two saves of a view of the same storage
+        (base * 2).sin()  # saves base*2 (new) ...
+        (base.view(-1) * 3).sum()  # ... and multiplication by a constant saves nothing
     assert meter.saved_bytes == 2 * 64 * 64 * 4
     assert meter.resident_bytes == 0 or meter.resident_bytes == 64 * 64 * 4
     assert meter.saved_tensors >= 3
@@ -224,7 +238,7 @@ def test_pattern_kernel_equals_torch_reference(compiled, dtype, kind, groups, wi
 
     generator = torch.Generator().manual_seed(kind + 2 * groups)
     weight = (torch.randn(16, 75, generator=generator) * 0.05).to(dtype)
-    weight[0, :3] = torch.tensor([0.0, -0.0, 1e-30])            # signed zeros and a value that flushes
+    weight[0, :3] = torch.tensor([0.0, -0.0, 1e-30])  # signed zeros and a value that flushes
     scale = torch.rand(16, generator=generator) + 0.5 if with_scale else None
     grad = torch.randn(16, 75, generator=generator).to(dtype)
 
@@ -248,8 +262,10 @@ def test_pattern_kernel_equals_torch_reference(compiled, dtype, kind, groups, wi
     exact = torch.zeros(keys.numel(), dtype=torch.float64).index_add_(0, position, scaled.float().double().reshape(-1))
     assert torch.allclose(sums, exact, rtol=0, atol=1e-12)
     assert torch.allclose(ref_sums.double(), exact, rtol=1e-5, atol=1e-5)
-    assert torch.equal(compiled.weight_grad_pairs(weight, scale, groups, kind, grad, keys, local, shift),
-                       reference.weight_grad_pairs(weight, scale, groups, kind, grad, keys, local, shift))
+    assert torch.equal(
+        compiled.weight_grad_pairs(weight, scale, groups, kind, grad, keys, local, shift),
+        reference.weight_grad_pairs(weight, scale, groups, kind, grad, keys, local, shift),
+    )
 
 
 @pytest.mark.parametrize("kind,dtype", [(0, torch.bfloat16), (1, torch.float16)])
@@ -258,7 +274,7 @@ def test_pattern_kernel_counts_nonfinite_weights(compiled, kind, dtype):
 
     weight = torch.full((4, 8), 0.5)
     weight[0, 0], weight[1, 1], weight[2, 2] = float("nan"), float("inf"), -float("inf")
-    weight[3, 3] = 1e6 if kind == 1 else 0.25                   # overflows fp16 only
+    weight[3, 3] = 1e6 if kind == 1 else 0.25  # overflows fp16 only
     expected = 4 if kind == 1 else 3
     assert compiled.count_pairs(weight, None, 2, kind)[2] == reference.count_pairs(weight, None, 2, kind)[2] == expected
 
@@ -274,21 +290,24 @@ def test_pattern_kernel_threads_merge_to_the_same_counts(compiled, groups):
     results = []
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        results.append((*compiled.count_pairs(weight, None, groups, 0)[:2],
-                        *compiled.sum_pairs(weight, None, groups, 0, grad)))
+        results.append(
+            (*compiled.count_pairs(weight, None, groups, 0)[:2], *compiled.sum_pairs(weight, None, groups, 0, grad))
+        )
     for keys, counts, sum_keys, sum_counts, sums in results:
         assert torch.equal(keys, expected_keys) and torch.equal(sum_keys, expected_keys)
         assert torch.equal(counts, expected_counts) and torch.equal(sum_counts, expected_counts)
         assert torch.allclose(sums, results[0][4], rtol=0, atol=1e-9)
 
 
-@pytest.mark.parametrize("bits,group_size,iterations,tolerance", [(1, None, 1, 0.0), (3, 2, 3, 0.0), (6, None, 2, 0.0),
-                                                                  (4, 3, 10, 1e-3)])
+@pytest.mark.parametrize(
+    "bits,group_size,iterations,tolerance", [(1, None, 1, 0.0), (3, 2, 3, 0.0), (6, None, 2, 0.0), (4, 3, 10, 1e-3)]
+)
 def test_pair_kernel_reverse_pass_equals_autograd_in_float64(compiled, bits, group_size, iterations, tolerance):
     """The compiled DKM on pairs (its reverse pass written out) against the torch path (autograd replay)."""
     weight = bf16_representable((6, 50), seed=bits).requires_grad_(True)
-    spec = ClusteringSpec(bits=bits, group_size=group_size, temperature=3e-5, iterations=iterations,
-                          tolerance=tolerance)
+    spec = ClusteringSpec(
+        bits=bits, group_size=group_size, temperature=3e-5, iterations=iterations, tolerance=tolerance
+    )
     centroids = init_centroids(weight, spec, seed=bits)
     upstream = torch.randn(weight.shape, generator=torch.Generator().manual_seed(bits), dtype=torch.float64)
     results = []
@@ -370,8 +389,7 @@ def test_non_finite_and_overflowing_values_are_found_in_the_counts(kernel):
 def test_kernel_true_says_why_it_cannot_run(compiled):
     spec = ClusteringSpec(bits=2)
     with pytest.raises(RuntimeError, match="float32/bfloat16/float16 weights"):
-        edkm_cluster(torch.randn(4, 4, dtype=torch.float64), torch.zeros(1, 4, dtype=torch.float64), spec,
-                     kernel=True)
+        edkm_cluster(torch.randn(4, 4, dtype=torch.float64), torch.zeros(1, 4, dtype=torch.float64), spec, kernel=True)
     with pytest.raises(RuntimeError, match="16-bit clustered values"):
         edkm_cluster(torch.randn(4, 4), torch.zeros(1, 4), ClusteringSpec(bits=2, unique_dtype=None), kernel=True)
 
@@ -442,7 +460,7 @@ def test_init_centroids_is_deterministic_and_batched_groups_match_one_by_one():
     assert torch.equal(first, init_centroids(weight, spec, seed=1))
     assert bool((first[:, 1:] >= first[:, :-1]).all())
     for g in range(3):
-        rows = weight[4 * g: 4 * g + 4].reshape(-1, 1)
+        rows = weight[4 * g : 4 * g + 4].reshape(-1, 1)
         centroids = first[g]
         # a Lloyd fixed point: every centroid is the mean of the values nearest to it ...
         label = (rows - centroids).abs().argmin(1)
@@ -479,18 +497,18 @@ def test_hard_assignment_is_the_nearest_lut_entry(group_size, with_scale):
     groups = snapped.lut.shape[0]
     rows = weight.shape[0] // groups
     for g in range(groups):
-        block = dense[g * rows:(g + 1) * rows]
+        block = dense[g * rows : (g + 1) * rows]
         lut = snapped.lut[g]
-        row_scale = scale[g * rows:(g + 1) * rows].unsqueeze(1) if with_scale else 1.0
-        allowed = lut.view(1, 1, -1) * (row_scale.unsqueeze(-1) if with_scale else 1.0)    # fp32, as decoded
+        row_scale = scale[g * rows : (g + 1) * rows].unsqueeze(1) if with_scale else 1.0
+        allowed = lut.view(1, 1, -1) * (row_scale.unsqueeze(-1) if with_scale else 1.0)  # fp32, as decoded
         assert bool((block.unsqueeze(-1) == allowed).any(-1).all()), "a value is not in its LUT"
         lut = lut.double()
         row_scale = row_scale.double() if with_scale else 1.0
         # brute force nearest in float64 on the clustered domain
-        domain = (weight[g * rows:(g + 1) * rows].double() / (row_scale if with_scale else 1.0))
+        domain = weight[g * rows : (g + 1) * rows].double() / (row_scale if with_scale else 1.0)
         domain = domain.to(torch.bfloat16).double()
         nearest = (domain.unsqueeze(-1) - lut).abs().argmin(-1)
-        assert torch.equal(snapped.indices[g * rows:(g + 1) * rows].long(), nearest)
+        assert torch.equal(snapped.indices[g * rows : (g + 1) * rows].long(), nearest)
 
 
 def test_per_channel_scale_is_fp16_representable_half_range():
@@ -505,7 +523,7 @@ def test_per_channel_scale_is_fp16_representable_half_range():
 @pytest.mark.parametrize("bits", range(1, 9))
 @pytest.mark.parametrize("numel", [1, 7, 8, 9, 1000])
 def test_packing_round_trips(bits, numel):
-    indices = torch.randint(0, 2 ** bits, (numel,), generator=torch.Generator().manual_seed(bits * numel))
+    indices = torch.randint(0, 2**bits, (numel,), generator=torch.Generator().manual_seed(bits * numel))
     packed = pack_indices(indices, bits)
     assert packed.dtype == torch.uint8 and packed.numel() == packed_size(numel, bits) == math.ceil(numel * bits / 8)
     assert torch.equal(unpack_indices(packed, bits, numel), indices.to(torch.uint8))
@@ -513,8 +531,8 @@ def test_packing_round_trips(bits, numel):
 
 @pytest.mark.parametrize("bits", [3, 6])
 def test_packing_is_an_lsb_first_bit_stream(bits):
-    indices = torch.randint(0, 2 ** bits, (13,), generator=torch.Generator().manual_seed(0))
-    stream = [(int(i) >> b) & 1 for i in indices for b in range(bits)]          # LSB of each index first
+    indices = torch.randint(0, 2**bits, (13,), generator=torch.Generator().manual_seed(0))
+    stream = [(int(i) >> b) & 1 for i in indices for b in range(bits)]  # LSB of each index first
     stream += [0] * ((-len(stream)) % 8)
     expected = [sum(stream[8 * j + b] << b for b in range(8)) for j in range(len(stream) // 8)]
     assert pack_indices(indices, bits).tolist() == expected
@@ -566,7 +584,7 @@ def test_a_finite_weight_that_overflows_the_16_bit_clustering_dtype_is_named(ent
     spec = ClusteringSpec(bits=3, unique_dtype=torch.float16)
     weight = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
     centroids = init_centroids(weight, spec)
-    weight[2, 3] = 1e6                                    # finite in fp32, beyond fp16's 65504
+    weight[2, 3] = 1e6  # finite in fp32, beyond fp16's 65504
     with pytest.raises(ValueError, match=r"'layers.0.w'.*overflow torch.float16"):
         if entry == "init_centroids":
             init_centroids(weight, spec, name="layers.0.w")
@@ -583,8 +601,11 @@ def test_a_temperature_whose_softmax_overflows_is_refused_and_one_just_above_giv
     weight = torch.randn(8, 64, generator=torch.Generator().manual_seed(1)).requires_grad_()
     spec = ClusteringSpec(bits=3)
     centroids = init_centroids(weight.detach(), spec)
-    run = (lambda s: edkm_cluster(weight, centroids, s, name="w")) if engine == "edkm" else \
-        (lambda s: dkm_reference(weight, centroids, s, name="w"))
+    run = (
+        (lambda s: edkm_cluster(weight, centroids, s, name="w"))
+        if engine == "edkm"
+        else (lambda s: dkm_reference(weight, centroids, s, name="w"))
+    )
     with pytest.raises(ValueError, match="temperature 1e-40 is too small for 'w'"):
         run(dataclasses.replace(spec, temperature=1e-40))
     out = run(dataclasses.replace(spec, temperature=1e-30))

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from tiny_text_model import help_topic_texts, save_tiny_text_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,14 +34,31 @@ def tiny_model_dir(tmp_path_factory, texts):
 
 
 def _compress_argv(model, texts, output, *extra):
-    return ["compress", "--model", model, "--output", str(output), "--train-text", str(texts / "train.txt"),
-            "--eval-text", str(texts / "eval.txt"), "--context-length", "64", "--seq-len", "32",
-            "--batch-size", "2", "--no-progress", *extra]
+    return [
+        "compress",
+        "--model",
+        model,
+        "--output",
+        str(output),
+        "--train-text",
+        str(texts / "train.txt"),
+        "--eval-text",
+        str(texts / "eval.txt"),
+        "--context-length",
+        "64",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def _load(folder):
-    import optimum_edkm  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import optimum_edkm  # noqa: F401
 
     return AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
 
@@ -66,17 +82,20 @@ def test_optimum_cli_lists_the_edkm_commands_and_the_coreml_export():
     assert "compress" in edkm.stdout and "evaluate" in edkm.stdout
     export = subprocess.run(cli + ["export", "--help"], capture_output=True, text=True, env=_env(), timeout=120)
     assert "coreml-edkm" in export.stdout
-    compress = subprocess.run(cli + ["edkm", "compress", "--help"], capture_output=True, text=True, env=_env(),
-                              timeout=120)
+    compress = subprocess.run(
+        cli + ["edkm", "compress", "--help"], capture_output=True, text=True, env=_env(), timeout=120
+    )
     assert "--bits" in compress.stdout and "--output" in compress.stdout and "--steps" in compress.stdout
-    assert "register" not in root.stderr    # no warning about an __init__.py in the namespace
+    assert "register" not in root.stderr  # no warning about an __init__.py in the namespace
 
 
 def test_the_registration_module_imports_neither_torch_nor_the_package():
     pytest.importorskip("optimum.commands.base", reason="optimum is not installed (pip install optimum-edkm[optimum])")
-    probe = ("import sys, optimum.commands.register.register_edkm as r; r.EDKMCompressCommand.parse_args("
-             "__import__('argparse').ArgumentParser()); "
-             "print(sorted(m for m in ('torch', 'transformers', 'optimum_edkm') if m in sys.modules))")
+    probe = (
+        "import sys, optimum.commands.register.register_edkm as r; r.EDKMCompressCommand.parse_args("
+        "__import__('argparse').ArgumentParser()); "
+        "print(sorted(m for m in ('torch', 'transformers', 'optimum_edkm') if m in sys.modules))"
+    )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=_env(), timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
@@ -104,39 +123,46 @@ def test_coreml_export_options_match_the_export_command_line():
 
 # --------------------------------------------------------------------------------------------- compress
 def test_compress_from_optimum_cli_writes_a_palettized_model_whose_report_matches_a_recomputation(
-        tiny_model_dir, texts, tmp_path):
+    tiny_model_dir, texts, tmp_path
+):
     pytest.importorskip("optimum.commands.base", reason="optimum is not installed (pip install optimum-edkm[optimum])")
     from optimum_edkm import PalettizedLinear, size_report
     from optimum_edkm.models import load_causal_lm
 
     output = tmp_path / "out"
     cli = [sys.executable, "-c", "from optimum.commands.optimum_cli import main; main()", "edkm"]
-    result = subprocess.run(cli + _compress_argv(tiny_model_dir, texts, output, "--bits", "3", "--steps", "2"),
-                            capture_output=True, text=True, env=_env(), timeout=300)
+    result = subprocess.run(
+        cli + _compress_argv(tiny_model_dir, texts, output, "--bits", "3", "--steps", "2"),
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((output / "compress_report.json").read_text())
     labels = [row["label"] for row in report["rows"]]
     assert labels == ["float model", "k-means palettization, 3-bit", "eDKM fine-tuned (2 steps), 3-bit"]
-    assert "| eDKM fine-tuned (2 steps), 3-bit |" in result.stdout      # the summary table
+    assert "| eDKM fine-tuned (2 steps), 3-bit |" in result.stdout  # the summary table
     assert report["fine_tuning"]["steps"] == 2 and report["fine_tuning"]["mean_train_loss"] > 0
 
     model, tokenizer = _load(str(output))
     assert isinstance(model.model.layers[0].self_attn.q_proj, PalettizedLinear)
     assert model.config.quantization_config.bits == 3
     rows = {row["label"]: row for row in report["rows"]}
-    assert rows[labels[-1]]["perplexity"] == pytest.approx(_perplexity(model, tokenizer, texts / "eval.txt"),
-                                                           rel=1e-5)
+    assert rows[labels[-1]]["perplexity"] == pytest.approx(_perplexity(model, tokenizer, texts / "eval.txt"), rel=1e-5)
     assert rows[labels[-1]]["size_bytes"] == size_report(model)["theoretical_bytes"]
     float_model, float_tokenizer, _ = load_causal_lm(tiny_model_dir)
     assert rows["float model"]["perplexity"] == pytest.approx(
-        _perplexity(float_model, float_tokenizer, texts / "eval.txt"), rel=1e-5)
+        _perplexity(float_model, float_tokenizer, texts / "eval.txt"), rel=1e-5
+    )
     float_bytes = sum(p.numel() * p.element_size() for p in float_model.state_dict().values())
     assert rows["float model"]["size_bytes"] == float_bytes
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".edkm-")]   # no scratch folders left
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".edkm-")]  # no scratch folders left
 
 
-def test_compress_passes_only_the_options_given_so_the_recipe_defaults_apply(tiny_model_dir, texts, tmp_path,
-                                                                             monkeypatch):
+def test_compress_passes_only_the_options_given_so_the_recipe_defaults_apply(
+    tiny_model_dir, texts, tmp_path, monkeypatch
+):
     import optimum_edkm.finetune
     from optimum_edkm.commands import main
 
@@ -145,7 +171,7 @@ def test_compress_passes_only_the_options_given_so_the_recipe_defaults_apply(tin
 
     def spy(model, token_ids, config=None, **kwargs):
         calls.append(dict(kwargs))
-        kwargs["steps"] = 1                     # keep the test fast whatever the recipe's default is
+        kwargs["steps"] = 1  # keep the test fast whatever the recipe's default is
         return real(model, token_ids, config, **kwargs)
 
     monkeypatch.setattr(optimum_edkm.finetune, "finetune", spy)
@@ -159,7 +185,8 @@ def test_compress_passes_only_the_options_given_so_the_recipe_defaults_apply(tin
 
 
 def test_compress_with_zero_steps_palettizes_the_kmeans_initialisation_and_distillation_keeps_a_teacher(
-        tiny_model_dir, texts, tmp_path, monkeypatch):
+    tiny_model_dir, texts, tmp_path, monkeypatch
+):
     import optimum_edkm.finetune
     from optimum_edkm.commands import main
 
@@ -171,22 +198,28 @@ def test_compress_with_zero_steps_palettizes_the_kmeans_initialisation_and_disti
     assert report["quantization_config"]["bits"] == 2
 
     teachers = []
-    monkeypatch.setattr(optimum_edkm.finetune, "finetune",
-                        lambda model, ids, config=None, **kw: teachers.append(kw["teacher_model"]) or
-                        (_ for _ in ()).throw(RuntimeError("stop after the call")))
+    monkeypatch.setattr(
+        optimum_edkm.finetune,
+        "finetune",
+        lambda model, ids, config=None, **kw: (
+            teachers.append(kw["teacher_model"]) or (_ for _ in ()).throw(RuntimeError("stop after the call"))
+        ),
+    )
     with pytest.raises(RuntimeError, match="stop after the call"):
-        main(_compress_argv(tiny_model_dir, texts, tmp_path / "distil", "--no-eval",
-                            "--distillation-weight", "0.5"))
+        main(_compress_argv(tiny_model_dir, texts, tmp_path / "distil", "--no-eval", "--distillation-weight", "0.5"))
     (teacher,) = teachers
-    assert not any("EDKM" in type(m).__name__ for m in teacher.modules())   # the float model, not the student
+    assert not any("EDKM" in type(m).__name__ for m in teacher.modules())  # the float model, not the student
 
 
-@pytest.mark.parametrize("extra, words", [
-    (["--bits", "9"], ["bits", "1 to 8"]),
-    (["--steps", "-1"], ["--steps", ">= 0"]),
-    (["--granularity", "per_grouped_channel"], ["group_size"]),
-    (["--eval-tokens", "1"], ["--eval-tokens"]),
-])
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--bits", "9"], ["bits", "1 to 8"]),
+        (["--steps", "-1"], ["--steps", ">= 0"]),
+        (["--granularity", "per_grouped_channel"], ["group_size"]),
+        (["--eval-tokens", "1"], ["--eval-tokens"]),
+    ],
+)
 def test_compress_refuses_bad_input_before_loading_anything(texts, tmp_path, capsys, extra, words):
     from optimum_edkm.commands import main
 
@@ -204,8 +237,9 @@ def test_compress_refuses_a_non_empty_output_folder_unless_overwrite(tiny_model_
     assert main(_compress_argv(tiny_model_dir, texts, tmp_path / "out", "--steps", "0", "--no-eval")) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (tmp_path / "out" / "keep.txt").read_text() == "precious"
-    assert main(_compress_argv(tiny_model_dir, texts, tmp_path / "out", "--steps", "0", "--no-eval",
-                               "--overwrite")) == 0
+    assert (
+        main(_compress_argv(tiny_model_dir, texts, tmp_path / "out", "--steps", "0", "--no-eval", "--overwrite")) == 0
+    )
     # the model's own files are written; nothing else in the folder is ever deleted
     assert (tmp_path / "out" / "keep.txt").read_text() == "precious" and (tmp_path / "out" / "config.json").exists()
 
@@ -218,9 +252,22 @@ def test_evaluate_reports_the_perplexity_and_size_of_each_model(tiny_model_dir, 
 
     assert main(_compress_argv(tiny_model_dir, texts, tmp_path / "out", "--steps", "0", "--no-eval")) == 0
     capsys.readouterr()
-    status = main(["evaluate", tiny_model_dir, str(tmp_path / "out"), "--eval-text", str(texts / "eval.txt"),
-                   "--context-length", "64", "--eval-tokens", "200", "--no-progress", "--json",
-                   str(tmp_path / "eval.json")])
+    status = main(
+        [
+            "evaluate",
+            tiny_model_dir,
+            str(tmp_path / "out"),
+            "--eval-text",
+            str(texts / "eval.txt"),
+            "--context-length",
+            "64",
+            "--eval-tokens",
+            "200",
+            "--no-progress",
+            "--json",
+            str(tmp_path / "eval.json"),
+        ]
+    )
     assert status == 0
     results = json.loads((tmp_path / "eval.json").read_text())
     assert results["table"] in capsys.readouterr().out
@@ -231,7 +278,8 @@ def test_evaluate_reports_the_perplexity_and_size_of_each_model(tiny_model_dir, 
 
     ids = load_text(str(texts / "eval.txt")).token_ids(tokenizer, max_tokens=200)
     assert palettized_row["perplexity"] == pytest.approx(
-        evaluate_perplexity(model, ids, context_length=64, progress=False).perplexity, rel=1e-6)
+        evaluate_perplexity(model, ids, context_length=64, progress=False).perplexity, rel=1e-6
+    )
     assert palettized_row["size_bytes"] == size_report(model)["theoretical_bytes"]
     float_model, _, _ = load_causal_lm(tiny_model_dir)
     assert float_row["size_bytes"] == sum(t.numel() * t.element_size() for t in float_model.state_dict().values())
@@ -251,9 +299,19 @@ def test_console_script_is_declared_and_runs():
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as handle:
         scripts = tomllib.load(handle)["project"]["scripts"]
     assert scripts["optimum-edkm"] == "optimum_edkm.commands.cli:main"
-    result = subprocess.run([sys.executable, "-m", "optimum_edkm.commands", "--help"], capture_output=True,
-                            text=True, env=_env(), timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "optimum_edkm.commands", "--help"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
+    )
     assert result.returncode == 0 and "compress" in result.stdout and "evaluate" in result.stdout
-    usage = subprocess.run([sys.executable, "-m", "optimum_edkm.commands", "export"], capture_output=True, text=True,
-                           env=_env(), timeout=120)
+    usage = subprocess.run(
+        [sys.executable, "-m", "optimum_edkm.commands", "export"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
+    )
     assert usage.returncode == 2 and "export coreml" in usage.stderr

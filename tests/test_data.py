@@ -7,8 +7,10 @@ import pytest
 
 from optimum_edkm import data
 
-needs_gensim = pytest.mark.skipif(importlib.util.find_spec("gensim") is None,
-                                  reason=f"the out-of-domain texts ship in the gensim wheel: {data.GENSIM_INSTALL}")
+needs_gensim = pytest.mark.skipif(
+    importlib.util.find_spec("gensim") is None,
+    reason=f"the out-of-domain texts ship in the gensim wheel: {data.GENSIM_INSTALL}",
+)
 
 
 def test_wikitext_to_plain_keeps_prose_and_drops_markup():
@@ -16,18 +18,19 @@ def test_wikitext_to_plain_keeps_prose_and_drops_markup():
         "{{Infobox person|name={{nested|x}}|born=1900}}\n"
         "[[File:Portrait.jpg|thumb|A caption with a [[link]] inside]]\n"
         "'''Ada''' was a [[mathematician|mathematical]] writer<ref name=\"a\">Some {{cite|book}}</ref> born in "
-        "[[London]].<ref name=\"b\"/> See [http://example.org the site] &amp; more.<!-- hidden -->\n"
+        '[[London]].<ref name="b"/> See [http://example.org the site] &amp; more.<!-- hidden -->\n'
         "\n"
         "== Life ==\n"
-        "{| class=\"wikitable\"\n| cell || {{t}}\n|}\n"
+        '{| class="wikitable"\n| cell || {{t}}\n|}\n'
         "* She wrote ''notes''.\n"
         "[[Category:Mathematicians]]\n[[de:Ada]]\n"
         "\n"
         "== References ==\n"
         "* a reference list that is cut\n"
     )
-    assert data.wikitext_to_plain(wikitext) == ("Ada was a mathematical writer born in London. See the site & more."
-                                                "\n\nLife\n\nShe wrote notes.")
+    assert data.wikitext_to_plain(wikitext) == (
+        "Ada was a mathematical writer born in London. See the site & more.\n\nLife\n\nShe wrote notes."
+    )
 
 
 def test_cut_at_paragraph_end():
@@ -40,14 +43,20 @@ def test_cut_at_paragraph_end():
 def test_enwiki_articles_skip_redirects_and_short_pages(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "ENWIKI_MIN_CHARS", 10)
     monkeypatch.setattr(data, "ENWIKI_ARTICLE_CHARS", 40)
-    page = ("<page><title>{title}</title><ns>{ns}</ns><revision><text>{text}</text></revision></page>")
-    dump = "<mediawiki>" + "".join([
-        page.format(title="Kept", ns=0, text="First paragraph of prose.\n\nSecond paragraph, past the cut."),
-        page.format(title="Moved", ns=0, text="#REDIRECT [[Kept]]"),
-        page.format(title="Talk:Kept", ns=1, text="A talk page with enough text."),
-        page.format(title="Kept (disambiguation)", ns=0, text="Kept may refer to many things at once."),
-        page.format(title="Stub", ns=0, text="Tiny."),
-    ]) + "</mediawiki>"
+    page = "<page><title>{title}</title><ns>{ns}</ns><revision><text>{text}</text></revision></page>"
+    dump = (
+        "<mediawiki>"
+        + "".join(
+            [
+                page.format(title="Kept", ns=0, text="First paragraph of prose.\n\nSecond paragraph, past the cut."),
+                page.format(title="Moved", ns=0, text="#REDIRECT [[Kept]]"),
+                page.format(title="Talk:Kept", ns=1, text="A talk page with enough text."),
+                page.format(title="Kept (disambiguation)", ns=0, text="Kept may refer to many things at once."),
+                page.format(title="Stub", ns=0, text="Tiny."),
+            ]
+        )
+        + "</mediawiki>"
+    )
     path = tmp_path / "dump.xml"
     path.write_text(dump, encoding="utf-8")
     assert data.enwiki_articles(path) == [("Kept", "First paragraph of prose.")]

@@ -5,29 +5,35 @@ import math
 
 import pytest
 import torch
+from test_trainer import arguments, pattern_dataset
 from transformers import AutoModelForCausalLM
 
-from optimum_edkm import EDKMConfig, EDKMTrainer
-from optimum_edkm import distillation, losses
+from optimum_edkm import EDKMConfig, EDKMTrainer, distillation, losses
 from optimum_edkm.distillation import GenerationSettings
-
-from test_trainer import arguments, pattern_dataset
 
 
 def _reference(student, teacher, kind, beta=None):
     """Per-token divergence with explicit float64 sums over the vocabulary."""
     rows = []
-    for s_row, t_row in zip(student.double().reshape(-1, student.shape[-1]),
-                            teacher.double().reshape(-1, teacher.shape[-1])):
+    for s_row, t_row in zip(
+        student.double().reshape(-1, student.shape[-1]), teacher.double().reshape(-1, teacher.shape[-1])
+    ):
         p_s = [math.exp(v) for v in (s_row - torch.logsumexp(s_row, 0)).tolist()]
         p_t = [math.exp(v) for v in (t_row - torch.logsumexp(t_row, 0)).tolist()]
         forward = sum(t * math.log(t / s) for s, t in zip(p_s, p_t))
         reverse = sum(s * math.log(s / t) for s, t in zip(p_s, p_t))
         m = [(s + t) / 2 for s, t in zip(p_s, p_t)]
-        jsd = (sum(t * math.log(t / mm) for t, mm in zip(p_t, m))
-               + sum(s * math.log(s / mm) for s, mm in zip(p_s, m))) / 2
-        rows.append({"forward_kl": forward, "reverse_kl": reverse, "jsd": jsd,
-                     "cakld": None if beta is None else beta * reverse + (1 - beta) * forward}[kind])
+        jsd = (
+            sum(t * math.log(t / mm) for t, mm in zip(p_t, m)) + sum(s * math.log(s / mm) for s, mm in zip(p_s, m))
+        ) / 2
+        rows.append(
+            {
+                "forward_kl": forward,
+                "reverse_kl": reverse,
+                "jsd": jsd,
+                "cakld": None if beta is None else beta * reverse + (1 - beta) * forward,
+            }[kind]
+        )
     return torch.tensor(rows, dtype=torch.float64).view(student.shape[:-1])
 
 
@@ -65,12 +71,11 @@ def test_distillation_term_averages_over_label_positions_with_temperature():
     labels = torch.tensor([[1, 2, -100, 4, 5], [1, -100, -100, -100, 5]])
     t = 2.0
     per_token = _reference(student / t, teacher / t, "forward_kl")
-    mask = torch.tensor([[1, 0, 1, 1, 0], [0, 0, 0, 1, 0]], dtype=torch.float64)   # next token is a label
+    mask = torch.tensor([[1, 0, 1, 1, 0], [0, 0, 0, 1, 0]], dtype=torch.float64)  # next token is a label
     expected = t * t * (per_token * mask).sum() / mask.sum()
     got = losses.distillation_term(student, teacher, labels, "forward_kl", temperature=t)
     assert float(got) == pytest.approx(float(expected), rel=1e-5)
-    summed = losses.distillation_term(student, teacher, labels, "forward_kl", temperature=t,
-                                            num_items_in_batch=10)
+    summed = losses.distillation_term(student, teacher, labels, "forward_kl", temperature=t, num_items_in_batch=10)
     assert float(summed) == pytest.approx(float(t * t * (per_token * mask).sum() / 10), rel=1e-5)
     with pytest.raises(ValueError, match="one of"):
         losses.token_divergence(student, teacher, "kl")
@@ -90,7 +95,7 @@ def test_trainer_uses_the_chosen_divergence(tiny_llama_dir, tmp_path):
     with torch.no_grad():
         teacher_logits = teacher(ids).logits
     expected = _reference(student_logits[:, :-1], teacher_logits[:, :-1], "reverse_kl").mean()
-    assert loss == pytest.approx(float(expected), rel=1e-3)   # float32 log-ratios of a small divergence
+    assert loss == pytest.approx(float(expected), rel=1e-3)  # float32 log-ratios of a small divergence
     with pytest.raises(ValueError, match="distillation_loss"):
         arguments(tmp_path, distillation_loss="kl")
 
@@ -109,8 +114,8 @@ def test_generation_with_kv_cache_matches_full_forwards(tiny_llama_dir):
     assert tokens.shape == (3, 12) and not set(tokens[:, 0].tolist()) & {0, 1, 2}
     with torch.no_grad():
         logits = model(tokens).logits
-    logits[..., [0, 1, 2]] = -torch.inf                                     # special tokens are never chosen
-    assert torch.equal(tokens[:, 1:], logits[:, :-1].argmax(-1))          # every token greedy, as recomputed
+    logits[..., [0, 1, 2]] = -torch.inf  # special tokens are never chosen
+    assert torch.equal(tokens[:, 1:], logits[:, :-1].argmax(-1))  # every token greedy, as recomputed
 
 
 def test_generation_is_greedy_then_sampled_and_deterministic(tiny_llama_dir):
@@ -118,13 +123,14 @@ def test_generation_is_greedy_then_sampled_and_deterministic(tiny_llama_dir):
     settings = GenerationSettings(sequences=4, seq_len=16, greedy_tokens=(3, 3), batch_size=4, seed=5)
     tokens = distillation.generate_teacher_data(model, _Tokenizer(), settings)
     assert torch.equal(tokens, distillation.generate_teacher_data(model, _Tokenizer(), settings))
-    other = distillation.generate_teacher_data(model, _Tokenizer(), GenerationSettings(
-        sequences=4, seq_len=16, greedy_tokens=(3, 3), batch_size=4, seed=6))
+    other = distillation.generate_teacher_data(
+        model, _Tokenizer(), GenerationSettings(sequences=4, seq_len=16, greedy_tokens=(3, 3), batch_size=4, seed=6)
+    )
     assert not torch.equal(tokens, other)
     with torch.no_grad():
         argmax = model(tokens).logits[:, :-1].argmax(-1)
-    assert torch.equal(tokens[:, 1:3], argmax[:, :2])                      # positions 1, 2: greedy
-    assert not torch.equal(tokens[:, 3:], argmax[:, 2:])                   # later: sampled
+    assert torch.equal(tokens[:, 1:3], argmax[:, :2])  # positions 1, 2: greedy
+    assert not torch.equal(tokens[:, 3:], argmax[:, 2:])  # later: sampled
     assert not set(tokens.flatten().tolist()) & {0, 1, 2}
 
 
@@ -140,12 +146,14 @@ def test_cached_teacher_data_reads_the_file_back(tiny_llama_dir, tmp_path, monke
     monkeypatch.setattr(distillation, "generate_teacher_data", fail)
     assert torch.equal(distillation.cached_teacher_data(model, _Tokenizer(), settings, cache_dir=tmp_path), first)
     changed = GenerationSettings(sequences=2, seq_len=8, batch_size=2, seed=1)
-    assert distillation.teacher_data_key(model, _Tokenizer(), changed) != \
-        distillation.teacher_data_key(model, _Tokenizer(), settings)
+    assert distillation.teacher_data_key(model, _Tokenizer(), changed) != distillation.teacher_data_key(
+        model, _Tokenizer(), settings
+    )
     with torch.no_grad():
-        model.model.layers[0].mlp.down_proj.weight.mul_(2)                  # another model, another key
-    assert distillation.teacher_data_key(model, _Tokenizer(), settings) != \
-        distillation.teacher_data_key(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), _Tokenizer(), settings)
+        model.model.layers[0].mlp.down_proj.weight.mul_(2)  # another model, another key
+    assert distillation.teacher_data_key(model, _Tokenizer(), settings) != distillation.teacher_data_key(
+        AutoModelForCausalLM.from_pretrained(tiny_llama_dir), _Tokenizer(), settings
+    )
 
 
 def test_generation_settings_and_mixing_validate():

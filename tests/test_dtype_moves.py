@@ -12,18 +12,28 @@ from optimum_edkm import EDKMConfig, PalettizedLinear, palettize
 
 @pytest.fixture
 def palettized(tiny_llama_dir):
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=EDKMConfig(
-        bits=3, enable_per_channel_scale=True, embedding_bits=4))
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_llama_dir, quantization_config=EDKMConfig(bits=3, enable_per_channel_scale=True, embedding_bits=4)
+    )
     return palettize(model)
 
 
 def _palettes(model):
-    return {name: tensor.clone() for name, tensor in model.state_dict().items()
-            if name.endswith(("weight_lut", "weight_scale")) or (name.endswith(".weight") and tensor.dtype == torch.uint8)}
+    return {
+        name: tensor.clone()
+        for name, tensor in model.state_dict().items()
+        if name.endswith(("weight_lut", "weight_scale")) or (name.endswith(".weight") and tensor.dtype == torch.uint8)
+    }
 
 
-@pytest.mark.parametrize("cast", [lambda m: m.to(torch.bfloat16), lambda m: m.to(dtype=torch.float16),
-                                  lambda m: m.to("cpu", torch.float16).to(torch.float32)])
+@pytest.mark.parametrize(
+    "cast",
+    [
+        lambda m: m.to(torch.bfloat16),
+        lambda m: m.to(dtype=torch.float16),
+        lambda m: m.to("cpu", torch.float16).to(torch.float32),
+    ],
+)
 def test_casting_a_palettized_model_keeps_the_stored_palettes(palettized, input_ids, cast):
     before = _palettes(palettized)
     palettized.eval()
@@ -35,7 +45,7 @@ def test_casting_a_palettized_model_keeps_the_stored_palettes(palettized, input_
     for name, tensor in before.items():
         assert after[name].dtype == tensor.dtype and torch.equal(after[name], tensor), name
     dtype = palettized.model.norm.weight.dtype
-    assert palettized.model.embed_tokens(input_ids).dtype == dtype          # outputs follow the cast
+    assert palettized.model.embed_tokens(input_ids).dtype == dtype  # outputs follow the cast
     with torch.no_grad():
         logits = palettized(input_ids).logits
     assert logits.dtype == dtype
@@ -52,8 +62,9 @@ def test_half_and_float_are_refused_by_transformers_with_a_clear_message(paletti
 
 
 def test_casting_a_train_time_model_keeps_the_clustering_state(tiny_llama_dir, input_ids):
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=EDKMConfig(
-        bits=3, enable_per_channel_scale=True))
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_llama_dir, quantization_config=EDKMConfig(bits=3, enable_per_channel_scale=True)
+    )
     layer = model.model.layers[0].mlp.up_proj
     state = {name: getattr(layer, name).clone() for name in ("weight_centroids", "weight_temperature", "weight_scale")}
     model.to(torch.bfloat16)
@@ -61,7 +72,7 @@ def test_casting_a_train_time_model_keeps_the_clustering_state(tiny_llama_dir, i
     for name, tensor in state.items():
         assert getattr(layer, name).dtype == torch.float32 and torch.equal(getattr(layer, name), tensor), name
     model.train()
-    model(input_ids, labels=input_ids).loss.backward()                       # bf16 eDKM still trains
+    model(input_ids, labels=input_ids).loss.backward()  # bf16 eDKM still trains
     assert layer.weight.grad is not None and layer.weight.grad.dtype == torch.bfloat16
 
 
@@ -95,7 +106,7 @@ def test_footprint_is_the_packed_one(tiny_llama_dir):
     report = optimum_edkm.size_report(model)
     assert model.get_memory_footprint() == pytest.approx(report["theoretical_bytes"], rel=0.02)
     linears = sum(m.out_channels * m.in_channels for m in model.modules() if isinstance(m, PalettizedLinear))
-    saved = linears * 4 - (linears * 3 + 7) // 8                             # fp32 weights -> 3-bit indices
+    saved = linears * 4 - (linears * 3 + 7) // 8  # fp32 weights -> 3-bit indices
     assert float_model.get_memory_footprint() - model.get_memory_footprint() == pytest.approx(saved, rel=0.02)
 
 
@@ -105,7 +116,7 @@ def test_dequantize_then_generate_and_reload_without_passing_the_config(palettiz
         reference = palettized(input_ids).logits
     generated = palettized.generate(input_ids[:1], max_new_tokens=5, do_sample=False)
     directory = optimum_edkm.save_pretrained(palettized, str(tmp_path / "saved"))
-    reloaded = AutoModelForCausalLM.from_pretrained(directory)              # no quantization_config passed
+    reloaded = AutoModelForCausalLM.from_pretrained(directory)  # no quantization_config passed
     assert reloaded.config.quantization_config.palettized
     assert torch.equal(reloaded.generate(input_ids[:1], max_new_tokens=5, do_sample=False), generated)
     reloaded.dequantize()

@@ -13,8 +13,15 @@ from optimum_edkm.evaluation import WeightStorage, effective_bits, evaluate_perp
 
 def tiny_llama(seed=0):
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -114,7 +121,7 @@ def test_a_text_file_that_is_not_utf8_is_named(tmp_path):
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
     assert "plain text" in data.load_text(str(good)).joined()
-    for source in (bad, tmp_path):            # the file itself, and a folder holding it
+    for source in (bad, tmp_path):  # the file itself, and a folder holding it
         with pytest.raises(ValueError, match="latin1.txt' is not UTF-8 text"):
             data.load_text(str(source))
 
@@ -140,8 +147,8 @@ def test_weight_storage_formulas_by_hand():
 class TiedModel(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.embed = torch.nn.Embedding(10, 8)   # 80 weights, shared with the head
-        self.proj = torch.nn.Linear(8, 16)       # 128 weights + 16 biases
+        self.embed = torch.nn.Embedding(10, 8)  # 80 weights, shared with the head
+        self.proj = torch.nn.Linear(8, 16)  # 128 weights + 16 biases
         self.head = torch.nn.Linear(8, 10, bias=False)
         self.head.weight = self.embed.weight
 
@@ -149,9 +156,9 @@ class TiedModel(torch.nn.Module):
 def test_effective_bits_of_a_model_by_hand():
     model = TiedModel()
     report = effective_bits(model, {"proj": WeightStorage.uniform((16, 8), 3, 8, False)})
-    quantized_bits = 128 * 3 + 16 * 16 + 16 * 16       # codes + one fp16 scale and zero per row
+    quantized_bits = 128 * 3 + 16 * 16 + 16 * 16  # codes + one fp16 scale and zero per row
     assert report.linears == quantized_bits / 128 == 7.0
-    assert report.model_parameters == 80 + 128 + 16     # the tied weight counts once
+    assert report.model_parameters == 80 + 128 + 16  # the tied weight counts once
     assert report.whole_model == (quantized_bits + (80 + 16) * 16) / 224
     assert effective_bits(model, {}).whole_model == 16 and effective_bits(model, {}).linears is None
 
@@ -162,7 +169,7 @@ def test_effective_bits_counts_a_palettized_weight_held_as_a_packed_buffer():
     model = TiedModel()
     dense = effective_bits(model, {"proj": WeightStorage.palettized((16, 8), 3)})
     model.proj = PalettizedLinear(8, 16, True, PaletteFormat(bits=3))
-    assert not any(p is model.proj.weight for p in model.parameters())      # packed uint8 buffer
+    assert not any(p is model.proj.weight for p in model.parameters())  # packed uint8 buffer
     packed = effective_bits(model, {"proj": WeightStorage.palettized((16, 8), 3)})
     assert packed.model_parameters == dense.model_parameters == 80 + 128 + 16
     assert packed.whole_model == dense.whole_model == (128 * 3 + 8 * 16 + (80 + 16) * 16) / 224
@@ -175,7 +182,9 @@ def test_effective_bits_rejects_wrong_descriptions():
     with pytest.raises(KeyError, match="nothing"):
         effective_bits(model, {"nothing": WeightStorage.uniform((16, 8), 3, 8, False)})
     with pytest.raises(ValueError, match="share one weight"):
-        effective_bits(model, {"embed": WeightStorage.palettized((10, 8), 3), "head": WeightStorage.palettized((10, 8), 3)})
+        effective_bits(
+            model, {"embed": WeightStorage.palettized((10, 8), 3), "head": WeightStorage.palettized((10, 8), 3)}
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -188,7 +197,7 @@ def test_help_topic_split_is_deterministic_disjoint_and_complete(tmp_path):
     test = data.load_text(split="test", cache_dir=tmp_path)
     train = data.load_text("python-help-topics", split="train", cache_dir=tmp_path)
     validation = data.load_text(split="validation", cache_dir=tmp_path)
-    again = data.load_text(split="evaluation", cache_dir=tmp_path / "elsewhere")   # the former name of "test"
+    again = data.load_text(split="evaluation", cache_dir=tmp_path / "elsewhere")  # the former name of "test"
     assert test.documents == again.documents and again.split == "test"
     assert data.load_text(split="calibration", cache_dir=tmp_path).documents == train.documents
 
@@ -271,8 +280,13 @@ def save_tiny_model(folder, text):
     bpe.train_from_iterator([text], vocab_size=300, min_frequency=1, show_progress=False)
     PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer).save_pretrained(folder)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    config = LlamaConfig(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
-
-

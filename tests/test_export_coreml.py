@@ -28,27 +28,34 @@ def _coremltools_installed() -> bool:
         return False
 
 
-HAVE_COREMLTOOLS = _coremltools_installed()      # cheap: the real import happens in the ``ct`` fixture
+HAVE_COREMLTOOLS = _coremltools_installed()  # cheap: the real import happens in the ``ct`` fixture
 needs_coremltools = pytest.mark.skipif(
-    not HAVE_COREMLTOOLS, reason='coremltools is not installed (pip install "optimum-edkm[coreml]")')
+    not HAVE_COREMLTOOLS, reason='coremltools is not installed (pip install "optimum-edkm[coreml]")'
+)
 
 SEQ_LEN = 8
-LLAMA_LINEARS = 14                      # 7 projections x 2 layers of the tiny Llama
+LLAMA_LINEARS = 14  # 7 projections x 2 layers of the tiny Llama
 MATRIX = [(bits, group) for bits in (2, 3, 4) for group in (None, 8)]
 
 
 @pytest.fixture(scope="module")
 def ct():
-    return pytest.importorskip("coremltools", reason='coremltools is not installed (pip install '
-                                                     '"optimum-edkm[coreml]")')
+    return pytest.importorskip(
+        "coremltools", reason='coremltools is not installed (pip install "optimum-edkm[coreml]")'
+    )
 
 
 def palettized(directory, bits, group_size=None, scale=False, embedding_bits=None, randomize_norms=True):
-    config = EDKMConfig(bits=bits, granularity="per_grouped_channel" if group_size else "per_tensor",
-                        group_size=group_size, enable_per_channel_scale=scale, embedding_bits=embedding_bits)
+    config = EDKMConfig(
+        bits=bits,
+        granularity="per_grouped_channel" if group_size else "per_tensor",
+        group_size=group_size,
+        enable_per_channel_scale=scale,
+        embedding_bits=embedding_bits,
+    )
     model = AutoModelForCausalLM.from_pretrained(directory, quantization_config=config)
     palettize(model)
-    if randomize_norms:             # norms of ones would be folded away by the converter, leaving nothing to check
+    if randomize_norms:  # norms of ones would be folded away by the converter, leaving nothing to check
         with torch.no_grad():
             for name, parameter in model.named_parameters():
                 if "norm" in name:
@@ -82,8 +89,9 @@ def package_indices_blob(path, lut_op):
 
 # ---------------------------------------------------------------------------------------------- layering
 def test_importing_the_package_and_the_export_module_does_not_import_coremltools():
-    script = ("import sys, optimum_edkm, optimum_edkm.export, optimum_edkm.export.cli; "
-              "print('coremltools' in sys.modules)")
+    script = (
+        "import sys, optimum_edkm, optimum_edkm.export, optimum_edkm.export.cli; print('coremltools' in sys.modules)"
+    )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "False"
@@ -93,7 +101,7 @@ def test_missing_coremltools_names_the_install_command(tiny_llama_dir, tmp_path,
     from optimum_edkm.export import to_coreml
 
     model = palettized(tiny_llama_dir, bits=4, randomize_norms=False)
-    monkeypatch.setitem(sys.modules, "coremltools", None)         # makes `import coremltools` raise ImportError
+    monkeypatch.setitem(sys.modules, "coremltools", None)  # makes `import coremltools` raise ImportError
     with pytest.raises(ImportError, match=r'pip install "optimum-edkm\[coreml\]"'):
         to_coreml(model, str(tmp_path / "m.mlpackage"), seq_len=SEQ_LEN)
     assert not os.listdir(tmp_path)
@@ -101,15 +109,18 @@ def test_missing_coremltools_names_the_install_command(tiny_llama_dir, tmp_path,
 
 # ------------------------------------------------------------------------------------------ export matrix
 @needs_coremltools
-@pytest.mark.parametrize("bits,group_size", MATRIX,
-                         ids=[f"{b}bit-{'grouped' if g else 'per_tensor'}" for b, g in MATRIX])
-def test_export_is_lut_ops_with_bit_exact_weights_logits_and_nbit_size(ct, tiny_llama_dir, tmp_path_factory, bits,
-                                                                       group_size):
+@pytest.mark.parametrize(
+    "bits,group_size", MATRIX, ids=[f"{b}bit-{'grouped' if g else 'per_tensor'}" for b, g in MATRIX]
+)
+def test_export_is_lut_ops_with_bit_exact_weights_logits_and_nbit_size(
+    ct, tiny_llama_dir, tmp_path_factory, bits, group_size
+):
     from optimum_edkm.export import verify_coreml
     from optimum_edkm.export.mil import MilPackage
 
-    model, result = _export(tmp_path_factory, tiny_llama_dir, ("llama", bits, group_size), bits=bits,
-                            group_size=group_size)
+    model, result = _export(
+        tmp_path_factory, tiny_llama_dir, ("llama", bits, group_size), bits=bits, group_size=group_size
+    )
     groups = {name: m.weight_lut.shape[0] for name, m in model.named_modules() if hasattr(m, "weight_lut")}
     assert len(groups) == LLAMA_LINEARS
 
@@ -117,7 +128,7 @@ def test_export_is_lut_ops_with_bit_exact_weights_logits_and_nbit_size(ct, tiny_
     spec = ct.models.MLModel(result.path, skip_model_load=True).get_spec()
     assert spec.WhichOneof("Type") == "mlProgram" and spec.specificationVersion == 9
     assert result.op_counts["constexpr_lut_to_dense"] == LLAMA_LINEARS
-    assert result.op_counts["linear"] == LLAMA_LINEARS + 1            # + the float (tied) lm_head
+    assert result.op_counts["linear"] == LLAMA_LINEARS + 1  # + the float (tied) lm_head
     assert "constexpr_blockwise_shift_scale" not in result.op_counts
 
     # a fresh verification of the saved files, with the manifest
@@ -125,18 +136,22 @@ def test_export_is_lut_ops_with_bit_exact_weights_logits_and_nbit_size(ct, tiny_
     assert not report.failures and report.manifest_checked and report.decoders_agree
     for module in report.modules:
         assert module.indices_dtype == f"uint{bits}"
-        assert module.lut_shape == (groups[module.name], 1, 2 ** bits, 1)
+        assert module.lut_shape == (groups[module.name], 1, 2**bits, 1)
         assert module.consumers == ["linear.weight"] and module.equivalent_indices == 0
-    assert report.tied_embedding == {"keys": ["model.embed_tokens.weight", "lm_head.weight"], "palettized": False,
-                                     "stored": 1}
+    assert report.tied_embedding == {
+        "keys": ["model.embed_tokens.weight", "lm_head.weight"],
+        "palettized": False,
+        "stored": 1,
+    }
     assert report.logits_max_abs_diff <= report.logits_tolerance
 
     # sizes: indices at exactly n bits, LUT payload = torch's, the rest is fp16 tensors + converter constants
     numel = sum(m.out_channels * m.in_channels for m in model.modules() if hasattr(m, "weight_lut"))
     assert report.index_bytes == numel * bits // 8
     assert report.palettized_payload_bytes == report.nbit_payload_bytes
-    assert report.weight_bin_bytes <= (report.nbit_reference_bytes + report.converter_bytes
-                                       + 128 * report.blob_count + 64)
+    assert report.weight_bin_bytes <= (
+        report.nbit_reference_bytes + report.converter_bytes + 128 * report.blob_count + 64
+    )
     fp16_bytes = 2 * (numel + sum(p.numel() for p in model.parameters()))
     assert report.weight_bin_bytes < 0.75 * fp16_bytes
 
@@ -153,8 +168,15 @@ def test_export_is_lut_ops_with_bit_exact_weights_logits_and_nbit_size(ct, tiny_
 
 @needs_coremltools
 def test_untied_8bit_embedding_and_per_channel_scale(ct, tiny_llama_untied_dir, tmp_path_factory):
-    model, result = _export(tmp_path_factory, tiny_llama_untied_dir, ("untied", 3, 8, "scale"), bits=3,
-                            group_size=8, scale=True, embedding_bits=8)
+    model, result = _export(
+        tmp_path_factory,
+        tiny_llama_untied_dir,
+        ("untied", 3, 8, "scale"),
+        bits=3,
+        group_size=8,
+        scale=True,
+        embedding_bits=8,
+    )
     report = result.verification
     assert not report.failures and report.tied_embedding is None
     assert result.op_counts["constexpr_lut_to_dense"] == LLAMA_LINEARS + 1
@@ -166,15 +188,16 @@ def test_untied_8bit_embedding_and_per_channel_scale(ct, tiny_llama_untied_dir, 
     # iOS18 folds the per-channel scale into a LUT tiled per output row; values are checked row by row
     q_proj = by_name["model.layers.0.self_attn.q_proj"]
     assert q_proj.lut_shape == (32, 1, 8, 1) and q_proj.layout.startswith("per-row LUT")
-    assert report.palettized_payload_bytes > report.nbit_payload_bytes      # the documented cost of the tiling
+    assert report.palettized_payload_bytes > report.nbit_payload_bytes  # the documented cost of the tiling
     assert "lm_head.weight" in report.float_tensors_in_package
     assert report.logits_max_abs_diff <= report.logits_tolerance
 
 
 @needs_coremltools
 def test_ios16_per_tensor_export_and_torch_export_capture(ct, tiny_llama_dir, tmp_path_factory):
-    model, result = _export(tmp_path_factory, tiny_llama_dir, ("ios16", 4), bits=4,
-                            minimum_deployment_target="iOS16", capture="export")
+    model, result = _export(
+        tmp_path_factory, tiny_llama_dir, ("ios16", 4), bits=4, minimum_deployment_target="iOS16", capture="export"
+    )
     report = result.verification
     assert not report.failures and result.spec_version == 7 and result.target == "iOS16"
     assert result.op_counts["constexpr_lut_to_dense"] == LLAMA_LINEARS
@@ -232,13 +255,16 @@ def test_manifest_and_tensors_file_match_the_saved_checkpoint(ct, tiny_llama_dir
 
 
 # ---------------------------------------------------------------------------------- targets and guards
-@pytest.mark.parametrize("options,message", [
-    (dict(bits=3), r"'model.layers.0.self_attn.q_proj': 3-bit indices"),
-    (dict(bits=4, group_size=8), r"grouped LUTs"),
-    (dict(bits=4, scale=True), r"a per-channel scale"),
-], ids=["3bit", "grouped", "per_channel_scale"])
-def test_ios16_refuses_what_it_cannot_store_before_any_work(tiny_llama_dir, tmp_path, monkeypatch, options,
-                                                            message):
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (dict(bits=3), r"'model.layers.0.self_attn.q_proj': 3-bit indices"),
+        (dict(bits=4, group_size=8), r"grouped LUTs"),
+        (dict(bits=4, scale=True), r"a per-channel scale"),
+    ],
+    ids=["3bit", "grouped", "per_channel_scale"],
+)
+def test_ios16_refuses_what_it_cannot_store_before_any_work(tiny_llama_dir, tmp_path, monkeypatch, options, message):
     from optimum_edkm.export import CoreMLExportError, coreml, to_coreml
 
     model = palettized(tiny_llama_dir, randomize_norms=False, **options)
@@ -248,18 +274,25 @@ def test_ios16_refuses_what_it_cannot_store_before_any_work(tiny_llama_dir, tmp_
 
     monkeypatch.setattr(coreml, "export_copy", no_work)
     monkeypatch.setattr(coreml, "import_coremltools", no_work)
-    with pytest.raises(CoreMLExportError, match=rf"minimum_deployment_target=iOS16 cannot store 14 .*{message}.*"
-                                                r"minimum_deployment_target='iOS18'"):
+    with pytest.raises(
+        CoreMLExportError,
+        match=rf"minimum_deployment_target=iOS16 cannot store 14 .*{message}.*"
+        r"minimum_deployment_target='iOS18'",
+    ):
         to_coreml(model, str(tmp_path / "m.mlpackage"), minimum_deployment_target="iOS16")
     assert not os.listdir(tmp_path)
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(minimum_deployment_target="iOS15"), "LUT ops exist from iOS16"),
-    (dict(seq_len=65), "exceeds the model's max_position_embeddings=64"),
-    (dict(seq_len=0), "seq_len must be a positive integer"),
-    (dict(capture="onnx"), "capture must be one of"),
-], ids=["iOS15", "seq_len_too_long", "seq_len_zero", "unknown_capture"])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(minimum_deployment_target="iOS15"), "LUT ops exist from iOS16"),
+        (dict(seq_len=65), "exceeds the model's max_position_embeddings=64"),
+        (dict(seq_len=0), "seq_len must be a positive integer"),
+        (dict(capture="onnx"), "capture must be one of"),
+    ],
+    ids=["iOS15", "seq_len_too_long", "seq_len_zero", "unknown_capture"],
+)
 def test_bad_requests_are_refused_with_the_fix(tiny_llama_dir, tmp_path, kwargs, message):
     from optimum_edkm.export import CoreMLExportError, to_coreml
 
@@ -277,9 +310,12 @@ def test_float32_lut_values_off_the_fp16_grid_are_refused(tiny_llama_dir, tmp_pa
 
     model = palettized(tiny_llama_dir, bits=4, randomize_norms=False)
     module = model.model.layers[1].mlp.down_proj
-    module.weight_lut = module.weight_lut.float() + 1e-6      # an fp32 LUT that fp16 would round
-    with pytest.raises(ExactnessError, match=r"'model.layers.1.mlp.down_proj.weight_lut' holds values that float16 "
-                                             r"cannot represent exactly"):
+    module.weight_lut = module.weight_lut.float() + 1e-6  # an fp32 LUT that fp16 would round
+    with pytest.raises(
+        ExactnessError,
+        match=r"'model.layers.1.mlp.down_proj.weight_lut' holds values that float16 "
+        r"cannot represent exactly",
+    ):
         to_coreml(model, str(tmp_path / "m.mlpackage"))
 
 
@@ -295,9 +331,14 @@ def test_toolchain_and_graph_problems_are_refused_before_conversion(ct, tiny_lla
         with pytest.raises(CoreMLExportError, match=r'numpy<2.4 .* or pass capture="export"'):
             to_coreml(model, str(tmp_path / "m.mlpackage"), seq_len=SEQ_LEN)
 
-    def bidirectional(self, input_ids):             # a model that would ignore the causal mask
-        return self.lm(input_ids=input_ids, attention_mask=torch.zeros_like(self.mask),
-                       position_ids=self.position_ids, use_cache=False, return_dict=False)[0]
+    def bidirectional(self, input_ids):  # a model that would ignore the causal mask
+        return self.lm(
+            input_ids=input_ids,
+            attention_mask=torch.zeros_like(self.mask),
+            position_ids=self.position_ids,
+            use_cache=False,
+            return_dict=False,
+        )[0]
 
     monkeypatch.setattr(FixedLengthLogits, "forward", bidirectional)
     with pytest.raises(CoreMLExportError, match=r"does not reproduce model\(input_ids\).logits"):
@@ -312,11 +353,14 @@ def test_a_weight_off_its_lut_is_caught_before_conversion(ct, tiny_llama_dir, tm
     model = palettized(tiny_llama_dir, bits=3, group_size=8, randomize_norms=False)
     module = model.model.layers[0].mlp.up_proj
     dense = module.dense_weight(torch.float32).clone()
-    dense[5, 7] = torch.nextafter(dense[5, 7], torch.tensor(1.0))          # one ulp off its LUT entry
+    dense[5, 7] = torch.nextafter(dense[5, 7], torch.tensor(1.0))  # one ulp off its LUT entry
     monkeypatch.setattr(module, "dense_weight", lambda dtype=None: dense.to(dtype or torch.float32))
     monkeypatch.setattr(ct, "convert", lambda *a, **k: pytest.fail("converted a weight that is off its LUT"))
-    with pytest.raises(ExactnessError, match=r"'model.layers.0.mlp.up_proj.weight' is not exactly on its LUT: 1 of "
-                                             r"2048 .* first at \[5, 7\]"):
+    with pytest.raises(
+        ExactnessError,
+        match=r"'model.layers.0.mlp.up_proj.weight' is not exactly on its LUT: 1 of "
+        r"2048 .* first at \[5, 7\]",
+    ):
         to_coreml(model, str(tmp_path / "m.mlpackage"), seq_len=SEQ_LEN)
     assert not os.listdir(tmp_path)
 
@@ -333,18 +377,18 @@ def test_verifier_catches_a_tampered_index_in_weight_bin(ct, tiny_llama_dir, tmp
     module = model.get_submodule(target.name)
     lut = module.weight_lut[0]
     first = int(module.indices()[0, 0])
-    other = next(i for i in range(16) if lut[i] != lut[first])             # an index with a different value
+    other = next(i for i in range(16) if lut[i] != lut[first])  # an index with a different value
     with open(weight_bin, "r+b") as handle:
         handle.seek(offset)
         byte = handle.read(1)[0]
         handle.seek(offset)
-        handle.write(bytes([(byte & 0xF0) | other]))                       # element 0 = low nibble of byte 0
+        handle.write(bytes([(byte & 0xF0) | other]))  # element 0 = low nibble of byte 0
     with pytest.raises(VerificationError) as caught:
         verify_coreml(tampered, model, manifest=None)
     failures = "\n".join(caught.value.failures)
     assert "'model.layers.1.self_attn.v_proj.weight': 1 of 512 decoded weights differ" in failures
     assert "first at [0, 0]" in failures and "the converter re-approximated it" in failures
-    report = verify_coreml(result.path, model, manifest=None, check_logits=False)     # the original still passes
+    report = verify_coreml(result.path, model, manifest=None, check_logits=False)  # the original still passes
     assert not report.failures
 
 
@@ -366,11 +410,12 @@ def test_a_module_exported_dense_is_reported_as_missing_its_lut_op(ct, tiny_llam
     with pytest.raises(VerificationError) as caught:
         to_coreml(model, str(tmp_path / "m.mlpackage"), seq_len=SEQ_LEN, check_logits=False)
     failures = "\n".join(caught.value.failures)
-    assert ("1 palettized module(s) have no LUT op (stored dense or dropped): "
-            "model.layers.0.self_attn.o_proj") in failures
+    assert (
+        "1 palettized module(s) have no LUT op (stored dense or dropped): model.layers.0.self_attn.o_proj"
+    ) in failures
     assert "13 constexpr_lut_to_dense ops for 14 palettized modules" in failures
     assert "a dense copy?" in failures
-    assert [p for p in os.listdir(tmp_path) if not p.startswith(".")] == []          # nothing put in place
+    assert [p for p in os.listdir(tmp_path) if not p.startswith(".")] == []  # nothing put in place
 
 
 @needs_coremltools
@@ -380,7 +425,7 @@ def test_duplicate_lut_entries_are_exported_exactly_and_counted(ct, tiny_llama_d
     model = palettized(tiny_llama_dir, bits=2, randomize_norms=False)
     module = model.model.layers[0].mlp.gate_proj
     with torch.no_grad():
-        module.weight_lut[0, 2] = module.weight_lut[0, 1]          # entries 1 and 2 now hold the same value
+        module.weight_lut[0, 2] = module.weight_lut[0, 1]  # entries 1 and 2 now hold the same value
     chosen = int((module.indices() == 2).sum())
     assert chosen > 0
     result = to_coreml(model, str(tmp_path / "m.mlpackage"), seq_len=SEQ_LEN, check_logits=False)
@@ -401,14 +446,17 @@ def test_cli_exports_a_saved_palettized_model_and_verifies_it(ct, tiny_llama_dir
     assert main([saved, out, "--seq-len", str(SEQ_LEN), "--target", "ios18"]) == 0
     printed = capsys.readouterr().out
     assert "14 LUT ops for 14 palettized modules" in printed and "FAILED" not in printed
-    assert sorted(os.listdir(tmp_path / "out")) == ["tiny.manifest.json", "tiny.mlpackage",
-                                                    "tiny.palettized.safetensors"]
+    assert sorted(os.listdir(tmp_path / "out")) == [
+        "tiny.manifest.json",
+        "tiny.mlpackage",
+        "tiny.palettized.safetensors",
+    ]
     assert main(["verify", out, "--model", saved]) == 0
     assert "manifest tiny.manifest.json: modules, tensor sha256 and op names match" in capsys.readouterr().out
-    assert main([saved, out, "--seq-len", str(SEQ_LEN)]) == 2                    # exists, no --overwrite
+    assert main([saved, out, "--seq-len", str(SEQ_LEN)]) == 2  # exists, no --overwrite
     assert "--overwrite" in capsys.readouterr().err
     assert main([saved, out, "--seq-len", str(SEQ_LEN), "--overwrite", "--no-tensors", "--no-logits-check"]) == 0
-    assert sorted(os.listdir(tmp_path / "out")) == ["tiny.manifest.json", "tiny.mlpackage"]   # stale file removed
+    assert sorted(os.listdir(tmp_path / "out")) == ["tiny.manifest.json", "tiny.mlpackage"]  # stale file removed
     with open(tmp_path / "out" / "tiny.manifest.json") as handle:
         assert json.load(handle)["tensors_file"] is None
     assert main(["verify", out, "--model", saved, "--no-logits-check"]) == 0

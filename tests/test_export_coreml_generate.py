@@ -21,30 +21,35 @@ from transformers import AutoModelForCausalLM
 import optimum_edkm
 from optimum_edkm import EDKMConfig, palettize
 
-needs_coremltools = pytest.mark.skipif(importlib.util.find_spec("coremltools") is None,
-                                       reason='coremltools is not installed (pip install "optimum-edkm[coreml]")')
+needs_coremltools = pytest.mark.skipif(
+    importlib.util.find_spec("coremltools") is None,
+    reason='coremltools is not installed (pip install "optimum-edkm[coreml]")',
+)
 CONTEXT = 32
 LLAMA_LINEARS = 14
 
 
 @pytest.fixture(scope="module")
 def ct():
-    return pytest.importorskip("coremltools", reason='coremltools is not installed (pip install '
-                                                     '"optimum-edkm[coreml]")')
+    return pytest.importorskip(
+        "coremltools", reason='coremltools is not installed (pip install "optimum-edkm[coreml]")'
+    )
 
 
 @pytest.fixture(scope="session")
 def wide_llama_dir(tmp_path_factory):
     """A tiny Llama whose random weights are large enough for greedy decoding to pick varied tokens (with the
     default 0.02 init every step picks the same token, and a token-for-token comparison would prove little)."""
-    return save_float_model(tiny_llama_config(tie=True, initializer_range=0.25),
-                            str(tmp_path_factory.mktemp("wide-llama")))
+    return save_float_model(
+        tiny_llama_config(tie=True, initializer_range=0.25), str(tmp_path_factory.mktemp("wide-llama"))
+    )
 
 
 @pytest.fixture(scope="session")
 def wide_untied_llama_dir(tmp_path_factory):
-    return save_float_model(tiny_llama_config(tie=False, initializer_range=0.25),
-                            str(tmp_path_factory.mktemp("wide-llama-untied")))
+    return save_float_model(
+        tiny_llama_config(tie=False, initializer_range=0.25), str(tmp_path_factory.mktemp("wide-llama-untied"))
+    )
 
 
 def palettized(directory, **options):
@@ -59,8 +64,13 @@ PROMPT = np.array([5, 17, 99, 42, 7])
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_stateful_wrapper_and_its_trace_generate_the_greedy_tokens_of_generate(tmp_path, kind):
     from optimum_edkm.export.common import export_copy
-    from optimum_edkm.export.stateful import (StatefulCausalLM, greedy_generate, reference_generate, reset_cache,
-                                              torch_step)
+    from optimum_edkm.export.stateful import (
+        StatefulCausalLM,
+        greedy_generate,
+        reference_generate,
+        reset_cache,
+        torch_step,
+    )
 
     config = tiny_llama_config(initializer_range=0.25) if kind == "llama" else tiny_gpt2_config()
     if kind == "gpt2":
@@ -68,7 +78,7 @@ def test_stateful_wrapper_and_its_trace_generate_the_greedy_tokens_of_generate(t
     directory = save_float_model(config, str(tmp_path / kind))
     model = palettized(directory, bits=4)
     expected = reference_generate(model, PROMPT, 24)
-    assert len(expected) == 24 and len(set(expected)) >= 4          # varied tokens: the comparison means something
+    assert len(expected) == 24 and len(set(expected)) >= 4  # varied tokens: the comparison means something
 
     wrapper = StatefulCausalLM(export_copy(model), CONTEXT).eval()
     example = (torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 1, 2, 5))
@@ -81,7 +91,7 @@ def test_stateful_wrapper_and_its_trace_generate_the_greedy_tokens_of_generate(t
     # the cache is really used: decode steps feed one token, yet match a full forward over the whole sequence
     sequence = torch.tensor([list(PROMPT) + expected])
     with torch.no_grad():
-        full = model(sequence).logits[0, len(PROMPT) - 1:-1].argmax(-1).tolist()
+        full = model(sequence).logits[0, len(PROMPT) - 1 : -1].argmax(-1).tolist()
     assert full == expected
 
 
@@ -117,8 +127,9 @@ def test_generation_package_has_kv_states_flexible_inputs_and_lut_ops(ct, wide_l
     model = palettized(wide_llama_dir, bits=3, granularity="per_grouped_channel", group_size=8)
     model, result = _generate_export(tmp_path_factory, "llama-3bit", model, check_tokens=12)
     # the converted graph's tokens were checked before conversion; recompute the reference independently
-    assert result.greedy_tokens == reference_generate(model, _default_prompt(model), 12,
-                                                      eos_token_id=model.config.eos_token_id)
+    assert result.greedy_tokens == reference_generate(
+        model, _default_prompt(model), 12, eos_token_id=model.config.eos_token_id
+    )
     assert len(set(result.greedy_tokens)) >= 3
 
     # read back with coremltools' own spec parser
@@ -134,8 +145,12 @@ def test_generation_package_has_kv_states_flexible_inputs_and_lut_ops(ct, wide_l
     inputs = {i.name: i.type.multiArrayType for i in description.input}
     assert set(inputs) == {"input_ids", "causal_mask"}
     assert [(r.lowerBound, r.upperBound) for r in inputs["input_ids"].shapeRange.sizeRanges] == [(1, 1), (1, CONTEXT)]
-    assert [(r.lowerBound, r.upperBound) for r in inputs["causal_mask"].shapeRange.sizeRanges] == \
-        [(1, 1), (1, 1), (1, CONTEXT), (1, CONTEXT)]
+    assert [(r.lowerBound, r.upperBound) for r in inputs["causal_mask"].shapeRange.sizeRanges] == [
+        (1, 1),
+        (1, 1),
+        (1, CONTEXT),
+        (1, CONTEXT),
+    ]
     assert inputs["input_ids"].dataType == inputs["input_ids"].INT32
     assert inputs["causal_mask"].dataType == inputs["causal_mask"].FLOAT16
     (output,) = description.output
@@ -147,14 +162,20 @@ def test_generation_package_has_kv_states_flexible_inputs_and_lut_ops(ct, wide_l
     counts = package.op_counts()
     assert counts["constexpr_lut_to_dense"] == LLAMA_LINEARS and counts["write_state"] == 2 * config.num_hidden_layers
     assert {name: (i.kind, i.shape) for name, i in package.inputs.items()} == {
-        "input_ids": ("tensor", (1, None)), "causal_mask": ("tensor", (1, 1, None, None)),
-        "key_cache": ("state", tuple(expected_shape)), "value_cache": ("state", tuple(expected_shape))}
+        "input_ids": ("tensor", (1, None)),
+        "causal_mask": ("tensor", (1, 1, None, None)),
+        "key_cache": ("state", tuple(expected_shape)),
+        "value_cache": ("state", tuple(expected_shape)),
+    }
     report = verify_coreml(result.path, model)
     assert not report.failures and report.interface == "generate" and report.manifest_checked
     assert all(m.indices_dtype == "uint3" and m.consumers == ["linear.weight"] for m in report.modules)
     assert report.decoders_agree and report.index_bytes == report.nbit_index_bytes
-    assert report.tied_embedding == {"keys": ["model.embed_tokens.weight", "lm_head.weight"], "palettized": False,
-                                     "stored": 1}
+    assert report.tied_embedding == {
+        "keys": ["model.embed_tokens.weight", "lm_head.weight"],
+        "palettized": False,
+        "stored": 1,
+    }
     with open(result.manifest_path) as handle:
         manifest = json.load(handle)["coreml"]
     assert manifest["kv_cache"] is True and manifest["context_length"] == CONTEXT
@@ -168,17 +189,18 @@ def _default_prompt(model):
 
 
 @needs_coremltools
-def test_a_graph_that_does_not_generate_like_generate_is_refused_before_conversion(ct, wide_llama_dir, tmp_path,
-                                                                                   monkeypatch):
+def test_a_graph_that_does_not_generate_like_generate_is_refused_before_conversion(
+    ct, wide_llama_dir, tmp_path, monkeypatch
+):
     from optimum_edkm.export import CoreMLExportError, to_coreml_generate
     from optimum_edkm.export.stateful import _SliceLayer
 
     model = palettized(wide_llama_dir, bits=4)
     original = _SliceLayer.update
 
-    def read_before_write(self, key_states, value_states, *args, **kwargs):   # attends to stale cache entries
-        keys = self.owner.key_cache[self.layer_idx, :, :, :self.end].clone()
-        values = self.owner.value_cache[self.layer_idx, :, :, :self.end].clone()
+    def read_before_write(self, key_states, value_states, *args, **kwargs):  # attends to stale cache entries
+        keys = self.owner.key_cache[self.layer_idx, :, :, : self.end].clone()
+        values = self.owner.value_cache[self.layer_idx, :, :, : self.end].clone()
         original(self, key_states, value_states)
         return keys, values
 
@@ -189,13 +211,18 @@ def test_a_graph_that_does_not_generate_like_generate_is_refused_before_conversi
     assert not os.listdir(tmp_path)
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(minimum_deployment_target="iOS17"), r"has no stateful models .* minimum_deployment_target='iOS18'"),
-    (dict(context_length=65), r"context_length=65 exceeds the model's max_position_embeddings=64"),
-    (dict(context_length=8), r"context_length=8 leaves no room for the 8-token generation check"),
-], ids=["iOS17", "too_long", "too_short"])
-def test_generation_requests_that_cannot_work_are_refused_before_any_work(wide_llama_dir, tmp_path, monkeypatch,
-                                                                         kwargs, message):
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(minimum_deployment_target="iOS17"), r"has no stateful models .* minimum_deployment_target='iOS18'"),
+        (dict(context_length=65), r"context_length=65 exceeds the model's max_position_embeddings=64"),
+        (dict(context_length=8), r"context_length=8 leaves no room for the 8-token generation check"),
+    ],
+    ids=["iOS17", "too_long", "too_short"],
+)
+def test_generation_requests_that_cannot_work_are_refused_before_any_work(
+    wide_llama_dir, tmp_path, monkeypatch, kwargs, message
+):
     from optimum_edkm.export import CoreMLExportError, coreml, to_coreml_generate
 
     model = palettized(wide_llama_dir, bits=4)
@@ -211,19 +238,22 @@ def test_palettized_tied_embedding_is_one_lut_op_read_by_gather_and_lm_head(ct, 
     from optimum_edkm.export import verify_coreml
     from optimum_edkm.export.common import palette_records
 
-    model = palettized(wide_llama_dir, bits=3, embedding_bits=4)          # tied: the head reads the embedding's palette
+    model = palettized(wide_llama_dir, bits=3, embedding_bits=4)  # tied: the head reads the embedding's palette
     records = palette_records(model)
     assert records["lm_head"].tied_to == ("model.embed_tokens",)
     model, result = _generate_export(tmp_path_factory, "tied-4bit-embedding", model)
     report = result.verification
     assert not report.failures
-    assert result.op_counts["constexpr_lut_to_dense"] == LLAMA_LINEARS + 1          # one op for both uses
+    assert result.op_counts["constexpr_lut_to_dense"] == LLAMA_LINEARS + 1  # one op for both uses
     by_name = {m.name: m for m in report.modules}
     embedding, head = by_name["model.embed_tokens"], by_name["lm_head"]
     assert embedding.lut_op == head.lut_op and embedding.indices_dtype == "uint4"
     assert embedding.consumers == head.consumers == ["gather.x", "linear.weight"]
-    assert report.tied_embedding == {"keys": ["model.embed_tokens.weight", "lm_head.weight"], "palettized": True,
-                                     "stored": 1}
+    assert report.tied_embedding == {
+        "keys": ["model.embed_tokens.weight", "lm_head.weight"],
+        "palettized": True,
+        "stored": 1,
+    }
     assert "lm_head.weight" not in report.float_tensors_in_package
     # stored once at n bits: indices of 14 projections at 3 bits + the 128 x 32 embedding at 4 bits
     linear_numel = sum(r.numel for name, r in records.items() if name not in ("lm_head", "model.embed_tokens"))
@@ -240,8 +270,9 @@ def test_palettized_tied_embedding_is_one_lut_op_read_by_gather_and_lm_head(ct, 
     # the fixed-window export shares the same path: one LUT op for both uses there too
     from optimum_edkm.export import to_coreml
 
-    window = to_coreml(model, str(tmp_path_factory.mktemp("tied-window") / "w.mlpackage"), seq_len=8,
-                       check_logits=False).verification
+    window = to_coreml(
+        model, str(tmp_path_factory.mktemp("tied-window") / "w.mlpackage"), seq_len=8, check_logits=False
+    ).verification
     assert not window.failures and window.lut_ops == LLAMA_LINEARS + 1
     assert {m.name: m.consumers for m in window.modules}["lm_head"] == ["gather.x", "linear.weight"]
 

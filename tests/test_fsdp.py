@@ -27,11 +27,28 @@ def _free_port():
 
 def _run(model_dir, out, per_rank, steps, *options, processes=1):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(HERE))
-    launcher = [sys.executable] if processes == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr",
-        "127.0.0.1", "--master_port", str(_free_port())]
-    done = subprocess.run(launcher + [WORKER, model_dir, str(out), str(per_rank), str(steps), *options],
-                          capture_output=True, text=True, env=env, timeout=600)
+    launcher = (
+        [sys.executable]
+        if processes == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(processes),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(_free_port()),
+        ]
+    )
+    done = subprocess.run(
+        launcher + [WORKER, model_dir, str(out), str(per_rank), str(steps), *options],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(processes)]
 
@@ -50,7 +67,8 @@ def fsdp_available():
 
 @pytest.mark.slow
 def test_fsdp2_on_two_gloo_processes_trains_like_one_process_and_exports_a_palettized_model(
-        fsdp_available, tiny_llama_dir, tmp_path):
+    fsdp_available, tiny_llama_dir, tmp_path
+):
     (one,) = _run(tiny_llama_dir, tmp_path / "one", 8, 4)
     rank0, rank1 = _run(tiny_llama_dir, tmp_path / "two", 4, 4, "export", processes=2)
     assert rank0["world_size"] == 2 and one["world_size"] == 1
@@ -70,9 +88,9 @@ def test_fsdp2_on_two_gloo_processes_trains_like_one_process_and_exports_a_palet
     # reads of whole weights outside forward (statistics, palettize) gather them: same as the unsharded model
     assert rank0["palettize"] == rank1["palettize"] == "ok"
     assert rank0["agreement"] == {"stats": True, "palettized": True}
-    import optimum_edkm  # noqa: F401
     from transformers import AutoModelForCausalLM
 
+    import optimum_edkm  # noqa: F401
     from optimum_edkm import PalettizedLinear
 
     exported = AutoModelForCausalLM.from_pretrained(rank0["palettized_dir"])
@@ -94,7 +112,9 @@ def test_fsdp2_distributed_checkpoint_resumes_exactly(fsdp_available, tiny_llama
 @pytest.mark.gpu
 def test_edkm_trainer_with_accelerate_fsdp2_needs_two_cuda_devices():
     if torch.cuda.device_count() < 2:
-        pytest.skip("accelerate enables its FSDP plugin only on accelerators (on a CPU, Trainer(fsdp=...) silently "
-                    "trains with DDP) and FSDP needs one device per process: this needs 2 CUDA devices, "
-                    f"found {torch.cuda.device_count()}")
+        pytest.skip(
+            "accelerate enables its FSDP plugin only on accelerators (on a CPU, Trainer(fsdp=...) silently "
+            "trains with DDP) and FSDP needs one device per process: this needs 2 CUDA devices, "
+            f"found {torch.cuda.device_count()}"
+        )
     pytest.skip("not run yet: no machine with 2 CUDA devices was available when this was written")

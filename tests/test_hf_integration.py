@@ -15,8 +15,15 @@ from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 import optimum_edkm
-from optimum_edkm import (EDKMConfig, EDKMConv1D, EDKMEmbedding, EDKMLinear, PalettizedEmbedding, PalettizedLinear,
-                          palettize)
+from optimum_edkm import (
+    EDKMConfig,
+    EDKMConv1D,
+    EDKMEmbedding,
+    EDKMLinear,
+    PalettizedEmbedding,
+    PalettizedLinear,
+    palettize,
+)
 from optimum_edkm.clustering import packed_size
 
 LLAMA_LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -34,10 +41,21 @@ def logits(model, ids):
 
 # ----------------------------------------------------------------------------------------------- config
 def test_config_round_trips_through_dict_and_json():
-    config = EDKMConfig(bits=4, granularity="per_grouped_channel", group_size=8, enable_per_channel_scale=True,
-                        temperature=0.5, iterations=2, tolerance=1e-6, embedding_bits=8, seed=3,
-                        modules_to_not_convert=["lm_head"], uniquify=False, lut_dtype="float32",
-                        module_bits={"model.layers.0.mlp.down_proj": 4})
+    config = EDKMConfig(
+        bits=4,
+        granularity="per_grouped_channel",
+        group_size=8,
+        enable_per_channel_scale=True,
+        temperature=0.5,
+        iterations=2,
+        tolerance=1e-6,
+        embedding_bits=8,
+        seed=3,
+        modules_to_not_convert=["lm_head"],
+        uniquify=False,
+        lut_dtype="float32",
+        module_bits={"model.layers.0.mlp.down_proj": 4},
+    )
     data = config.to_dict()
     assert data["quant_method"] == "edkm" and data["bits"] == 4 and data["group_size"] == 8
     again = EDKMConfig.from_dict(json.loads(json.dumps(data)))
@@ -45,22 +63,25 @@ def test_config_round_trips_through_dict_and_json():
     assert EDKMConfig.from_dict(EDKMConfig().to_dict()).to_dict() == EDKMConfig().to_dict()
 
 
-@pytest.mark.parametrize("fields,message", [
-    ({"bits": 9}, "EDKMConfig.bits must be an integer from 1 to 8"),
-    ({"bits": 2.5}, "EDKMConfig.bits must be an integer from 1 to 8"),
-    ({"embedding_bits": 0}, "EDKMConfig.embedding_bits must be an integer from 1 to 8"),
-    ({"granularity": "per_channel"}, "granularity must be one of"),
-    ({"granularity": "per_grouped_channel"}, "group_size must be a positive integer"),
-    ({"group_size": 16}, "group_size is only used with granularity='per_grouped_channel'"),
-    ({"temperature": 0}, "temperature must be a finite number > 0"),
-    ({"iterations": 0}, "iterations must be an integer >= 1"),
-    ({"tolerance": -1}, "tolerance must be a finite number >= 0"),
-    ({"modules_to_not_convert": "lm_head"}, "modules_to_not_convert must be a list"),
-    ({"uniquify": "yes"}, "uniquify must be True or False"),
-    ({"lut_dtype": "int8"}, "lut_dtype must be one of"),
-    ({"bitz": 3}, "unknown EDKMConfig field.*bitz.*valid fields are bits"),
-    ({"quant_method": "gptq"}, "quant_method 'edkm', got 'gptq'"),
-])
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        ({"bits": 9}, "EDKMConfig.bits must be an integer from 1 to 8"),
+        ({"bits": 2.5}, "EDKMConfig.bits must be an integer from 1 to 8"),
+        ({"embedding_bits": 0}, "EDKMConfig.embedding_bits must be an integer from 1 to 8"),
+        ({"granularity": "per_channel"}, "granularity must be one of"),
+        ({"granularity": "per_grouped_channel"}, "group_size must be a positive integer"),
+        ({"group_size": 16}, "group_size is only used with granularity='per_grouped_channel'"),
+        ({"temperature": 0}, "temperature must be a finite number > 0"),
+        ({"iterations": 0}, "iterations must be an integer >= 1"),
+        ({"tolerance": -1}, "tolerance must be a finite number >= 0"),
+        ({"modules_to_not_convert": "lm_head"}, "modules_to_not_convert must be a list"),
+        ({"uniquify": "yes"}, "uniquify must be True or False"),
+        ({"lut_dtype": "int8"}, "lut_dtype must be one of"),
+        ({"bitz": 3}, "unknown EDKMConfig field.*bitz.*valid fields are bits"),
+        ({"quant_method": "gptq"}, "quant_method 'edkm', got 'gptq'"),
+    ],
+)
 def test_config_rejects_bad_fields(fields, message):
     with pytest.raises(ValueError, match=message):
         EDKMConfig(**fields)
@@ -87,7 +108,7 @@ def test_from_pretrained_wraps_linears_and_skips_the_tied_head(tiny_llama_dir):
 def test_modules_to_not_convert_and_embedding_bits(tiny_llama_untied_dir):
     model = load(tiny_llama_untied_dir, bits=2, embedding_bits=8, modules_to_not_convert=["down_proj"])
     assert isinstance(model.model.embed_tokens, EDKMEmbedding) and model.model.embed_tokens.bits == 8
-    assert isinstance(model.lm_head, EDKMLinear)            # the user's list replaces the default skips
+    assert isinstance(model.lm_head, EDKMLinear)  # the user's list replaces the default skips
     assert type(model.model.layers[0].mlp.down_proj) is nn.Linear
     assert isinstance(model.model.layers[1].mlp.up_proj, EDKMLinear)
 
@@ -117,7 +138,8 @@ def test_a_tied_embedding_is_clustered_once_and_the_head_reads_its_palette(tiny_
     report = optimum_edkm.size_report(model)
     vocab, hidden_size = 128, 32
     assert report["clustered_weights"] == vocab * hidden_size + sum(
-        m.out_channels * m.in_channels for m in model.modules() if isinstance(m, PalettizedLinear))
+        m.out_channels * m.in_channels for m in model.modules() if isinstance(m, PalettizedLinear)
+    )
     directory = optimum_edkm.save_pretrained(model, str(tmp_path / "tied"))
     with safe_open(os.path.join(directory, "model.safetensors"), framework="pt") as handle:
         keys = set(handle.keys())
@@ -131,13 +153,15 @@ def test_a_tied_embedding_is_clustered_once_and_the_head_reads_its_palette(tiny_
 
 
 def test_group_size_must_divide_every_layer_before_loading(tiny_llama_dir):
-    with pytest.raises(ValueError, match=r"group_size=12 does not divide the 32 output channels of "
-                                         r"'model.layers.0.self_attn.q_proj'.*\[1, 2, 4, 8, 16\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"group_size=12 does not divide the 32 output channels of "
+        r"'model.layers.0.self_attn.q_proj'.*\[1, 2, 4, 8, 16\]",
+    ):
         load(tiny_llama_dir, bits=3, granularity="per_grouped_channel", group_size=12)
 
 
-def test_backward_reaches_the_float_weights_and_trainer_and_peft_accept_the_model(tiny_llama_dir, input_ids,
-                                                                                 tmp_path):
+def test_backward_reaches_the_float_weights_and_trainer_and_peft_accept_the_model(tiny_llama_dir, input_ids, tmp_path):
     model = load(tiny_llama_dir, bits=3)
     model.train()
     model(input_ids, labels=input_ids).loss.backward()
@@ -145,9 +169,11 @@ def test_backward_reaches_the_float_weights_and_trainer_and_peft_accept_the_mode
     assert all(g is not None and float(g.abs().sum()) > 0 for g in grads)
 
     from transformers import Trainer, TrainingArguments
+
     Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]))
 
     from peft import LoraConfig, get_peft_model
+
     peft_model = get_peft_model(load(tiny_llama_dir, bits=3), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     lora_q = peft_model.base_model.model.model.layers[0].self_attn.q_proj
     assert isinstance(lora_q.base_layer, EDKMLinear) and not lora_q.base_layer.weight.requires_grad
@@ -168,13 +194,14 @@ def test_training_forward_is_soft_clustering_and_eval_is_the_snapped_weight(tiny
     layer.train()
     centroids_before = layer.weight_centroids.clone()
     soft = layer.clustered_weight()
-    assert soft.requires_grad and soft.detach().unique().numel() > 4      # soft assignments mix centroids
-    assert not torch.equal(centroids_before, layer.weight_centroids)       # warm start for the next step
+    assert soft.requires_grad and soft.detach().unique().numel() > 4  # soft assignments mix centroids
+    assert not torch.equal(centroids_before, layer.weight_centroids)  # warm start for the next step
 
 
 # ------------------------------------------------------------------------------------------ palettize
-@pytest.mark.parametrize("extra", [{}, {"granularity": "per_grouped_channel", "group_size": 8},
-                                   {"enable_per_channel_scale": True}])
+@pytest.mark.parametrize(
+    "extra", [{}, {"granularity": "per_grouped_channel", "group_size": 8}, {"enable_per_channel_scale": True}]
+)
 def test_post_training_palettize_snaps_every_weight_to_its_nearest_lut_entry(tiny_llama_dir, extra):
     model = load(tiny_llama_dir, bits=3, **extra)
     originals = {name: m.weight.detach().clone() for name, m in model.named_modules() if isinstance(m, EDKMLinear)}
@@ -184,9 +211,13 @@ def test_post_training_palettize_snaps_every_weight_to_its_nearest_lut_entry(tin
         module = model.get_submodule(name)
         assert isinstance(module, PalettizedLinear) and module.weight.dtype == torch.uint8
         dense = module.dense_weight()
-        lut = module.weight_lut.float()                                   # [groups, 8]
+        lut = module.weight_lut.float()  # [groups, 8]
         groups = lut.shape[0]
-        scale = module.weight_scale.float().unsqueeze(1) if module.weight_scale is not None else torch.ones(original.shape[0], 1)
+        scale = (
+            module.weight_scale.float().unsqueeze(1)
+            if module.weight_scale is not None
+            else torch.ones(original.shape[0], 1)
+        )
         rows_per_group = original.shape[0] // groups
         for row in range(original.shape[0]):
             entries = lut[row // rows_per_group]
@@ -196,10 +227,12 @@ def test_post_training_palettize_snaps_every_weight_to_its_nearest_lut_entry(tin
             assert torch.equal(dense[row], (nearest.float() * scale[row]))
 
 
-def test_palettize_save_load_in_a_fresh_process_gives_identical_logits_and_generation(tiny_llama_dir, tmp_path,
-                                                                                      input_ids):
-    model = load(tiny_llama_dir, bits=3, granularity="per_grouped_channel", group_size=16,
-                 enable_per_channel_scale=True)
+def test_palettize_save_load_in_a_fresh_process_gives_identical_logits_and_generation(
+    tiny_llama_dir, tmp_path, input_ids
+):
+    model = load(
+        tiny_llama_dir, bits=3, granularity="per_grouped_channel", group_size=16, enable_per_channel_scale=True
+    )
     before = logits(model, input_ids)
     palettize(model)
     after = logits(model, input_ids)
@@ -218,7 +251,7 @@ def test_palettize_save_load_in_a_fresh_process_gives_identical_logits_and_gener
             raise AssertionError("a float train-time module was built while loading a palettized checkpoint")
         EDKMLinear.__init__ = refuse
         model = AutoModelForCausalLM.from_pretrained({saved!r})
-        ref = torch.load({str(tmp_path / 'reference.pt')!r})
+        ref = torch.load({str(tmp_path / "reference.pt")!r})
         assert isinstance(model.model.layers[0].self_attn.q_proj, PalettizedLinear)
         with torch.no_grad():
             out = model(ref["ids"]).logits
@@ -239,7 +272,7 @@ def test_gpt2_conv1d_and_embedding_round_trip(tiny_gpt2_dir, tmp_path, input_ids
     palettize(model)
     assert isinstance(model.transformer.wpe, PalettizedEmbedding)
     palettized = logits(model, input_ids)
-    torch.testing.assert_close(palettized, before, rtol=1e-5, atol=1e-6)    # fused LUT op vs F.linear
+    torch.testing.assert_close(palettized, before, rtol=1e-5, atol=1e-6)  # fused LUT op vs F.linear
     optimum_edkm.save_pretrained(model, str(tmp_path / "gpt2"))
     reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "gpt2"))
     assert torch.equal(logits(reloaded, input_ids), palettized)
@@ -252,7 +285,7 @@ def test_gpt2_conv1d_and_embedding_round_trip(tiny_gpt2_dir, tmp_path, input_ids
 def test_train_format_checkpoint_reloads_with_its_centroids(tiny_llama_dir, tmp_path, input_ids):
     model = load(tiny_llama_dir, bits=3)
     model.train()
-    model(input_ids, labels=input_ids).loss.backward()             # moves the centroids (warm start)
+    model(input_ids, labels=input_ids).loss.backward()  # moves the centroids (warm start)
     expected = logits(model, input_ids)
     optimum_edkm.save_pretrained(model, str(tmp_path / "train-format"))
     reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "train-format"))
@@ -263,8 +296,9 @@ def test_train_format_checkpoint_reloads_with_its_centroids(tiny_llama_dir, tmp_
 
 
 def test_bf16_model_round_trip(tiny_llama_dir, tmp_path, input_ids):
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16,
-                                                 quantization_config=EDKMConfig(bits=4))
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_llama_dir, dtype=torch.bfloat16, quantization_config=EDKMConfig(bits=4)
+    )
     before = logits(model, input_ids)
     palettize(model)
     optimum_edkm.save_pretrained(model, str(tmp_path / "bf16"))
@@ -277,7 +311,7 @@ def test_prepare_in_memory_matches_from_pretrained(tiny_llama_dir, input_ids):
     plain = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     parameter = plain.model.layers[0].self_attn.q_proj.weight
     prepared = optimum_edkm.prepare(plain, EDKMConfig(bits=3))
-    assert prepared.model.layers[0].self_attn.q_proj.weight is parameter          # reused, not copied
+    assert prepared.model.layers[0].self_attn.q_proj.weight is parameter  # reused, not copied
     assert torch.equal(logits(prepared, input_ids), logits(load(tiny_llama_dir, bits=3), input_ids))
     with pytest.raises(ValueError, match="already quantized"):
         optimum_edkm.prepare(prepared, EDKMConfig(bits=3))
@@ -292,11 +326,16 @@ def test_checkpoint_is_within_2_percent_of_the_theoretical_n_bit_size(tiny_llama
         module_name, _, leaf = name.rpartition(".")
         if module_name.rsplit(".", 1)[-1] in LLAMA_LINEARS and leaf == "weight":
             rows, cols = tensor.shape
-            expected += packed_size(rows * cols, bits) + (rows // group) * 2 ** bits * 2 + rows * 2  # LUT+scale
+            expected += packed_size(rows * cols, bits) + (rows // group) * 2**bits * 2 + rows * 2  # LUT+scale
         else:
             expected += tensor.numel() * tensor.element_size()
-    model = load(tiny_llama_untied_dir, bits=bits, granularity="per_grouped_channel", group_size=group,
-                 enable_per_channel_scale=True)
+    model = load(
+        tiny_llama_untied_dir,
+        bits=bits,
+        granularity="per_grouped_channel",
+        group_size=group,
+        enable_per_channel_scale=True,
+    )
     palettize(model)
     directory = optimum_edkm.save_pretrained(model, str(tmp_path / "sized"))
     on_disk = optimum_edkm.checkpoint_bytes(directory)
@@ -335,9 +374,13 @@ def test_misshaped_packed_tensor_is_reported_by_name(palettized_dir):
     def truncate(tensors):
         key = "model.layers.0.self_attn.o_proj.weight"
         tensors[key] = tensors[key][:-5].clone()
+
     _rewrite_checkpoint(palettized_dir, truncate)
-    with pytest.raises(ValueError, match=r"'model.layers.0.self_attn.o_proj.weight' has shape \(379,\) in the "
-                                         r"checkpoint but the model expects \(384,\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"'model.layers.0.self_attn.o_proj.weight' has shape \(379,\) in the "
+        r"checkpoint but the model expects \(384,\)",
+    ):
         AutoModelForCausalLM.from_pretrained(palettized_dir)
 
 
@@ -346,8 +389,11 @@ def test_bits_in_the_file_not_matching_the_config_is_reported(palettized_dir):
     config = json.load(open(config_path))
     config["quantization_config"]["bits"] = 4
     json.dump(config, open(config_path, "w"))
-    with pytest.raises(ValueError, match=r"config.json's quantization_config differs from the one these weights were "
-                                         r"saved with \(bits: saved 3, config.json 4\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"config.json's quantization_config differs from the one these weights were "
+        r"saved with \(bits: saved 3, config.json 4\)",
+    ):
         AutoModelForCausalLM.from_pretrained(palettized_dir)
 
 
@@ -367,12 +413,13 @@ def test_loading_without_the_package_fails_loudly_instead_of_reinitialising(pale
 
 
 def test_unsupported_modules_are_rejected():
-    from transformers import AutoModelForCausalLM as Auto
     from conftest import tiny_llama_config
+    from transformers import AutoModelForCausalLM as Auto
+
     model = Auto.from_config(tiny_llama_config())
     with pytest.raises(ValueError, match="no module to cluster"):
         optimum_edkm.prepare(model, EDKMConfig(bits=3, modules_to_not_convert=["model", "lm_head"]))
-    assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear          # nothing was changed
+    assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear  # nothing was changed
     with pytest.raises(ValueError, match="was not prepared for eDKM"):
         palettize(Auto.from_config(tiny_llama_config()))
 
@@ -389,6 +436,7 @@ def test_interrupted_save_leaves_the_previous_model_intact(tiny_llama_dir, tmp_p
         with open(os.path.join(directory, "model.safetensors"), "wb") as handle:
             handle.write(b"half a model")
         raise KeyboardInterrupt("power cut")
+
     monkeypatch.setattr(type(model), "save_pretrained", crash)
     with pytest.raises(KeyboardInterrupt):
         optimum_edkm.save_pretrained(model, target)
@@ -414,6 +462,7 @@ def test_push_to_hub_uploads_the_saved_files_and_model_card(tiny_llama_dir, monk
             uploaded["card"] = open(os.path.join(folder_path, "README.md")).read()
 
     import huggingface_hub
+
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     optimum_edkm.push_to_hub(model, "someone/tiny-3bit")
     assert uploaded["repo"] == "someone/tiny-3bit"
@@ -427,7 +476,7 @@ def test_dequantize_gives_a_plain_model_that_loads_without_the_package(tiny_llam
     expected = logits(model, input_ids)
     model.dequantize()
     assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear
-    torch.testing.assert_close(logits(model, input_ids), expected, rtol=1e-5, atol=1e-6)   # F.linear vs LUT op
+    torch.testing.assert_close(logits(model, input_ids), expected, rtol=1e-5, atol=1e-6)  # F.linear vs LUT op
     expected = logits(model, input_ids)
     model.save_pretrained(str(tmp_path / "plain"))
     assert "quantization_config" not in json.load(open(tmp_path / "plain" / "config.json"))

@@ -14,9 +14,15 @@ import pytest
 import torch
 
 from optimum_edkm.clustering import decode, pack_indices
+from optimum_edkm.kernels import (
+    kernel_available,
+    lut_decode,
+    lut_linear,
+    reference_lut_linear,
+    set_kernel_isa,
+    supported_isas,
+)
 from optimum_edkm.kernels import lut as lut_module
-from optimum_edkm.kernels import (kernel_available, lut_decode, lut_linear, reference_lut_linear, set_kernel_isa,
-                                  supported_isas)
 from optimum_edkm.nn import PaletteFormat, PalettizedLinear
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,8 +45,8 @@ def isa(request):
 
 def make_palette(out_f, in_f, bits, groups=1, scale=True, bias=False, lut_dtype=torch.float16, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    indices = torch.randint(0, 2 ** bits, (out_f, in_f), dtype=torch.uint8, generator=generator)
-    lut = torch.randn(groups, 2 ** bits, generator=generator).to(lut_dtype)
+    indices = torch.randint(0, 2**bits, (out_f, in_f), dtype=torch.uint8, generator=generator)
+    lut = torch.randn(groups, 2**bits, generator=generator).to(lut_dtype)
     row_scale = (torch.rand(out_f, generator=generator) + 0.5).to(lut_dtype) if scale else None
     row_bias = torch.randn(out_f, generator=generator) if bias else None
     return indices, pack_indices(indices, bits), lut, row_scale, row_bias
@@ -62,8 +68,7 @@ def check_against_float64(y, x, indices, lut, scale, bias):
 
 
 def call_op(x, packed, lut, scale, bias, in_f, out_f, bits, gemm_min_rows, tile_bytes=8 << 20):
-    return torch.ops.optimum_edkm.lut_linear(x, packed, lut, scale, bias, in_f, out_f, bits, gemm_min_rows,
-                                             tile_bytes)
+    return torch.ops.optimum_edkm.lut_linear(x, packed, lut, scale, bias, in_f, out_f, bits, gemm_min_rows, tile_bytes)
 
 
 # ------------------------------------------------------------------------------------------------ kernel
@@ -72,8 +77,9 @@ def call_op(x, packed, lut, scale, bias, in_f, out_f, bits, gemm_min_rows, tile_
 @pytest.mark.parametrize("bits", range(1, 9))
 def test_fused_kernel_matches_float64_for_every_bit_width(isa, bits):
     # in_features: a multiple of 16, of 8 only, and neither (tails of the AVX-512 / AVX2 / scalar loops)
-    for in_f, groups, scale, bias, rows in itertools.product([48, 40, 24 + 4 * (bits % 2 == 0)], [1, 3],
-                                                             [False, True], [False, True], [1, 3, 17]):
+    for in_f, groups, scale, bias, rows in itertools.product(
+        [48, 40, 24 + 4 * (bits % 2 == 0)], [1, 3], [False, True], [False, True], [1, 3, 17]
+    ):
         if (in_f * bits) % 8:
             continue
         indices, packed, lut, row_scale, row_bias = make_palette(12, in_f, bits, groups, scale, bias)
@@ -106,7 +112,7 @@ def test_scalar_table_kernel_matches_float64(bits):
 def test_gemm_path_matches_float64_and_tiles(isa, bits):
     indices, packed, lut, row_scale, row_bias = make_palette(40, 40, bits, groups=4, bias=True)
     x = torch.randn(600, 40)
-    for tile_bytes in (8 << 20, 7 * 40 * 4):      # whole weight, or tiles of 7 rows (the last one shorter)
+    for tile_bytes in (8 << 20, 7 * 40 * 4):  # whole weight, or tiles of 7 rows (the last one shorter)
         for bias in (row_bias, None):
             y = call_op(x, packed, lut, row_scale, bias, 40, 40, bits, FORCE_GEMM, tile_bytes)
             check_against_float64(y, x, indices, lut, row_scale, bias)
@@ -115,13 +121,13 @@ def test_gemm_path_matches_float64_and_tiles(isa, bits):
 @needs_kernel
 @pytest.mark.parametrize("isa", isas(), indirect=True)
 def test_decode_is_bit_identical_to_the_reference(isa):
-    for bits, groups, scale, lut_dtype in itertools.product(range(1, 9), [1, 2], [False, True],
-                                                            [torch.float16, torch.float32, torch.bfloat16]):
+    for bits, groups, scale, lut_dtype in itertools.product(
+        range(1, 9), [1, 2], [False, True], [torch.float16, torch.float32, torch.bfloat16]
+    ):
         indices, packed, lut, row_scale, _ = make_palette(8, 56, bits, groups, scale, lut_dtype=lut_dtype)
         expected = decode(indices, lut, row_scale, dtype=torch.float32)
         assert torch.equal(lut_decode(packed, lut, row_scale, 56, 8, bits), expected)
-        assert torch.equal(lut_decode(packed, lut, row_scale, 56, 8, bits, torch.bfloat16),
-                           expected.to(torch.bfloat16))
+        assert torch.equal(lut_decode(packed, lut, row_scale, 56, 8, bits, torch.bfloat16), expected.to(torch.bfloat16))
 
 
 @needs_kernel
@@ -130,7 +136,7 @@ def test_decode_is_bit_identical_to_the_reference(isa):
 def test_lut_linear_input_dtypes_shapes_and_strides(dtype, rows):
     indices, packed, lut, row_scale, row_bias = make_palette(24, 64, 3, groups=2, bias=True)
     wide = torch.randn(2, rows, 128).to(dtype)
-    x = wide[..., ::2]                          # non-contiguous, 3-D
+    x = wide[..., ::2]  # non-contiguous, 3-D
     assert not x.is_contiguous()
     y = lut_linear(x, packed, lut, row_scale, row_bias.to(dtype), 64, 24, 3, group_size=12)
     assert y.shape == (2, rows, 24)
@@ -148,8 +154,12 @@ def test_two_threads_share_output_rows(isa):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        for bits, groups, rows, gemm_min_rows in [(3, 1, 1, 0), (3, 2, 1, 0), (4, 1, 2, FORCE_FUSED),
-                                                  (2, 4, 5, FORCE_GEMM)]:
+        for bits, groups, rows, gemm_min_rows in [
+            (3, 1, 1, 0),
+            (3, 2, 1, 0),
+            (4, 1, 2, FORCE_FUSED),
+            (2, 4, 5, FORCE_GEMM),
+        ]:
             indices, packed, lut, row_scale, row_bias = make_palette(1024, 576, bits, groups, bias=True)
             x = torch.randn(rows, 576)
             y = call_op(x, packed, lut, row_scale, row_bias, 576, 1024, bits, gemm_min_rows)
@@ -163,16 +173,15 @@ def test_tied_lm_head_shape_at_4_bits():
     """The 49152 x 576 4-bit lm_head of SmolLM2, as one token's logits and as a prefill (tiled GEMM path)."""
     indices, packed, lut, row_scale, _ = make_palette(49152, 576, 4)
     x = torch.randn(1, 576)
-    check_against_float64(lut_linear(x, packed, lut, row_scale, None, 576, 49152, 4), x, indices, lut, row_scale,
-                          None)
+    check_against_float64(lut_linear(x, packed, lut, row_scale, None, 576, 49152, 4), x, indices, lut, row_scale, None)
     x = torch.randn(70, 576)
-    y = lut_linear(x, packed, lut, row_scale, None, 576, 49152, 4)     # 70 rows: tiles of 8 MiB + GEMM
+    y = lut_linear(x, packed, lut, row_scale, None, 576, 49152, 4)  # 70 rows: tiles of 8 MiB + GEMM
     exact = x.double() @ decode(indices, lut, row_scale, dtype=torch.float64).t()
     assert float((y.double() - exact).abs().max()) <= 1e-4 * float(exact.abs().max())
 
 
 def test_rows_not_byte_aligned_fall_back_to_the_reference():
-    indices, packed, lut, row_scale, row_bias = make_palette(6, 13, 3, bias=True)   # 39 bits per row
+    indices, packed, lut, row_scale, row_bias = make_palette(6, 13, 3, bias=True)  # 39 bits per row
     x = torch.randn(5, 13)
     y = lut_linear(x, packed, lut, row_scale, row_bias, 13, 6, 3)
     assert torch.equal(y, reference_lut_linear(x, packed, lut, row_scale, row_bias, 13, 6, 3))
@@ -247,19 +256,20 @@ def test_cuda_uses_decode_and_matmul():
 # ------------------------------------------------------------------------------------------------ models
 @pytest.fixture(scope="module")
 def palettized_llama():
-    from transformers import AutoModelForCausalLM
-
     from conftest import tiny_llama_config
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_llama_config(tie=True)).eval()
     for name, module in list(model.named_modules()):
         if isinstance(module, torch.nn.Linear) and name != "lm_head":
             bits = 3 if "mlp" in name else 4
-            layer = PalettizedLinear(module.in_features, module.out_features, False,
-                                     PaletteFormat(bits=bits, per_channel_scale=True))
-            indices, packed, lut, row_scale, _ = make_palette(module.out_features, module.in_features, bits,
-                                                              seed=len(name))
+            layer = PalettizedLinear(
+                module.in_features, module.out_features, False, PaletteFormat(bits=bits, per_channel_scale=True)
+            )
+            indices, packed, lut, row_scale, _ = make_palette(
+                module.out_features, module.in_features, bits, seed=len(name)
+            )
             layer.weight.copy_(packed)
             layer.weight_lut.copy_(lut * 0.05)
             layer.weight_scale.copy_(row_scale)
@@ -274,7 +284,7 @@ def test_palettized_llama_logits_equal_with_and_without_kernel(palettized_llama,
     monkeypatch.setitem(lut_module._state, "linear", lambda *args: calls.append(args[7]) or fused_op(*args))
     with torch.no_grad():
         fused = palettized_llama(input_ids).logits
-        assert sorted(set(calls)) == [3, 4] and len(calls) == 14      # every palettized projection, both widths
+        assert sorted(set(calls)) == [3, 4] and len(calls) == 14  # every palettized projection, both widths
         monkeypatch.setattr(lut_module, "kernel_available", lambda: False)
         reference = palettized_llama(input_ids).logits
     assert len(calls) == 14
@@ -298,7 +308,7 @@ def test_torch_compile_matches_eager(palettized_llama, input_ids, backend):
         compiled = torch.compile(palettized_llama, backend=recording_backend, fullgraph=True)
         torch.testing.assert_close(compiled(input_ids).logits, eager, rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
-    assert graph_ops.count("optimum_edkm.lut_linear.default") == 14     # one opaque node per palettized linear
+    assert graph_ops.count("optimum_edkm.lut_linear.default") == 14  # one opaque node per palettized linear
 
 
 @needs_kernel
@@ -312,17 +322,18 @@ def test_generate_compiles_a_palettized_model_with_a_static_cache(tiny_llama_dir
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     optimum_edkm.prepare(model, EDKMConfig(bits=3, enable_per_channel_scale=True))
-    assert not model.hf_quantizer.is_compileable          # train-time modules: not claimed
+    assert not model.hf_quantizer.is_compileable  # train-time modules: not claimed
     optimum_edkm.palettize(model)
     assert model.hf_quantizer.is_compileable
     ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(0))
     eager = model.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="static")
     config = CompileConfig(backend="aot_eager", fullgraph=True)
-    config._compile_all_devices = True                    # transformers compiles on CPU only when asked
+    config._compile_all_devices = True  # transformers compiles on CPU only when asked
     torch._dynamo.reset()
     counters.clear()
-    compiled = model.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="static",
-                              compile_config=config)
+    compiled = model.generate(
+        ids, max_new_tokens=6, do_sample=False, cache_implementation="static", compile_config=config
+    )
     assert counters["stats"]["unique_graphs"] >= 1
     torch._dynamo.reset()
     assert torch.equal(compiled, eager)

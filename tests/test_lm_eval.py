@@ -7,11 +7,11 @@ import socket
 
 import pytest
 import torch
-
 from tiny_text_model import help_topic_texts, save_tiny_text_model
 
-lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed: pip install "
-                                                "'optimum-edkm[eval]'")
+lm_eval = pytest.importorskip(
+    "lm_eval", reason="lm-evaluation-harness is not installed: pip install 'optimum-edkm[eval]'"
+)
 
 MAX_LENGTH = 512
 
@@ -36,9 +36,10 @@ def no_network(monkeypatch):
 
 @pytest.fixture(scope="module")
 def palettized_model(tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     import optimum_edkm
     from optimum_edkm import EDKMConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     train, _ = help_topic_texts()
     folder = save_tiny_text_model(tmp_path_factory.mktemp("tiny-lm"), train)
@@ -72,8 +73,8 @@ def test_lm_eval_scores_a_palettized_model_offline_as_its_own_logits_do(palettiz
         scores = []
         for choice in item["choices"]:
             whole = tokenizer.encode(item["context"] + " " + choice, add_special_tokens=False)
-            assert whole[:len(context)] == context and len(whole) <= MAX_LENGTH
-            scores.append(_continuation_logprob(model, context, whole[len(context):]))
+            assert whole[: len(context)] == context and len(whole) <= MAX_LENGTH
+            scores.append(_continuation_logprob(model, context, whole[len(context) :]))
         correct += max(range(len(scores)), key=scores.__getitem__) == item["label"]
         normalised = [s / len(c) for s, c in zip(scores, item["choices"])]
         correct_norm += max(range(len(scores)), key=normalised.__getitem__) == item["label"]
@@ -84,11 +85,12 @@ def test_lm_eval_scores_a_palettized_model_offline_as_its_own_logits_do(palettiz
     total_logprob, total_bytes = 0.0, 0
     for document in documents:
         tokens = tokenizer.encode(document, add_special_tokens=False)
-        assert len(tokens) < MAX_LENGTH          # one rolling window per document
+        assert len(tokens) < MAX_LENGTH  # one rolling window per document
         total_logprob += _continuation_logprob(model, [tokenizer.bos_token_id], tokens)
         total_bytes += len(document.encode("utf-8"))
-    assert results[PPL_TASK]["bits_per_byte,none"] == pytest.approx(-total_logprob / total_bytes / math.log(2),
-                                                                    rel=1e-4)
+    assert results[PPL_TASK]["bits_per_byte,none"] == pytest.approx(
+        -total_logprob / total_bytes / math.log(2), rel=1e-4
+    )
 
 
 def test_task_items_hold_the_true_continuation_once_and_no_paragraph_of_the_training_split():
@@ -104,7 +106,7 @@ def test_task_items_hold_the_true_continuation_once_and_no_paragraph_of_the_trai
         assert item["context"] + " " + truth == paragraph
         assert item["choices"].count(truth) == 1 and len(item["choices"]) == 4
     labels = [item["label"] for item in items]
-    assert {0, 1, 2, 3} == set(labels)           # the answer is not always in the same place
+    assert {0, 1, 2, 3} == set(labels)  # the answer is not always in the same place
     assert multiple_choice_items(held_out, seed=0) == items
 
 

@@ -58,8 +58,10 @@ def deterministic_cuda():
     """eDKM's per-group sums use index_add, whose CUDA kernel adds with atomics in no fixed order unless
     deterministic algorithms are on (warn_only: bincount has no deterministic CUDA kernel, and needs none:
     its integer counts are exact)."""
-    previous, previous_warn = torch.are_deterministic_algorithms_enabled(), \
-        torch.is_deterministic_algorithms_warn_only_enabled()
+    previous, previous_warn = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         yield
@@ -72,20 +74,23 @@ def nbytes(tensor):
 
 
 # --------------------------------------------------------------------------------------------- policy
-@pytest.mark.parametrize("fields,error,words", [
-    ({"device": "nonsense"}, ValueError, "device must name a torch device"),
-    ({"device": 3}, TypeError, "device must be a str or torch.device"),
-    ({"device": "meta"}, ValueError, "holds no data"),
-    ({"min_bytes": -1}, ValueError, "min_bytes must be an integer >= 0"),
-    ({"min_bytes": 1.5}, ValueError, "min_bytes"),
-    ({"memory_threshold": 1.5}, ValueError, "fraction from 0 to 1"),
-    ({"memory_threshold": True}, ValueError, "memory_threshold"),
-    ({"max_view_hops": -1}, ValueError, "max_view_hops must be an integer from 0"),
-    ({"max_view_hops": 1000}, ValueError, "max_view_hops"),
-    ({"deduplicate": "yes"}, TypeError, "deduplicate must be True or False"),
-    ({"pin_memory": "auto"}, TypeError, "pin_memory must be True, False or None"),
-    ({"verify_replicated": True}, ValueError, "needs shard=True"),
-])
+@pytest.mark.parametrize(
+    "fields,error,words",
+    [
+        ({"device": "nonsense"}, ValueError, "device must name a torch device"),
+        ({"device": 3}, TypeError, "device must be a str or torch.device"),
+        ({"device": "meta"}, ValueError, "holds no data"),
+        ({"min_bytes": -1}, ValueError, "min_bytes must be an integer >= 0"),
+        ({"min_bytes": 1.5}, ValueError, "min_bytes"),
+        ({"memory_threshold": 1.5}, ValueError, "fraction from 0 to 1"),
+        ({"memory_threshold": True}, ValueError, "memory_threshold"),
+        ({"max_view_hops": -1}, ValueError, "max_view_hops must be an integer from 0"),
+        ({"max_view_hops": 1000}, ValueError, "max_view_hops"),
+        ({"deduplicate": "yes"}, TypeError, "deduplicate must be True or False"),
+        ({"pin_memory": "auto"}, TypeError, "pin_memory must be True, False or None"),
+        ({"verify_replicated": True}, ValueError, "needs shard=True"),
+    ],
+)
 def test_bad_policy_fields_raise_errors_naming_the_field_and_the_fix(fields, error, words):
     with pytest.raises(error, match=words):
         MarshalPolicy(**fields)
@@ -122,12 +127,12 @@ def save_views_and_copies_of_one_tensor(x, w):
     """Saves one softmax output six ways: itself, a transpose, a view and a reshape (views of its storage),
     a transposed contiguous copy (2 hops up the graph: Clone, Transpose) and a reshape that has to copy
     (3 hops: UnsafeView, Clone, Transpose)."""
-    a = torch.softmax(x, -1)                                # saves a
-    b = torch.bmm(a.transpose(1, 2), w)                     # saves a.transpose(1, 2) (and w, a leaf)
-    c = a.view(-1).sin()                                    # saves a.view(-1)
-    d = a.reshape(a.shape[0], -1).cos()                     # saves a.reshape(...), a view
-    e = a.transpose(1, 2).contiguous().sin()                # saves a transposed copy
-    f = a.transpose(1, 2).reshape(-1).cos()                 # saves a transposed, flattened copy
+    a = torch.softmax(x, -1)  # saves a
+    b = torch.bmm(a.transpose(1, 2), w)  # saves a.transpose(1, 2) (and w, a leaf)
+    c = a.view(-1).sin()  # saves a.view(-1)
+    d = a.reshape(a.shape[0], -1).cos()  # saves a.reshape(...), a view
+    e = a.transpose(1, 2).contiguous().sin()  # saves a transposed copy
+    f = a.transpose(1, 2).reshape(-1).cos()  # saves a transposed, flattened copy
     return b.sum() + c.sum() + d.sum() + e.sum() + f.sum()
 
 
@@ -145,18 +150,18 @@ def test_views_transposes_and_reshapes_of_one_tensor_are_offloaded_once(device):
 
     m = run()
     assert m.tensors_saved == 7
-    assert m.copies == 1                             # six saves of a's values, one copy
-    assert m.copies_back == (1 if device == "cuda" else 0)     # and one transfer back for all six
+    assert m.copies == 1  # six saves of a's values, one copy
+    assert m.copies_back == (1 if device == "cuda" else 0)  # and one transfer back for all six
     assert m.tensors_deduplicated == 5
     assert m.bytes_offloaded == a_bytes
     assert m.bytes_deduplicated == 5 * a_bytes
-    assert m.bytes_resident == nbytes(w)             # the leaf is kept by reference, not copied
+    assert m.bytes_resident == nbytes(w)  # the leaf is kept by reference, not copied
 
-    naive = run(deduplicate=False)                   # every save copied on its own
+    naive = run(deduplicate=False)  # every save copied on its own
     assert naive.copies == 6 and naive.bytes_offloaded == 6 * a_bytes and naive.bytes_deduplicated == 0
-    no_graph_walk = run(max_view_hops=0)             # storage dedup only: the two copies are copied again
+    no_graph_walk = run(max_view_hops=0)  # storage dedup only: the two copies are copied again
     assert no_graph_walk.copies == 3 and no_graph_walk.tensors_deduplicated == 3
-    too_short = run(max_view_hops=2)                 # the reshape-copy is 3 hops away from `a`
+    too_short = run(max_view_hops=2)  # the reshape-copy is 3 hops away from `a`
     assert too_short.copies == 2 and too_short.tensors_deduplicated == 4
 
 
@@ -191,8 +196,8 @@ def test_on_cpu_the_offload_target_is_the_compute_device_so_nothing_is_copied_bu
         loss = save_views_and_copies_of_one_tensor(x, w)
     loss.backward()
     assert m.copies == 0
-    assert m.bytes_offloaded == 4 * 32 * 16 * 4             # a's storage, held by reference
-    assert m.tensors_deduplicated == 5                      # the copies are dropped and recomputed
+    assert m.bytes_offloaded == 4 * 32 * 16 * 4  # a's storage, held by reference
+    assert m.tensors_deduplicated == 5  # the copies are dropped and recomputed
 
 
 def test_a_tensor_modified_in_place_between_two_saves_is_not_deduplicated_with_its_old_bytes():
@@ -200,16 +205,16 @@ def test_a_tensor_modified_in_place_between_two_saves_is_not_deduplicated_with_i
     w1 = torch.randn(64, 64, requires_grad=True)
     w2 = torch.randn(64, 64, requires_grad=True)
     with TensorMarshal(min_bytes=0, copy_same_device=True) as m:
-        a = x.exp()                                    # saves a (version 0): copied
-        y1 = a * w1                                    # saves a (version 0) again: deduplicated
+        a = x.exp()  # saves a (version 0): copied
+        y1 = a * w1  # saves a (version 0) again: deduplicated
         with torch.no_grad():
-            a.add_(1.0)                                # version 1: same storage, new values
-        y2 = a * w2                                    # saves a again: must be copied again
+            a.add_(1.0)  # version 1: same storage, new values
+        y2 = a * w2  # saves a again: must be copied again
     (grad_w2,) = torch.autograd.grad(y2.sum(), w2, retain_graph=True)
     (grad_w1,) = torch.autograd.grad(y1.sum(), w1)
     assert m.copies == 2 and m.tensors_deduplicated == 1
     assert torch.equal(grad_w2, x.detach().exp() + 1.0)
-    assert torch.equal(grad_w1, x.detach().exp())       # the value saved at the time (a snapshot)
+    assert torch.equal(grad_w1, x.detach().exp())  # the value saved at the time (a snapshot)
 
 
 @pytest.mark.parametrize("copy", [False, True])
@@ -218,28 +223,28 @@ def test_a_copy_is_not_rebuilt_from_a_tensor_modified_in_place_around_it(copy):
     tell whether a copy was taken before or after it: such bases are not used."""
     x = torch.randn(32, 64, requires_grad=True)
     with TensorMarshal(min_bytes=0, copy_same_device=copy) as before_save:
-        a = x * 2                                      # saves nothing
-        b = a.t().contiguous()                         # a copy of a at version 0
+        a = x * 2  # saves nothing
+        b = a.t().contiguous()  # a copy of a at version 0
         with torch.no_grad():
             a.add_(1)
-        z = a.sin()                                    # saves a at version 1
-        y = b.cos()                                    # saves b: a's bytes now hold other values
+        z = a.sin()  # saves a at version 1
+        y = b.cos()  # saves b: a's bytes now hold other values
     assert torch.equal(y.grad_fn._saved_self, b) and before_save.tensors_deduplicated == 0
     with TensorMarshal(min_bytes=0, copy_same_device=copy) as after_save:
         a = x * 2
-        z = a.sin()                                    # saves a at version 0
+        z = a.sin()  # saves a at version 0
         with torch.no_grad():
             a.add_(1)
-        b = a.t().contiguous()                         # a copy of a at version 1
+        b = a.t().contiguous()  # a copy of a at version 1
         y = b.cos()
     assert torch.equal(y.grad_fn._saved_self, b) and after_save.tensors_deduplicated == 0
     with TensorMarshal(min_bytes=0, copy_same_device=copy) as copy_of_a_copy:
         a = x * 2
-        z = a.sin()                                    # saves a at version 0, never modified
+        z = a.sin()  # saves a at version 0, never modified
         first = a.t().contiguous()
         with torch.no_grad():
-            first.add_(1)                              # the intermediate copy changes...
-        b = first.clone()                              # ...and b, at version 0, copies it
+            first.add_(1)  # the intermediate copy changes...
+        b = first.clone()  # ...and b, at version 0, copies it
         y = b.cos()
     assert torch.equal(y.grad_fn._saved_self, b) and copy_of_a_copy.tensors_deduplicated == 0
     with TensorMarshal(min_bytes=0, copy_same_device=copy) as modified_copy:
@@ -247,7 +252,7 @@ def test_a_copy_is_not_rebuilt_from_a_tensor_modified_in_place_around_it(copy):
         z = a.sin()
         b = a.t().contiguous()
         with torch.no_grad():
-            b.mul_(3)                                  # the copy itself changes after it was taken
+            b.mul_(3)  # the copy itself changes after it was taken
         y = b.cos()
     assert torch.equal(y.grad_fn._saved_self, b) and modified_copy.tensors_deduplicated == 0
     del z
@@ -255,39 +260,46 @@ def test_a_copy_is_not_rebuilt_from_a_tensor_modified_in_place_around_it(copy):
 
 def test_a_tensor_kept_by_reference_and_modified_in_place_fails_backward_like_autograd_does():
     x = torch.randn(8, 8, requires_grad=True)
-    a = x.exp()                                        # exp saves its output
+    a = x.exp()  # exp saves its output
     with torch.no_grad():
         a.mul_(2)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        a.sum().backward()                             # plain autograd refuses
-    with TensorMarshal(min_bytes=1 << 20):             # small: kept by reference
+        a.sum().backward()  # plain autograd refuses
+    with TensorMarshal(min_bytes=1 << 20):  # small: kept by reference
         a = x.exp()
     with torch.no_grad():
         a.mul_(2)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        a.sum().backward()                             # so does the marshal (hooks turn autograd's check off)
+        a.sum().backward()  # so does the marshal (hooks turn autograd's check off)
 
 
 # --------------------------------------------------------------------------------- bit-exact clustering
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("engine", [dkm_reference, edkm_cluster], ids=["dkm_reference", "edkm_cluster"])
 @pytest.mark.parametrize("dtype,group_size", [(torch.bfloat16, None), (torch.float32, 16)])
-def test_clustering_gradients_are_bit_identical_with_and_without_marshaling(device, engine, dtype, group_size,
-                                                                            deterministic_cuda):
+def test_clustering_gradients_are_bit_identical_with_and_without_marshaling(
+    device, engine, dtype, group_size, deterministic_cuda
+):
     weight, centroids, spec, upstream = clustering_case(device, dtype, group_size=group_size)
     out_plain, grad_plain = weight_gradient(engine, weight, centroids, spec, upstream)
     out_again, grad_again = weight_gradient(engine, weight, centroids, spec, upstream)
-    assert torch.equal(out_again, out_plain) and torch.equal(grad_again, grad_plain), \
+    assert torch.equal(out_again, out_plain) and torch.equal(grad_again, grad_plain), (
         "the engine itself is not deterministic here: bit-identity with marshaling cannot be tested"
-    policies = [{}, {"min_bytes": 0}, {"min_bytes": 0, "deduplicate": False},
-                {"min_bytes": 0, "max_view_hops": 0}, {"min_bytes": 0, "keep_leaves": False}]
+    )
+    policies = [
+        {},
+        {"min_bytes": 0},
+        {"min_bytes": 0, "deduplicate": False},
+        {"min_bytes": 0, "max_view_hops": 0},
+        {"min_bytes": 0, "keep_leaves": False},
+    ]
     for fields in policies:
         context = TensorMarshal(**{**force_copies(device), **fields})
         out, grad = weight_gradient(engine, weight, centroids, spec, upstream, context)
         assert torch.equal(out, out_plain) and torch.equal(grad, grad_plain), fields
         assert context.tensors_saved > 0
         if fields.get("min_bytes") == 0:
-            assert context.copies > 0              # something really went through the copy path
+            assert context.copies > 0  # something really went through the copy path
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -303,7 +315,7 @@ def test_reference_dkm_saves_each_attention_map_once_and_keeps_the_weight_by_ref
     assert m.bytes_deduplicated == (spec.iterations + 1) * maps
     assert m.copies == 2 * spec.iterations
     assert m.bytes_resident == nbytes(weight)
-    assert m.bytes_on_device < 1024                  # only centroid-sized tensors and masks
+    assert m.bytes_on_device < 1024  # only centroid-sized tensors and masks
 
 
 def test_edkm_saves_only_the_resident_weight_and_tiny_centroids():
@@ -323,6 +335,7 @@ def test_double_backward_through_marshalled_tensors_is_exact():
         def f():
             a = torch.softmax(x, -1)
             return (a.t().contiguous() ** 3).sum()
+
         if context is None:
             y = f()
         else:
@@ -342,8 +355,7 @@ def test_double_backward_through_marshalled_tensors_is_exact():
 def test_offloaded_bytes_live_as_long_as_the_graph_not_as_long_as_the_context(monkeypatch):
     copied = []
     original = TensorMarshal._copy
-    monkeypatch.setattr(TensorMarshal, "_copy",
-                        lambda self, *args: copied.append(original(self, *args)) or copied[-1])
+    monkeypatch.setattr(TensorMarshal, "_copy", lambda self, *args: copied.append(original(self, *args)) or copied[-1])
     weight, centroids, spec, upstream = clustering_case("cpu", shape=(128, 128))
     m = TensorMarshal(copy_same_device=True)
     with m:
@@ -351,9 +363,9 @@ def test_offloaded_bytes_live_as_long_as_the_graph_not_as_long_as_the_context(mo
     alive = [weakref.ref(span) for span in copied]
     copied.clear()
     assert len(alive) == m.copies > 0 and all(ref() is not None for ref in alive)
-    out.weight.backward(upstream)                       # frees the graph's saved tensors
+    out.weight.backward(upstream)  # frees the graph's saved tensors
     gc.collect()
-    assert all(ref() is None for ref in alive)          # though `m` is still here
+    assert all(ref() is None for ref in alive)  # though `m` is still here
 
 
 # --------------------------------------------------------------------------------------- pass-through
@@ -361,15 +373,15 @@ def test_offloaded_bytes_live_as_long_as_the_graph_not_as_long_as_the_context(mo
 def test_non_float_small_and_leaf_tensors_pass_through_untouched(device):
     x = torch.randn(64, 64, device=device, requires_grad=True)
     index = torch.randint(0, 64, (64, 8), device=device)
-    small = torch.randn(4, device=device).exp().requires_grad_(True)   # a leaf
+    small = torch.randn(4, device=device).exp().requires_grad_(True)  # a leaf
     with TensorMarshal(min_bytes=64 * 64 * 4, **force_copies(device)) as m:
-        gathered = torch.gather(x.exp(), 1, index)         # saves the int64 index and exp's output (large)
+        gathered = torch.gather(x.exp(), 1, index)  # saves the int64 index and exp's output (large)
         tiny = torch.ones(4, device=device, requires_grad=True) * 2
-        product = tiny * small                              # saves `small` (a leaf) and `tiny` (small)
-    assert gathered.grad_fn._saved_index is index           # the non-float tensor: the very same object
-    assert product.grad_fn._saved_other.data_ptr() == small.data_ptr()    # the leaf: kept by reference
-    assert product.grad_fn._saved_self.data_ptr() == tiny.data_ptr()   # small: not copied
-    assert m.copies == 1                                    # only exp's output
+        product = tiny * small  # saves `small` (a leaf) and `tiny` (small)
+    assert gathered.grad_fn._saved_index is index  # the non-float tensor: the very same object
+    assert product.grad_fn._saved_other.data_ptr() == small.data_ptr()  # the leaf: kept by reference
+    assert product.grad_fn._saved_self.data_ptr() == tiny.data_ptr()  # small: not copied
+    assert m.copies == 1  # only exp's output
     assert m.bytes_on_device == nbytes(index) + nbytes(tiny)
     assert m.bytes_resident == nbytes(small)
     (gathered.sum() + product.sum()).backward()
@@ -381,7 +393,7 @@ def test_explicitly_resident_tensors_are_not_copied():
     weight = torch.randn(128, 128)
     x = torch.randn(128, 128, requires_grad=True)
     with TensorMarshal(min_bytes=0, copy_same_device=True, resident=[weight]) as m:
-        y = x * weight.t()                                  # saves a view of the resident weight
+        y = x * weight.t()  # saves a view of the resident weight
     y.sum().backward()
     assert m.copies == 0 and m.bytes_resident == nbytes(weight)
     assert torch.equal(x.grad, weight.t())
@@ -400,11 +412,11 @@ def test_contexts_nest_and_the_innermost_one_handles_what_is_saved_inside_it():
 
     def loss(outer=contextlib.nullcontext(), inner=contextlib.nullcontext()):
         with outer:
-            a = x.exp()                        # outer: 1 saved
+            a = x.exp()  # outer: 1 saved
             with inner:
-                b = x.sin()                    # inner: saves x (a leaf)
-                c = b.exp()                    # inner: saves c, copied
-            d = c.tanh()                       # outer again
+                b = x.sin()  # inner: saves x (a leaf)
+                c = b.exp()  # inner: saves c, copied
+            d = c.tanh()  # outer again
         return a.sum() + d.sum()
 
     loss().backward()
@@ -441,9 +453,9 @@ def test_hooks_are_removed_when_the_code_inside_raises():
                 raise ZeroDivisionError("boom")
     assert not hooks_installed()
     saved = (outer.tensors_saved, inner.tensors_saved)
-    x.exp().sum().backward()                     # runs with no marshal at all
+    x.exp().sum().backward()  # runs with no marshal at all
     assert (outer.tensors_saved, inner.tensors_saved) == saved == (0, 1)
-    with outer:                                  # and both can be used again
+    with outer:  # and both can be used again
         x.exp()
     assert outer.tensors_saved == 1
 
@@ -491,12 +503,12 @@ def test_cuda_offload_frees_device_memory_and_restores_on_the_device():
     del plain_out
     m = TensorMarshal()
     out, marshalled_bytes = allocated_by_forward(m)
-    assert plain_bytes >= 2 * spec.iterations * maps              # the six maps stay on the GPU without it
-    assert marshalled_bytes <= plain_bytes - 2 * spec.iterations * maps + 4096    # and leave it with it
+    assert plain_bytes >= 2 * spec.iterations * maps  # the six maps stay on the GPU without it
+    assert marshalled_bytes <= plain_bytes - 2 * spec.iterations * maps + 4096  # and leave it with it
     assert m.bytes_offloaded == 2 * spec.iterations * maps and m.bytes_on_device < 1024
     out.weight.backward(upstream)
     assert weight.grad.device.type == "cuda" and torch.equal(weight.grad, plain_grad)
-    assert m.copies_back == m.copies               # each offloaded map comes back once, not once per view
+    assert m.copies_back == m.copies  # each offloaded map comes back once, not once per view
 
 
 @pytest.mark.gpu
@@ -504,7 +516,7 @@ def test_cuda_offload_frees_device_memory_and_restores_on_the_device():
 def test_cuda_memory_threshold_keeps_tensors_on_the_device_until_it_is_reached():
     weight, centroids, spec, upstream = clustering_case("cuda", shape=(256, 256))
     _, plain = weight_gradient(dkm_reference, weight, centroids, spec, upstream)
-    never = TensorMarshal(memory_threshold=1.0)               # 100% in use: not reached
+    never = TensorMarshal(memory_threshold=1.0)  # 100% in use: not reached
     _, grad = weight_gradient(dkm_reference, weight, centroids, spec, upstream, never)
     assert never.copies == 0 and never.bytes_offloaded == 0 and never.bytes_on_device > 0
     assert torch.equal(grad, plain)
@@ -593,5 +605,5 @@ def test_sharding_over_two_gloo_processes_halves_kept_bytes_with_bit_identical_g
                 assert counters["all_gathers"] == counters["copies"] > 0
                 assert abs(kept / single_kept - 0.5) < 0.05, (kept, single_kept)
                 assert counters["bytes_on_other_ranks"] == pytest.approx(single_kept / 2, rel=0.1)
-            else:   # eDKM saves nothing large: nothing to shard
+            else:  # eDKM saves nothing large: nothing to shard
                 assert kept == single_kept and counters["all_gathers"] == 0

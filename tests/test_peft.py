@@ -7,20 +7,21 @@ import torch
 
 peft = pytest.importorskip("peft", reason="peft is not installed (pip install optimum-edkm[dev])")
 
-import optimum_edkm  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from optimum_edkm import EDKMConfig, EDKMLinear, PalettizedLinear  # noqa: E402
-from optimum_edkm.peft import (EDKMLoraLinear, PalettizedMergeError, load_adapter, lora_config,  # noqa: E402
-                               merge_and_repalettize)
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments  # noqa: E402
+
+import optimum_edkm  # noqa: E402
+from optimum_edkm import EDKMConfig, EDKMLinear, PalettizedLinear  # noqa: E402
+from optimum_edkm.peft import EDKMLoraLinear, PalettizedMergeError, load_adapter, lora_config, merge_and_repalettize  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj"]
 
 
 @pytest.fixture(scope="module")
 def palettized_dir(tiny_llama_dir, tmp_path_factory):
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=EDKMConfig(
-        bits=3, enable_per_channel_scale=True))
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_llama_dir, quantization_config=EDKMConfig(bits=3, enable_per_channel_scale=True)
+    )
     optimum_edkm.palettize(model)
     return optimum_edkm.save_pretrained(model, str(tmp_path_factory.mktemp("palettized")))
 
@@ -36,7 +37,7 @@ def with_lora(model, seed=0, **overrides):
     values.update(overrides)
     peft_model = peft.get_peft_model(model, lora_config(**values))
     generator = torch.Generator().manual_seed(seed)
-    for module in peft_model.modules():            # a trained-looking adapter: B is zero after init
+    for module in peft_model.modules():  # a trained-looking adapter: B is zero after init
         if isinstance(module, EDKMLoraLinear):
             weight = module.lora_B["default"].weight
             weight.data.copy_(torch.randn(weight.shape, generator=generator) * 0.05)
@@ -53,11 +54,11 @@ def lora_layers(model):
 
 def test_lora_on_a_palettized_base_trains_only_the_adapters_with_trainer(palettized_dir, tmp_path):
     model = load_palettized(palettized_dir)
-    peft_model = peft.get_peft_model(model, lora_config(r=4, lora_alpha=8, target_modules=TARGETS,
-                                                        lora_dropout=0.0))
+    peft_model = peft.get_peft_model(model, lora_config(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0))
     layers = lora_layers(peft_model)
-    assert len(layers) == 2 * len(TARGETS) and all(isinstance(m.get_base_layer(), PalettizedLinear)
-                                                   for m in layers.values())
+    assert len(layers) == 2 * len(TARGETS) and all(
+        isinstance(m.get_base_layer(), PalettizedLinear) for m in layers.values()
+    )
     trainable = {n: p.numel() for n, p in peft_model.named_parameters() if p.requires_grad}
     assert set(trainable) == {n for n, _ in peft_model.named_parameters() if "lora_" in n}
     assert sum(trainable.values()) == sum(4 * (m.in_features + m.out_features) for m in layers.values())
@@ -65,15 +66,26 @@ def test_lora_on_a_palettized_base_trains_only_the_adapters_with_trainer(paletti
     adapters_before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
     sequences = [[(i * 7 + j * 3) % 120 + 3 for j in range(16)] for i in range(32)]
     dataset = Dataset.from_dict({"input_ids": sequences, "labels": sequences})
-    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=8,
-                             learning_rate=1e-2, use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True,
-                             logging_steps=1)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        max_steps=4,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_steps=1,
+    )
     trainer = Trainer(model=peft_model, args=args, train_dataset=dataset)
     trainer.train()
     after = packed_state(peft_model)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    assert all(not torch.equal(adapters_before[n], p) for n, p in peft_model.named_parameters() if p.requires_grad
-               and "lora_B" in n)
+    assert all(
+        not torch.equal(adapters_before[n], p)
+        for n, p in peft_model.named_parameters()
+        if p.requires_grad and "lora_B" in n
+    )
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert losses[-1] < losses[0]
 
@@ -107,7 +119,7 @@ def test_decoding_again_in_backward_gives_the_same_gradients_and_keeps_no_dense_
         layer.lora_B["default"].weight.grad = None
     recomputed, kept = results[True], results[False]
     assert torch.allclose(recomputed[0], kept[0], atol=1e-6) and torch.allclose(recomputed[1], kept[1], atol=1e-6)
-    dense_shapes = {dense_shape, dense_shape[::-1]}     # autograd may keep the weight or its transpose
+    dense_shapes = {dense_shape, dense_shape[::-1]}  # autograd may keep the weight or its transpose
     assert dense_shapes & set(kept[2]) and not dense_shapes & set(recomputed[2])
 
 
@@ -141,10 +153,15 @@ def test_merge_and_repalettize_snaps_w_plus_ba_to_the_lut_and_reports_its_error(
     expected = {}
     for name, layer in layers.items():
         base = layer.get_base_layer()
-        delta = (layer.lora_B["default"].weight.double() @ layer.lora_A["default"].weight.double()) \
-            * layer.scaling["default"]
-        expected[name] = ((base.dense_weight(torch.float64) + delta).detach(), delta.detach(), base.weight_lut.clone(),
-                          base.weight_scale.clone())
+        delta = (layer.lora_B["default"].weight.double() @ layer.lora_A["default"].weight.double()) * layer.scaling[
+            "default"
+        ]
+        expected[name] = (
+            (base.dense_weight(torch.float64) + delta).detach(),
+            delta.detach(),
+            base.weight_lut.clone(),
+            base.weight_scale.clone(),
+        )
     model, report = merge_and_repalettize(peft_model)
     assert not lora_layers(model) and set(report) == set(layers)
     modules = dict(model.named_modules())
@@ -158,7 +175,7 @@ def test_merge_and_repalettize_snaps_w_plus_ba_to_the_lut_and_reports_its_error(
         candidates = lut.double()[0][None, None, :] * scale.double()[:, None, None]
         distance = (candidates - target[:, :, None]).abs()
         chosen = (stored - target).abs()
-        slack = 2 ** -7 * target.abs() + 1e-12
+        slack = 2**-7 * target.abs() + 1e-12
         bad = chosen > distance.min(-1).values + slack
         assert not bad.any(), (name, int(bad.sum()))
         error = float((stored - target).norm().detach())
@@ -196,7 +213,7 @@ def test_a_saved_adapter_loads_back_only_through_load_adapter(palettized_dir, tm
     with torch.no_grad():
         expected = peft_model(input_ids=ids).logits
     peft_model.save_pretrained(str(tmp_path / "adapter"))
-    with pytest.raises(ValueError, match="is not supported"):     # peft's own error: the mapping is not saved
+    with pytest.raises(ValueError, match="is not supported"):  # peft's own error: the mapping is not saved
         peft.PeftModel.from_pretrained(load_palettized(palettized_dir), str(tmp_path / "adapter"))
     reloaded = load_adapter(load_palettized(palettized_dir), str(tmp_path / "adapter"))
     with torch.no_grad():
@@ -228,7 +245,7 @@ def test_layers_lora_does_not_target_decode_in_backward_unless_told_to_keep_the_
         peft_model.zero_grad(set_to_none=True)
         return set(saved), grads, float(loss)
 
-    recomputed, reference, loss = saved_shapes_and_grads()         # default: every layer decodes again
+    recomputed, reference, loss = saved_shapes_and_grads()  # default: every layer decodes again
     assert not recomputed & dense_shapes
     assert decode_in_backward(peft_model, enabled=False) == len(palettized)
     kept, grads, same_loss = saved_shapes_and_grads()
@@ -237,6 +254,6 @@ def test_layers_lora_does_not_target_decode_in_backward_unless_told_to_keep_the_
     assert all(torch.allclose(grads[n], reference[n], atol=1e-6) for n in grads)
     clone = copy.deepcopy(peft_model)
     layer = next(m for m in clone.modules() if isinstance(m, PalettizedLinear))
-    assert layer.forward.__self__ is layer                     # bound to the copy, not to the original
+    assert layer.forward.__self__ is layer  # bound to the copy, not to the original
     assert decode_in_backward(peft_model) == len(palettized)
     assert not saved_shapes_and_grads()[0] & dense_shapes

@@ -3,15 +3,14 @@ output, nearest rounding when no error can be fed back, least-squares refits aga
 
 import pytest
 import torch
+from conftest import tiny_llama_config
 from transformers import AutoModelForCausalLM
 
 import optimum_edkm
 from optimum_edkm import EDKMConfig
 from optimum_edkm.clustering import ClusteringSpec, hard_assign, init_centroids, per_channel_scale
 from optimum_edkm.nn import is_clustered, is_palettized
-from optimum_edkm.ptq import (gptq_lut_round, output_error, palettize_post_training, refit_lut, refit_scale)
-
-from conftest import tiny_llama_config
+from optimum_edkm.ptq import gptq_lut_round, output_error, palettize_post_training, refit_lut, refit_scale
 
 
 def tiny_llama(seed=0):
@@ -37,7 +36,7 @@ def nearest_reference(weight, lut, scale=None, group_size=None):
         values = (weight.float() / scale.float().unsqueeze(1)).double()
     values = values.to(torch.bfloat16).double()
     group = torch.zeros(rows, dtype=torch.long) if group_size is None else torch.arange(rows) // group_size
-    table = lut.double()[group]                                                   # [rows, k]
+    table = lut.double()[group]  # [rows, k]
     distance = (values.unsqueeze(-1) - table.unsqueeze(1)).abs()
     indices = distance.argmin(-1)
     decoded = table.gather(1, indices)
@@ -47,18 +46,24 @@ def nearest_reference(weight, lut, scale=None, group_size=None):
 
 
 # --------------------------------------------------------------------------------------------- exactness
-@pytest.mark.parametrize("options", [
-    dict(config=dict(), ptq=dict(refits=0)),
-    dict(config=dict(enable_per_channel_scale=True), ptq=dict(refits=2, refit_scales=True)),
-    dict(config=dict(granularity="per_grouped_channel", group_size=16, enable_per_channel_scale=True),
-         ptq=dict(refits=1, importance="obs", act_order=True)),
-    dict(config=dict(granularity="per_grouped_channel", group_size=1), ptq=dict(refits=1, importance="none")),
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(config=dict(), ptq=dict(refits=0)),
+        dict(config=dict(enable_per_channel_scale=True), ptq=dict(refits=2, refit_scales=True)),
+        dict(
+            config=dict(granularity="per_grouped_channel", group_size=16, enable_per_channel_scale=True),
+            ptq=dict(refits=1, importance="obs", act_order=True),
+        ),
+        dict(config=dict(granularity="per_grouped_channel", group_size=1), ptq=dict(refits=1, importance="none")),
+    ],
+)
 def test_result_is_exactly_what_palettize_stores(options):
     model = tiny_llama()
     ids = torch.randint(3, 128, (4, 24), generator=torch.Generator().manual_seed(1))
-    result = palettize_post_training(model, ids, EDKMConfig(bits=3, **options["config"]), progress=False,
-                                     **options["ptq"])
+    result = palettize_post_training(
+        model, ids, EDKMConfig(bits=3, **options["config"]), progress=False, **options["ptq"]
+    )
     clustered = {name: m for name, m in model.named_modules() if is_clustered(m)}
     assert set(result.storage) == set(clustered) and len(clustered) == 14
     assert all(d["mismatched"] == 0 for d in result.details.values())
@@ -110,8 +115,7 @@ def test_error_feedback_lowers_the_layer_output_error_below_nearest_rounding(gro
 
     assert layer_error(result.dense) < 0.8 * layer_error(nearest)
     # output_error is 2/N times that squared error
-    assert output_error(weight, result.dense, hessian) == pytest.approx(2 * layer_error(result.dense) / 512,
-                                                                       rel=1e-4)
+    assert output_error(weight, result.dense, hessian) == pytest.approx(2 * layer_error(result.dense) / 512, rel=1e-4)
     # every rounded weight was snapped to its nearest entry: hard assignment of what was rounded reproduces it
     indices, decoded = nearest_reference(result.rounded_from, lut, scale, group_size)
     assert torch.equal(indices.to(torch.uint8), result.indices)
@@ -166,7 +170,7 @@ def test_lut_refit_is_the_least_squares_optimum(group_size, with_scale):
     inputs = correlated_inputs(200, columns, seed=3)
     hessian = 2 * inputs.T @ inputs / 200
     scale = per_channel_scale(weight) if with_scale else None
-    indices = torch.arange(rows * columns).view(rows, columns) % k      # every entry used in every group
+    indices = torch.arange(rows * columns).view(rows, columns) % k  # every entry used in every group
     indices = indices[torch.randperm(rows)][:, torch.randperm(columns)].to(torch.uint8)
     spec = ClusteringSpec(bits=2, group_size=group_size)
     groups = 1 if group_size is None else rows // group_size
@@ -181,7 +185,7 @@ def test_unused_entries_keep_their_value_and_scale_refit_is_per_row_optimum():
     inputs = correlated_inputs(100, 8, seed=5)
     hessian = 2 * inputs.T @ inputs / 100
     spec = ClusteringSpec(bits=2)
-    indices = (torch.arange(32).view(4, 8) % 3).to(torch.uint8)           # entry 3 unused
+    indices = (torch.arange(32).view(4, 8) % 3).to(torch.uint8)  # entry 3 unused
     lut = torch.tensor([[-1.0, 0.0, 1.0, 7.0]])
     fitted = refit_lut(weight, hessian, indices, lut, spec)
     assert float(fitted[0, 3]) == pytest.approx(7.0, abs=1e-6)
@@ -211,7 +215,7 @@ def test_bad_input_is_refused_before_any_change():
         palettize_post_training(model, ids, importance="gradient")
     with pytest.raises(ValueError, match="calibration input_ids"):
         palettize_post_training(model, ids[0], EDKMConfig(bits=3))
-    assert not any(is_clustered(m) for m in model.modules())   # nothing was prepared
+    assert not any(is_clustered(m) for m in model.modules())  # nothing was prepared
     optimum_edkm.prepare(model, EDKMConfig(bits=3))
     optimum_edkm.palettize(model)
     with pytest.raises(ValueError, match="palettized already"):

@@ -18,8 +18,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import optimum_edkm
-from optimum_edkm import CheckpointError, EDKMConfig, palettize
-from optimum_edkm import atomic
+from optimum_edkm import CheckpointError, EDKMConfig, atomic, palettize
 from optimum_edkm.checkpoint import KEY_CONFIG
 
 
@@ -66,8 +65,11 @@ def test_saving_into_a_folder_keeps_every_file_the_model_does_not_own(models, tm
     (target / "model-00001-of-00002.safetensors").write_bytes(b"old shard 1")
     (target / "model-00002-of-00002.safetensors").write_bytes(b"old shard 2")
     (target / "model.safetensors.index.json").write_text("{}")
-    kept = {name: value for name, value in _listing(target).items()
-            if name.startswith(("checkpoint-500", "tokenizer", "train.py"))}
+    kept = {
+        name: value
+        for name, value in _listing(target).items()
+        if name.startswith(("checkpoint-500", "tokenizer", "train.py"))
+    }
     optimum_edkm.save_pretrained(first, str(target))
     optimum_edkm.save_pretrained(second, str(target))
     after = _listing(target)
@@ -76,8 +78,9 @@ def test_saving_into_a_folder_keeps_every_file_the_model_does_not_own(models, tm
     card = (target / "README.md").read_text()
     assert card.startswith("# My model\n\nNotes I wrote.") and card.count("## Palettization (optimum-edkm)") == 1
     assert not any(name.startswith(".edkm-") for name in after)
-    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(str(target)), input_ids),
-                       _logits(second, input_ids))
+    assert torch.equal(
+        _logits(AutoModelForCausalLM.from_pretrained(str(target)), input_ids), _logits(second, input_ids)
+    )
 
 
 def test_saving_into_the_current_directory_keeps_the_project(models, tmp_path, monkeypatch):
@@ -132,7 +135,7 @@ def test_a_mount_point_target_is_saved_without_renaming_the_folder_itself(models
 
     def replace(source, destination):
         if os.path.abspath(source) == str(target) or os.path.abspath(destination) == str(target):
-            raise OSError(16, "Device or resource busy")        # what renaming a mount point does
+            raise OSError(16, "Device or resource busy")  # what renaming a mount point does
         return real_replace(source, destination)
 
     monkeypatch.setattr(os, "replace", replace)
@@ -158,8 +161,9 @@ def _count_replaces(function):
 
 
 @pytest.mark.parametrize("crash_at", range(0, 6))
-def test_an_interrupted_save_leaves_the_old_or_the_new_model_never_a_mix(models, tmp_path, input_ids, crash_at,
-                                                                         monkeypatch):
+def test_an_interrupted_save_leaves_the_old_or_the_new_model_never_a_mix(
+    models, tmp_path, input_ids, crash_at, monkeypatch
+):
     old, new = models
     expected_old, expected_new = _logits(old, input_ids), _logits(new, input_ids)
     target = tmp_path / "model"
@@ -217,8 +221,7 @@ def test_a_killed_save_is_rolled_forward_by_the_next_save(models, tmp_path, inpu
     assert done.returncode == 3, done.stderr[-2000:]
     assert (target / atomic.JOURNAL_NAME).exists()
     assert atomic.recover_folder(str(target)) == "rolled-forward"
-    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(str(target)), input_ids),
-                       _logits(new, input_ids))
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(str(target)), input_ids), _logits(new, input_ids))
     assert not [name for name in os.listdir(target) if name.startswith(".edkm-")]
 
 
@@ -228,14 +231,16 @@ def test_a_save_killed_while_staging_is_cleaned_up_and_the_old_model_kept(models
     staging = target / (atomic.STAGING_PREFIX + "dead")
     staging.mkdir()
     (staging / "model.safetensors").write_bytes(b"half a model")
-    optimum_edkm.save_pretrained(models[1], str(target))          # the next save cleans up
+    optimum_edkm.save_pretrained(models[1], str(target))  # the next save cleans up
     assert not staging.exists()
-    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(str(target)), input_ids),
-                       _logits(models[1], input_ids))
+    assert torch.equal(
+        _logits(AutoModelForCausalLM.from_pretrained(str(target)), input_ids), _logits(models[1], input_ids)
+    )
 
 
-def test_an_interrupted_trainer_save_never_pairs_new_weights_with_an_old_config(tiny_llama_dir, tmp_path,
-                                                                                monkeypatch, input_ids):
+def test_an_interrupted_trainer_save_never_pairs_new_weights_with_an_old_config(
+    tiny_llama_dir, tmp_path, monkeypatch, input_ids
+):
     from datasets import Dataset
 
     from optimum_edkm import EDKMTrainer, EDKMTrainingArguments
@@ -244,11 +249,18 @@ def test_an_interrupted_trainer_save_never_pairs_new_weights_with_an_old_config(
     dataset = Dataset.from_dict({"input_ids": sequences, "labels": sequences})
     output = tmp_path / "run"
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=EDKMConfig(bits=3))
-    args = EDKMTrainingArguments(output_dir=str(output), max_steps=2, per_device_train_batch_size=8, use_cpu=True,
-                                 report_to=[], save_strategy="no", disable_tqdm=True)
+    args = EDKMTrainingArguments(
+        output_dir=str(output),
+        max_steps=2,
+        per_device_train_batch_size=8,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+    )
     trainer = EDKMTrainer(model=model, args=args, train_dataset=dataset)
     trainer.train()
-    trainer.save_model()                                           # train format
+    trainer.save_model()  # train format
     first = AutoModelForCausalLM.from_pretrained(str(output))
     assert isinstance(first.model.layers[0].self_attn.q_proj, optimum_edkm.EDKMLinear)
     trainer.finalize()
@@ -262,7 +274,7 @@ def test_an_interrupted_trainer_save_never_pairs_new_weights_with_an_old_config(
 
     monkeypatch.setattr(os, "replace", crashing)
     with pytest.raises(KeyboardInterrupt):
-        trainer.save_model()                                       # palettized over the train-format save
+        trainer.save_model()  # palettized over the train-format save
     monkeypatch.setattr(os, "replace", real_replace)
     with pytest.raises(CheckpointError, match="load it again"):
         AutoModelForCausalLM.from_pretrained(str(output))
@@ -285,12 +297,15 @@ def _edit_config(directory, change):
     json.dump(config, open(path, "w"))
 
 
-@pytest.mark.parametrize("change,field", [
-    (lambda q: q.update(enable_per_channel_scale=False), "enable_per_channel_scale"),
-    (lambda q: q["modules_to_not_convert"].append("model.layers.1.mlp.down_proj"), "modules_to_not_convert"),
-    (lambda q: q.update(palettized=False), "palettized"),
-    (lambda q: q.update(lut_dtype="float32"), "lut_dtype"),
-])
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        (lambda q: q.update(enable_per_channel_scale=False), "enable_per_channel_scale"),
+        (lambda q: q["modules_to_not_convert"].append("model.layers.1.mlp.down_proj"), "modules_to_not_convert"),
+        (lambda q: q.update(palettized=False), "palettized"),
+        (lambda q: q.update(lut_dtype="float32"), "lut_dtype"),
+    ],
+)
 def test_an_edited_config_json_is_refused_naming_the_field(saved, change, field):
     _edit_config(saved, change)
     with pytest.raises(CheckpointError, match=f"config.json's quantization_config differs .*{field}: saved"):
@@ -312,10 +327,11 @@ def _flip_byte(directory, key, position=3):
 
 def test_a_flipped_byte_of_an_index_tensor_is_detected(saved, input_ids):
     _flip_byte(saved, "model.layers.0.mlp.up_proj.weight")
-    with pytest.raises(CheckpointError, match="'model.layers.0.mlp.up_proj.weight' .* does not match its recorded "
-                                              "sha256"):
+    with pytest.raises(
+        CheckpointError, match="'model.layers.0.mlp.up_proj.weight' .* does not match its recorded sha256"
+    ):
         AutoModelForCausalLM.from_pretrained(saved)
-    with optimum_edkm.verify_checksums(False):                     # trusted files: only the hash is skipped
+    with optimum_edkm.verify_checksums(False):  # trusted files: only the hash is skipped
         AutoModelForCausalLM.from_pretrained(saved)
     _edit_config(saved, lambda q: q.update(bits=4))
     with optimum_edkm.verify_checksums(False), pytest.raises(CheckpointError, match="bits: saved 3"):
@@ -338,12 +354,14 @@ def test_unexpected_palettized_tensors_are_refused(tiny_llama_dir, tmp_path):
         AutoModelForCausalLM.from_pretrained(directory)
 
 
-@pytest.mark.parametrize("key", ["model.layers.1.self_attn.k_proj.weight_lut",
-                                 "model.layers.0.self_attn.o_proj.weight_scale"])
+@pytest.mark.parametrize(
+    "key", ["model.layers.1.self_attn.k_proj.weight_lut", "model.layers.0.self_attn.o_proj.weight_scale"]
+)
 def test_nan_or_inf_in_a_lut_or_scale_is_refused(saved, key):
     def poison(tensors):
         tensors[key] = tensors[key].clone()
         tensors[key].view(-1)[1] = float("nan") if key.endswith("lut") else float("inf")
+
     _rewrite(saved, poison)
     with pytest.raises(CheckpointError, match=f"'{key}' holds NaN or infinite values"):
         AutoModelForCausalLM.from_pretrained(saved)
@@ -374,14 +392,20 @@ def test_the_record_holds_the_saved_config(saved):
 
 @pytest.fixture
 def train_format(tiny_llama_dir, tmp_path, input_ids):
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=EDKMConfig(
-        bits=3, enable_per_channel_scale=True))
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_llama_dir, quantization_config=EDKMConfig(bits=3, enable_per_channel_scale=True)
+    )
     return optimum_edkm.save_pretrained(model, str(tmp_path / "train-format")), _logits(model, input_ids)
 
 
-@pytest.mark.parametrize("key", ["model.layers.0.mlp.up_proj.weight_centroids",
-                                 "model.layers.1.self_attn.q_proj.weight_scale",
-                                 "model.layers.1.self_attn.q_proj.weight_temperature"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "model.layers.0.mlp.up_proj.weight_centroids",
+        "model.layers.1.self_attn.q_proj.weight_scale",
+        "model.layers.1.self_attn.q_proj.weight_temperature",
+    ],
+)
 def test_a_train_format_checkpoint_is_verified_too(train_format, key):
     directory, _ = train_format
     _rewrite(directory, lambda t: t.pop(key))
@@ -408,6 +432,7 @@ def test_a_train_format_checkpoint_round_trips_and_fails_loudly_without_the_pack
 def test_a_checkpoint_loaded_into_another_architecture_names_the_modules_it_lacks(saved):
     from transformers import LlamaForSequenceClassification
 
-    with pytest.raises(CheckpointError, match="the model has module\\(s\\) the checkpoint does not contain "
-                                              "\\(e.g. 'score'\\)"):
+    with pytest.raises(
+        CheckpointError, match="the model has module\\(s\\) the checkpoint does not contain \\(e.g. 'score'\\)"
+    ):
         LlamaForSequenceClassification.from_pretrained(saved)

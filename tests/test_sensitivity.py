@@ -43,8 +43,7 @@ def test_weighted_kmeans_finds_the_weighted_optimum_and_differs_from_plain():
     expected = brute_force_weighted_kmeans(values.float().flatten(), importance.flatten(), 2)
     assert torch.allclose(weighted[0], expected, atol=1e-3)
     plain = init_centroids(values, spec, seed=0, restarts=10).double()
-    assert torch.allclose(plain[0], brute_force_weighted_kmeans(values.float().flatten(),
-                                                                torch.ones(14), 2), atol=1e-3)
+    assert torch.allclose(plain[0], brute_force_weighted_kmeans(values.float().flatten(), torch.ones(14), 2), atol=1e-3)
     assert not torch.allclose(plain, weighted, atol=1e-2)
     # equal importances are plain k-means
     uniform = init_centroids(values, spec, seed=0, restarts=10, sample_weight=torch.full(values.shape, 3.0))
@@ -58,10 +57,10 @@ def test_weighted_kmeans_with_groups_and_scale_weights_errors_in_weight_units():
     importance = torch.rand(4, 6) + 0.1
     spec = ClusteringSpec(bits=1, group_size=2)
     got = init_centroids(weight, spec, scale=scale, seed=0, restarts=10, sample_weight=importance).double()
-    clustered = (weight / scale.unsqueeze(1)).to(torch.bfloat16).double()     # what is clustered (bf16 values)
+    clustered = (weight / scale.unsqueeze(1)).to(torch.bfloat16).double()  # what is clustered (bf16 values)
     for group in range(2):
         rows = slice(2 * group, 2 * group + 2)
-        mass = importance[rows] * scale[rows].unsqueeze(1) ** 2   # an error of e in a value is scale * e in weight
+        mass = importance[rows] * scale[rows].unsqueeze(1) ** 2  # an error of e in a value is scale * e in weight
         expected = brute_force_weighted_kmeans(clustered[rows].flatten(), mass.flatten(), 2)
         assert torch.allclose(got[group], expected, atol=1e-4)
 
@@ -102,13 +101,15 @@ def test_prepare_weighted_uses_the_fisher_weights(tiny_llama_dir):
     fisher = fisher_diagonal(float_model, torch.randint(3, 128, (200,)), samples=2, seq_len=16)
     config = EDKMConfig(bits=2, enable_per_channel_scale=True)
     weighted = prepare_weighted(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), config, fisher)
-    plain = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=EDKMConfig(
-        bits=2, enable_per_channel_scale=True))
+    plain = AutoModelForCausalLM.from_pretrained(
+        tiny_llama_dir, quantization_config=EDKMConfig(bits=2, enable_per_channel_scale=True)
+    )
     name = "model.layers.0.self_attn.q_proj"
     module = weighted.get_submodule(name)
     assert is_clustered(module)
-    expected = init_centroids(module.weight.detach(), module.spec, scale=module.weight_scale, seed=config.seed,
-                              sample_weight=fisher[name])
+    expected = init_centroids(
+        module.weight.detach(), module.spec, scale=module.weight_scale, seed=config.seed, sample_weight=fisher[name]
+    )
     assert torch.equal(module.weight_centroids, expected)
     assert not torch.equal(module.weight_centroids, plain.get_submodule(name).weight_centroids)
 
@@ -126,9 +127,11 @@ def test_allocate_bits_meets_the_budget_and_spends_it_where_it_pays():
     # the brute force over all 8 assignments agrees on the best feasible total cost
     import itertools
 
-    best = min((sum(costs[n][b] for n, b in zip(sizes, bits)), bits)
-               for bits in itertools.product((3, 4), repeat=3)
-               if sum(b * sizes[n] for n, b in zip(sizes, bits)) <= 3.75 * 400)
+    best = min(
+        (sum(costs[n][b] for n, b in zip(sizes, bits)), bits)
+        for bits in itertools.product((3, 4), repeat=3)
+        if sum(b * sizes[n] for n, b in zip(sizes, bits)) <= 3.75 * 400
+    )
     assert tuple(chosen[n] for n in sizes) == best[1]
     assert allocate_bits(sizes, costs, 3.0) == {"a": 3, "b": 3, "c": 3}
     with pytest.raises(ValueError, match="exceeds the budget"):

@@ -24,9 +24,18 @@ def pattern_dataset(count=64, length=16):
 
 
 def arguments(tmp_path, **overrides):
-    values = dict(output_dir=str(tmp_path / "run"), max_steps=12, per_device_train_batch_size=8, learning_rate=3e-3,
-                  logging_steps=4, use_cpu=True, report_to=[], save_strategy="no", seed=0,
-                  disable_tqdm=True)
+    values = dict(
+        output_dir=str(tmp_path / "run"),
+        max_steps=12,
+        per_device_train_batch_size=8,
+        learning_rate=3e-3,
+        logging_steps=4,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+    )
     values.update(overrides)
     return EDKMTrainingArguments(**values)
 
@@ -39,17 +48,20 @@ def mean_loss(model, dataset):
 
 
 def clustered_state(model):
-    return {name: (m.weight.detach().clone(), m.weight_centroids.clone())
-            for name, m in model.named_modules() if is_clustered(m)}
+    return {
+        name: (m.weight.detach().clone(), m.weight_centroids.clone())
+        for name, m in model.named_modules()
+        if is_clustered(m)
+    }
 
 
 def test_fine_tuning_lowers_the_loss_of_the_palettized_model(tiny_llama_dir, tmp_path):
     dataset = pattern_dataset()
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=EDKMConfig(bits=3))
-    post_training = mean_loss(model, dataset)            # eval mode = nearest centroids = k-means palettization
+    post_training = mean_loss(model, dataset)  # eval mode = nearest centroids = k-means palettization
     trainer = EDKMTrainer(model=model, args=arguments(tmp_path, max_steps=30), train_dataset=dataset)
     trainer.train()
-    assert isinstance(model.model.layers[0].self_attn.q_proj, optimum_edkm.EDKMLinear)    # palettizing is explicit
+    assert isinstance(model.model.layers[0].self_attn.q_proj, optimum_edkm.EDKMLinear)  # palettizing is explicit
     trainer.finalize()
     assert isinstance(model.model.layers[0].self_attn.q_proj, PalettizedLinear)
     after = mean_loss(model, dataset)
@@ -69,8 +81,15 @@ def test_resume_from_checkpoint_continues_exactly(tiny_llama_dir, tmp_path):
 
     def run(output_dir, resume=None):
         model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=EDKMConfig(bits=3))
-        args = arguments(tmp_path, output_dir=str(output_dir), max_steps=8, logging_steps=1, save_strategy="steps",
-                         save_steps=4, temperature_schedule="linear")
+        args = arguments(
+            tmp_path,
+            output_dir=str(output_dir),
+            max_steps=8,
+            logging_steps=1,
+            save_strategy="steps",
+            save_steps=4,
+            temperature_schedule="linear",
+        )
         trainer = EDKMTrainer(model=model, args=args, train_dataset=dataset)
         trainer.train(resume_from_checkpoint=resume)
         losses = {entry["step"]: entry["loss"] for entry in trainer.state.log_history if "loss" in entry}
@@ -80,6 +99,7 @@ def test_resume_from_checkpoint_continues_exactly(tiny_llama_dir, tmp_path):
     checkpoint = tmp_path / "full" / "checkpoint-4"
     assert os.path.exists(checkpoint / "model.safetensors")
     from safetensors import safe_open
+
     with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as handle:
         assert "model.layers.0.self_attn.q_proj.weight_centroids" in handle.keys()
     resumed_state, resumed_losses = run(tmp_path / "resumed", resume=str(checkpoint))
@@ -97,20 +117,22 @@ def test_milestone_trains_plain_weights_first_then_reinitialises_centroids(tiny_
     dataset = pattern_dataset()
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=EDKMConfig(bits=2))
     with pytest.raises(ValueError, match="clustering_milestone=3 is at or beyond max_steps=3"):
-        EDKMTrainer(model=model, args=arguments(tmp_path, max_steps=3, clustering_milestone=3),
-                    train_dataset=dataset).train()
+        EDKMTrainer(
+            model=model, args=arguments(tmp_path, max_steps=3, clustering_milestone=3), train_dataset=dataset
+        ).train()
     layer = model.model.layers[0].mlp.up_proj
     captured = {}
 
-    class Capture(TrainerCallback):                     # runs after the schedule callback
+    class Capture(TrainerCallback):  # runs after the schedule callback
         def on_step_begin(self, args, state, control, **kwargs):
             captured.setdefault("enabled", []).append(layer.clustering_enabled)
             if state.global_step == 3:
                 captured["weight"] = layer.weight.detach().clone()
                 captured["centroids"] = layer.weight_centroids.clone()
 
-    trainer = EDKMTrainer(model=model, args=arguments(tmp_path, max_steps=5, clustering_milestone=3),
-                          train_dataset=dataset)
+    trainer = EDKMTrainer(
+        model=model, args=arguments(tmp_path, max_steps=5, clustering_milestone=3), train_dataset=dataset
+    )
     trainer.add_callback(Capture())
     trainer.train()
     assert captured["enabled"] == [False, False, False, True, True]
@@ -119,13 +141,19 @@ def test_milestone_trains_plain_weights_first_then_reinitialises_centroids(tiny_
 
 
 def test_temperature_schedules():
-    args = EDKMTrainingArguments(output_dir="unused", temperature_schedule="linear", final_temperature_factor=0.2,
-                                 clustering_milestone=10, report_to=[])
+    args = EDKMTrainingArguments(
+        output_dir="unused",
+        temperature_schedule="linear",
+        final_temperature_factor=0.2,
+        clustering_milestone=10,
+        report_to=[],
+    )
     assert temperature_factor(args, 0, 110) == 1.0
     assert temperature_factor(args, 60, 110) == pytest.approx(0.6)
     assert temperature_factor(args, 110, 110) == pytest.approx(0.2)
-    cosine = EDKMTrainingArguments(output_dir="unused", temperature_schedule="cosine", final_temperature_factor=0.2,
-                                   report_to=[])
+    cosine = EDKMTrainingArguments(
+        output_dir="unused", temperature_schedule="cosine", final_temperature_factor=0.2, report_to=[]
+    )
     assert temperature_factor(cosine, 50, 100) == pytest.approx(0.6)
     assert temperature_factor(cosine, 100, 100) == pytest.approx(0.2)
     with pytest.raises(ValueError, match="temperature_schedule must be one of"):
@@ -150,32 +178,49 @@ def test_trainer_rejects_a_palettized_model(tiny_llama_dir, tmp_path):
 
 def test_plain_training_arguments_get_the_default_schedule(tiny_llama_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=EDKMConfig(bits=3))
-    args = TrainingArguments(output_dir=str(tmp_path / "plain"), max_steps=2, per_device_train_batch_size=4,
-                             use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "plain"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+    )
     trainer = EDKMTrainer(model=model, args=args, train_dataset=pattern_dataset())
     trainer.train()
     trainer.finalize()
     assert isinstance(model.model.layers[0].self_attn.q_proj, PalettizedLinear)
     with pytest.raises(ValueError, match="already palettized"):
-        trainer.train()                                 # a second train() after palettizing
+        trainer.train()  # a second train() after palettizing
 
 
 def test_a_plain_trainer_runs_the_schedule_through_the_callback(tiny_llama_dir, tmp_path):
     from transformers import Trainer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=EDKMConfig(bits=2))
-    args = TrainingArguments(output_dir=str(tmp_path / "plain"), max_steps=3, per_device_train_batch_size=4,
-                             use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True)
-    callback = optimum_edkm.ClusteringScheduleCallback(optimum_edkm.ClusteringSchedule(
-        clustering_milestone=2, temperature_schedule="linear", final_temperature_factor=0.5))
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "plain"),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    callback = optimum_edkm.ClusteringScheduleCallback(
+        optimum_edkm.ClusteringSchedule(
+            clustering_milestone=2, temperature_schedule="linear", final_temperature_factor=0.5
+        )
+    )
     layer = model.model.layers[0].mlp.up_proj
     seen = []
     layer.register_forward_pre_hook(lambda m, a: seen.append((m.clustering_enabled, m.temperature_factor)))
     Trainer(model=model, args=args, train_dataset=pattern_dataset(), callbacks=[callback]).train()
     assert [enabled for enabled, _ in seen] == [False, False, True]
-    assert seen[2][1] == pytest.approx(1.0)          # step 2 of 3 after a milestone of 2: start of the schedule
+    assert seen[2][1] == pytest.approx(1.0)  # step 2 of 3 after a milestone of 2: start of the schedule
     expected = optimum_edkm.clustering.init_centroids(layer.weight, layer.spec, seed=0)
-    assert not torch.equal(layer.weight_centroids, expected)      # moved by the clustered step since the milestone
+    assert not torch.equal(layer.weight_centroids, expected)  # moved by the clustered step since the milestone
 
 
 def _free_port():
@@ -188,13 +233,36 @@ def _free_port():
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tiny_llama_dir, tmp_path):
     worker = os.path.join(HERE, "ddp_training_worker.py")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    single = subprocess.run([sys.executable, worker, tiny_llama_dir, str(tmp_path / "one"), "8", "5"],
-                            capture_output=True, text=True, env=env, timeout=600)
+    single = subprocess.run(
+        [sys.executable, worker, tiny_llama_dir, str(tmp_path / "one"), "8", "5"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
-    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), worker,
-                             tiny_llama_dir, str(tmp_path / "two"), "4", "5"],
-                            capture_output=True, text=True, env=env, timeout=600)
+    double = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(_free_port()),
+            worker,
+            tiny_llama_dir,
+            str(tmp_path / "two"),
+            "4",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert double.returncode == 0, double.stderr[-3000:]
     one = torch.load(tmp_path / "one" / "rank0.pt")
     rank0, rank1 = torch.load(tmp_path / "two" / "rank0.pt"), torch.load(tmp_path / "two" / "rank1.pt")
@@ -211,13 +279,37 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tiny_ll
 def test_sharding_halves_what_each_of_two_processes_keeps_for_backward(tiny_llama_dir, tmp_path):
     worker = os.path.join(HERE, "ddp_training_worker.py")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    single = subprocess.run([sys.executable, worker, tiny_llama_dir, str(tmp_path / "one"), "8", "2", "shard"],
-                            capture_output=True, text=True, env=env, timeout=600)
+    single = subprocess.run(
+        [sys.executable, worker, tiny_llama_dir, str(tmp_path / "one"), "8", "2", "shard"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
-    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), worker,
-                             tiny_llama_dir, str(tmp_path / "two"), "4", "2", "shard"],
-                            capture_output=True, text=True, env=env, timeout=600)
+    double = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(_free_port()),
+            worker,
+            tiny_llama_dir,
+            str(tmp_path / "two"),
+            "4",
+            "2",
+            "shard",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert double.returncode == 0, double.stderr[-3000:]
     one = torch.load(tmp_path / "one" / "rank0.pt")
     ranks = [torch.load(tmp_path / "two" / f"rank{r}.pt") for r in (0, 1)]
@@ -259,4 +351,4 @@ def test_distillation_loss_is_the_mix_of_cross_entropy_and_kl_to_the_teacher(tin
     kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
     expected = 0.7 * outputs.loss.double() + 0.3 * t * t * kl
     assert value == pytest.approx(float(expected), rel=1e-5)
-    assert value != pytest.approx(float(outputs.loss), rel=1e-3)      # the KL term is really there
+    assert value != pytest.approx(float(outputs.loss), rel=1e-3)  # the KL term is really there

@@ -37,11 +37,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..evaluation.bits import WeightStorage
-from .result import BaselineResult
-from .layers import (LayerCall, capture_first_layer_calls, decoder_layers, layer_output, module_names,
-                     named_linears)
+from ..storage import WeightStorage
+from .layers import LayerCall, capture_first_layer_calls, decoder_layers, layer_output, module_names, named_linears
 from .quantizer import check_bits_and_group, fake_quantize, minmax_params, quantize_groupwise
+from .result import BaselineResult
 
 #: substrings of the linears whose clipping AWQ does not search (query and key projections).
 NO_CLIP = ("q_proj", "k_proj")
@@ -57,18 +56,28 @@ class ScalingGroup:
 
 
 def llama_scaling_groups(layer: nn.Module) -> list[ScalingGroup]:
-    required = ["input_layernorm", "post_attention_layernorm", "self_attn", "mlp", "self_attn.q_proj",
-                "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
-                "mlp.down_proj"]
+    required = [
+        "input_layernorm",
+        "post_attention_layernorm",
+        "self_attn",
+        "mlp",
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ]
     present = dict(layer.named_modules())
     missing = [name for name in required if name not in present]
     if missing:
         raise ValueError(
-            f"AWQ's scaling groups are defined for Llama-style decoder layers; {type(layer).__name__} lacks "
-            f"{missing}"
+            f"AWQ's scaling groups are defined for Llama-style decoder layers; {type(layer).__name__} lacks {missing}"
         )
-    groups = [ScalingGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                           "self_attn")]
+    groups = [
+        ScalingGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn")
+    ]
     if present["self_attn.v_proj"].weight.shape == present["self_attn.o_proj"].weight.shape:
         groups.append(ScalingGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"))
     groups.append(ScalingGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"))
@@ -80,10 +89,10 @@ def llama_scaling_groups(layer: nn.Module) -> list[ScalingGroup]:
 class _LayerRecording:
     """What one float forward of a layer over all calibration calls showed."""
 
-    linear_inputs: dict      # linear name -> [tokens, in_features]
-    inspect_calls: dict      # inspected module name -> list of (args, kwargs), one per call
-    inspect_outputs: dict    # inspected module name -> list of float outputs, one per call
-    layer_outputs: list      # the layer's float outputs, one per call
+    linear_inputs: dict  # linear name -> [tokens, in_features]
+    inspect_calls: dict  # inspected module name -> list of (args, kwargs), one per call
+    inspect_outputs: dict  # inspected module name -> list of float outputs, one per call
+    layer_outputs: list  # the layer's float outputs, one per call
 
 
 @torch.no_grad()
@@ -93,27 +102,43 @@ def _record_layer(layer: nn.Module, calls: list[LayerCall], linears: dict, inspe
     inspect_outputs = {name: [] for name in inspected}
     handles = []
     for name, linear in linears.items():
-        handles.append(linear.register_forward_pre_hook(
-            lambda _m, args, name=name: inputs[name].append(args[0].reshape(-1, args[0].shape[-1]))))
+        handles.append(
+            linear.register_forward_pre_hook(
+                lambda _m, args, name=name: inputs[name].append(args[0].reshape(-1, args[0].shape[-1]))
+            )
+        )
     for name in inspected:
         module = layer.get_submodule(name)
-        handles.append(module.register_forward_pre_hook(
-            lambda _m, args, kwargs, name=name: inspect_calls[name].append((args, kwargs)), with_kwargs=True))
-        handles.append(module.register_forward_hook(
-            lambda _m, _args, output, name=name: inspect_outputs[name].append(layer_output(output))))
+        handles.append(
+            module.register_forward_pre_hook(
+                lambda _m, args, kwargs, name=name: inspect_calls[name].append((args, kwargs)), with_kwargs=True
+            )
+        )
+        handles.append(
+            module.register_forward_hook(
+                lambda _m, _args, output, name=name: inspect_outputs[name].append(layer_output(output))
+            )
+        )
     try:
         layer_outputs = [layer_output(layer(*call.args, **call.kwargs)) for call in calls]
     finally:
         for handle in handles:
             handle.remove()
-    return _LayerRecording({k: torch.cat(v) for k, v in inputs.items()}, inspect_calls, inspect_outputs,
-                           layer_outputs)
+    return _LayerRecording({k: torch.cat(v) for k, v in inputs.items()}, inspect_calls, inspect_outputs, layer_outputs)
 
 
 @torch.no_grad()
-def search_scale(module: nn.Module, calls: list, reference_outputs: list, linears: list[nn.Linear],
-                 features: torch.Tensor, bits: int, group_size: Optional[int], symmetric: bool, n_grid: int = 20
-                 ) -> tuple[torch.Tensor, float, list[float]]:
+def search_scale(
+    module: nn.Module,
+    calls: list,
+    reference_outputs: list,
+    linears: list[nn.Linear],
+    features: torch.Tensor,
+    bits: int,
+    group_size: Optional[int],
+    symmetric: bool,
+    n_grid: int = 20,
+) -> tuple[torch.Tensor, float, list[float]]:
     """AWQ's grid search of per-input-channel scales for ``linears`` (which all read ``features``); returns the
     best scales, the best alpha and the loss of every alpha."""
     mean_abs = features.abs().float().mean(0)
@@ -127,8 +152,9 @@ def search_scale(module: nn.Module, calls: list, reference_outputs: list, linear
             scales = scales / (scales.max() * scales.min()).sqrt()
             for linear, original in zip(linears, originals):
                 scaled = original * scales.to(original.dtype).view(1, -1)
-                linear.weight.copy_(quantize_groupwise(scaled, bits, group_size, symmetric)
-                                    / scales.to(original.dtype).view(1, -1))
+                linear.weight.copy_(
+                    quantize_groupwise(scaled, bits, group_size, symmetric) / scales.to(original.dtype).view(1, -1)
+                )
             squared_error = 0.0
             for (args, kwargs), reference in zip(calls, reference_outputs):
                 output = layer_output(module(*args, **kwargs))
@@ -146,16 +172,24 @@ def search_scale(module: nn.Module, calls: list, reference_outputs: list, linear
 
 
 @torch.no_grad()
-def search_clip(weight: torch.Tensor, features: torch.Tensor, bits: int, group_size: Optional[int], symmetric: bool,
-                n_grid: int = 20, max_shrink: float = 0.5, sample_tokens: int = 512, rows_per_chunk: int = 1024
-                ) -> torch.Tensor:
+def search_clip(
+    weight: torch.Tensor,
+    features: torch.Tensor,
+    bits: int,
+    group_size: Optional[int],
+    symmetric: bool,
+    n_grid: int = 20,
+    max_shrink: float = 0.5,
+    sample_tokens: int = 512,
+    rows_per_chunk: int = 1024,
+) -> torch.Tensor:
     """AWQ's clipping search: the best ``max |w|`` per row and group, shape ``[rows, groups, 1]``."""
     rows, columns = weight.shape
     size = columns if group_size is None else group_size
     padding = (-columns) % size  # zero columns change neither the grid (range contains 0) nor the outputs
     x = features[:: max(1, features.shape[0] // sample_tokens)].float()
-    x = nn.functional.pad(x, (0, padding)).view(x.shape[0], -1, size).transpose(0, 1)         # [G, t, size]
-    w_all = nn.functional.pad(weight.float(), (0, padding)).view(rows, -1, size)               # [rows, G, size]
+    x = nn.functional.pad(x, (0, padding)).view(x.shape[0], -1, size).transpose(0, 1)  # [G, t, size]
+    w_all = nn.functional.pad(weight.float(), (0, padding)).view(rows, -1, size)  # [rows, G, size]
     best_all = []
     for w in w_all.split(rows_per_chunk):
         original_max = w.abs().amax(-1, keepdim=True)
@@ -165,8 +199,8 @@ def search_clip(weight: torch.Tensor, features: torch.Tensor, bits: int, group_s
             max_val = original_max * (1 - step / n_grid)
             clipped = torch.clamp(w, -max_val, max_val)
             difference = w - fake_quantize(clipped, minmax_params(clipped, bits, symmetric))  # [r, G, size]
-            error = torch.matmul(x, difference.permute(1, 2, 0)).pow(2).mean(1)                # [G, r]
-            error = error.transpose(0, 1).unsqueeze(-1)                                        # [r, G, 1]
+            error = torch.matmul(x, difference.permute(1, 2, 0)).pow(2).mean(1)  # [G, r]
+            error = error.transpose(0, 1).unsqueeze(-1)  # [r, G, 1]
             better = error < best_error
             best_error = torch.where(better, error, best_error)
             best = torch.where(better, max_val, best)
@@ -186,9 +220,9 @@ def _apply_clip(weight: torch.Tensor, max_val: torch.Tensor, group_size: Optiona
 def _fold_scales(layer: nn.Module, group: ScalingGroup, scales: torch.Tensor) -> None:
     previous = layer.get_submodule(group.previous)
     if isinstance(previous, nn.Linear):
-        previous.weight[-scales.numel():].div_(scales.to(previous.weight.dtype).view(-1, 1))
+        previous.weight[-scales.numel() :].div_(scales.to(previous.weight.dtype).view(-1, 1))
         if previous.bias is not None:
-            previous.bias[-scales.numel():].div_(scales.to(previous.bias.dtype))
+            previous.bias[-scales.numel() :].div_(scales.to(previous.bias.dtype))
     else:
         previous.weight.div_(scales.to(previous.weight.dtype))
         if getattr(previous, "bias", None) is not None:
@@ -241,9 +275,15 @@ def awq(
         chosen = []
         for group in groups:
             scales, alpha, _ = search_scale(
-                layer.get_submodule(group.inspect), recording.inspect_calls[group.inspect],
-                recording.inspect_outputs[group.inspect], [linears[name] for name in group.linears],
-                recording.linear_inputs[group.linears[0]], bits, group_size, symmetric, n_grid,
+                layer.get_submodule(group.inspect),
+                recording.inspect_calls[group.inspect],
+                recording.inspect_outputs[group.inspect],
+                [linears[name] for name in group.linears],
+                recording.linear_inputs[group.linears[0]],
+                bits,
+                group_size,
+                symmetric,
+                n_grid,
             )
             chosen.append((group, scales))
             alphas[f"{names[id(layer)]}.{group.previous}"] = alpha
@@ -251,15 +291,24 @@ def awq(
             _fold_scales(layer, group, scales)
             for name in group.linears:
                 recording.linear_inputs[name] = recording.linear_inputs[name] / scales.to(
-                    recording.linear_inputs[name].dtype)
+                    recording.linear_inputs[name].dtype
+                )
         _check_fold(layer, calls[0], recording.layer_outputs[0], index)
 
         if clip:
             for name, linear in linears.items():
                 if any(marker in name for marker in NO_CLIP):
                     continue
-                max_val = search_clip(linear.weight, recording.linear_inputs[name], bits, group_size, symmetric,
-                                      n_grid, max_shrink, clip_tokens)
+                max_val = search_clip(
+                    linear.weight,
+                    recording.linear_inputs[name],
+                    bits,
+                    group_size,
+                    symmetric,
+                    n_grid,
+                    max_shrink,
+                    clip_tokens,
+                )
                 _apply_clip(linear.weight, max_val, group_size)
         for name, linear in linears.items():
             linear.weight.copy_(quantize_groupwise(linear.weight, bits, group_size, symmetric))
@@ -269,8 +318,12 @@ def awq(
     return BaselineResult(
         storage=storage,
         settings={
-            "symmetric": symmetric, "n_grid": n_grid, "clip": clip, "max_shrink": max_shrink,
-            "clip_tokens": clip_tokens, "calibration_tokens": int(input_ids.numel()),
+            "symmetric": symmetric,
+            "n_grid": n_grid,
+            "clip": clip,
+            "max_shrink": max_shrink,
+            "clip_tokens": clip_tokens,
+            "calibration_tokens": int(input_ids.numel()),
         },
         details={"alpha": alphas},
     )

@@ -34,11 +34,18 @@ from typing import NamedTuple, Optional
 import torch
 from tqdm.auto import tqdm
 
-from ..evaluation.bits import WeightStorage
-from .result import BaselineResult
-from .layers import (capture_first_layer_calls, decoder_layers, module_names, named_linears, run_layer, run_until,
-                     sequential_groups)
+from ..storage import WeightStorage
+from .layers import (
+    capture_first_layer_calls,
+    decoder_layers,
+    input_hessians,
+    module_names,
+    named_linears,
+    run_layer,
+    sequential_groups,
+)
 from .quantizer import QuantParams, check_bits_and_group, fake_quantize, minmax_params
+from .result import BaselineResult
 
 #: bits of the per-input-column group index that act-order with dynamic groups must store (int32, as in
 #: GPTQ checkpoints' ``g_idx``).
@@ -76,8 +83,9 @@ def gptq_quantize_weight(
         raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
     rows, columns = weight.shape
     if tuple(hessian.shape) != (columns, columns):
-        raise ValueError(f"hessian must be [{columns}, {columns}] for a weight with {columns} columns, got "
-                         f"{tuple(hessian.shape)}")
+        raise ValueError(
+            f"hessian must be [{columns}, {columns}] for a weight with {columns} columns, got {tuple(hessian.shape)}"
+        )
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
     if not isinstance(damp, (int, float)) or not damp > 0:
@@ -98,7 +106,9 @@ def _gptq(weight, hessian, bits, group_size, symmetric, block_size, damp, act_or
 
     static_params: list[QuantParams] = []
     if group_size is not None and static_groups:
-        static_params = [minmax_params(W[:, g : g + group_size], bits, symmetric) for g in range(0, columns, group_size)]
+        static_params = [
+            minmax_params(W[:, g : g + group_size], bits, symmetric) for g in range(0, columns, group_size)
+        ]
     params = minmax_params(W, bits, symmetric) if group_size is None else None
 
     permutation = None
@@ -218,36 +228,42 @@ def gptq(
         linears = named_linears(layer)
         groups = sequential_groups(layer, calls[0], linears) if true_sequential else [list(linears)]
         for group in groups:
-            gram = {name: None for name in group}
-            tokens = dict.fromkeys(group, 0)
-
-            def accumulate(name: str, inputs: torch.Tensor):
-                x = inputs.reshape(-1, inputs.shape[-1]).to(_working_dtype(inputs.dtype))
-                gram[name] = x.T @ x if gram[name] is None else gram[name] + x.T @ x
-                tokens[name] += x.shape[0]
-
-            run_until(layer, calls, {name: linears[name] for name in group}, accumulate)
+            hessians = input_hessians(layer, calls, {name: linears[name] for name in group})
             for name in group:
                 linear = linears[name]
                 result = gptq_quantize_weight(
-                    linear.weight, 2 * gram[name] / tokens[name], bits, group_size, symmetric, block_size, damp,
-                    act_order, static_groups,
+                    linear.weight,
+                    hessians[name],
+                    bits,
+                    group_size,
+                    symmetric,
+                    block_size,
+                    damp,
+                    act_order,
+                    static_groups,
                 )
                 linear.weight.copy_(result.weight)
                 full_name = names[id(linear)]
                 losses[full_name] = result.loss
                 storage[full_name] = WeightStorage.uniform(
-                    tuple(linear.weight.shape), bits, group_size, symmetric,
+                    tuple(linear.weight.shape),
+                    bits,
+                    group_size,
+                    symmetric,
                     extra_bits=linear.in_features * GROUP_INDEX_BITS if needs_group_index else 0,
                 )
-            del gram
+            del hessians
         outputs = run_layer(layer, calls)
         calls = [call.with_hidden_states(output) for call, output in zip(calls, outputs)]
     return BaselineResult(
         storage=storage,
         settings={
-            "symmetric": symmetric, "block_size": block_size, "damp": damp, "act_order": act_order,
-            "static_groups": static_groups, "true_sequential": true_sequential,
+            "symmetric": symmetric,
+            "block_size": block_size,
+            "damp": damp,
+            "act_order": act_order,
+            "static_groups": static_groups,
+            "true_sequential": true_sequential,
             "calibration_tokens": int(input_ids.numel()),
         },
         details={"gptq_loss": losses},

@@ -66,8 +66,12 @@ def module_names(model: nn.Module) -> dict[int, str]:
 
 
 def check_calibration_ids(input_ids) -> torch.Tensor:
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point() \
-            or input_ids.numel() == 0:
+    if (
+        not isinstance(input_ids, torch.Tensor)
+        or input_ids.dim() != 2
+        or input_ids.is_floating_point()
+        or input_ids.numel() == 0
+    ):
         raise ValueError(
             f"calibration input_ids must be a non-empty [n_samples, seq_len] integer tensor, got "
             f"{getattr(input_ids, 'dtype', type(input_ids))} of shape {tuple(getattr(input_ids, 'shape', ()))}"
@@ -112,8 +116,12 @@ def run_layer(layer: nn.Module, calls: list[LayerCall]) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def run_until(layer: nn.Module, calls: list[LayerCall], watched: dict[str, nn.Module],
-              on_input: Callable[[str, torch.Tensor], None]) -> None:
+def run_until(
+    layer: nn.Module,
+    calls: list[LayerCall],
+    watched: dict[str, nn.Module],
+    on_input: Callable[[str, torch.Tensor], None],
+) -> None:
     """Run ``layer`` on every call, passing each watched module's input to ``on_input``; each forward stops once
     every watched module has run (later modules are not needed)."""
     seen: set = set()
@@ -124,6 +132,7 @@ def run_until(layer: nn.Module, calls: list[LayerCall], watched: dict[str, nn.Mo
             seen.add(name)
             if len(seen) == len(watched):
                 raise StopForward
+
         return hook
 
     handles = [module.register_forward_pre_hook(make_hook(name)) for name, module in watched.items()]
@@ -142,8 +151,9 @@ def run_until(layer: nn.Module, calls: list[LayerCall], watched: dict[str, nn.Mo
 
 
 @torch.no_grad()
-def sequential_groups(layer: nn.Module, call: LayerCall, linears: Optional[dict[str, nn.Linear]] = None
-                      ) -> list[list[str]]:
+def sequential_groups(
+    layer: nn.Module, call: LayerCall, linears: Optional[dict[str, nn.Linear]] = None
+) -> list[list[str]]:
     """The layer's linears in execution order, grouped when consecutive ones read the same input tensor
     (q/k/v; gate/up): GPTQ's "true sequential" order, found by running the layer once."""
     linears = named_linears(layer) if linears is None else linears
@@ -153,6 +163,7 @@ def sequential_groups(layer: nn.Module, call: LayerCall, linears: Optional[dict[
     def make_hook(name: str):
         def hook(_module, args):
             order.append((name, args[0]))
+
         return hook
 
     handles = [module.register_forward_pre_hook(make_hook(name)) for name, module in linears.items()]
@@ -175,3 +186,20 @@ def sequential_groups(layer: nn.Module, call: LayerCall, linears: Optional[dict[
     if missing:
         raise RuntimeError(f"linears {missing} are never called in the layer's forward; they cannot be calibrated")
     return groups
+
+
+@torch.no_grad()
+def input_hessians(layer: nn.Module, calls: list[LayerCall], watched: dict[str, nn.Module]) -> dict:
+    """``{name: 2/N X^T X}`` of each watched module's inputs over the calibration calls: GPTQ's Hessian of the
+    layer-wise squared error (float32; float64 for float64 inputs)."""
+    gram: dict = dict.fromkeys(watched)
+    tokens = dict.fromkeys(watched, 0)
+
+    def accumulate(name: str, inputs: torch.Tensor):
+        x = inputs.reshape(-1, inputs.shape[-1])
+        x = x.double() if x.dtype == torch.float64 else x.float()
+        gram[name] = x.T @ x if gram[name] is None else gram[name] + x.T @ x
+        tokens[name] += x.shape[0]
+
+    run_until(layer, calls, watched, accumulate)
+    return {name: 2 * gram[name] / tokens[name] for name in watched}

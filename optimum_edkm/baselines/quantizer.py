@@ -41,7 +41,7 @@ def check_bits_and_group(bits, group_size) -> None:
 
 def minmax_params(x: torch.Tensor, bits: int, symmetric: bool) -> QuantParams:
     """Scale and zero point over the last dimension of ``x`` (one pair per leading index)."""
-    maxq = 2 ** bits - 1
+    maxq = 2**bits - 1
     zeros = torch.zeros((), dtype=x.dtype, device=x.device)
     xmin = torch.minimum(x.amin(-1, keepdim=True), zeros)
     xmax = torch.maximum(x.amax(-1, keepdim=True), zeros)

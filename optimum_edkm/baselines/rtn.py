@@ -11,15 +11,14 @@ from typing import Optional
 
 import torch
 
-from ..evaluation.bits import WeightStorage
-from .result import BaselineResult
+from ..storage import WeightStorage
 from .layers import decoder_layers, module_names, named_linears
 from .quantizer import check_bits_and_group, quantize_groupwise
+from .result import BaselineResult
 
 
 @torch.no_grad()
-def rtn(model: torch.nn.Module, bits: int, group_size: Optional[int] = 128, symmetric: bool = False
-        ) -> BaselineResult:
+def rtn(model: torch.nn.Module, bits: int, group_size: Optional[int] = 128, symmetric: bool = False) -> BaselineResult:
     """Fake-quantize, in place, every ``nn.Linear`` inside ``model.model.layers`` (embeddings and LM head stay).
 
     Args:

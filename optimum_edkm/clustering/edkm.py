@@ -31,8 +31,17 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .layout import (check_centroids, check_scale, check_temperature, check_weight, cluster_values, compute_dtype,
-                     num_groups, row_view_shape, value_dtype)
+from .layout import (
+    check_centroids,
+    check_scale,
+    check_temperature,
+    check_weight,
+    cluster_values,
+    compute_dtype,
+    num_groups,
+    row_view_shape,
+    value_dtype,
+)
 from .patterns import MAX_DENSE_KEYS, TorchPatternOps, compiled_ops, pattern_kind
 from .reference import ClusterOutput, update_centroids
 from .spec import UNIQUE_DTYPES, ClusteringSpec
@@ -43,11 +52,12 @@ _PATTERN_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # ------------------------------------------------------------------------------------- DKM on pairs, torch
 class _PairDKM(NamedTuple):
-    table: torch.Tensor          # (P,) soft-clustered value of each distinct (group, value) pair
-    attention: torch.Tensor      # (k, P) last attention, computed with `previous`
-    previous: torch.Tensor       # (G, k) centroids the last attention was computed with
-    centroids: torch.Tensor      # (G, k) centroids after the last update
+    table: torch.Tensor  # (P,) soft-clustered value of each distinct (group, value) pair
+    attention: torch.Tensor  # (k, P) last attention, computed with `previous`
+    previous: torch.Tensor  # (G, k) centroids the last attention was computed with
+    centroids: torch.Tensor  # (G, k) centroids after the last update
     iterations: int
+
 
 # Pair tensors are laid out (k, P): a softmax over k is then a reduction across k contiguous rows, which CPUs
 # vectorise along P; over a last dimension of k <= 256 it is several times slower.
@@ -62,16 +72,21 @@ def _group_sum(group: torch.Tensor, pairs: torch.Tensor, groups: int) -> torch.T
     """(G, k) sums over the pairs of each group of a (k, P) tensor."""
     if groups == 1:
         return pairs.sum(1).unsqueeze(0)
-    return torch.zeros(pairs.shape[0], groups, dtype=pairs.dtype, device=pairs.device).index_add(
-        1, group, pairs).t()
+    return torch.zeros(pairs.shape[0], groups, dtype=pairs.dtype, device=pairs.device).index_add(1, group, pairs).t()
 
 
 def _attention(values: torch.Tensor, centroids_per_pair: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(-(values.unsqueeze(0) - centroids_per_pair).pow(2) / temperature, dim=0)
 
 
-def _pair_dkm(assign_values: torch.Tensor, update_values: torch.Tensor, uv: UniqueValues,
-              centroids: torch.Tensor, spec: ClusteringSpec, iterations: Optional[int] = None) -> _PairDKM:
+def _pair_dkm(
+    assign_values: torch.Tensor,
+    update_values: torch.Tensor,
+    uv: UniqueValues,
+    centroids: torch.Tensor,
+    spec: ClusteringSpec,
+    iterations: Optional[int] = None,
+) -> _PairDKM:
     """DKM on distinct values. ``update_values`` feed the centroid updates, ``assign_values`` the final
     attention of the output table (they are the same numbers; separating them lets the backward pass
     differentiate the centroid path alone). ``iterations`` replays a forward pass exactly."""
@@ -100,8 +115,7 @@ def _local_derivative(values: torch.Tensor, uv: UniqueValues, dkm: _PairDKM, spe
     return (dkm.attention * slope * (_per_pair(dkm.centroids, uv) - dkm.table.unsqueeze(0))).sum(0)
 
 
-def _torch_pair_backward(uv, pair_grad: torch.Tensor, start: torch.Tensor, spec: ClusteringSpec,
-                         iterations: int):
+def _torch_pair_backward(uv, pair_grad: torch.Tensor, start: torch.Tensor, spec: ClusteringSpec, iterations: int):
     """Per distinct pair: the local derivative ``D`` and the centroid term per weight ``E / count``, by
     replaying the forward iterations under autograd."""
     with torch.enable_grad():
@@ -109,8 +123,9 @@ def _torch_pair_backward(uv, pair_grad: torch.Tensor, start: torch.Tensor, spec:
         dkm = _pair_dkm(uv.values, update_values, uv, start, spec, iterations=iterations)
         (centroid_path,) = torch.autograd.grad(dkm.table, update_values, pair_grad)
     with torch.no_grad():
-        fixed = _PairDKM(dkm.table.detach(), dkm.attention.detach(), dkm.previous.detach(),
-                         dkm.centroids.detach(), dkm.iterations)
+        fixed = _PairDKM(
+            dkm.table.detach(), dkm.attention.detach(), dkm.previous.detach(), dkm.centroids.detach(), dkm.iterations
+        )
         local = _local_derivative(uv.values, uv, fixed, spec)
         return local, centroid_path / uv.counts
 
@@ -118,18 +133,20 @@ def _torch_pair_backward(uv, pair_grad: torch.Tensor, start: torch.Tensor, spec:
 # --------------------------------------------------------------------------------- distinct pairs by key
 class _Pairs(NamedTuple):
     """Distinct (group, value) pairs found by counting keys (the fields ``_pair_dkm`` reads, and the keys)."""
-    values: torch.Tensor         # (P,) value of each pair, compute dtype
-    counts: torch.Tensor         # (P,) weights holding it, compute dtype
-    group: torch.Tensor          # (P,) int64 group of each pair
-    keys: torch.Tensor           # (P,) int64 key ``group * 65536 + pattern``, increasing
+
+    values: torch.Tensor  # (P,) value of each pair, compute dtype
+    counts: torch.Tensor  # (P,) weights holding it, compute dtype
+    group: torch.Tensor  # (P,) int64 group of each pair
+    keys: torch.Tensor  # (P,) int64 key ``group * 65536 + pattern``, increasing
 
     @property
     def num_pairs(self) -> int:
         return self.values.numel()
 
 
-def _pairs_from_keys(keys: torch.Tensor, counts: torch.Tensor, pattern_dtype: torch.dtype,
-                     compute: torch.dtype) -> _Pairs:
+def _pairs_from_keys(
+    keys: torch.Tensor, counts: torch.Tensor, pattern_dtype: torch.dtype, compute: torch.dtype
+) -> _Pairs:
     # index_select, not [...]: advanced indexing enters a parallel region even for a few thousand elements,
     # which costs milliseconds on a busy machine
     values = pattern_values(pattern_dtype, keys.device, compute).index_select(0, keys.bitwise_and(PATTERNS - 1))
@@ -147,11 +164,12 @@ def _group_offsets(uv, groups: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ the plan
 class _Plan(NamedTuple):
     """How one call runs: pattern keys (``dense``) or the sorted index, and which parts are compiled."""
+
     dense: bool
-    weight_ops: object               # TorchPatternOps or the compiled module (dense only)
-    pair_kernel: object              # the compiled module, or None for the torch DKM
-    kind: int                        # pattern kind (dense only)
-    pattern_dtype: torch.dtype       # dtype the clustered values are rounded to
+    weight_ops: object  # TorchPatternOps or the compiled module (dense only)
+    pair_kernel: object  # the compiled module, or None for the torch DKM
+    kind: int  # pattern kind (dense only)
+    pattern_dtype: torch.dtype  # dtype the clustered values are rounded to
 
 
 def _plan(weight: torch.Tensor, spec: ClusteringSpec, groups: int, kernel: Optional[bool]) -> _Plan:
@@ -162,16 +180,23 @@ def _plan(weight: torch.Tensor, spec: ClusteringSpec, groups: int, kernel: Optio
     if kernel:
         problem = None
         if compiled is None:
-            problem = ("the kernel could not be built (see the warning above)" if on_cpu
-                       else f"it runs on CPU tensors only (got {weight.device})")
+            problem = (
+                "the kernel could not be built (see the warning above)"
+                if on_cpu
+                else f"it runs on CPU tensors only (got {weight.device})"
+            )
         elif not dense:
-            problem = (f"it needs 16-bit clustered values and at most {MAX_DENSE_KEYS // PATTERNS} groups (got "
-                       f"{groups} groups, unique_dtype={spec.unique_dtype})")
+            problem = (
+                f"it needs 16-bit clustered values and at most {MAX_DENSE_KEYS // PATTERNS} groups (got "
+                f"{groups} groups, unique_dtype={spec.unique_dtype})"
+            )
         elif weight.dtype not in _PATTERN_KERNEL_DTYPES:
             problem = f"it handles float32/bfloat16/float16 weights (got {weight.dtype})"
         if problem:
-            raise RuntimeError(f"edkm_cluster(kernel=True): the compiled eDKM kernel cannot run here: {problem}; "
-                               f"pass kernel=None to use it where it can, or kernel=False for the torch path")
+            raise RuntimeError(
+                f"edkm_cluster(kernel=True): the compiled eDKM kernel cannot run here: {problem}; "
+                f"pass kernel=None to use it where it can, or kernel=False for the torch path"
+            )
     weight_ops = compiled if compiled is not None and weight.dtype in _PATTERN_KERNEL_DTYPES else TorchPatternOps
     return _Plan(dense, weight_ops, compiled, pattern_kind(target) if dense else -1, target)
 
@@ -185,11 +210,12 @@ def _check_nonfinite(nonfinite: int, weight: torch.Tensor, plan: _Plan, name: st
     """Non-finite weights (or values beyond the 16-bit range) land on NaN/Inf patterns: the counting pass
     reports them, which replaces a pass over the weight."""
     if nonfinite:
-        check_weight(weight, name)           # raises, naming the NaN and Inf counts
+        check_weight(weight, name)  # raises, naming the NaN and Inf counts
         raise ValueError(
             f"'{name}' has values that overflow {plan.pattern_dtype} once divided by their channel's scale "
             f"(largest magnitude {float(weight.detach().abs().max()):.3g}); clustering rounds the values to "
-            f"{plan.pattern_dtype}: use a per-channel scale, or unique_dtype=torch.bfloat16")
+            f"{plan.pattern_dtype}: use a per-channel scale, or unique_dtype=torch.bfloat16"
+        )
 
 
 # ------------------------------------------------------------------------------------- autograd function
@@ -214,10 +240,17 @@ class _EDKMFunction(torch.autograd.Function):
         check_temperature(spec.temperature, uv.values, start, name)
         if plan.pair_kernel is not None:
             table, history, masses = plan.pair_kernel.pairs_forward(
-                uv.values, uv.counts, _group_offsets(uv, groups), start, spec.temperature, spec.iterations,
-                spec.tolerance, False)
+                uv.values,
+                uv.counts,
+                _group_offsets(uv, groups),
+                start,
+                spec.temperature,
+                spec.iterations,
+                spec.tolerance,
+                False,
+            )
             iterations, new_centroids = masses.shape[0], history[-1]
-            ctx.pair_state = (history, masses)       # O(iterations x groups x k)
+            ctx.pair_state = (history, masses)  # O(iterations x groups x k)
         else:
             dkm = _pair_dkm(uv.values, uv.values, uv, start, spec)
             table, iterations, new_centroids = dkm.table, dkm.iterations, dkm.centroids
@@ -259,12 +292,14 @@ class _EDKMFunction(torch.autograd.Function):
         if plan.pair_kernel is not None:
             history, masses = ctx.pair_state
             local, per_weight = plan.pair_kernel.pairs_backward(
-                uv.values, uv.counts, _group_offsets(uv, groups), history, masses, pair_grad, spec.temperature)
+                uv.values, uv.counts, _group_offsets(uv, groups), history, masses, pair_grad, spec.temperature
+            )
         else:
             local, per_weight = _torch_pair_backward(uv, pair_grad, start, spec, ctx.iterations)
         if plan.dense:
-            grad_values = plan.weight_ops.weight_grad_pairs(rows, scale_c, groups, plan.kind, grad_rows, uv.keys,
-                                                            local, per_weight)
+            grad_values = plan.weight_ops.weight_grad_pairs(
+                rows, scale_c, groups, plan.kind, grad_rows, uv.keys, local, per_weight
+            )
         else:
             grad_values = local[uv.index].mul_(grad).add_(per_weight[uv.index]).view(weight.shape)
             if scale is not None:
@@ -273,9 +308,14 @@ class _EDKMFunction(torch.autograd.Function):
         return grad_values.view(weight.shape), None, None, None, None, None, None
 
 
-def edkm_cluster(weight: torch.Tensor, centroids: torch.Tensor, spec: ClusteringSpec,
-                 scale: Optional[torch.Tensor] = None, name: str = "weight",
-                 kernel: Optional[bool] = None) -> ClusterOutput:
+def edkm_cluster(
+    weight: torch.Tensor,
+    centroids: torch.Tensor,
+    spec: ClusteringSpec,
+    scale: Optional[torch.Tensor] = None,
+    name: str = "weight",
+    kernel: Optional[bool] = None,
+) -> ClusterOutput:
     """Differentiable k-means of ``weight`` with eDKM's uniquified forward and exact backward.
 
     Same contract as :func:`~optimum_edkm.clustering.dkm_reference` (same math, same outputs and gradients
@@ -287,7 +327,7 @@ def edkm_cluster(weight: torch.Tensor, centroids: torch.Tensor, spec: Clustering
     reference path; ``True`` requires the kernels and raises where they cannot run. Both paths compute the same
     function (forward outputs agree bit for bit on the per-weight side; sums differ in rounding order only).
     """
-    check_weight(weight, name, finite=False)     # finiteness is checked on the forward pass's counts
+    check_weight(weight, name, finite=False)  # finiteness is checked on the forward pass's counts
     groups = num_groups(weight, spec.group_size, name)
     check_centroids(centroids, groups, spec, name)
     check_scale(scale, weight, name)

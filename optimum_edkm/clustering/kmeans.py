@@ -6,14 +6,22 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .layout import (check_centroids, check_scale, check_weight, cluster_values, compute_dtype, num_groups,
-                     row_view_shape)
+from .layout import (
+    check_centroids,
+    check_scale,
+    check_weight,
+    cluster_values,
+    compute_dtype,
+    num_groups,
+    row_view_shape,
+)
 from .spec import ClusteringSpec
 from .uniquify import UniqueValues, uniquify
 
 
-def _sample_per_group(weights: torch.Tensor, uv: UniqueValues, starts: torch.Tensor, ends: torch.Tensor,
-                      generator: torch.Generator) -> torch.Tensor:
+def _sample_per_group(
+    weights: torch.Tensor, uv: UniqueValues, starts: torch.Tensor, ends: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
     """One pair index per group, drawn with probability proportional to ``weights`` within the group.
     A group whose weights are all zero (every distinct value already chosen) gets its first pair."""
     groups = starts.numel()
@@ -33,8 +41,9 @@ def _nearest(values: torch.Tensor, group: torch.Tensor, centroids: torch.Tensor)
     return best, label
 
 
-def _padded_groups(uv: UniqueValues, groups: int, starts: torch.Tensor, pair_counts: torch.Tensor,
-                   masses: torch.Tensor):
+def _padded_groups(
+    uv: UniqueValues, groups: int, starts: torch.Tensor, pair_counts: torch.Tensor, masses: torch.Tensor
+):
     """Distinct values as a ``[groups, widest group]`` matrix with their ``masses`` (counts, or summed sample
     weights); padding has mass 0 (and a finite value, so that ``0 * value`` stays 0)."""
     width = int(pair_counts.max())
@@ -60,14 +69,13 @@ def _lloyd(values: torch.Tensor, counts: torch.Tensor, centroids: torch.Tensor, 
     prefix_sum = torch.cat([zeros, (weights * values.double()).cumsum(1)], 1)
     prefix_square = torch.cat([zeros, (weights * values.double().pow(2)).cumsum(1)], 1)
     real = counts > 0
-    spread = (torch.where(real, values, -torch.inf).amax(1) - torch.where(real, values, torch.inf).amin(1))
+    spread = torch.where(real, values, -torch.inf).amax(1) - torch.where(real, values, torch.inf).amin(1)
     spread = spread.double().clamp_min(torch.finfo(torch.float64).tiny) / max(centroids.shape[1] - 1, 1)
 
     def cluster_sums(c):
         # a value equal to a midpoint belongs to the lower cluster (as with argmin's first index)
         bounds = torch.searchsorted(values, ((c[:, 1:] + c[:, :-1]) / 2).to(values.dtype).contiguous(), right=True)
-        edges = torch.cat([torch.zeros_like(bounds[:, :1]), bounds,
-                           torch.full_like(bounds[:, :1], values.shape[1])], 1)
+        edges = torch.cat([torch.zeros_like(bounds[:, :1]), bounds, torch.full_like(bounds[:, :1], values.shape[1])], 1)
         take = lambda prefix: prefix.gather(1, edges[:, 1:]) - prefix.gather(1, edges[:, :-1])  # noqa: E731
         return take(prefix_mass), take(prefix_sum), take(prefix_square)
 
@@ -86,8 +94,13 @@ def _lloyd(values: torch.Tensor, counts: torch.Tensor, centroids: torch.Tensor, 
     return c.to(centroids.dtype), inertia
 
 
-def value_masses(uv: UniqueValues, weight: torch.Tensor, scale: Optional[torch.Tensor],
-                 sample_weight: Optional[torch.Tensor], name: str = "weight") -> torch.Tensor:
+def value_masses(
+    uv: UniqueValues,
+    weight: torch.Tensor,
+    scale: Optional[torch.Tensor],
+    sample_weight: Optional[torch.Tensor],
+    name: str = "weight",
+) -> torch.Tensor:
     """The k-means mass of each distinct (group, value) pair: its count, or with ``sample_weight`` (the
     importance of each weight's squared error, the weight's shape) the sum of its weights' importances. With a
     per-channel scale a clustered value's error is ``scale[row]`` times the weight's, so importances are
@@ -95,8 +108,10 @@ def value_masses(uv: UniqueValues, weight: torch.Tensor, scale: Optional[torch.T
     if sample_weight is None:
         return uv.counts
     if tuple(sample_weight.shape) != tuple(weight.shape):
-        raise ValueError(f"{name}: sample_weight has shape {tuple(sample_weight.shape)}, the weight "
-                         f"{tuple(weight.shape)}; pass one importance per weight")
+        raise ValueError(
+            f"{name}: sample_weight has shape {tuple(sample_weight.shape)}, the weight "
+            f"{tuple(weight.shape)}; pass one importance per weight"
+        )
     importance = sample_weight.detach().to(device=uv.values.device, dtype=torch.float64)
     if not bool(torch.isfinite(importance).all()) or bool((importance < 0).any()):
         raise ValueError(f"{name}: sample_weight must be finite and >= 0 (e.g. squared gradients)")
@@ -109,9 +124,16 @@ def value_masses(uv: UniqueValues, weight: torch.Tensor, scale: Optional[torch.T
 
 
 @torch.no_grad()
-def init_centroids(weight: torch.Tensor, spec: ClusteringSpec, scale: Optional[torch.Tensor] = None,
-                   seed: int = 0, restarts: int = 3, max_iter: int = 50, name: str = "weight",
-                   sample_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+def init_centroids(
+    weight: torch.Tensor,
+    spec: ClusteringSpec,
+    scale: Optional[torch.Tensor] = None,
+    seed: int = 0,
+    restarts: int = 3,
+    max_iter: int = 50,
+    name: str = "weight",
+    sample_weight: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Deterministic k-means centroids, ``[groups, 2**bits]``, sorted ascending within each group.
 
     Weighted k-means++ seeding on the distinct values of each group (weights = counts), refined by Lloyd
@@ -149,7 +171,7 @@ def init_centroids(weight: torch.Tensor, spec: ClusteringSpec, scale: Optional[t
             pick = _sample_per_group(masses * nearest, uv, starts, ends, generator)
             chosen.append(pick)
             nearest = torch.minimum(nearest, (uv.values - uv.values[pick][uv.group]).pow(2))
-        centroids = uv.values[torch.stack(chosen, 1)]                       # [G, k]
+        centroids = uv.values[torch.stack(chosen, 1)]  # [G, k]
         centroids, inertia = _lloyd(padded_values, padded_counts, centroids, max_iter)
         if best_centroids is None:
             best_centroids, best_inertia = centroids, inertia
@@ -168,8 +190,13 @@ class HardAssignment(NamedTuple):
 
 
 @torch.no_grad()
-def hard_assign(weight: torch.Tensor, centroids: torch.Tensor, spec: ClusteringSpec,
-                scale: Optional[torch.Tensor] = None, name: str = "weight") -> HardAssignment:
+def hard_assign(
+    weight: torch.Tensor,
+    centroids: torch.Tensor,
+    spec: ClusteringSpec,
+    scale: Optional[torch.Tensor] = None,
+    name: str = "weight",
+) -> HardAssignment:
     """Index of the nearest centroid (lowest index on ties) for every weight, computed on distinct values."""
     check_weight(weight, name)
     groups = num_groups(weight, spec.group_size, name)
@@ -182,8 +209,9 @@ def hard_assign(weight: torch.Tensor, centroids: torch.Tensor, spec: ClusteringS
     return HardAssignment(indices, centroids.detach().clone())
 
 
-def decode(indices: torch.Tensor, lut: torch.Tensor, scale: Optional[torch.Tensor] = None,
-           dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def decode(
+    indices: torch.Tensor, lut: torch.Tensor, scale: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None
+) -> torch.Tensor:
     """Dense weight ``scale[row] * lut[group(row), indices]``; groups are consecutive rows (dim 0)."""
     if indices.dtype != torch.uint8 or lut.dim() != 2:
         raise TypeError("decode expects uint8 indices and a [groups, 2**bits] LUT")

@@ -25,8 +25,10 @@ def check_weight(weight, name: str = "weight", finite: bool = True) -> None:
             f"(float32, bfloat16, float16 or float64). Dequantize it first."
         )
     if weight.dim() == 0:
-        raise ValueError(f"'{name}' is a 0-dim tensor (a scalar, value {float(weight):.4g}); clustering needs a "
-                         f"weight with output channels on dim 0 (reshape it, e.g. weight.reshape(1, -1))")
+        raise ValueError(
+            f"'{name}' is a 0-dim tensor (a scalar, value {float(weight):.4g}); clustering needs a "
+            f"weight with output channels on dim 0 (reshape it, e.g. weight.reshape(1, -1))"
+        )
     if weight.numel() == 0:
         raise ValueError(f"'{name}' is empty (shape {tuple(weight.shape)}): there is nothing to cluster")
     if not finite:
@@ -85,8 +87,7 @@ def check_scale(scale, weight: torch.Tensor, name: str = "weight") -> None:
 
 
 @torch.no_grad()
-def check_temperature(temperature: float, values: torch.Tensor, centroids: torch.Tensor, name: str = "weight"
-                      ) -> None:
+def check_temperature(temperature: float, values: torch.Tensor, centroids: torch.Tensor, name: str = "weight") -> None:
     """Refuse a temperature so small that the soft assignment overflows the compute dtype.
 
     The logits ``-(w - c)^2 / tau`` and their slope ``2 |w - c| / tau`` are bounded by the spread of the
@@ -97,13 +98,14 @@ def check_temperature(temperature: float, values: torch.Tensor, centroids: torch
     low = min(float(values.min()), float(centroids.min()))
     spread = max(float(values.max()), float(centroids.max())) - low
     worst = max(spread * spread, 2.0 * spread)
-    largest = torch.finfo(values.dtype).max / 4          # room for sums of a few such terms
+    largest = torch.finfo(values.dtype).max / 4  # room for sums of a few such terms
     if worst / temperature > largest:
         raise ValueError(
             f"temperature {temperature:.3g} is too small for '{name}' (clustered values and centroids spread over "
             f"{spread:.3g}): the softmax logits -(w - c)^2 / temperature overflow {values.dtype} and the outputs "
             f"and gradients would be NaN. Use a temperature of at least {worst / largest:.3g} (modules set it as "
-            f"relative_temperature x the squared centroid spacing)")
+            f"relative_temperature x the squared centroid spacing)"
+        )
 
 
 @torch.no_grad()
@@ -122,8 +124,9 @@ def per_channel_scale(weight: torch.Tensor, name: str = "weight") -> torch.Tenso
     return scale.clamp(fp16.tiny, fp16.max).to(torch.float16).to(scale.dtype)
 
 
-def cluster_values(weight: torch.Tensor, scale: Optional[torch.Tensor], spec: ClusteringSpec,
-                   groups: int) -> torch.Tensor:
+def cluster_values(
+    weight: torch.Tensor, scale: Optional[torch.Tensor], spec: ClusteringSpec, groups: int
+) -> torch.Tensor:
     """The values that are clustered, as a ``[groups, values_per_group]`` tensor (no autograd).
 
     16-bit weights are clustered as they are; fp32/fp64 weights through their rounding to

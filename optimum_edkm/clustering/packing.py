@@ -26,16 +26,16 @@ def pack_indices(indices: torch.Tensor, bits: int) -> torch.Tensor:
         raise TypeError(f"indices must be an integer tensor, got {indices.dtype}")
     flat = indices.reshape(-1).to(torch.int64)
     numel = flat.numel()
-    if numel and (int(flat.min()) < 0 or int(flat.max()) >= 2 ** bits):
+    if numel and (int(flat.min()) < 0 or int(flat.max()) >= 2**bits):
         raise ValueError(
-            f"indices must lie in [0, {2 ** bits}) for {bits}-bit packing, got values in "
+            f"indices must lie in [0, {2**bits}) for {bits}-bit packing, got values in "
             f"[{int(flat.min())}, {int(flat.max())}]"
         )
     if bits == 8:
         return flat.to(torch.uint8)
     blocks = torch.nn.functional.pad(flat, (0, (-numel) % 8)).view(-1, 8)
     shifts = torch.arange(8, device=flat.device, dtype=torch.int64) * bits
-    words = (blocks << shifts).sum(1)                                       # 8 indices -> 8*bits bits
+    words = (blocks << shifts).sum(1)  # 8 indices -> 8*bits bits
     byte_shifts = torch.arange(bits, device=flat.device, dtype=torch.int64) * 8
     packed = ((words.unsqueeze(1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
     return packed[: packed_size(numel, bits)]
@@ -45,8 +45,7 @@ def unpack_indices(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     """Inverse of :func:`pack_indices`: ``numel`` uint8 indices from a flat uint8 tensor."""
     check_bits(bits)
     if packed.dtype != torch.uint8 or packed.dim() != 1:
-        raise TypeError(f"packed indices must be a 1-D uint8 tensor, got {packed.dtype} of shape "
-                        f"{tuple(packed.shape)}")
+        raise TypeError(f"packed indices must be a 1-D uint8 tensor, got {packed.dtype} of shape {tuple(packed.shape)}")
     expected = packed_size(numel, bits)
     if packed.numel() != expected:
         raise ValueError(
@@ -59,5 +58,5 @@ def unpack_indices(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int64) * 8
     words = (padded << byte_shifts).sum(1)
     shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * bits
-    indices = (words.unsqueeze(1) >> shifts) & (2 ** bits - 1)
+    indices = (words.unsqueeze(1) >> shifts) & (2**bits - 1)
     return indices.reshape(-1)[:numel].to(torch.uint8)

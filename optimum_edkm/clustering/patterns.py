@@ -115,5 +115,4 @@ def compiled_ops():
     # the kernel loader imports nothing but torch: no dependency of the engine on the layers above it
     from ..extensions import load_extension
 
-    return load_extension("edkm", ("edkm_patterns.cpp", "edkm_pairs.cpp", "edkm_bindings.cpp"),
-                          ("-ffp-contract=off",))
+    return load_extension("edkm", ("edkm_patterns.cpp", "edkm_pairs.cpp", "edkm_bindings.cpp"), ("-ffp-contract=off",))

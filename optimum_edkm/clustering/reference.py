@@ -33,8 +33,13 @@ def update_centroids(mass: torch.Tensor, weighted_sum: torch.Tensor, previous: t
     return torch.where(has_mass, weighted_sum / torch.where(has_mass, mass, torch.ones_like(mass)), previous)
 
 
-def dkm_reference(weight: torch.Tensor, centroids: torch.Tensor, spec: ClusteringSpec,
-                  scale: Optional[torch.Tensor] = None, name: str = "weight") -> ClusterOutput:
+def dkm_reference(
+    weight: torch.Tensor,
+    centroids: torch.Tensor,
+    spec: ClusteringSpec,
+    scale: Optional[torch.Tensor] = None,
+    name: str = "weight",
+) -> ClusterOutput:
     """Differentiable k-means of ``weight`` (any shape, output channels on dim 0), computed the slow way.
 
     For each group of output channels, with ``c`` starting at ``centroids`` (treated as constants):
@@ -50,14 +55,14 @@ def dkm_reference(weight: torch.Tensor, centroids: torch.Tensor, spec: Clusterin
     values = weight
     if scale is not None:
         values = values / scale.to(weight.dtype).view(row_view_shape(weight))
-    x = values.reshape(groups, -1, 1)                        # [G, n, 1]
-    c = centroids.detach().to(weight.dtype, copy=True)       # [G, k]
+    x = values.reshape(groups, -1, 1)  # [G, n, 1]
+    c = centroids.detach().to(weight.dtype, copy=True)  # [G, k]
     check_temperature(spec.temperature, x.detach(), c, name)
     iterations = 0
     for _ in range(spec.iterations):
-        attention = torch.softmax(-(x - c.unsqueeze(1)).pow(2) / spec.temperature, dim=-1)   # [G, n, k]
-        mass = attention.sum(1)                                                              # [G, k]
-        weighted_sum = (attention.transpose(1, 2) @ x).squeeze(-1)                           # [G, k]
+        attention = torch.softmax(-(x - c.unsqueeze(1)).pow(2) / spec.temperature, dim=-1)  # [G, n, k]
+        mass = attention.sum(1)  # [G, k]
+        weighted_sum = (attention.transpose(1, 2) @ x).squeeze(-1)  # [G, k]
         previous, c = c, update_centroids(mass, weighted_sum, c)
         iterations += 1
         if float((c - previous).detach().abs().max()) <= spec.tolerance:

@@ -17,7 +17,7 @@ UNIQUE_DTYPES = (torch.bfloat16, torch.float16)
 def check_bits(bits, what: str = "bits") -> int:
     if not is_int(bits) or not 1 <= bits <= MAX_BITS:
         raise ValueError(
-            f"{what} must be an integer from 1 to {MAX_BITS} (2 to {2 ** MAX_BITS} clusters), got {bits!r}; "
+            f"{what} must be an integer from 1 to {MAX_BITS} (2 to {2**MAX_BITS} clusters), got {bits!r}; "
             f"palettized weights index a look-up table with at most 8-bit indices"
         )
     return bits
@@ -62,10 +62,8 @@ class ClusteringSpec:
         if not is_number(self.tolerance) or self.tolerance < 0:
             raise ValueError(f"tolerance must be a finite number >= 0, got {self.tolerance!r}")
         if self.unique_dtype is not None and self.unique_dtype not in UNIQUE_DTYPES:
-            raise ValueError(
-                f"unique_dtype must be torch.bfloat16, torch.float16 or None, got {self.unique_dtype!r}"
-            )
+            raise ValueError(f"unique_dtype must be torch.bfloat16, torch.float16 or None, got {self.unique_dtype!r}")
 
     @property
     def num_clusters(self) -> int:
-        return 2 ** self.bits
+        return 2**self.bits

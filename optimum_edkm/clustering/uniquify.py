@@ -47,7 +47,7 @@ def bit_patterns(values: torch.Tensor) -> torch.Tensor:
 
 def index_dtype(numel: int) -> torch.dtype:
     """int32 per-weight indices halve the transient memory of the gathers; int64 only for huge tensors."""
-    return torch.int32 if numel < 2 ** 31 else torch.int64
+    return torch.int32 if numel < 2**31 else torch.int64
 
 
 @lru_cache(maxsize=16)
@@ -101,7 +101,8 @@ def _uniquify_patterns(values: torch.Tensor, compute: torch.dtype, name: str) ->
             f"'{name}' has {overflowed} value(s) that overflow {values.dtype} (largest finite magnitude "
             f"{torch.finfo(values.dtype).max:.4g}) once rounded to the clustering dtype (divided by their channel's "
             f"scale, if any); clustering would treat them as 0. Use a per-channel scale, or "
-            f"unique_dtype=torch.bfloat16 (fp32 range)")
+            f"unique_dtype=torch.bfloat16 (fp32 range)"
+        )
     present = pattern_counts > 0
     slot = (present.cumsum(0) - 1).to(torch.int32)
     table = pattern_values(values.dtype, device, compute)[present]
@@ -138,11 +139,16 @@ def _uniquify_sorted(values: torch.Tensor, groups: int) -> UniqueValues:
     flat = values.reshape(-1)
     if groups == 1:
         uniq, index, counts = torch.unique(flat, sorted=True, return_inverse=True, return_counts=True)
-        return UniqueValues(values=uniq, counts=counts.to(values.dtype),
-                            group=torch.zeros(uniq.numel(), dtype=torch.int64, device=values.device),
-                            index=index)
+        return UniqueValues(
+            values=uniq,
+            counts=counts.to(values.dtype),
+            group=torch.zeros(uniq.numel(), dtype=torch.int64, device=values.device),
+            index=index,
+        )
     group_of = torch.arange(groups, device=values.device, dtype=values.dtype).repeat_interleave(values.shape[1])
-    pairs, index, counts = torch.unique(torch.stack([group_of, flat], 1), dim=0, sorted=True,
-                                        return_inverse=True, return_counts=True)
-    return UniqueValues(values=pairs[:, 1].contiguous(), counts=counts.to(values.dtype),
-                        group=pairs[:, 0].to(torch.int64), index=index)
+    pairs, index, counts = torch.unique(
+        torch.stack([group_of, flat], 1), dim=0, sorted=True, return_inverse=True, return_counts=True
+    )
+    return UniqueValues(
+        values=pairs[:, 1].contiguous(), counts=counts.to(values.dtype), group=pairs[:, 0].to(torch.int64), index=index
+    )

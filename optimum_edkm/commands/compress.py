@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 REPORT_NAME = "compress_report.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-MIB = 2 ** 20
+MIB = 2**20
 
 
 class CommandError(ValueError):
@@ -50,8 +50,9 @@ def resolve_device(device: Optional[str]) -> torch.device:
     try:
         resolved = torch.device(device)
     except RuntimeError as error:
-        raise CommandError(f"--device {device!r} is not a torch device ({error}); use e.g. cpu, cuda or cuda:1") \
-            from None
+        raise CommandError(
+            f"--device {device!r} is not a torch device ({error}); use e.g. cpu, cuda or cuda:1"
+        ) from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise CommandError(f"--device {device} asks for CUDA but torch sees no CUDA device; use --device cpu")
     return resolved
@@ -63,8 +64,10 @@ def check_output(output: str, overwrite: bool) -> str:
     if os.path.exists(output) and not os.path.isdir(output):
         raise CommandError(f"--output {output} exists and is not a folder; pass a folder path")
     if os.path.isdir(output) and os.listdir(output) and not overwrite:
-        raise CommandError(f"--output {output} exists and is not empty; pass --overwrite to save the model's "
-                           f"files into it (other files are kept) or choose another folder")
+        raise CommandError(
+            f"--output {output} exists and is not empty; pass --overwrite to save the model's "
+            f"files into it (other files are kept) or choose another folder"
+        )
     parent = os.path.dirname(output)
     os.makedirs(parent, exist_ok=True)
     if not os.access(parent, os.W_OK):
@@ -76,8 +79,11 @@ def state_bytes(model) -> int:
     """Bytes of the model's state dict, each tensor once (tied weights are stored once)."""
     seen, total = set(), 0
     for tensor in model.state_dict(keep_vars=True).values():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel()) \
-            if tensor.device.type != "meta" else id(tensor)
+        key = (
+            (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel())
+            if tensor.device.type != "meta"
+            else id(tensor)
+        )
         if key in seen:
             continue
         seen.add(key)
@@ -119,11 +125,13 @@ def format_table(rows: list) -> str:
     header = "| model | perplexity | scored tokens | size (MiB) | bits per parameter |"
     lines = [header, "|---|---:|---:|---:|---:|"]
     for row in rows:
-        cells = [row.label,
-                 "" if row.perplexity is None else f"{row.perplexity:.3f}",
-                 "" if row.scored_tokens is None else f"{row.scored_tokens:,}",
-                 "" if row.size_bytes is None else f"{row.size_bytes / MIB:.1f}",
-                 "" if row.bits_per_weight is None else f"{row.bits_per_weight:.2f}"]
+        cells = [
+            row.label,
+            "" if row.perplexity is None else f"{row.perplexity:.3f}",
+            "" if row.scored_tokens is None else f"{row.scored_tokens:,}",
+            "" if row.size_bytes is None else f"{row.size_bytes / MIB:.1f}",
+            "" if row.bits_per_weight is None else f"{row.bits_per_weight:.2f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -145,15 +153,18 @@ def compress(args) -> dict:
         raise CommandError(f"--eval-tokens must be >= 2, got {args.eval_tokens}")
 
     logger.info("[1/5] loading %s", args.model or "the offline default model")
-    model, tokenizer, info = load_causal_lm(args.model, gguf_file=args.gguf_file, dtype=DTYPES[args.dtype],
-                                            device=device)
-    train_text = load_text(args.train_text, split=args.train_split or (
-        CALIBRATION_SPLIT if args.train_text is None else None))
+    model, tokenizer, info = load_causal_lm(
+        args.model, gguf_file=args.gguf_file, dtype=DTYPES[args.dtype], device=device
+    )
+    train_text = load_text(
+        args.train_text, split=args.train_split or (CALIBRATION_SPLIT if args.train_text is None else None)
+    )
     train_ids = train_text.token_ids(tokenizer)
     eval_ids, eval_text = None, None
     if not args.no_eval:
-        eval_text = load_text(args.eval_text, split=args.eval_split or (
-            EVALUATION_SPLIT if args.eval_text is None else None))
+        eval_text = load_text(
+            args.eval_text, split=args.eval_split or (EVALUATION_SPLIT if args.eval_text is None else None)
+        )
         eval_ids = eval_text.token_ids(tokenizer, max_tokens=args.eval_tokens)
     float_bytes = state_bytes(model)
     parameters = sum(p.numel() for p in model.parameters())
@@ -195,8 +206,7 @@ def compress(args) -> dict:
             shutil.rmtree(scratch, ignore_errors=True)
         steps = trainer.state.global_step
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-        mean_loss = next((entry["train_loss"] for entry in trainer.state.log_history if "train_loss" in entry),
-                         None)
+        mean_loss = next((entry["train_loss"] for entry in trainer.state.log_history if "train_loss" in entry), None)
         if not model.config.quantization_config.palettized:
             optimum_edkm.palettize(model)
         label = f"eDKM fine-tuned ({steps} steps), {config.bits}-bit"
@@ -222,12 +232,17 @@ def compress(args) -> dict:
         "model": info,
         "output": output,
         "quantization_config": config.to_dict(),
-        "fine_tuning": {"steps": steps, "options": options, "train_loss": losses,
-                        "mean_train_loss": mean_loss,
-                        "distilled": options.get("distillation_weight", 0) > 0,
-                        "text": train_text.describe(tokens=train_ids.numel())},
-        "evaluation": None if eval_text is None else {"text": eval_text.describe(tokens=eval_ids.numel()),
-                                                      "context_length": args.context_length},
+        "fine_tuning": {
+            "steps": steps,
+            "options": options,
+            "train_loss": losses,
+            "mean_train_loss": mean_loss,
+            "distilled": options.get("distillation_weight", 0) > 0,
+            "text": train_text.describe(tokens=train_ids.numel()),
+        },
+        "evaluation": None
+        if eval_text is None
+        else {"text": eval_text.describe(tokens=eval_ids.numel()), "context_length": args.context_length},
         "rows": [dataclasses.asdict(row) for row in rows],
         "size": size,
         "checkpoint": optimum_edkm.checkpoint_bytes(output),
@@ -237,4 +252,3 @@ def compress(args) -> dict:
     with open(os.path.join(output, REPORT_NAME), "w") as handle:
         json.dump(report, handle, indent=2, default=str)
     return report
-

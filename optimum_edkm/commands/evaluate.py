@@ -23,8 +23,10 @@ def load_for_evaluation(name: str, dtype, device):
         return load_causal_lm(None, dtype=dtype, device=device)
     # Hub ids are "name" or "owner/name"; anything else shaped like a path must exist
     if not os.path.isdir(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-        raise CommandError(f"{name} is not a folder; pass the folder written by optimum_edkm.save_pretrained (or "
-                           f"'{DEFAULT_MODEL_ALIAS}' for the offline default model)")
+        raise CommandError(
+            f"{name} is not a folder; pass the folder written by optimum_edkm.save_pretrained (or "
+            f"'{DEFAULT_MODEL_ALIAS}' for the offline default model)"
+        )
     return load_causal_lm(name, dtype=dtype, device=device)
 
 
@@ -53,15 +55,20 @@ def evaluate_models(args) -> dict:
         model, tokenizer, info = load_for_evaluation(name, DTYPES[args.dtype], device)
         token_ids = text.token_ids(tokenizer, max_tokens=args.eval_tokens)
         if reference_tokens is not None and not _same_tokens(reference_tokens, token_ids):
-            logger.warning("%s tokenizes the text differently from %s: its perplexity is not comparable",
-                           name, args.models[0])
+            logger.warning(
+                "%s tokenizes the text differently from %s: its perplexity is not comparable", name, args.models[0]
+            )
         reference_tokens = reference_tokens if reference_tokens is not None else token_ids
         row = measure(model, token_ids, args, name)
         row.size_bytes, row.bits_per_weight = model_size(model)
         rows.append(row)
         del model
-    results = {"text": text.describe(tokens=int(reference_tokens.numel())), "context_length": args.context_length,
-               "rows": [vars(row) for row in rows], "table": format_table(rows)}
+    results = {
+        "text": text.describe(tokens=int(reference_tokens.numel())),
+        "context_length": args.context_length,
+        "rows": [vars(row) for row in rows],
+        "table": format_table(rows),
+    }
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2, default=str)

@@ -40,8 +40,9 @@ class BitsReport:
         return dataclasses.asdict(self)
 
 
-def effective_bits(model: torch.nn.Module, storage: Mapping[str, WeightStorage],
-                   unquantized_bits: int = 16) -> BitsReport:
+def effective_bits(
+    model: torch.nn.Module, storage: Mapping[str, WeightStorage], unquantized_bits: int = 16
+) -> BitsReport:
     """Effective bits per weight of ``model`` whose modules named in ``storage`` (``named_modules`` names) have
     their ``weight`` stored as described; every other parameter costs ``unquantized_bits``."""
     check_int(unquantized_bits, "unquantized_bits", 1)
@@ -60,8 +61,9 @@ def effective_bits(model: torch.nn.Module, storage: Mapping[str, WeightStorage],
         # a palettized module stores its weight packed; it describes the dense shape it stands for
         shape = tuple(getattr(module, "dense_shape", weight.shape))
         if shape != tuple(description.shape):
-            raise ValueError(f"storage for {name!r} describes shape {description.shape}, but its weight has shape "
-                             f"{shape}")
+            raise ValueError(
+                f"storage for {name!r} describes shape {description.shape}, but its weight has shape {shape}"
+            )
         if id(weight) in compressed:
             raise ValueError(f"modules {compressed[id(weight)]!r} and {name!r} share one weight; describe it once")
         compressed[id(weight)] = name

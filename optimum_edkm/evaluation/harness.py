@@ -45,8 +45,9 @@ class TaskFiles:
     split: str
 
 
-def paragraphs(documents: Sequence[str], min_chars: int = MIN_PARAGRAPH_CHARS,
-               max_chars: int = MAX_PARAGRAPH_CHARS) -> list:
+def paragraphs(
+    documents: Sequence[str], min_chars: int = MIN_PARAGRAPH_CHARS, max_chars: int = MAX_PARAGRAPH_CHARS
+) -> list:
     """Prose paragraphs of ``documents`` (blank-line separated), whitespace collapsed, in order, no duplicates."""
     seen, found = set(), []
     for document in documents:
@@ -82,19 +83,27 @@ def multiple_choice_items(texts: Sequence[str], choices: int = 4, seed: int = 0)
 
 
 def _task_yaml(name: str, data_file: str, body: str) -> str:
-    return (f"task: {name}\n"
-            f"dataset_path: json\n"
-            f"dataset_kwargs:\n"
-            f"  data_files:\n"
-            f"    test: {json.dumps(data_file)}\n"
-            f"test_split: test\n"
-            f"{body}"
-            f"metadata:\n"
-            f"  version: 1.0\n")
+    return (
+        f"task: {name}\n"
+        f"dataset_path: json\n"
+        f"dataset_kwargs:\n"
+        f"  data_files:\n"
+        f"    test: {json.dumps(data_file)}\n"
+        f"test_split: test\n"
+        f"{body}"
+        f"metadata:\n"
+        f"  version: 1.0\n"
+    )
 
 
-def write_help_topic_tasks(folder, split: str = "evaluation", choices: int = 4, max_items: Optional[int] = None,
-                           seed: int = 0, source: Optional[str] = None) -> TaskFiles:
+def write_help_topic_tasks(
+    folder,
+    split: str = "evaluation",
+    choices: int = 4,
+    max_items: Optional[int] = None,
+    seed: int = 0,
+    source: Optional[str] = None,
+) -> TaskFiles:
     """Write both tasks under ``folder`` from ``split`` of the help topics (or from ``source``: a file, folder
     or datasets id, see :func:`optimum_edkm.data.load_text`)."""
     from ..data import load_text
@@ -109,26 +118,51 @@ def write_help_topic_tasks(folder, split: str = "evaluation", choices: int = 4, 
     mc_data, ppl_data = folder / f"{MC_TASK}.jsonl", folder / f"{PPL_TASK}.jsonl"
     mc_data.write_text("".join(json.dumps(item) + "\n" for item in items), encoding="utf-8")
     ppl_data.write_text("".join(json.dumps({"text": paragraph}) + "\n" for paragraph in found), encoding="utf-8")
-    (folder / f"{MC_TASK}.yaml").write_text(_task_yaml(MC_TASK, str(mc_data), (
-        "output_type: multiple_choice\n"
-        "doc_to_text: \"{{context}}\"\n"
-        "doc_to_choice: \"{{choices}}\"\n"
-        "doc_to_target: \"{{label}}\"\n"
-        "metric_list:\n"
-        "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-        "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n")), encoding="utf-8")
-    (folder / f"{PPL_TASK}.yaml").write_text(_task_yaml(PPL_TASK, str(ppl_data), (
-        "output_type: loglikelihood_rolling\n"
-        "doc_to_text: \"\"\n"
-        "doc_to_target: \"{{text}}\"\n"
-        "metric_list:\n"
-        "  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n")),
-        encoding="utf-8")
+    (folder / f"{MC_TASK}.yaml").write_text(
+        _task_yaml(
+            MC_TASK,
+            str(mc_data),
+            (
+                "output_type: multiple_choice\n"
+                'doc_to_text: "{{context}}"\n'
+                'doc_to_choice: "{{choices}}"\n'
+                'doc_to_target: "{{label}}"\n'
+                "metric_list:\n"
+                "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+                "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n"
+            ),
+        ),
+        encoding="utf-8",
+    )
+    (folder / f"{PPL_TASK}.yaml").write_text(
+        _task_yaml(
+            PPL_TASK,
+            str(ppl_data),
+            (
+                "output_type: loglikelihood_rolling\n"
+                'doc_to_text: ""\n'
+                'doc_to_target: "{{text}}"\n'
+                "metric_list:\n"
+                "  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n"
+            ),
+        ),
+        encoding="utf-8",
+    )
     return TaskFiles(str(folder), len(items), len(found), text.split)
 
 
-def run_lm_eval(model, tokenizer, tasks: Sequence[str] = TASKS, include_path=None, *, batch_size: int = 1,
-                max_length: Optional[int] = None, limit=None, include_defaults: bool = False, **kwargs) -> dict:
+def run_lm_eval(
+    model,
+    tokenizer,
+    tasks: Sequence[str] = TASKS,
+    include_path=None,
+    *,
+    batch_size: int = 1,
+    max_length: Optional[int] = None,
+    limit=None,
+    include_defaults: bool = False,
+    **kwargs,
+) -> dict:
     """``lm_eval.simple_evaluate`` on an in-memory model (e.g. a palettized one); returns lm-eval's results dict.
 
     ``include_path`` is the folder of :func:`write_help_topic_tasks` (or of your own task YAMLs);
@@ -140,14 +174,22 @@ def run_lm_eval(model, tokenizer, tasks: Sequence[str] = TASKS, include_path=Non
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError as error:
-        raise ImportError("lm-evaluation-harness is not installed: pip install 'optimum-edkm[eval]' "
-                          "(or pip install lm-eval)") from error
+        raise ImportError(
+            "lm-evaluation-harness is not installed: pip install 'optimum-edkm[eval]' (or pip install lm-eval)"
+        ) from error
     if include_path is not None and not os.path.isdir(include_path):
-        raise FileNotFoundError(f"include_path {include_path} is not a folder of task YAMLs; write the tasks with "
-                                f"optimum_edkm.evaluation.harness.write_help_topic_tasks(folder) first")
+        raise FileNotFoundError(
+            f"include_path {include_path} is not a folder of task YAMLs; write the tasks with "
+            f"optimum_edkm.evaluation.harness.write_help_topic_tasks(folder) first"
+        )
     device = next(model.parameters()).device
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
-              device=str(device))
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, device=str(device))
     manager = TaskManager(include_path=include_path, include_defaults=include_defaults)
-    return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
-                                   log_samples=kwargs.pop("log_samples", False), **kwargs)
+    return lm_eval.simple_evaluate(
+        model=lm,
+        tasks=list(tasks),
+        task_manager=manager,
+        limit=limit,
+        log_samples=kwargs.pop("log_samples", False),
+        **kwargs,
+    )

@@ -115,8 +115,9 @@ def evaluate_perplexity(
                 for row, window in enumerate(batch):
                     # the logits at position p predict the token at position p + 1
                     start, stop = window.first_scored - window.begin, window.end - window.begin
-                    nll = F.cross_entropy(logits[row, start - 1 : stop - 1].float(), inputs[row, start:stop],
-                                          reduction="sum")
+                    nll = F.cross_entropy(
+                        logits[row, start - 1 : stop - 1].float(), inputs[row, start:stop], reduction="sum"
+                    )
                     total_nll += nll.double().cpu()
                     scored += stop - start
                 bar.update(len(batch))

@@ -65,19 +65,19 @@ class PaletteRecord:
     """
 
     name: str
-    kind: str                               # "linear" or "embedding"
+    kind: str  # "linear" or "embedding"
     bits: int
     out_channels: int
     in_channels: int
     group_size: Optional[int]
-    packed: torch.Tensor                    # uint8, the packed n-bit indices (the checkpoint's ``weight``)
-    lut: torch.Tensor                       # [groups, 2**bits]
-    scale: Optional[torch.Tensor]           # [out] or None
+    packed: torch.Tensor  # uint8, the packed n-bit indices (the checkpoint's ``weight``)
+    lut: torch.Tensor  # [groups, 2**bits]
+    scale: Optional[torch.Tensor]  # [out] or None
     bias: Optional[torch.Tensor] = None
     padding_idx: Optional[int] = None
-    from_conv1d: bool = False               # a transformers Conv1D originally (weight stored [in, out] in float)
+    from_conv1d: bool = False  # a transformers Conv1D originally (weight stored [in, out] in float)
     tied_to: tuple = ()
-    storage_name: str = ""                  # the module whose keys name the stored tensors (first of a tie)
+    storage_name: str = ""  # the module whose keys name the stored tensors (first of a tie)
     module: nn.Module = field(default=None, repr=False)
 
     @property
@@ -139,16 +139,34 @@ def _record(name: str, module: nn.Module) -> PaletteRecord:
         # an output head that reads its tied embedding's palette: a linear over the very same stored tensors
         source = module.tied_embedding
         return PaletteRecord(
-            name=name, kind="linear", bits=int(source.bits), out_channels=int(source.out_channels),
-            in_channels=int(source.in_channels), group_size=source.group_size, packed=source.weight,
-            lut=source.weight_lut, scale=source.weight_scale, bias=module.bias, module=source)
+            name=name,
+            kind="linear",
+            bits=int(source.bits),
+            out_channels=int(source.out_channels),
+            in_channels=int(source.in_channels),
+            group_size=source.group_size,
+            packed=source.weight,
+            lut=source.weight_lut,
+            scale=source.weight_scale,
+            bias=module.bias,
+            module=source,
+        )
     embedding = isinstance(module, PalettizedEmbedding)
     return PaletteRecord(
-        name=name, kind="embedding" if embedding else "linear", bits=int(module.bits),
-        out_channels=int(module.out_channels), in_channels=int(module.in_channels), group_size=module.group_size,
-        packed=module.weight, lut=module.weight_lut, scale=module.weight_scale,
-        bias=None if embedding else module.bias, padding_idx=module.padding_idx if embedding else None,
-        from_conv1d=isinstance(module, PalettizedConv1D), module=module)
+        name=name,
+        kind="embedding" if embedding else "linear",
+        bits=int(module.bits),
+        out_channels=int(module.out_channels),
+        in_channels=int(module.in_channels),
+        group_size=module.group_size,
+        packed=module.weight,
+        lut=module.weight_lut,
+        scale=module.weight_scale,
+        bias=None if embedding else module.bias,
+        padding_idx=module.padding_idx if embedding else None,
+        from_conv1d=isinstance(module, PalettizedConv1D),
+        module=module,
+    )
 
 
 def palette_records(model: nn.Module) -> dict:
@@ -199,11 +217,14 @@ def check_representable(record: PaletteRecord) -> None:
             raise ExactnessError(
                 f"'{name}.{label}' holds values that float16 cannot represent exactly ({tensor.dtype} LUT); the "
                 f"Core ML package stores float16, which would re-approximate the clustered weights. Palettize "
-                f"with EDKMConfig(lut_dtype='float16')")
+                f"with EDKMConfig(lut_dtype='float16')"
+            )
     if record.scale is not None and bool((record.scale == 0).any()):
         row = int((record.scale == 0).nonzero()[0])
-        raise ExactnessError(f"'{name}.weight_scale' is 0 for output channel {row}; the converter divides the "
-                             f"weight by it, so the channel cannot be exported exactly")
+        raise ExactnessError(
+            f"'{name}.weight_scale' is 0 for output channel {row}; the converter divides the "
+            f"weight by it, so the channel cannot be exported exactly"
+        )
 
 
 @torch.no_grad()
@@ -215,8 +236,10 @@ def check_on_lut(record: PaletteRecord, weight: torch.Tensor) -> None:
     indices = record.indices().long()
     rows = indices.shape[0]
     if tuple(weight.shape) != tuple(indices.shape):
-        raise ExactnessError(f"'{name}.weight': exported weight has shape {tuple(weight.shape)}, the palettized "
-                             f"module has {tuple(indices.shape)}")
+        raise ExactnessError(
+            f"'{name}.weight': exported weight has shape {tuple(weight.shape)}, the palettized "
+            f"module has {tuple(indices.shape)}"
+        )
     values = weight.float()
     if record.scale is not None:
         values = values / record.scale.float().view(-1, 1)
@@ -232,7 +255,8 @@ def check_on_lut(record: PaletteRecord, weight: torch.Tensor) -> None:
             f"from lut[group, index]{' (after dividing by weight_scale)' if record.scale is not None else ''}, "
             f"first at [{row}, {column}]: {float(values[row, column])!r} vs lut[{int(group[row, column])}, "
             f"{int(indices[row, column])}] = {float(expected[row, column])!r}. The converter would silently re-snap "
-            f"it to the nearest entry; export the palettized module unchanged")
+            f"it to the nearest entry; export the palettized module unchanged"
+        )
 
 
 # ------------------------------------------------------------------------------------------ export copy
@@ -251,8 +275,9 @@ def float_module(record: PaletteRecord, weight: Optional[nn.Parameter] = None) -
     plain.weight = weight
     # compression-info protocol v1: the LUT has the weight's rank + 2: (groups along out, along in, 2**bits, 1)
     plain.register_buffer("_COREML_/weight/compression_type", torch.tensor([2]))
-    plain.register_buffer("_COREML_/weight/lut",
-                          record.lut.detach().float().reshape(record.groups, 1, record.entries, 1))
+    plain.register_buffer(
+        "_COREML_/weight/lut", record.lut.detach().float().reshape(record.groups, 1, record.entries, 1)
+    )
     if record.scale is not None:
         plain.register_buffer("_COREML_/weight/palettization_scale", record.scale.detach().float().reshape(-1, 1))
     return plain

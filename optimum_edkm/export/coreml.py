@@ -24,11 +24,26 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .common import (CAPTURES, INPUT_NAME, KEY_CACHE, MASK_NAME, METADATA_PREFIX, OUTPUT_NAME, VALUE_CACHE,
-                     WRAPPER_ATTRIBUTE, check_representable, directory_bytes, export_copy, float_dtype,
-                     manifest_path_for, palette_records, reference_input_ids, tensors_path_for)
 from .. import atomic
 from ..version import __version__
+from .common import (
+    CAPTURES,
+    INPUT_NAME,
+    KEY_CACHE,
+    MASK_NAME,
+    METADATA_PREFIX,
+    OUTPUT_NAME,
+    VALUE_CACHE,
+    WRAPPER_ATTRIBUTE,
+    check_representable,
+    directory_bytes,
+    export_copy,
+    float_dtype,
+    manifest_path_for,
+    palette_records,
+    reference_input_ids,
+    tensors_path_for,
+)
 from .errors import CoreMLExportError, import_coremltools
 from .stateful import StatefulCausalLM, cache_geometry, check_greedy_tokens, reset_cache, torch_step
 from .targets import STATE_SPEC, DeploymentTarget, check_target, resolve_target
@@ -53,8 +68,13 @@ class FixedLengthLogits(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         model = getattr(self, WRAPPER_ATTRIBUTE)
-        return model(input_ids=input_ids, attention_mask=self.mask, position_ids=self.position_ids,
-                     use_cache=False, return_dict=False)[0]
+        return model(
+            input_ids=input_ids,
+            attention_mask=self.mask,
+            position_ids=self.position_ids,
+            use_cache=False,
+            return_dict=False,
+        )[0]
 
 
 # ------------------------------------------------------------------------------------------- checks
@@ -64,8 +84,16 @@ def _check_positive(**values) -> None:
             raise CoreMLExportError(f"{label} must be a positive integer, got {value!r}")
 
 
-def check_exportable(model, path: str, *, tokens: int, batch_size: int, target: DeploymentTarget, capture: str,
-                     tokens_label: str = "seq_len") -> dict:
+def check_exportable(
+    model,
+    path: str,
+    *,
+    tokens: int,
+    batch_size: int,
+    target: DeploymentTarget,
+    capture: str,
+    tokens_label: str = "seq_len",
+) -> dict:
     """Every check that needs no conversion; returns the palettized weights (``{name: PaletteRecord}``)."""
     if not isinstance(path, (str, os.PathLike)) or not os.fspath(path).endswith(".mlpackage"):
         raise CoreMLExportError(f"path must name an .mlpackage directory (e.g. 'model.mlpackage'), got {path!r}")
@@ -78,11 +106,14 @@ def check_exportable(model, path: str, *, tokens: int, batch_size: int, target: 
     if getattr(quantization, "quant_method", None) != "edkm" or not records:
         raise CoreMLExportError(
             "the model has no palettized module: call optimum_edkm.palettize(model) after training, or load a "
-            "saved palettized model with AutoModelForCausalLM.from_pretrained(path) after `import optimum_edkm`")
+            "saved palettized model with AutoModelForCausalLM.from_pretrained(path) after `import optimum_edkm`"
+        )
     elsewhere = {str(t.device) for t in list(model.parameters()) + list(model.buffers()) if t.device.type != "cpu"}
     if elsewhere:
-        raise CoreMLExportError(f"the model has tensors on {', '.join(sorted(elsewhere))}; the Core ML converter "
-                                f"works on CPU tensors: call model.cpu() before exporting")
+        raise CoreMLExportError(
+            f"the model has tensors on {', '.join(sorted(elsewhere))}; the Core ML converter "
+            f"works on CPU tensors: call model.cpu() before exporting"
+        )
     limit = getattr(config, "max_position_embeddings", None)
     if isinstance(limit, int) and tokens > limit:
         raise CoreMLExportError(f"{tokens_label}={tokens} exceeds the model's max_position_embeddings={limit}")
@@ -112,7 +143,8 @@ def check_wrapper(model, wrapper: nn.Module, input_ids: torch.Tensor) -> float:
             f"the fixed-length export graph (explicit 4-D causal mask and position ids, no cache) does not "
             f"reproduce model(input_ids).logits (max abs diff {difference:.3g} > {tolerance:.3g}): "
             f"{type(model).__name__} does not accept an additive 4-D attention mask, so it cannot be exported "
-            f"this way")
+            f"this way"
+        )
     return difference
 
 
@@ -131,7 +163,7 @@ class CoreMLExport:
     weight_bin_bytes: int
     package_bytes: int
     verification: object = None
-    greedy_tokens: Optional[list] = None        # generation export: the tokens checked against model.generate
+    greedy_tokens: Optional[list] = None  # generation export: the tokens checked against model.generate
 
 
 def _check_toolchain(ct, capture: str) -> None:
@@ -142,7 +174,8 @@ def _check_toolchain(ct, capture: str) -> None:
         raise CoreMLExportError(
             f"coremltools {ct.__version__} cannot convert traced transformers models with numpy "
             f"{numpy.__version__} (TypeError: only 0-dimensional arrays can be converted to Python scalars): "
-            f'install numpy<2.4 (pip install "optimum-edkm[coreml]") or pass capture="export"')
+            f'install numpy<2.4 (pip install "optimum-edkm[coreml]") or pass capture="export"'
+        )
 
 
 def _register_alias_op(ct) -> None:
@@ -185,23 +218,36 @@ def _metadata(model, records: dict, target: DeploymentTarget, capture: str, **in
     }
 
 
-def _describe(mlmodel, model, records: dict, target, capture: str, description: str, inputs: dict, outputs: dict,
-              **interface) -> None:
+def _describe(
+    mlmodel, model, records: dict, target, capture: str, description: str, inputs: dict, outputs: dict, **interface
+) -> None:
 
     for key, value in _metadata(model, records, target, capture, **interface).items():
         mlmodel.user_defined_metadata[METADATA_PREFIX + key] = value
     mlmodel.author = f"optimum-edkm {__version__}"
     mlmodel.version = __version__
-    mlmodel.short_description = (f"{type(model).__name__} with eDKM-palettized weights ({len(records)} "
-                                 f"LUT-compressed modules); {description}")
+    mlmodel.short_description = (
+        f"{type(model).__name__} with eDKM-palettized weights ({len(records)} LUT-compressed modules); {description}"
+    )
     for name, text in inputs.items():
         mlmodel.input_description[name] = text
     for name, text in outputs.items():
         mlmodel.output_description[name] = text
 
 
-def _place(mlmodel, path: str, model, records: dict, target: DeploymentTarget, *, manifest: bool, tensors: bool,
-           check_logits: bool, capture: str, interface: dict):
+def _place(
+    mlmodel,
+    path: str,
+    model,
+    records: dict,
+    target: DeploymentTarget,
+    *,
+    manifest: bool,
+    tensors: bool,
+    check_logits: bool,
+    capture: str,
+    interface: dict,
+):
     """Verify the package from disk before anything is replaced, then put it in place through the package's
     atomic writes: the tensors file, the package folder (:func:`optimum_edkm.atomic.commit_folder`: the old
     package or the new one at every instant) and the manifest last (a manifest means a complete export; an
@@ -214,9 +260,12 @@ def _place(mlmodel, path: str, model, records: dict, target: DeploymentTarget, *
     def stage(staging: str) -> None:
         staged = os.path.join(staging, os.path.basename(path))
         mlmodel.save(staged)
-        reports.append(verify_coreml(staged, model, minimum_deployment_target=target.name, manifest=None,
-                                     check_logits=check_logits))
-        for name in os.listdir(staged):                  # the package's own entries become the folder's
+        reports.append(
+            verify_coreml(
+                staged, model, minimum_deployment_target=target.name, manifest=None, check_logits=check_logits
+            )
+        )
+        for name in os.listdir(staged):  # the package's own entries become the folder's
             os.replace(os.path.join(staged, name), os.path.join(staging, name))
         os.rmdir(staged)
 
@@ -232,29 +281,55 @@ def _place(mlmodel, path: str, model, records: dict, target: DeploymentTarget, *
         os.remove(tensors_path_for(path))
     report.path = path
     if manifest:
-        document = build_manifest(model, records, report, package=os.path.basename(path),
-                                  tensors_file=os.path.basename(tensors_path_for(path)) if tensors else None,
-                                  target=target, capture=capture, interface=interface)
+        document = build_manifest(
+            model,
+            records,
+            report,
+            package=os.path.basename(path),
+            tensors_file=os.path.basename(tensors_path_for(path)) if tensors else None,
+            target=target,
+            capture=capture,
+            interface=interface,
+        )
         atomic.write_json(manifest_path_for(path), document, default=str)
     return report
 
 
-def _result(path: str, records: dict, target: DeploymentTarget, report, manifest: bool, tensors: bool,
-            **extra) -> CoreMLExport:
+def _result(
+    path: str, records: dict, target: DeploymentTarget, report, manifest: bool, tensors: bool, **extra
+) -> CoreMLExport:
     return CoreMLExport(
-        path=path, manifest_path=manifest_path_for(path) if manifest else None,
-        tensors_path=tensors_path_for(path) if tensors else None, target=target.name,
-        spec_version=report.spec_version, modules=len(records), op_counts=report.op_counts,
-        weight_bin_bytes=report.weight_bin_bytes, package_bytes=directory_bytes(path), verification=report, **extra)
+        path=path,
+        manifest_path=manifest_path_for(path) if manifest else None,
+        tensors_path=tensors_path_for(path) if tensors else None,
+        target=target.name,
+        spec_version=report.spec_version,
+        modules=len(records),
+        op_counts=report.op_counts,
+        weight_bin_bytes=report.weight_bin_bytes,
+        package_bytes=directory_bytes(path),
+        verification=report,
+        **extra,
+    )
 
 
 def _absolute(path):
     return os.path.abspath(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else path
 
 
-def to_coreml(model, path: str, *, seq_len: int = 64, minimum_deployment_target="iOS18", batch_size: int = 1,
-              capture: str = "trace", overwrite: bool = False, manifest: bool = True, tensors: bool = True,
-              check_logits: bool = True) -> CoreMLExport:
+def to_coreml(
+    model,
+    path: str,
+    *,
+    seq_len: int = 64,
+    minimum_deployment_target="iOS18",
+    batch_size: int = 1,
+    capture: str = "trace",
+    overwrite: bool = False,
+    manifest: bool = True,
+    tensors: bool = True,
+    check_logits: bool = True,
+) -> CoreMLExport:
     """Export a palettized causal LM to ``path`` (an ``.mlpackage``) with LUT-compressed weights, scoring a fixed
     window of tokens (for generation see :func:`to_coreml_generate`).
 
@@ -307,19 +382,38 @@ def to_coreml(model, path: str, *, seq_len: int = 64, minimum_deployment_target=
             compute_precision=ct.precision.FLOAT16,
         )
         del source, wrapper, clone
-        _describe(mlmodel, model, records, target, capture, f"logits of a fixed {seq_len}-token window, no KV cache",
-                  {INPUT_NAME: f"token ids, int32 [{batch_size}, {seq_len}]"},
-                  {OUTPUT_NAME: "next-token logits for every position (fp16)"},
-                  seq_len=seq_len, batch_size=batch_size)
+        _describe(
+            mlmodel,
+            model,
+            records,
+            target,
+            capture,
+            f"logits of a fixed {seq_len}-token window, no KV cache",
+            {INPUT_NAME: f"token ids, int32 [{batch_size}, {seq_len}]"},
+            {OUTPUT_NAME: "next-token logits for every position (fp16)"},
+            seq_len=seq_len,
+            batch_size=batch_size,
+        )
         interface = {
             "interface": "fixed_window",
             "inputs": [{"name": INPUT_NAME, "dtype": "int32", "shape": [batch_size, seq_len]}],
-            "outputs": [{"name": OUTPUT_NAME, "dtype": "float16", "shape": [batch_size, seq_len,
-                                                                           model.config.vocab_size]}],
+            "outputs": [
+                {"name": OUTPUT_NAME, "dtype": "float16", "shape": [batch_size, seq_len, model.config.vocab_size]}
+            ],
             "kv_cache": False,
         }
-        report = _place(mlmodel, path, model, records, target, manifest=manifest, tensors=tensors,
-                        check_logits=check_logits, capture=capture, interface=interface)
+        report = _place(
+            mlmodel,
+            path,
+            model,
+            records,
+            target,
+            manifest=manifest,
+            tensors=tensors,
+            check_logits=check_logits,
+            capture=capture,
+            interface=interface,
+        )
     finally:
         model.train(was_training)
     return _result(path, records, target, report, manifest, tensors)
@@ -327,27 +421,42 @@ def to_coreml(model, path: str, *, seq_len: int = 64, minimum_deployment_target=
 
 def _check_generation_request(model, context_length: int, target: DeploymentTarget, check_tokens: int) -> None:
     if target.spec_version < STATE_SPEC:
-        raise CoreMLExportError(f"minimum_deployment_target={target.name} has no stateful models (Core ML states, "
-                                f"which hold the KV cache, exist from iOS18 / macOS15 on): export with "
-                                f"minimum_deployment_target='iOS18' (or later)")
+        raise CoreMLExportError(
+            f"minimum_deployment_target={target.name} has no stateful models (Core ML states, "
+            f"which hold the KV cache, exist from iOS18 / macOS15 on): export with "
+            f"minimum_deployment_target='iOS18' (or later)"
+        )
     _check_positive(check_tokens=check_tokens)
     if check_tokens + 4 > context_length:
-        raise CoreMLExportError(f"context_length={context_length} leaves no room for the {check_tokens}-token "
-                                f"generation check before conversion: use context_length >= {check_tokens + 4}")
+        raise CoreMLExportError(
+            f"context_length={context_length} leaves no room for the {check_tokens}-token "
+            f"generation check before conversion: use context_length >= {check_tokens + 4}"
+        )
     window = getattr(model.config, "sliding_window", None)
     if isinstance(window, int) and window < context_length:
-        raise CoreMLExportError(f"the model attends over a sliding window of {window} tokens, the generation export "
-                                f"over the whole context: use context_length <= {window}")
+        raise CoreMLExportError(
+            f"the model attends over a sliding window of {window} tokens, the generation export "
+            f"over the whole context: use context_length <= {window}"
+        )
 
 
 #: context length of a generation export when none is given (capped by the model's max_position_embeddings)
 DEFAULT_CONTEXT_LENGTH = 512
 
 
-def to_coreml_generate(model, path: str, *, context_length: Optional[int] = None, minimum_deployment_target="iOS18",
-                       overwrite: bool = False, manifest: bool = True, tensors: bool = True,
-                       check_logits: bool = True, check_tokens: int = GENERATION_CHECK_TOKENS,
-                       prompt_ids=None) -> CoreMLExport:
+def to_coreml_generate(
+    model,
+    path: str,
+    *,
+    context_length: Optional[int] = None,
+    minimum_deployment_target="iOS18",
+    overwrite: bool = False,
+    manifest: bool = True,
+    tensors: bool = True,
+    check_logits: bool = True,
+    check_tokens: int = GENERATION_CHECK_TOKENS,
+    prompt_ids=None,
+) -> CoreMLExport:
     """Export a palettized causal LM as a stateful Core ML generation step (iOS18 / macOS15 and later).
 
     The package has one function, ``input_ids`` int32 ``[1, q]`` + ``causal_mask`` fp16 ``[1, 1, q, end]`` ->
@@ -376,8 +485,9 @@ def to_coreml_generate(model, path: str, *, context_length: Optional[int] = None
     if context_length is None:
         limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         context_length = min(DEFAULT_CONTEXT_LENGTH, limit) if isinstance(limit, int) else DEFAULT_CONTEXT_LENGTH
-    records = check_exportable(model, path, tokens=context_length, batch_size=1, target=target, capture="trace",
-                               tokens_label="context_length")
+    records = check_exportable(
+        model, path, tokens=context_length, batch_size=1, target=target, capture="trace", tokens_label="context_length"
+    )
     _check_generation_request(model, context_length, target, check_tokens)
     _check_not_there(path, overwrite)
     ct = import_coremltools()
@@ -395,45 +505,80 @@ def to_coreml_generate(model, path: str, *, context_length: Optional[int] = None
         example = (torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 1, 2, 5, dtype=float_dtype(clone)))
         source = _capture(wrapper, example, "trace", ct)
         steps = {"torch wrapper": torch_step(wrapper), "traced graph that is converted": torch_step(source)}
-        tokens = check_greedy_tokens(model, steps, prompt, check_tokens, context_length,
-                                     eos_token_id=getattr(model.config, "eos_token_id", None))
+        tokens = check_greedy_tokens(
+            model, steps, prompt, check_tokens, context_length, eos_token_id=getattr(model.config, "eos_token_id", None)
+        )
         reset_cache(source)
         query = ct.RangeDim(lower_bound=1, upper_bound=context_length, default=1)
         end = ct.RangeDim(lower_bound=1, upper_bound=context_length, default=1)
         state_shape = geometry.shape(1, context_length)
         mlmodel = ct.convert(
             source,
-            inputs=[ct.TensorType(name=INPUT_NAME, shape=(1, query), dtype=np.int32),
-                    ct.TensorType(name=MASK_NAME, shape=(1, 1, query, end), dtype=np.float16)],
+            inputs=[
+                ct.TensorType(name=INPUT_NAME, shape=(1, query), dtype=np.int32),
+                ct.TensorType(name=MASK_NAME, shape=(1, 1, query, end), dtype=np.float16),
+            ],
             outputs=[ct.TensorType(name=OUTPUT_NAME, dtype=np.float16)],
-            states=[ct.StateType(wrapped_type=ct.TensorType(shape=state_shape, dtype=np.float16), name=name)
-                    for name in (KEY_CACHE, VALUE_CACHE)],
+            states=[
+                ct.StateType(wrapped_type=ct.TensorType(shape=state_shape, dtype=np.float16), name=name)
+                for name in (KEY_CACHE, VALUE_CACHE)
+            ],
             convert_to="mlprogram",
             minimum_deployment_target=getattr(ct.target, target.name),
             compute_precision=ct.precision.FLOAT16,
         )
         del source, wrapper, clone
-        _describe(mlmodel, model, records, target, "trace",
-                  f"stateful generation step (KV cache of {context_length} tokens as states)",
-                  {INPUT_NAME: f"the new token ids, int32 [1, q], 1 <= q <= {context_length}",
-                   MASK_NAME: "additive causal mask fp16 [1, 1, q, end]: 0 where new token i (position end - q + i) "
-                              "may attend to position j, -inf elsewhere; end = cached + new tokens"},
-                  {OUTPUT_NAME: "next-token logits of the last new token (fp16)"},
-                  interface="generate", context_length=context_length)
+        _describe(
+            mlmodel,
+            model,
+            records,
+            target,
+            "trace",
+            f"stateful generation step (KV cache of {context_length} tokens as states)",
+            {
+                INPUT_NAME: f"the new token ids, int32 [1, q], 1 <= q <= {context_length}",
+                MASK_NAME: "additive causal mask fp16 [1, 1, q, end]: 0 where new token i (position end - q + i) "
+                "may attend to position j, -inf elsewhere; end = cached + new tokens",
+            },
+            {OUTPUT_NAME: "next-token logits of the last new token (fp16)"},
+            interface="generate",
+            context_length=context_length,
+        )
         interface = {
             "interface": "generate",
-            "inputs": [{"name": INPUT_NAME, "dtype": "int32", "shape": [1, f"1..{context_length}"]},
-                       {"name": MASK_NAME, "dtype": "float16",
-                        "shape": [1, 1, f"1..{context_length}", f"1..{context_length}"]}],
+            "inputs": [
+                {"name": INPUT_NAME, "dtype": "int32", "shape": [1, f"1..{context_length}"]},
+                {
+                    "name": MASK_NAME,
+                    "dtype": "float16",
+                    "shape": [1, 1, f"1..{context_length}", f"1..{context_length}"],
+                },
+            ],
             "outputs": [{"name": OUTPUT_NAME, "dtype": "float16", "shape": [1, 1, model.config.vocab_size]}],
             "kv_cache": True,
-            "states": [{"name": name, "dtype": "float16", "shape": list(state_shape),
-                        "layout": "[layers, batch, kv_heads, context_length, head_dim]"}
-                       for name in (KEY_CACHE, VALUE_CACHE)],
+            "states": [
+                {
+                    "name": name,
+                    "dtype": "float16",
+                    "shape": list(state_shape),
+                    "layout": "[layers, batch, kv_heads, context_length, head_dim]",
+                }
+                for name in (KEY_CACHE, VALUE_CACHE)
+            ],
             "context_length": context_length,
         }
-        report = _place(mlmodel, path, model, records, target, manifest=manifest, tensors=tensors,
-                        check_logits=check_logits, capture="trace", interface=interface)
+        report = _place(
+            mlmodel,
+            path,
+            model,
+            records,
+            target,
+            manifest=manifest,
+            tensors=tensors,
+            check_logits=check_logits,
+            capture="trace",
+            interface=interface,
+        )
     finally:
         model.train(was_training)
     return _result(path, records, target, report, manifest, tensors, greedy_tokens=tokens)

@@ -46,49 +46,55 @@ def record_tensors(record: PaletteRecord) -> dict:
     """``{role: {name, dtype, shape, sha256[, layout]}}`` of a palettized weight's stored tensors."""
     described = {}
     for role, (key, tensor) in record.tensors().items():
-        described[role] = {"name": key, "dtype": _DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype)),
-                           "shape": list(tensor.shape), "sha256": tensor_sha256(tensor)}
+        described[role] = {
+            "name": key,
+            "dtype": _DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype)),
+            "shape": list(tensor.shape),
+            "sha256": tensor_sha256(tensor),
+        }
     described["indices"]["layout"] = f"packed {record.bits}-bit, LSB-first, row-major over [out, in]"
     return described
 
 
-def build_manifest(model, records: dict, report, *, package: str, tensors_file, target, capture: str,
-                   interface: dict) -> dict:
+def build_manifest(
+    model, records: dict, report, *, package: str, tensors_file, target, capture: str, interface: dict
+) -> dict:
     """The manifest document; ``interface`` describes the package's inputs, outputs and states."""
     import coremltools
     import transformers
-
 
     by_name = {entry.name: entry for entry in report.modules}
     entries = []
     for name, record in records.items():
         stored = by_name[name]
-        entries.append({
-            "name": name,
-            "kind": record.kind,
-            "from_conv1d": record.from_conv1d,
-            "out_channels": record.out_channels,
-            "in_channels": record.in_channels,
-            "bits": record.bits,
-            "granularity": "per_tensor" if record.group_size is None else "per_grouped_channel",
-            "group_size": record.group_size,
-            "lut_shape": list(record.lut.shape),
-            "lut_dtype": _DTYPE_NAMES[record.lut.dtype],
-            "per_channel_scale": record.scale is not None,
-            "has_bias": record.bias is not None,
-            "shares_storage_with": list(record.tied_to),
-            "tensors": record_tensors(record),
-            "coreml": {
-                "weight_op": stored.weight_op,
-                "lut_op": stored.lut_op,
-                "scale_op": stored.scale_op,
-                "consumers": stored.consumers,
-                "indices_dtype": stored.indices_dtype,
-                "lut_shape": list(stored.lut_shape),
-                "layout": stored.layout,
-                "equivalent_indices": stored.equivalent_indices,
-            },
-        })
+        entries.append(
+            {
+                "name": name,
+                "kind": record.kind,
+                "from_conv1d": record.from_conv1d,
+                "out_channels": record.out_channels,
+                "in_channels": record.in_channels,
+                "bits": record.bits,
+                "granularity": "per_tensor" if record.group_size is None else "per_grouped_channel",
+                "group_size": record.group_size,
+                "lut_shape": list(record.lut.shape),
+                "lut_dtype": _DTYPE_NAMES[record.lut.dtype],
+                "per_channel_scale": record.scale is not None,
+                "has_bias": record.bias is not None,
+                "shares_storage_with": list(record.tied_to),
+                "tensors": record_tensors(record),
+                "coreml": {
+                    "weight_op": stored.weight_op,
+                    "lut_op": stored.lut_op,
+                    "scale_op": stored.scale_op,
+                    "consumers": stored.consumers,
+                    "indices_dtype": stored.indices_dtype,
+                    "lut_shape": list(stored.lut_shape),
+                    "layout": stored.layout,
+                    "equivalent_indices": stored.equivalent_indices,
+                },
+            }
+        )
     config = model.config.to_dict()
     quantization = config.pop("quantization_config", None)
     weight_files = {}
@@ -99,8 +105,12 @@ def build_manifest(model, records: dict, report, *, package: str, tensors_file, 
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "created_by": {"optimum_edkm": __version__, "coremltools": coremltools.__version__,
-                       "torch": torch.__version__, "transformers": transformers.__version__},
+        "created_by": {
+            "optimum_edkm": __version__,
+            "coremltools": coremltools.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
         "decode": DECODE_RULE,
         "quantization_config": quantization,
         "model_config": config,
@@ -115,9 +125,13 @@ def build_manifest(model, records: dict, report, *, package: str, tensors_file, 
             **interface,
             "weight_files": weight_files,
             "op_counts": report.op_counts,
-            "sizes": {"weight_bin": report.weight_bin_bytes, "palettized_payload": report.palettized_payload_bytes,
-                      "nbit_payload": report.nbit_payload_bytes, "float_tensors": report.float_bytes,
-                      "converter_constants": report.converter_bytes},
+            "sizes": {
+                "weight_bin": report.weight_bin_bytes,
+                "palettized_payload": report.palettized_payload_bytes,
+                "nbit_payload": report.nbit_payload_bytes,
+                "float_tensors": report.float_bytes,
+                "converter_constants": report.converter_bytes,
+            },
         },
         "modules": entries,
     }
@@ -128,9 +142,15 @@ def write_tensors(model, records: dict, path: str) -> None:
     weight once, under its first module's name."""
     from safetensors.torch import save
 
-
-    tensors = {key: tensor.detach().cpu().contiguous() for members in storage_groups(records)
-               for key, tensor in records[members[0]].tensors().values()}
-    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "optimum_edkm": __version__,
-                "quantization_config": json.dumps(model.config.quantization_config.to_dict(), sort_keys=True)}
+    tensors = {
+        key: tensor.detach().cpu().contiguous()
+        for members in storage_groups(records)
+        for key, tensor in records[members[0]].tensors().values()
+    }
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "optimum_edkm": __version__,
+        "quantization_config": json.dumps(model.config.quantization_config.to_dict(), sort_keys=True),
+    }
     atomic.write_file(path, save(tensors, metadata=metadata))

@@ -30,14 +30,43 @@ STORAGE_VERSION = 2
 
 # MIL proto DataType enum -> (numpy dtype of the decoded values, bits per element when packed below a byte)
 MIL_DTYPES = {
-    1: (np.bool_, None), 10: (np.float16, None), 11: (np.float32, None), 12: (np.float64, None),
-    21: (np.int8, None), 22: (np.int16, None), 23: (np.int32, None), 24: (np.int64, None),
-    31: (np.uint8, None), 32: (np.uint16, None), 33: (np.uint32, None), 34: (np.uint64, None),
-    37: (np.uint8, 1), 36: (np.uint8, 2), 39: (np.uint8, 3), 35: (np.uint8, 4), 38: (np.uint8, 6),
+    1: (np.bool_, None),
+    10: (np.float16, None),
+    11: (np.float32, None),
+    12: (np.float64, None),
+    21: (np.int8, None),
+    22: (np.int16, None),
+    23: (np.int32, None),
+    24: (np.int64, None),
+    31: (np.uint8, None),
+    32: (np.uint16, None),
+    33: (np.uint32, None),
+    34: (np.uint64, None),
+    37: (np.uint8, 1),
+    36: (np.uint8, 2),
+    39: (np.uint8, 3),
+    35: (np.uint8, 4),
+    38: (np.uint8, 6),
 }
-MIL_DTYPE_NAMES = {1: "bool", 10: "fp16", 11: "fp32", 12: "fp64", 21: "int8", 22: "int16", 23: "int32",
-                   24: "int64", 31: "uint8", 32: "uint16", 33: "uint32", 34: "uint64", 37: "uint1", 36: "uint2",
-                   39: "uint3", 35: "uint4", 38: "uint6"}
+MIL_DTYPE_NAMES = {
+    1: "bool",
+    10: "fp16",
+    11: "fp32",
+    12: "fp64",
+    21: "int8",
+    22: "int16",
+    23: "int32",
+    24: "int64",
+    31: "uint8",
+    32: "uint16",
+    33: "uint32",
+    34: "uint64",
+    37: "uint1",
+    36: "uint2",
+    39: "uint3",
+    35: "uint4",
+    38: "uint6",
+}
 #: index dtypes of the iOS18 ``constexpr_lut_to_dense`` op -> bits per index
 INDEX_BITS = {37: 1, 36: 2, 39: 3, 35: 4, 38: 6, 31: 8}
 # MILBlob BlobDataType of the record -> the MIL proto DataType it must describe
@@ -64,9 +93,9 @@ def tensor_shape(value_type) -> tuple:
 
 @dataclass
 class BlobRecord:
-    offset: int           # of the 64-byte record in weight.bin
+    offset: int  # of the 64-byte record in weight.bin
     blob_dtype: int
-    size: int             # bytes of data
+    size: int  # bytes of data
     data_offset: int
 
 
@@ -117,11 +146,11 @@ class BlobFile:
 @dataclass
 class MilOp:
     type: str
-    name: str                                           # name of the (first) output
+    name: str  # name of the (first) output
     output_dtype: int
     output_shape: tuple
-    inputs: dict = field(default_factory=dict)          # param -> list of Argument.Binding
-    attributes: dict = field(default_factory=dict)      # key -> Value
+    inputs: dict = field(default_factory=dict)  # param -> list of Argument.Binding
+    attributes: dict = field(default_factory=dict)  # key -> Value
     has_output: bool = True
 
     def argument_names(self, param: str) -> list:
@@ -134,7 +163,7 @@ class FunctionInput:
     """An input of the ML program's function: a tensor or a state (``shape`` has ``None`` for a flexible size)."""
 
     name: str
-    kind: str                   # "tensor" or "state"
+    kind: str  # "tensor" or "state"
     dtype: str
     shape: tuple
 
@@ -206,7 +235,7 @@ class MilPackage:
     def _blob_path(self, file_name: str) -> str:
         if not file_name.startswith("@model_path/"):
             raise PackageFormatError(f"blob file {file_name!r} is not inside the package")
-        return os.path.join(self.model_dir, file_name[len("@model_path/"):])
+        return os.path.join(self.model_dir, file_name[len("@model_path/") :])
 
     def _blob_file(self, file_name: str) -> BlobFile:
         if file_name not in self._blob_files:
@@ -218,22 +247,37 @@ class MilPackage:
     def _op(op) -> MilOp:
         inputs = {k: list(v.arguments) for k, v in op.inputs.items()}
         attributes = {k: v for k, v in op.attributes.items() if k != "name"}
-        if not op.outputs:                   # write_state: named by its "name" attribute, produces nothing
+        if not op.outputs:  # write_state: named by its "name" attribute, produces nothing
             label = op.attributes["name"].immediateValue.tensor.strings.values[0] if "name" in op.attributes else ""
-            return MilOp(type=op.type, name=label, output_dtype=0, output_shape=(), inputs=inputs,
-                         attributes=attributes, has_output=False)
+            return MilOp(
+                type=op.type,
+                name=label,
+                output_dtype=0,
+                output_shape=(),
+                inputs=inputs,
+                attributes=attributes,
+                has_output=False,
+            )
         output = op.outputs[0]
-        return MilOp(type=op.type, name=output.name, output_dtype=output.type.tensorType.dataType,
-                     output_shape=tensor_shape(output.type), inputs=inputs, attributes=attributes)
+        return MilOp(
+            type=op.type,
+            name=output.name,
+            output_dtype=output.type.tensorType.dataType,
+            output_shape=tensor_shape(output.type),
+            inputs=inputs,
+            attributes=attributes,
+        )
 
     @staticmethod
     def _function_input(value) -> FunctionInput:
         kind = "state" if value.type.WhichOneof("type") == "stateType" else "tensor"
         tensor_type = value.type.stateType.wrappedType.tensorType if kind == "state" else value.type.tensorType
-        shape = tuple(int(d.constant.size) if d.WhichOneof("dimension") == "constant" else None
-                      for d in tensor_type.dimensions)
-        return FunctionInput(value.name, kind, MIL_DTYPE_NAMES.get(tensor_type.dataType, str(tensor_type.dataType)),
-                             shape)
+        shape = tuple(
+            int(d.constant.size) if d.WhichOneof("dimension") == "constant" else None for d in tensor_type.dimensions
+        )
+        return FunctionInput(
+            value.name, kind, MIL_DTYPE_NAMES.get(tensor_type.dataType, str(tensor_type.dataType)), shape
+        )
 
     @staticmethod
     def _values(op: MilOp):
@@ -280,12 +324,15 @@ class MilPackage:
             if BLOB_DTYPES.get(record.blob_dtype) != mil_dtype:
                 raise PackageFormatError(
                     f"blob at {record.offset} has storage dtype {record.blob_dtype} but the program declares "
-                    f"{MIL_DTYPE_NAMES.get(mil_dtype, mil_dtype)}")
+                    f"{MIL_DTYPE_NAMES.get(mil_dtype, mil_dtype)}"
+                )
             raw = blob_file.raw(record)
             expected = math.ceil(count * (bits or 8 * np.dtype(np_dtype).itemsize) / 8)
             if record.size != expected:
-                raise PackageFormatError(f"blob at {record.offset} holds {record.size} bytes; {count} "
-                                         f"{MIL_DTYPE_NAMES[mil_dtype]} values need {expected}")
+                raise PackageFormatError(
+                    f"blob at {record.offset} holds {record.size} bytes; {count} "
+                    f"{MIL_DTYPE_NAMES[mil_dtype]} values need {expected}"
+                )
             array = unpack_bits(raw, bits, count) if bits else raw.view(np_dtype)[:count]
             return Tensor(array.reshape(shape), mil_dtype, record)
         if not value.HasField("immediateValue"):
@@ -319,18 +366,17 @@ class MilPackage:
         else:
             raise PackageFormatError(f"{name!r} is produced by {op.type}, not by a constant op")
         if result.array.shape != op.output_shape and op.output_shape:
-            raise PackageFormatError(f"{name!r} decodes to shape {result.array.shape}, declared "
-                                     f"{op.output_shape}")
+            raise PackageFormatError(f"{name!r} decodes to shape {result.array.shape}, declared {op.output_shape}")
         self._cache[name] = result
         return result
 
     def _lut_to_dense(self, op: MilOp) -> np.ndarray:
         indices, lut = self.param(op, "indices"), self.param(op, "lut")
-        if self.has_param(op, "shape"):                      # iOS16/17: flat packed bytes, 1-D LUT
+        if self.has_param(op, "shape"):  # iOS16/17: flat packed bytes, 1-D LUT
             shape = tuple(int(s) for s in self.param(op, "shape").array.reshape(-1))
             entries = lut.array.reshape(-1)
             bits = int(math.log2(entries.size))
-            if 2 ** bits != entries.size:
+            if 2**bits != entries.size:
                 raise PackageFormatError(f"{op.name}: a LUT of {entries.size} entries")
             count = int(np.prod(shape))
             flat = unpack_bits(indices.array.reshape(-1).astype(np.uint8), bits, count)
@@ -338,16 +384,19 @@ class MilPackage:
         table = lut.array
         idx = indices.array.astype(np.intp)
         if table.ndim != idx.ndim + 2 or table.shape[-1] != 1:
-            raise PackageFormatError(f"{op.name}: LUT shape {table.shape} for indices {idx.shape} (vector "
-                                     f"palettization is not produced by optimum-edkm)")
+            raise PackageFormatError(
+                f"{op.name}: LUT shape {table.shape} for indices {idx.shape} (vector "
+                f"palettization is not produced by optimum-edkm)"
+            )
         bits = INDEX_BITS.get(indices.mil_dtype)
-        if bits is None or table.shape[-2] != 2 ** bits:
+        if bits is None or table.shape[-2] != 2**bits:
             raise PackageFormatError(f"{op.name}: {indices.dtype_name} indices with a {table.shape[-2]}-entry LUT")
         block = []
         for axis, (size, tables) in enumerate(zip(idx.shape, table.shape[:-2])):
             if size % tables:
-                raise PackageFormatError(f"{op.name}: axis {axis} of size {size} is not divisible into {tables} "
-                                         f"LUT blocks")
+                raise PackageFormatError(
+                    f"{op.name}: axis {axis} of size {size} is not divisible into {tables} LUT blocks"
+                )
             shape = [1] * idx.ndim
             shape[axis] = size
             block.append((np.arange(size) // (size // tables)).reshape(shape))

@@ -14,8 +14,10 @@ from .stateful import greedy_generate
 
 def _load(path: str):
     if sys.platform != "darwin":
-        raise RuntimeError("running a Core ML package needs macOS (Core ML is not available on "
-                           f"{sys.platform}); verify_coreml checks the package from its files instead")
+        raise RuntimeError(
+            "running a Core ML package needs macOS (Core ML is not available on "
+            f"{sys.platform}); verify_coreml checks the package from its files instead"
+        )
     return import_coremltools().models.MLModel(os.fspath(path))
 
 
@@ -43,5 +45,6 @@ def generate_with_package(path_or_model, prompt_ids, max_new_tokens: int, eos_to
     called with each new token. Returns the new token ids."""
     mlmodel = _load(path_or_model) if isinstance(path_or_model, (str, os.PathLike)) else path_or_model
     context = int(mlmodel.user_defined_metadata[METADATA_PREFIX + "context_length"])
-    return greedy_generate(package_step(mlmodel, mlmodel.make_state()), prompt_ids, max_new_tokens, context,
-                           eos_token_id, on_token)
+    return greedy_generate(
+        package_step(mlmodel, mlmodel.make_state()), prompt_ids, max_new_tokens, context, eos_token_id, on_token
+    )

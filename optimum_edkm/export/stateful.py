@@ -70,25 +70,35 @@ def cache_geometry(model: nn.Module) -> CacheGeometry:
     config = model.config
     layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
     if layer_types != {"full_attention"}:
-        raise CoreMLExportError(f"the generation export keeps one full-attention KV cache per layer; this model has "
-                                f"layer types {sorted(layer_types)}: export it with generate=False (fixed window)")
+        raise CoreMLExportError(
+            f"the generation export keeps one full-attention KV cache per layer; this model has "
+            f"layer types {sorted(layer_types)}: export it with generate=False (fixed window)"
+        )
     layers = int(config.num_hidden_layers)
     shapes = {}
     probe = Cache(layers=[_ProbeLayer(shapes, index) for index in range(layers)])
     device = next(model.parameters()).device
-    model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device),
-          attention_mask=torch.zeros(1, 1, 1, 1, device=device), position_ids=torch.zeros(1, 1, dtype=torch.long,
-                                                                                           device=device),
-          use_cache=True, return_dict=True, **{_cache_argument(model): probe})
+    model(
+        input_ids=torch.zeros(1, 1, dtype=torch.long, device=device),
+        attention_mask=torch.zeros(1, 1, 1, 1, device=device),
+        position_ids=torch.zeros(1, 1, dtype=torch.long, device=device),
+        use_cache=True,
+        return_dict=True,
+        **{_cache_argument(model): probe},
+    )
     distinct = set(shapes.values())
     if len(shapes) != layers or len(distinct) != 1:
-        raise CoreMLExportError(f"{type(model).__name__} updated the KV cache of {len(shapes)} of {layers} layers with "
-                                f"shapes {sorted(distinct)}; the generation export needs one key and one value of the "
-                                f"same shape per layer: export it with generate=False (fixed window)")
-    (key_shape, value_shape), = distinct
+        raise CoreMLExportError(
+            f"{type(model).__name__} updated the KV cache of {len(shapes)} of {layers} layers with "
+            f"shapes {sorted(distinct)}; the generation export needs one key and one value of the "
+            f"same shape per layer: export it with generate=False (fixed window)"
+        )
+    ((key_shape, value_shape),) = distinct
     if key_shape != value_shape or len(key_shape) != 4:
-        raise CoreMLExportError(f"keys {key_shape} and values {value_shape} of different shapes cannot share one "
-                                f"cache layout: export it with generate=False (fixed window)")
+        raise CoreMLExportError(
+            f"keys {key_shape} and values {value_shape} of different shapes cannot share one "
+            f"cache layout: export it with generate=False (fixed window)"
+        )
     return CacheGeometry(layers=layers, kv_heads=key_shape[1], head_dim=key_shape[3])
 
 
@@ -105,9 +115,9 @@ class _SliceLayer(CacheLayerMixin):
     def update(self, key_states, value_states, *args, **kwargs):
         keys, values = getattr(self.owner, KEY_CACHE), getattr(self.owner, VALUE_CACHE)
         # in place on the registered buffers: what ct.convert turns into read_state / slice_update / write_state
-        keys[self.layer_idx, :, :, self.start:self.end] = key_states
-        values[self.layer_idx, :, :, self.start:self.end] = value_states
-        return keys[self.layer_idx, :, :, :self.end], values[self.layer_idx, :, :, :self.end]
+        keys[self.layer_idx, :, :, self.start : self.end] = key_states
+        values[self.layer_idx, :, :, self.start : self.end] = value_states
+        return keys[self.layer_idx, :, :, : self.end], values[self.layer_idx, :, :, : self.end]
 
     def get_mask_sizes(self, query_length: int):
         return self.end, 0
@@ -128,8 +138,9 @@ class StatefulCausalLM(nn.Module):
     :func:`causal_mask`.
     """
 
-    def __init__(self, model: nn.Module, context_length: int, batch_size: int = 1,
-                 geometry: Optional[CacheGeometry] = None):
+    def __init__(
+        self, model: nn.Module, context_length: int, batch_size: int = 1, geometry: Optional[CacheGeometry] = None
+    ):
         super().__init__()
         setattr(self, WRAPPER_ATTRIBUTE, model)
         self.geometry = geometry or cache_geometry(model)
@@ -147,8 +158,15 @@ class StatefulCausalLM(nn.Module):
         start = end - input_ids.shape[-1]
         cache = Cache(layers=[_SliceLayer(self, index, start, end) for index in range(self.geometry.layers)])
         position_ids = torch.arange(start, end, device=input_ids.device).unsqueeze(0)
-        return model(input_ids=input_ids, attention_mask=causal_mask, position_ids=position_ids, use_cache=True,
-                     logits_to_keep=1, return_dict=False, **{self._cache_argument: cache})[0]
+        return model(
+            input_ids=input_ids,
+            attention_mask=causal_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+            return_dict=False,
+            **{self._cache_argument: cache},
+        )[0]
 
 
 def causal_mask(past: int, new: int, batch_size: int = 1, dtype=np.float16) -> np.ndarray:
@@ -170,8 +188,14 @@ def _eos_ids(eos_token_id) -> list:
 StepFunction = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
-def greedy_generate(step: StepFunction, prompt_ids, max_new_tokens: int, context_length: int,
-                    eos_token_id=None, on_token: Optional[Callable[[int], None]] = None) -> list:
+def greedy_generate(
+    step: StepFunction,
+    prompt_ids,
+    max_new_tokens: int,
+    context_length: int,
+    eos_token_id=None,
+    on_token: Optional[Callable[[int], None]] = None,
+) -> list:
     """Greedy decoding through a stateful step ``step(input_ids int32 [1, q], causal_mask fp16 [1, 1, q, end]) ->
     logits [1, 1, vocab]`` whose cache is empty at the start: the prompt in one call, then one call per token.
     Stops after ``max_new_tokens`` or after emitting an EOS token (which is returned, as ``generate`` does).
@@ -180,8 +204,10 @@ def greedy_generate(step: StepFunction, prompt_ids, max_new_tokens: int, context
     if not prompt:
         raise ValueError("the prompt must hold at least one token")
     if len(prompt) + max_new_tokens - 1 > context_length:
-        raise ValueError(f"{len(prompt)} prompt tokens + {max_new_tokens} new tokens exceed the package's context "
-                         f"length {context_length}: shorten the prompt or generate fewer tokens")
+        raise ValueError(
+            f"{len(prompt)} prompt tokens + {max_new_tokens} new tokens exceed the package's context "
+            f"length {context_length}: shorten the prompt or generate fewer tokens"
+        )
     stop = set(_eos_ids(eos_token_id))
     tokens, past, pending = [], 0, prompt
     while len(tokens) < max_new_tokens:
@@ -207,8 +233,9 @@ def torch_step(module: nn.Module) -> StepFunction:
         if mask.shape[-1] == input_ids.shape[-1]:
             reset_cache(module)
         dtype = getattr(module, KEY_CACHE).dtype
-        logits = module(torch.from_numpy(input_ids.astype(np.int64)), torch.from_numpy(mask.astype(np.float32))
-                        .to(dtype))
+        logits = module(
+            torch.from_numpy(input_ids.astype(np.int64)), torch.from_numpy(mask.astype(np.float32)).to(dtype)
+        )
         return logits.float().numpy()
 
     return step
@@ -229,14 +256,20 @@ def reference_generate(model: nn.Module, prompt_ids, max_new_tokens: int, eos_to
 
     prompt = torch.as_tensor(np.asarray(prompt_ids).reshape(1, -1), dtype=torch.long)
     stop = _eos_ids(eos_token_id)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                              eos_token_id=stop or None, pad_token_id=stop[0] if stop else 0)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=stop or None,
+        pad_token_id=stop[0] if stop else 0,
+    )
     output = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
-    return [int(t) for t in output[0, prompt.shape[1]:]]
+    return [int(t) for t in output[0, prompt.shape[1] :]]
 
 
-def check_greedy_tokens(model: nn.Module, steps: dict, prompt_ids, max_new_tokens: int, context_length: int,
-                        eos_token_id=None) -> list:
+def check_greedy_tokens(
+    model: nn.Module, steps: dict, prompt_ids, max_new_tokens: int, context_length: int, eos_token_id=None
+) -> list:
     """Every ``{label: step}`` must generate ``model.generate``'s greedy tokens exactly; returns those tokens.
     Raises :class:`CoreMLExportError` naming the first difference otherwise."""
     expected = reference_generate(model, prompt_ids, max_new_tokens, eos_token_id)
@@ -246,6 +279,7 @@ def check_greedy_tokens(model: nn.Module, steps: dict, prompt_ids, max_new_token
             at = next((i for i, (a, b) in enumerate(zip(tokens, expected)) if a != b), min(len(tokens), len(expected)))
             raise CoreMLExportError(
                 f"the {label} does not generate model.generate's greedy tokens: they differ at new token {at} "
-                f"({tokens[at:at + 4]} vs {expected[at:at + 4]}); the model's attention does not take the explicit "
-                f"KV cache and 4-D mask of the generation export: export it with generate=False (fixed window)")
+                f"({tokens[at : at + 4]} vs {expected[at : at + 4]}); the model's attention does not take the explicit "
+                f"KV cache and 4-D mask of the generation export: export it with generate=False (fixed window)"
+            )
     return expected

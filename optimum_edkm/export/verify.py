@@ -27,21 +27,43 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .common import (INPUT_NAME, KEY_CACHE, MASK_NAME, METADATA_PREFIX, OUTPUT_NAME, VALUE_CACHE, WRAPPER_ATTRIBUTE,
-                     PaletteRecord, export_copy, manifest_path_for, palette_records, palettized_tensor_ids,
-                     reference_input_ids, storage_groups)
 from ..version import __version__
+from .common import (
+    INPUT_NAME,
+    KEY_CACHE,
+    MASK_NAME,
+    METADATA_PREFIX,
+    OUTPUT_NAME,
+    VALUE_CACHE,
+    WRAPPER_ATTRIBUTE,
+    PaletteRecord,
+    export_copy,
+    manifest_path_for,
+    palette_records,
+    palettized_tensor_ids,
+    reference_input_ids,
+    storage_groups,
+)
 from .errors import VerificationError, import_coremltools
 from .mil import INDEX_BITS, MilOp, MilPackage, PackageFormatError, unpack_bits
 from .stateful import cache_geometry
 from .targets import SPEC_VERSIONS, resolve_target
 
 #: the quantization-config fields that decide how the weights are stored (training knobs may differ)
-LAYOUT_FIELDS = ("quant_method", "bits", "granularity", "group_size", "enable_per_channel_scale", "embedding_bits",
-                 "lut_dtype", "palettized", "modules_to_not_convert")
-FLOAT_DTYPES = {10, 11}                 # MIL fp16, fp32
+LAYOUT_FIELDS = (
+    "quant_method",
+    "bits",
+    "granularity",
+    "group_size",
+    "enable_per_channel_scale",
+    "embedding_bits",
+    "lut_dtype",
+    "palettized",
+    "modules_to_not_convert",
+)
+FLOAT_DTYPES = {10, 11}  # MIL fp16, fp32
 UINT8 = 31
-FP16 = 2                                # bytes
+FP16 = 2  # bytes
 #: ``optimum_edkm.interface`` metadata: what the package computes
 FIXED_WINDOW, GENERATE = "fixed_window", "generate"
 # "lm_model_layers_0_mlp_up_proj_weight_1_cast_fp16" -> "model_layers_0_mlp_up_proj_weight"; torch.export adds
@@ -59,11 +81,11 @@ class ModuleReport:
     """How one palettized module is stored in the package."""
 
     name: str
-    kind: str                       # "linear" or "embedding"
+    kind: str  # "linear" or "embedding"
     bits: int
     groups: int
     per_channel_scale: bool
-    weight_op: str = ""             # the op whose output the linear / gather consumes
+    weight_op: str = ""  # the op whose output the linear / gather consumes
     lut_op: str = ""
     scale_op: Optional[str] = None
     consumers: list = field(default_factory=list)
@@ -73,8 +95,8 @@ class ModuleReport:
     index_bytes: int = 0
     lut_bytes: int = 0
     scale_bytes: int = 0
-    equivalent_indices: int = 0     # indices that differ from ours but select an identical LUT value
-    tied_to: tuple = ()             # modules reading the same stored weight (a palettized tied embedding)
+    equivalent_indices: int = 0  # indices that differ from ours but select an identical LUT value
+    tied_to: tuple = ()  # modules reading the same stored weight (a palettized tied embedding)
 
 
 @dataclass
@@ -84,7 +106,7 @@ class VerificationReport:
     target: str = ""
     interface: str = FIXED_WINDOW
     context_length: Optional[int] = None
-    states: dict = field(default_factory=dict)   # name -> shape, for the generation package
+    states: dict = field(default_factory=dict)  # name -> shape, for the generation package
     op_counts: dict = field(default_factory=dict)
     lut_ops: int = 0
     modules: list = field(default_factory=list)
@@ -92,14 +114,14 @@ class VerificationReport:
     logits_max_abs_diff: Optional[float] = None
     logits_tolerance: Optional[float] = None
     weight_bin_bytes: int = 0
-    blob_count: int = 0                        # tensors stored in weight.bin (each costs a 64-byte record)
+    blob_count: int = 0  # tensors stored in weight.bin (each costs a 64-byte record)
     index_bytes: int = 0
     nbit_index_bytes: int = 0
-    palettized_payload_bytes: int = 0          # indices + LUTs + scales as stored in the package
-    nbit_payload_bytes: int = 0                # the same in torch: packed indices + fp16 LUTs + fp16 scales
-    float_bytes: int = 0                       # model tensors stored densely (fp16)
-    converter_bytes: int = 0                   # constants the converter added (zero biases, rope tables, mask)
-    nbit_reference_bytes: int = 0              # nbit payload + every other model tensor at fp16, ties once
+    palettized_payload_bytes: int = 0  # indices + LUTs + scales as stored in the package
+    nbit_payload_bytes: int = 0  # the same in torch: packed indices + fp16 LUTs + fp16 scales
+    float_bytes: int = 0  # model tensors stored densely (fp16)
+    converter_bytes: int = 0  # constants the converter added (zero biases, rope tables, mask)
+    nbit_reference_bytes: int = 0  # nbit payload + every other model tensor at fp16, ties once
     float_tensors_in_package: list = field(default_factory=list)
     float_tensors_not_stored: list = field(default_factory=list)
     tied_embedding: Optional[dict] = None
@@ -110,17 +132,22 @@ class VerificationReport:
     malformed: bool = False
 
     def summary(self) -> str:
-        interface = (f"stateful generation step, context {self.context_length}" if self.interface == GENERATE
-                     else "fixed window")
-        lines = [f"{self.path}: ML program spec {self.spec_version} ({self.target}, {interface}), {self.lut_ops} LUT "
-                 f"ops for {len(self.modules)} palettized modules",
-                 f"  weight.bin {self.weight_bin_bytes:,} B: palettized payload {self.palettized_payload_bytes:,} B "
-                 f"(n-bit {self.nbit_payload_bytes:,} B; indices {self.index_bytes:,} B), float tensors "
-                 f"{self.float_bytes:,} B, converter constants {self.converter_bytes:,} B; n-bit reference "
-                 f"{self.nbit_reference_bytes:,} B"]
+        interface = (
+            f"stateful generation step, context {self.context_length}" if self.interface == GENERATE else "fixed window"
+        )
+        lines = [
+            f"{self.path}: ML program spec {self.spec_version} ({self.target}, {interface}), {self.lut_ops} LUT "
+            f"ops for {len(self.modules)} palettized modules",
+            f"  weight.bin {self.weight_bin_bytes:,} B: palettized payload {self.palettized_payload_bytes:,} B "
+            f"(n-bit {self.nbit_payload_bytes:,} B; indices {self.index_bytes:,} B), float tensors "
+            f"{self.float_bytes:,} B, converter constants {self.converter_bytes:,} B; n-bit reference "
+            f"{self.nbit_reference_bytes:,} B",
+        ]
         if self.logits_max_abs_diff is not None:
-            lines.append(f"  logits of the rebuilt torch model: max abs diff {self.logits_max_abs_diff:.3g} "
-                         f"(tolerance {self.logits_tolerance:.3g})")
+            lines.append(
+                f"  logits of the rebuilt torch model: max abs diff {self.logits_max_abs_diff:.3g} "
+                f"(tolerance {self.logits_tolerance:.3g})"
+            )
         lines += [f"  ok: {check}" for check in self.checks]
         lines += [f"  FAILED: {failure}" for failure in self.failures]
         return "\n".join(lines)
@@ -155,7 +182,7 @@ class Interface:
 
     target: str = ""
     kind: str = FIXED_WINDOW
-    input_shape: Optional[tuple] = None          # (batch, tokens) for the logits check; None if unusable
+    input_shape: Optional[tuple] = None  # (batch, tokens) for the logits check; None if unusable
     context_length: Optional[int] = None
     states: dict = field(default_factory=dict)
 
@@ -166,18 +193,19 @@ def check_metadata(package: MilPackage, model, target_name: Optional[str], findi
     target_name = target_name or metadata.get(METADATA_PREFIX + "minimum_deployment_target")
     interface = Interface(kind=metadata.get(METADATA_PREFIX + "interface", FIXED_WINDOW))
     if target_name is None:
-        findings.fail(f"the package has no {METADATA_PREFIX}minimum_deployment_target metadata and no target was "
-                      f"given: it was not written by optimum_edkm.export.to_coreml")
+        findings.fail(
+            f"the package has no {METADATA_PREFIX}minimum_deployment_target metadata and no target was "
+            f"given: it was not written by optimum_edkm.export.to_coreml"
+        )
         return interface
     target = resolve_target(target_name)
     interface.target = target.name
     if package.spec_version != SPEC_VERSIONS[target.name]:
-        findings.fail(f"specification version {package.spec_version}, expected {SPEC_VERSIONS[target.name]} for "
-                      f"{target.name}")
+        findings.fail(
+            f"specification version {package.spec_version}, expected {SPEC_VERSIONS[target.name]} for {target.name}"
+        )
     else:
-        findings.ok(f"ML program, specification version {package.spec_version} ({target.name}, opset "
-                    f"{package.opset})")
-
+        findings.ok(f"ML program, specification version {package.spec_version} ({target.name}, opset {package.opset})")
 
     required = ("version", "quantization_config", "model_config")
     missing = [key for key in required if METADATA_PREFIX + key not in metadata]
@@ -186,13 +214,16 @@ def check_metadata(package: MilPackage, model, target_name: Optional[str], findi
         return interface
     stored = json.loads(metadata[METADATA_PREFIX + "quantization_config"])
     expected = model.config.quantization_config.to_dict()
-    differ = {key: (stored.get(key), expected.get(key)) for key in LAYOUT_FIELDS
-              if stored.get(key) != expected.get(key)}
+    differ = {
+        key: (stored.get(key), expected.get(key)) for key in LAYOUT_FIELDS if stored.get(key) != expected.get(key)
+    }
     if differ:
         findings.fail(f"metadata quantization_config differs from the model's (package, model): {differ}")
     else:
-        findings.ok(f"metadata: quantization config matches, written by optimum-edkm "
-                    f"{metadata[METADATA_PREFIX + 'version']} (this is {__version__})")
+        findings.ok(
+            f"metadata: quantization config matches, written by optimum-edkm "
+            f"{metadata[METADATA_PREFIX + 'version']} (this is {__version__})"
+        )
     stored_config = json.loads(metadata[METADATA_PREFIX + "model_config"])
     for key in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "tie_word_embeddings"):
         ours = getattr(model.config, key, None)
@@ -222,15 +253,18 @@ def check_fixed_window_io(package: MilPackage, model, interface: Interface, find
     inputs = {i.name: i for i in package.spec.description.input}
     outputs = {o.name: o for o in package.spec.description.output}
     if INPUT_NAME not in inputs or OUTPUT_NAME not in outputs:
-        findings.fail(f"inputs {sorted(inputs)} / outputs {sorted(outputs)}; expected {INPUT_NAME!r} -> "
-                      f"{OUTPUT_NAME!r}")
+        findings.fail(
+            f"inputs {sorted(inputs)} / outputs {sorted(outputs)}; expected {INPUT_NAME!r} -> {OUTPUT_NAME!r}"
+        )
         return interface
     input_shape = _description_shape(inputs[INPUT_NAME])
     out_shape = _description_shape(outputs[OUTPUT_NAME])
     vocab = model.config.vocab_size
     if len(input_shape) != 2 or out_shape != input_shape + (vocab,) or len(inputs) != 1:
-        findings.fail(f"inputs {sorted(inputs)}, {INPUT_NAME}{list(input_shape)} -> output {OUTPUT_NAME}"
-                      f"{list(out_shape)}, expected one input [batch, seq] -> [batch, seq, {vocab}]")
+        findings.fail(
+            f"inputs {sorted(inputs)}, {INPUT_NAME}{list(input_shape)} -> output {OUTPUT_NAME}"
+            f"{list(out_shape)}, expected one input [batch, seq] -> [batch, seq, {vocab}]"
+        )
         return interface
     if package.spec.description.state:
         findings.fail(f"a fixed-window package has states {[s.name for s in package.spec.description.state]}")
@@ -251,25 +285,35 @@ def check_generation_io(package: MilPackage, model, interface: Interface, findin
     inputs = {i.name: i for i in description.input}
     outputs = {o.name: o for o in description.output}
     if set(inputs) != {INPUT_NAME, MASK_NAME} or OUTPUT_NAME not in outputs:
-        findings.fail(f"inputs {sorted(inputs)} / outputs {sorted(outputs)}; expected {INPUT_NAME!r}, {MASK_NAME!r} -> "
-                      f"{OUTPUT_NAME!r}")
+        findings.fail(
+            f"inputs {sorted(inputs)} / outputs {sorted(outputs)}; expected {INPUT_NAME!r}, {MASK_NAME!r} -> "
+            f"{OUTPUT_NAME!r}"
+        )
         return interface
     ids_ranges, mask_ranges = _description_ranges(inputs[INPUT_NAME]), _description_ranges(inputs[MASK_NAME])
     batch = ids_ranges[0][0] if ids_ranges else 0
     flexible = (1, context)
-    ids_ok = ids_ranges == [(batch, batch), flexible] and inputs[INPUT_NAME].type.multiArrayType.dataType == \
-        inputs[INPUT_NAME].type.multiArrayType.INT32
-    mask_ok = mask_ranges == [(batch, batch), (1, 1), flexible, flexible] and \
-        inputs[MASK_NAME].type.multiArrayType.dataType == inputs[MASK_NAME].type.multiArrayType.FLOAT16
+    ids_ok = (
+        ids_ranges == [(batch, batch), flexible]
+        and inputs[INPUT_NAME].type.multiArrayType.dataType == inputs[INPUT_NAME].type.multiArrayType.INT32
+    )
+    mask_ok = (
+        mask_ranges == [(batch, batch), (1, 1), flexible, flexible]
+        and inputs[MASK_NAME].type.multiArrayType.dataType == inputs[MASK_NAME].type.multiArrayType.FLOAT16
+    )
     out_shape = _description_shape(outputs[OUTPUT_NAME])
     vocab = model.config.vocab_size
     if not (ids_ok and mask_ok and out_shape == (batch, 1, vocab)):
-        findings.fail(f"{INPUT_NAME} {ids_ranges}, {MASK_NAME} {mask_ranges} -> {OUTPUT_NAME} {list(out_shape)}; "
-                      f"expected int32 [{batch}, 1..{context}], fp16 [{batch}, 1, 1..{context}, 1..{context}] -> "
-                      f"[{batch}, 1, {vocab}]")
+        findings.fail(
+            f"{INPUT_NAME} {ids_ranges}, {MASK_NAME} {mask_ranges} -> {OUTPUT_NAME} {list(out_shape)}; "
+            f"expected int32 [{batch}, 1..{context}], fp16 [{batch}, 1, 1..{context}, 1..{context}] -> "
+            f"[{batch}, 1, {vocab}]"
+        )
         return interface
-    findings.ok(f"{INPUT_NAME} int32 [{batch}, 1..{context}], {MASK_NAME} fp16 [{batch}, 1, 1..{context}, "
-                f"1..{context}] -> {OUTPUT_NAME} [{batch}, 1, {vocab}]")
+    findings.ok(
+        f"{INPUT_NAME} int32 [{batch}, 1..{context}], {MASK_NAME} fp16 [{batch}, 1, 1..{context}, "
+        f"1..{context}] -> {OUTPUT_NAME} [{batch}, 1, {vocab}]"
+    )
 
     expected = cache_geometry(model).shape(batch, context)
     states = {}
@@ -277,17 +321,22 @@ def check_generation_io(package: MilPackage, model, interface: Interface, findin
         array = state.type.stateType.arrayType
         states[state.name] = (tuple(int(s) for s in array.shape), array.dataType == array.FLOAT16)
     function_states = {name: value for name, value in package.inputs.items() if value.kind == "state"}
-    good = (set(states) == {KEY_CACHE, VALUE_CACHE}
-            and all(shape == expected and fp16 for shape, fp16 in states.values())
-            and {name: (value.shape, value.dtype) for name, value in function_states.items()}
-            == {name: (expected, "fp16") for name in (KEY_CACHE, VALUE_CACHE)})
+    good = (
+        set(states) == {KEY_CACHE, VALUE_CACHE}
+        and all(shape == expected and fp16 for shape, fp16 in states.values())
+        and {name: (value.shape, value.dtype) for name, value in function_states.items()}
+        == {name: (expected, "fp16") for name in (KEY_CACHE, VALUE_CACHE)}
+    )
     interface.states = {name: list(shape) for name, (shape, _) in states.items()}
     if not good:
-        findings.fail(f"states {states} (program: {function_states}); expected fp16 {KEY_CACHE} and {VALUE_CACHE} of "
-                      f"shape {list(expected)} [layers, batch, kv_heads, context, head_dim]")
+        findings.fail(
+            f"states {states} (program: {function_states}); expected fp16 {KEY_CACHE} and {VALUE_CACHE} of "
+            f"shape {list(expected)} [layers, batch, kv_heads, context, head_dim]"
+        )
         return interface
-    findings.ok(f"states {KEY_CACHE}, {VALUE_CACHE}: fp16 {list(expected)} [layers, batch, kv_heads, context, "
-                f"head_dim]")
+    findings.ok(
+        f"states {KEY_CACHE}, {VALUE_CACHE}: fp16 {list(expected)} [layers, batch, kv_heads, context, head_dim]"
+    )
     interface.input_shape = (batch, min(context, 8))
     return interface
 
@@ -303,14 +352,22 @@ def check_state_updates(package: MilPackage, model, findings: Findings) -> None:
         state = (op.argument_names("input") or [""])[0]
         data = package.by_output.get((op.argument_names("data") or [""])[0])
         source = package.by_output.get((data.argument_names("x") or [""])[0]) if data is not None else None
-        if state not in per_state or data is None or data.type != "slice_update" or source is None or \
-                source.type != "read_state" or source.argument_names("input") != [state]:
+        if (
+            state not in per_state
+            or data is None
+            or data.type != "slice_update"
+            or source is None
+            or source.type != "read_state"
+            or source.argument_names("input") != [state]
+        ):
             wrong.append(op.name)
             continue
         per_state[state] += 1
     if wrong or per_state != {KEY_CACHE: layers, VALUE_CACHE: layers}:
-        findings.fail(f"state writes {per_state} for {layers} layers (ops not writing a slice_update of their own "
-                      f"state: {wrong[:3]}); expected {layers} per state")
+        findings.fail(
+            f"state writes {per_state} for {layers} layers (ops not writing a slice_update of their own "
+            f"state: {wrong[:3]}); expected {layers} per state"
+        )
     else:
         findings.ok(f"{len(writes)} write_state ops: one slice_update of {KEY_CACHE} and of {VALUE_CACHE} per layer")
 
@@ -318,9 +375,9 @@ def check_state_updates(package: MilPackage, model, findings: Findings) -> None:
 # ------------------------------------------------------------------------------------------ LUT weights
 @dataclass
 class _Chain:
-    head: MilOp                     # consumed by a non-constexpr op
-    ops: list                       # head and its constexpr producers
-    consumers: list                 # [(op, param)]
+    head: MilOp  # consumed by a non-constexpr op
+    ops: list  # head and its constexpr producers
+    consumers: list  # [(op, param)]
 
     def of_type(self, op_type: str) -> list:
         return [op for op in self.ops if op.type == op_type]
@@ -364,16 +421,19 @@ def match_lut_ops(package: MilPackage, records: dict, findings: Findings) -> tup
             continue
         members = owners.pop()
         if members[0] in found:
-            findings.fail(f"'{members[0]}' is stored by two LUT ops: {found[members[0]].head.name} and "
-                          f"{chain.head.name}")
+            findings.fail(
+                f"'{members[0]}' is stored by two LUT ops: {found[members[0]].head.name} and {chain.head.name}"
+            )
         for name in members:
             found[name] = chain
     for head, names in unmatched:
         findings.fail(f"LUT op {head!r} matches {'no' if not names else 'several'} palettized module(s) {names}")
     missing = [name for name in records if name not in found]
     if missing:
-        findings.fail(f"{len(missing)} palettized module(s) have no LUT op (stored dense or dropped): "
-                      f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        findings.fail(
+            f"{len(missing)} palettized module(s) have no LUT op (stored dense or dropped): "
+            f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
+        )
     tied = sum(len(members) - 1 for members in groups)
     described = f"{len(records)} palettized modules" + (f" ({tied} tied, sharing their LUT op)" if tied else "")
     if lut_ops == len(groups) and not missing and not unmatched:
@@ -388,8 +448,8 @@ class StoredPalette:
     """One palettized weight as a Core ML storage layout holds it (decoded with numpy)."""
 
     layout: str
-    indices: np.ndarray             # [out, in] uint8
-    lut_rows: np.ndarray            # [out, 2**bits]: the LUT each row uses
+    indices: np.ndarray  # [out, in] uint8
+    lut_rows: np.ndarray  # [out, 2**bits]: the LUT each row uses
     lut_shape: tuple
     lut_bytes: int
     index_bytes: int
@@ -408,30 +468,39 @@ def _rows_of(table: np.ndarray, rows: int) -> np.ndarray:
     return table[np.arange(rows) // (rows // table.shape[0])]
 
 
-def read_packed_stream_palette(package: MilPackage, lut_op: MilOp, chain: _Chain, record: PaletteRecord
-                               ) -> StoredPalette:
+def read_packed_stream_palette(
+    package: MilPackage, lut_op: MilOp, chain: _Chain, record: PaletteRecord
+) -> StoredPalette:
     """iOS16/17 op: one per-tensor 1-D LUT, the indices as a packed uint8 stream plus the dense shape."""
     rows, columns, bits = record.out_channels, record.in_channels, record.bits
     indices_tensor, lut_tensor = package.param(lut_op, "indices"), package.param(lut_op, "lut")
     shape = tuple(int(s) for s in package.param(lut_op, "shape").array.reshape(-1))
     packed = math.ceil(rows * columns * bits / 8)
     if indices_tensor.mil_dtype != UINT8 or indices_tensor.array.shape != (packed,) or shape != (rows, columns):
-        raise LayoutError(f"iOS16 indices {indices_tensor.dtype_name}{list(indices_tensor.array.shape)} shape "
-                          f"{list(shape)}, expected uint8[{packed}] for [{rows}, {columns}]")
-    if lut_tensor.array.shape != (2 ** bits,):
-        raise LayoutError(f"LUT of shape {lut_tensor.array.shape}, expected ({2 ** bits},)")
+        raise LayoutError(
+            f"iOS16 indices {indices_tensor.dtype_name}{list(indices_tensor.array.shape)} shape "
+            f"{list(shape)}, expected uint8[{packed}] for [{rows}, {columns}]"
+        )
+    if lut_tensor.array.shape != (2**bits,):
+        raise LayoutError(f"LUT of shape {lut_tensor.array.shape}, expected ({2**bits},)")
     indices = unpack_bits(indices_tensor.array.astype(np.uint8), bits, rows * columns).reshape(rows, columns)
-    return StoredPalette(layout="per-tensor LUT (iOS16 op: packed uint8 stream, 1-D LUT)", indices=indices,
-                         lut_rows=np.ascontiguousarray(np.broadcast_to(lut_tensor.array, (rows, 2 ** bits))),
-                         lut_shape=tuple(lut_tensor.array.shape), lut_bytes=lut_tensor.stored_bytes or
-                         lut_tensor.array.nbytes, index_bytes=packed, indices_dtype=indices_tensor.dtype_name)
+    return StoredPalette(
+        layout="per-tensor LUT (iOS16 op: packed uint8 stream, 1-D LUT)",
+        indices=indices,
+        lut_rows=np.ascontiguousarray(np.broadcast_to(lut_tensor.array, (rows, 2**bits))),
+        lut_shape=tuple(lut_tensor.array.shape),
+        lut_bytes=lut_tensor.stored_bytes or lut_tensor.array.nbytes,
+        index_bytes=packed,
+        indices_dtype=indices_tensor.dtype_name,
+    )
 
 
 def _typed_indices(package: MilPackage, lut_op: MilOp, record: PaletteRecord):
     tensor = package.param(lut_op, "indices")
     if INDEX_BITS.get(tensor.mil_dtype) != record.bits or tensor.array.shape != record.shape:
-        raise LayoutError(f"indices {tensor.dtype_name}{list(tensor.array.shape)}, expected "
-                          f"uint{record.bits}{list(record.shape)}")
+        raise LayoutError(
+            f"indices {tensor.dtype_name}{list(tensor.array.shape)}, expected uint{record.bits}{list(record.shape)}"
+        )
     return tensor
 
 
@@ -451,10 +520,16 @@ def _scale_of(scale_tensor, shape: tuple) -> np.ndarray:
 def _grouped(package, lut_op, chain, record, lut_tensor, layout, **scaled) -> StoredPalette:
     indices = _typed_indices(package, lut_op, record)
     table = _lut_table(lut_tensor, record)
-    return StoredPalette(layout=layout, indices=indices.array,
-                         lut_rows=_rows_of(table[:, 0, :, 0], record.out_channels),
-                         lut_shape=tuple(table.shape), lut_bytes=lut_tensor.stored_bytes or lut_tensor.array.nbytes,
-                         index_bytes=record.index_bytes, indices_dtype=indices.dtype_name, **scaled)
+    return StoredPalette(
+        layout=layout,
+        indices=indices.array,
+        lut_rows=_rows_of(table[:, 0, :, 0], record.out_channels),
+        lut_shape=tuple(table.shape),
+        lut_bytes=lut_tensor.stored_bytes or lut_tensor.array.nbytes,
+        index_bytes=record.index_bytes,
+        indices_dtype=indices.dtype_name,
+        **scaled,
+    )
 
 
 def read_grouped_palette(package: MilPackage, lut_op: MilOp, chain: _Chain, record: PaletteRecord) -> StoredPalette:
@@ -464,28 +539,44 @@ def read_grouped_palette(package: MilPackage, lut_op: MilOp, chain: _Chain, reco
     return _grouped(package, lut_op, chain, record, lut_tensor, layout)
 
 
-def read_row_scaled_palette(package: MilPackage, lut_op: MilOp, chain: _Chain, record: PaletteRecord
-                            ) -> StoredPalette:
+def read_row_scaled_palette(package: MilPackage, lut_op: MilOp, chain: _Chain, record: PaletteRecord) -> StoredPalette:
     """iOS18 with a per-channel scale: the converter folds the scale into a LUT tiled per output row,
     ``constexpr_blockwise_shift_scale(data = LUT per row, scale) -> constexpr_lut_to_dense``."""
     producer = package.producer(lut_op, "lut")
     scale_tensor = package.param(producer, "scale")
-    return _grouped(package, lut_op, chain, record, package.param(producer, "data"),
-                    "per-row LUT, per-channel scale folded into it (shift_scale -> lut_to_dense)",
-                    scale=_scale_of(scale_tensor, (record.out_channels, 1, 1, 1)),
-                    scale_bytes=scale_tensor.stored_bytes or scale_tensor.array.nbytes, scale_op=producer.name)
+    return _grouped(
+        package,
+        lut_op,
+        chain,
+        record,
+        package.param(producer, "data"),
+        "per-row LUT, per-channel scale folded into it (shift_scale -> lut_to_dense)",
+        scale=_scale_of(scale_tensor, (record.out_channels, 1, 1, 1)),
+        scale_bytes=scale_tensor.stored_bytes or scale_tensor.array.nbytes,
+        scale_op=producer.name,
+    )
 
 
-def read_lut_then_scale_palette(package: MilPackage, lut_op: MilOp, chain: _Chain, record: PaletteRecord
-                                ) -> StoredPalette:
+def read_lut_then_scale_palette(
+    package: MilPackage, lut_op: MilOp, chain: _Chain, record: PaletteRecord
+) -> StoredPalette:
     """iOS26 with a per-channel scale: ``constexpr_lut_to_dense -> constexpr_blockwise_shift_scale``."""
     lut_tensor = package.param(lut_op, "lut")
     scale_tensor = package.param(chain.head, "scale")
-    layout = ("per-tensor LUT" if lut_tensor.array.shape[:1] == (1,) else "grouped LUT") + \
-        ", then per-channel scale (lut_to_dense -> shift_scale)"
-    return _grouped(package, lut_op, chain, record, lut_tensor, layout,
-                    scale=_scale_of(scale_tensor, (record.out_channels, 1)),
-                    scale_bytes=scale_tensor.stored_bytes or scale_tensor.array.nbytes, scale_op=chain.head.name)
+    layout = (
+        "per-tensor LUT" if lut_tensor.array.shape[:1] == (1,) else "grouped LUT"
+    ) + ", then per-channel scale (lut_to_dense -> shift_scale)"
+    return _grouped(
+        package,
+        lut_op,
+        chain,
+        record,
+        lut_tensor,
+        layout,
+        scale=_scale_of(scale_tensor, (record.out_channels, 1)),
+        scale_bytes=scale_tensor.stored_bytes or scale_tensor.array.nbytes,
+        scale_op=chain.head.name,
+    )
 
 
 def read_palette(package: MilPackage, chain: _Chain, record: PaletteRecord) -> StoredPalette:
@@ -525,8 +616,14 @@ def check_module(package: MilPackage, records: dict, name: str, chain: _Chain, f
     """``(ModuleReport, decoded dense weight or None)``: the stored indices, LUT, scale and dense weight of one
     palettized module against the torch module, bit for bit."""
     record = records[name]
-    entry = ModuleReport(name=name, kind=record.kind, bits=record.bits, groups=record.groups,
-                         per_channel_scale=record.scale is not None, tied_to=record.tied_to)
+    entry = ModuleReport(
+        name=name,
+        kind=record.kind,
+        bits=record.bits,
+        groups=record.groups,
+        per_channel_scale=record.scale is not None,
+        tied_to=record.tied_to,
+    )
     lut_op = chain.of_type("constexpr_lut_to_dense")[0]
     entry.weight_op, entry.lut_op = chain.head.name, lut_op.name
     entry.consumers = sorted({f"{op.type}.{param}" for op, param in chain.consumers})
@@ -544,14 +641,19 @@ def check_module(package: MilPackage, records: dict, name: str, chain: _Chain, f
         findings.fail(f"'{name}': {error}")
         return entry, None
     entry.layout, entry.lut_shape, entry.indices_dtype = stored.layout, stored.lut_shape, stored.indices_dtype
-    entry.index_bytes, entry.lut_bytes, entry.scale_bytes, entry.scale_op = (stored.index_bytes, stored.lut_bytes,
-                                                                            stored.scale_bytes, stored.scale_op)
+    entry.index_bytes, entry.lut_bytes, entry.scale_bytes, entry.scale_op = (
+        stored.index_bytes,
+        stored.lut_bytes,
+        stored.scale_bytes,
+        stored.scale_op,
+    )
     torch_lut_rows = _rows_of(_torch_numpy(record.lut), record.out_channels)
     if not _same_bits(stored.lut_rows, torch_lut_rows):
         findings.fail(f"'{name}.weight_lut': the package's LUT differs from the torch LUT")
     if (stored.scale is None) != (record.scale is None):
-        findings.fail(f"'{name}.weight_scale': {'missing from' if stored.scale is None else 'unexpected in'} the "
-                      f"package")
+        findings.fail(
+            f"'{name}.weight_scale': {'missing from' if stored.scale is None else 'unexpected in'} the package"
+        )
     elif stored.scale is not None and not _same_bits(stored.scale, _torch_numpy(record.scale)):
         findings.fail(f"'{name}.weight_scale': the package's per-channel scale differs from the torch scale")
 
@@ -564,14 +666,17 @@ def check_module(package: MilPackage, records: dict, name: str, chain: _Chain, f
     same_value = dense.astype(np.float32) == expected.astype(np.float32)
     if not same_value.all():
         row, column = (int(i) for i in np.argwhere(~same_value)[0])
-        findings.fail(f"'{name}.weight': {int((~same_value).sum())} of {same_value.size} decoded weights differ from "
-                      f"the torch palettized weight (first at [{row}, {column}]: package {float(dense[row, column])!r}"
-                      f" vs torch {float(expected[row, column])!r}, index {int(stored.indices[row, column])} vs "
-                      f"{int(torch_indices[row, column])}): the converter re-approximated it")
+        findings.fail(
+            f"'{name}.weight': {int((~same_value).sum())} of {same_value.size} decoded weights differ from "
+            f"the torch palettized weight (first at [{row}, {column}]: package {float(dense[row, column])!r}"
+            f" vs torch {float(expected[row, column])!r}, index {int(stored.indices[row, column])} vs "
+            f"{int(torch_indices[row, column])}): the converter re-approximated it"
+        )
     other_index = stored.indices != torch_indices
     entry.equivalent_indices = int((other_index & same_value).sum())
-    if dense.dtype == np.float16 and not np.array_equal(dense.view(np.uint16)[~other_index],
-                                                        expected.view(np.uint16)[~other_index]):
+    if dense.dtype == np.float16 and not np.array_equal(
+        dense.view(np.uint16)[~other_index], expected.view(np.uint16)[~other_index]
+    ):
         findings.fail(f"'{name}.weight': equal indices decode to different bits")
     return entry, dense
 
@@ -581,8 +686,8 @@ def check_module(package: MilPackage, records: dict, name: str, chain: _Chain, f
 class FloatTensors:
     """The model's float tensors as the package stores them."""
 
-    values: dict = field(default_factory=dict)      # tensor id -> fp16-rounded values from the package (fp32)
-    groups: dict = field(default_factory=dict)      # tensor id -> (torch tensor, [state-dict keys])
+    values: dict = field(default_factory=dict)  # tensor id -> fp16-rounded values from the package (fp32)
+    groups: dict = field(default_factory=dict)  # tensor id -> (torch tensor, [state-dict keys])
     float_bytes: int = 0
     converter_bytes: int = 0
     in_package: list = field(default_factory=list)
@@ -610,8 +715,10 @@ def check_float_tensors(package: MilPackage, model, records: dict, chains: dict,
         if tensor_id is None:
             result.converter_bytes += tensor.stored_bytes
             if tensor.array.ndim == 2 and tensor.array.shape in palettized_shapes and tensor.array.size >= 256:
-                findings.fail(f"dense float constant {op.name!r} {tensor.array.shape} has the shape of a palettized "
-                              f"weight and maps to no float tensor of the model: a dense copy?")
+                findings.fail(
+                    f"dense float constant {op.name!r} {tensor.array.shape} has the shape of a palettized "
+                    f"weight and maps to no float tensor of the model: a dense copy?"
+                )
             continue
         stored.setdefault(tensor_id, []).append((op.name, tensor))
     for tensor_id, entries in stored.items():
@@ -626,21 +733,25 @@ def check_float_tensors(package: MilPackage, model, records: dict, chains: dict,
         result.values[tensor_id] = values
         result.in_package.extend(keys)
     state = model.state_dict(keep_vars=True)
-    result.not_stored = [keys[0] for tensor_id, (_, keys) in result.groups.items()
-                         if tensor_id not in stored and keys[0] in state]
+    result.not_stored = [
+        keys[0] for tensor_id, (_, keys) in result.groups.items() if tensor_id not in stored and keys[0] in state
+    ]
     result.tied_embedding = _tied_embedding(model, records, chains, result.groups, stored, findings)
     return result
 
 
-def _tied_embedding(model, records: dict, chains: dict, groups: dict, stored: dict, findings: Findings
-                    ) -> Optional[dict]:
-    for name, record in records.items():            # a palettized tied embedding: one LUT op for both uses
+def _tied_embedding(
+    model, records: dict, chains: dict, groups: dict, stored: dict, findings: Findings
+) -> Optional[dict]:
+    for name, record in records.items():  # a palettized tied embedding: one LUT op for both uses
         if record.kind == "embedding" and any(records[other].kind == "linear" for other in record.tied_to):
             members = (name, *record.tied_to)
             count = 1 if name in chains else 0
             if count:
-                findings.ok(f"palettized tied embedding stored once ({chains[name].head.name}), read by "
-                            f"{', '.join(_expected_consumers(records, name))}")
+                findings.ok(
+                    f"palettized tied embedding stored once ({chains[name].head.name}), read by "
+                    f"{', '.join(_expected_consumers(records, name))}"
+                )
             return {"keys": [f"{member}.weight" for member in members], "palettized": True, "stored": count}
     output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     input_embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -667,31 +778,46 @@ class Sizes:
     nbit_reference_bytes: int
 
 
-def measure_sizes(package: MilPackage, model, records: dict, modules: list, floats: FloatTensors,
-                  findings: Findings) -> Sizes:
+def measure_sizes(
+    package: MilPackage, model, records: dict, modules: list, floats: FloatTensors, findings: Findings
+) -> Sizes:
     """Indices at exactly n bits; indices + LUTs + scales no larger than in torch (plus per-row LUT copies)."""
-    first = [storage[0] for storage in storage_groups(records)]     # each stored weight once
+    first = [storage[0] for storage in storage_groups(records)]  # each stored weight once
     stored = [m for m in modules if m.name in set(first)]
     index_bytes = sum(m.index_bytes for m in stored)
     nbit_index_bytes = sum(records[name].index_bytes for name in first)
     payload = sum(m.index_bytes + m.lut_bytes + m.scale_bytes for m in stored)
     nbit_payload = sum(records[name].nbit_bytes for name in first)
     persistent = {id(t) for t in model.state_dict(keep_vars=True).values()}
-    reference = nbit_payload + sum(tensor.numel() * FP16 for tensor_id, (tensor, _) in floats.groups.items()
-                                   if tensor_id in persistent)
-    sizes = Sizes(weight_bin_bytes=sum(package.weight_files().values()), blob_count=package.blob_count(),
-                  index_bytes=index_bytes, nbit_index_bytes=nbit_index_bytes, palettized_payload_bytes=payload,
-                  nbit_payload_bytes=nbit_payload, nbit_reference_bytes=reference)
+    reference = nbit_payload + sum(
+        tensor.numel() * FP16 for tensor_id, (tensor, _) in floats.groups.items() if tensor_id in persistent
+    )
+    sizes = Sizes(
+        weight_bin_bytes=sum(package.weight_files().values()),
+        blob_count=package.blob_count(),
+        index_bytes=index_bytes,
+        nbit_index_bytes=nbit_index_bytes,
+        palettized_payload_bytes=payload,
+        nbit_payload_bytes=nbit_payload,
+        nbit_reference_bytes=reference,
+    )
     if index_bytes != nbit_index_bytes:
         findings.fail(f"indices take {index_bytes} B, {nbit_index_bytes} B at n bits")
-    folded = sum((records[m.name].out_channels - records[m.name].groups) * records[m.name].entries * FP16
-                 for m in stored if m.layout.startswith("per-row"))
+    folded = sum(
+        (records[m.name].out_channels - records[m.name].groups) * records[m.name].entries * FP16
+        for m in stored
+        if m.layout.startswith("per-row")
+    )
     if payload > nbit_payload + folded:
-        findings.fail(f"palettized weights take {payload} B in the package, more than their n-bit size "
-                      f"{nbit_payload} B (+{folded} B of per-row LUTs)")
+        findings.fail(
+            f"palettized weights take {payload} B in the package, more than their n-bit size "
+            f"{nbit_payload} B (+{folded} B of per-row LUTs)"
+        )
     else:
-        findings.ok(f"palettized weights stored at n bits: {payload:,} B (n-bit {nbit_payload:,} B"
-                    f"{f' + {folded:,} B per-row LUTs' if folded else ''})")
+        findings.ok(
+            f"palettized weights stored at n bits: {payload:,} B (n-bit {nbit_payload:,} B"
+            f"{f' + {folded:,} B per-row LUTs' if folded else ''})"
+        )
     return sizes
 
 
@@ -727,8 +853,9 @@ def cross_check_decoders(package: MilPackage, chains: dict, decoded: dict, findi
 
 # ----------------------------------------------------------------------------------------------- logits
 @torch.no_grad()
-def compare_logits(model, records: dict, decoded: dict, floats: FloatTensors, input_shape: tuple, rtol: float,
-                 findings: Findings) -> tuple:
+def compare_logits(
+    model, records: dict, decoded: dict, floats: FloatTensors, input_shape: tuple, rtol: float, findings: Findings
+) -> tuple:
     """``(max abs diff, tolerance)`` between the logits of a torch model rebuilt from the package's weights and
     the model's own (both fp32, the palettized weights decoded)."""
     reference_model = export_copy(model, records)
@@ -740,11 +867,11 @@ def compare_logits(model, records: dict, decoded: dict, floats: FloatTensors, in
             for key, tensor in list(store.items()):
                 value = replacements.get(group_of.get(f"{module_name}.{key}" if module_name else key))
                 if tensor is not None and value is not None:
-                    store[key] = nn.Parameter(value, requires_grad=False) if isinstance(tensor, nn.Parameter) \
-                        else value
+                    store[key] = nn.Parameter(value, requires_grad=False) if isinstance(tensor, nn.Parameter) else value
     for name in records:
-        rebuilt.get_submodule(name).weight = nn.Parameter(torch.from_numpy(decoded[name].astype(np.float32)),
-                                                          requires_grad=False)
+        rebuilt.get_submodule(name).weight = nn.Parameter(
+            torch.from_numpy(decoded[name].astype(np.float32)), requires_grad=False
+        )
     batch, seq_len = input_shape
     ids = reference_input_ids(model.config.vocab_size, batch, seq_len, seed=1)
     reference = reference_model(input_ids=ids, use_cache=False).logits.float()
@@ -752,11 +879,14 @@ def compare_logits(model, records: dict, decoded: dict, floats: FloatTensors, in
     difference = float((logits - reference).abs().max())
     tolerance = rtol * max(1.0, float(reference.abs().max()))
     if difference <= tolerance:
-        findings.ok(f"logits of a torch model rebuilt from the package's weights: max abs diff {difference:.3g} "
-                    f"<= {tolerance:.3g}")
+        findings.ok(
+            f"logits of a torch model rebuilt from the package's weights: max abs diff {difference:.3g} "
+            f"<= {tolerance:.3g}"
+        )
     else:
-        findings.fail(f"logits of a torch model rebuilt from the package's weights differ by {difference:.3g} "
-                      f"(> {tolerance:.3g})")
+        findings.fail(
+            f"logits of a torch model rebuilt from the package's weights differ by {difference:.3g} (> {tolerance:.3g})"
+        )
     return difference, tolerance
 
 
@@ -768,8 +898,10 @@ def check_manifest(package: MilPackage, manifest_path: str, records: dict, modul
     with open(manifest_path) as handle:
         document = json.load(handle)
     if document.get("format") != FORMAT or document.get("format_version") != FORMAT_VERSION:
-        findings.fail(f"{manifest_path}: format {document.get('format')!r} v{document.get('format_version')}, "
-                      f"expected {FORMAT!r} v{FORMAT_VERSION}")
+        findings.fail(
+            f"{manifest_path}: format {document.get('format')!r} v{document.get('format_version')}, "
+            f"expected {FORMAT!r} v{FORMAT_VERSION}"
+        )
         return False
     before = len(findings.failures)
     entries = {entry["name"]: entry for entry in document.get("modules", [])}
@@ -798,9 +930,17 @@ def check_manifest(package: MilPackage, manifest_path: str, records: dict, modul
 
 
 # ------------------------------------------------------------------------------------------------ entry
-def verify_coreml(path: str, model, *, minimum_deployment_target=None, manifest="auto", check_logits: bool = True,
-                  logits_rtol: float = 1e-2, cross_check: bool = True, raise_on_failure: bool = True
-                  ) -> VerificationReport:
+def verify_coreml(
+    path: str,
+    model,
+    *,
+    minimum_deployment_target=None,
+    manifest="auto",
+    check_logits: bool = True,
+    logits_rtol: float = 1e-2,
+    cross_check: bool = True,
+    raise_on_failure: bool = True,
+) -> VerificationReport:
     """Check the package at ``path`` against the palettized torch ``model`` (see the module docstring).
 
     Args:
@@ -823,12 +963,15 @@ def verify_coreml(path: str, model, *, minimum_deployment_target=None, manifest=
     report.op_counts = package.op_counts()
     records = palette_records(model)
     if not records:
-        findings.fail("the torch model has no palettized module to compare with: pass the model after "
-                      "optimum_edkm.palettize (or loaded from the saved palettized checkpoint)")
+        findings.fail(
+            "the torch model has no palettized module to compare with: pass the model after "
+            "optimum_edkm.palettize (or loaded from the saved palettized checkpoint)"
+        )
         return _finish(report, findings, raise_on_failure)
     report.spec_version = package.spec_version
-    interface = check_metadata(package, model, getattr(minimum_deployment_target, "name", minimum_deployment_target),
-                               findings)
+    interface = check_metadata(
+        package, model, getattr(minimum_deployment_target, "name", minimum_deployment_target), findings
+    )
     report.target, report.interface, report.context_length = interface.target, interface.kind, interface.context_length
     if interface.kind == GENERATE:
         interface = check_generation_io(package, model, interface, findings)
@@ -854,17 +997,21 @@ def verify_coreml(path: str, model, *, minimum_deployment_target=None, manifest=
     _fill_sizes(report, sizes, floats)
     if not findings.failures and chains:
         widths = "/".join(f"uint{b}" for b in sorted({m.bits for m in report.modules}))
-        findings.ok(f"indices ({widths}), LUTs, scales and dense weights of {len(report.modules)} modules equal the "
-                    f"torch model bit for bit ({sum(m.equivalent_indices for m in report.modules)} indices select an "
-                    f"identical duplicate LUT value)")
+        findings.ok(
+            f"indices ({widths}), LUTs, scales and dense weights of {len(report.modules)} modules equal the "
+            f"torch model bit for bit ({sum(m.equivalent_indices for m in report.modules)} indices select an "
+            f"identical duplicate LUT value)"
+        )
     if check_logits and not findings.failures and interface.input_shape is not None:
         report.logits_max_abs_diff, report.logits_tolerance = compare_logits(
-            model, records, decoded, floats, interface.input_shape, logits_rtol, findings)
+            model, records, decoded, floats, interface.input_shape, logits_rtol, findings
+        )
     manifest_path = manifest_path_for(report.path) if manifest == "auto" else manifest
     if manifest_path is not None and (manifest != "auto" or os.path.exists(manifest_path)):
         try:
-            report.manifest_checked = check_manifest(package, os.fspath(manifest_path), records, report.modules,
-                                                     findings)
+            report.manifest_checked = check_manifest(
+                package, os.fspath(manifest_path), records, report.modules, findings
+            )
         except READ_ERRORS as error:
             findings.unreadable(f"manifest {manifest_path}", error)
     return _finish(report, findings, raise_on_failure)

@@ -9,8 +9,22 @@ reference is used (with one warning) when it does not. Extensions are built by :
 * :func:`reference_lut_linear` - the pure-torch path both are checked against.
 """
 
-from .lut import (kernel_available, kernel_isa, lut_decode, lut_linear, reference_lut_linear, set_kernel_isa,
-                  supported_isas)
+from .lut import (
+    kernel_available,
+    kernel_isa,
+    lut_decode,
+    lut_linear,
+    reference_lut_linear,
+    set_kernel_isa,
+    supported_isas,
+)
 
-__all__ = ["kernel_available", "kernel_isa", "lut_decode", "lut_linear",
-           "reference_lut_linear", "set_kernel_isa", "supported_isas"]
+__all__ = [
+    "kernel_available",
+    "kernel_isa",
+    "lut_decode",
+    "lut_linear",
+    "reference_lut_linear",
+    "set_kernel_isa",
+    "supported_isas",
+]

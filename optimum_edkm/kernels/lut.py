@@ -54,8 +54,7 @@ def _register_fakes() -> None:
         return
 
     @torch.library.register_fake("optimum_edkm::lut_linear")
-    def _lut_linear_fake(x, packed, lut, scale, bias, in_features, out_features, bits, gemm_min_rows,
-                         gemm_tile_bytes):
+    def _lut_linear_fake(x, packed, lut, scale, bias, in_features, out_features, bits, gemm_min_rows, gemm_tile_bytes):
         return x.new_empty((*x.shape[:-1], out_features))
 
     @torch.library.register_fake("optimum_edkm::lut_decode")
@@ -93,9 +92,17 @@ def set_kernel_isa(name: str) -> str:
     return extension.current_isa()
 
 
-def reference_lut_linear(x: torch.Tensor, packed: torch.Tensor, lut: torch.Tensor, scale: Optional[torch.Tensor],
-                         bias: Optional[torch.Tensor], in_features: int, out_features: int, bits: int,
-                         group_size: Optional[int] = None) -> torch.Tensor:
+def reference_lut_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    lut: torch.Tensor,
+    scale: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    in_features: int,
+    out_features: int,
+    bits: int,
+    group_size: Optional[int] = None,
+) -> torch.Tensor:
     """Pure-torch path: unpack, decode the dense weight in fp32, cast it to ``x``'s dtype, ``F.linear``."""
     indices = unpack_indices(packed, bits, out_features * in_features).view(out_features, in_features)
     return F.linear(x, decode(indices, lut, scale, dtype=x.dtype), bias)
@@ -109,8 +116,15 @@ def _kernel_applies(x: torch.Tensor, in_features: int, bits: int) -> bool:
     return x.is_cpu and x.dtype in _KERNEL_DTYPES and (in_features * bits) % 8 == 0 and kernel_available()
 
 
-def lut_decode(packed: torch.Tensor, lut: torch.Tensor, scale: Optional[torch.Tensor], in_features: int,
-               out_features: int, bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def lut_decode(
+    packed: torch.Tensor,
+    lut: torch.Tensor,
+    scale: Optional[torch.Tensor],
+    in_features: int,
+    out_features: int,
+    bits: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """The dense ``[out, in]`` weight ``scale[row] * lut[group(row), index]`` (computed in fp32, then cast):
     the C++ decode on CPU when it applies, else the pure-torch ``decode``."""
     if packed.is_cpu and (in_features * bits) % 8 == 0 and kernel_available():
@@ -121,8 +135,9 @@ def lut_decode(packed: torch.Tensor, lut: torch.Tensor, scale: Optional[torch.Te
 
 def _forward(x, packed, lut, scale, bias, in_features, out_features, bits):
     if _kernel_applies(x, in_features, bits):
-        return _state["linear"](x, packed, lut, scale, bias, in_features, out_features, bits, GEMM_MIN_ROWS,
-                                GEMM_TILE_BYTES)
+        return _state["linear"](
+            x, packed, lut, scale, bias, in_features, out_features, bits, GEMM_MIN_ROWS, GEMM_TILE_BYTES
+        )
     return reference_lut_linear(x, packed, lut, scale, bias, in_features, out_features, bits)
 
 
@@ -150,9 +165,17 @@ class _LutLinearFunction(torch.autograd.Function):
         return grad_x, None, None, None, grad_bias, None, None, None
 
 
-def lut_linear(x: torch.Tensor, packed: torch.Tensor, lut: torch.Tensor, scale: Optional[torch.Tensor],
-               bias: Optional[torch.Tensor], in_features: int, out_features: int, bits: int,
-               group_size: Optional[int] = None) -> torch.Tensor:
+def lut_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    lut: torch.Tensor,
+    scale: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    in_features: int,
+    out_features: int,
+    bits: int,
+    group_size: Optional[int] = None,
+) -> torch.Tensor:
     """``x @ decode(packed, lut, scale)^T + bias`` for a palettized ``[out_features, in_features]`` weight.
 
     ``packed``: the n-bit indices as stored in a checkpoint (flat uint8, LSB-first, row-major over
@@ -162,8 +185,10 @@ def lut_linear(x: torch.Tensor, packed: torch.Tensor, lut: torch.Tensor, scale: 
     ``bias``; backward decodes the weight again instead of keeping it (kernel and pure-torch path alike).
     """
     if group_size is not None and lut.shape[0] * group_size != out_features:
-        raise ValueError(f"lut_linear: a LUT of {lut.shape[0]} groups of {group_size} rows does not cover "
-                         f"{out_features} output rows; pass the group_size the weight was palettized with")
+        raise ValueError(
+            f"lut_linear: a LUT of {lut.shape[0]} groups of {group_size} rows does not cover "
+            f"{out_features} output rows; pass the group_size the weight was palettized with"
+        )
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return _LutLinearFunction.apply(x, packed, lut, scale, bias, in_features, out_features, bits)
     return _forward(x, packed, lut, scale, bias, in_features, out_features, bits)

@@ -13,8 +13,18 @@ import torch.distributed as dist
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from .policy import MarshalCounters, MarshalPolicy, check_field_names
-from .records import (CopiedSpan, Reference, ReplayedTensor, ShardedSpan, StoredTensor, byte_span,
-                      is_non_overlapping_and_dense, marshallable, storage_bytes, storage_key)
+from .records import (
+    CopiedSpan,
+    Reference,
+    ReplayedTensor,
+    ShardedSpan,
+    StoredTensor,
+    byte_span,
+    is_non_overlapping_and_dense,
+    marshallable,
+    storage_bytes,
+    storage_key,
+)
 from .replay import replay, step_back
 
 _PRUNE_EVERY = 512
@@ -56,13 +66,14 @@ class TensorMarshal:
     copies_back = _Counter()
     all_gathers = _Counter()
 
-    def __init__(self, policy: Optional[MarshalPolicy] = None, *, resident: Iterable[torch.Tensor] = (),
-                 **fields):
+    def __init__(self, policy: Optional[MarshalPolicy] = None, *, resident: Iterable[torch.Tensor] = (), **fields):
         if policy is None:
             policy = MarshalPolicy()
         if not isinstance(policy, MarshalPolicy):
-            raise TypeError(f"policy must be a MarshalPolicy (or None for the defaults), got "
-                            f"{type(policy).__name__}; MarshalPolicy.from_config() converts config values")
+            raise TypeError(
+                f"policy must be a MarshalPolicy (or None for the defaults), got "
+                f"{type(policy).__name__}; MarshalPolicy.from_config() converts config values"
+            )
         if fields:
             check_field_names(fields)
             policy = dataclasses.replace(policy, **fields)
@@ -75,8 +86,11 @@ class TensorMarshal:
         self._lock = threading.Lock()
         self._tag = f"optimum_edkm.marshal/{next(_serial)}"
         self._hooks: List[Any] = []
-        self._resident = {storage_key(t, t.untyped_storage()): StorageWeakRef(t.untyped_storage())
-                          for t in resident if t.layout == torch.strided and not t.is_meta}
+        self._resident = {
+            storage_key(t, t.untyped_storage()): StorageWeakRef(t.untyped_storage())
+            for t in resident
+            if t.layout == torch.strided and not t.is_meta
+        }
         self._clear_tables()
         self._group, self._world, self._rank, self._gather_device = None, 1, 0, None
 
@@ -183,7 +197,7 @@ class TensorMarshal:
             # the offload target is the compute device: hold by reference, no copy
             return self._tagged(self._keep(tensor, "bytes_offloaded"), tensor)
         else:
-            return self._keep(tensor, "bytes_on_device")      # below the memory threshold
+            return self._keep(tensor, "bytes_on_device")  # below the memory threshold
         if self.policy.deduplicate:
             entry = (StorageWeakRef(storage), tensor._version, weakref.ref(span))
             self._spans.setdefault(key, []).append(entry)
@@ -204,7 +218,7 @@ class TensorMarshal:
             if entry[1] == "bytes_offloaded" and self.policy.deduplicate:
                 self._count_dedup(tensor.numel() * tensor.element_size())
             elif entry[1] == "bytes_offloaded":
-                self.count(counter, storage.nbytes())    # naive: every save counts
+                self.count(counter, storage.nbytes())  # naive: every save counts
         else:
             self._kept[key] = (StorageWeakRef(storage), counter)
             self.count(counter, storage.nbytes())
@@ -297,7 +311,7 @@ class TensorMarshal:
         return None
 
     def _replay_record(self, base, ops, tensor: torch.Tensor) -> Optional[ReplayedTensor]:
-        if base.alive_version() != 0:                 # modified since (or before) it was saved, or gone
+        if base.alive_version() != 0:  # modified since (or before) it was saved, or gone
             return None
         forward_ops = tuple(reversed(ops))
         if isinstance(base, Reference):
@@ -319,7 +333,7 @@ class TensorMarshal:
         while isinstance(root, ReplayedTensor):
             root = root.base
         if isinstance(root, StoredTensor):
-            root.span.users += 1                    # each unpack of this record reads the root's bytes
+            root.span.users += 1  # each unpack of this record reads the root's bytes
         return ReplayedTensor(base, forward_ops, tensor, copy_out)
 
     def _tag_of(self, node, output_nr: int):
@@ -374,8 +388,8 @@ class TensorMarshal:
         non_blocking = self.policy.non_blocking and pinned
         with torch.no_grad():
             piece = torch.empty(chunk, dtype=torch.uint8, device=keep_device, pin_memory=pinned)
-            piece[:hi - lo].copy_(source_bytes[lo:hi], non_blocking=non_blocking)
-            piece[hi - lo:].zero_()
+            piece[: hi - lo].copy_(source_bytes[lo:hi], non_blocking=non_blocking)
+            piece[hi - lo :].zero_()
         ready = _record_event(tensor.device) if non_blocking else None
         with self._lock:
             self.counters.copies += 1
@@ -385,10 +399,14 @@ class TensorMarshal:
         return ShardedSpan(piece, start, end, chunk, self._group, self._world, gather_device, ready, self)
 
     def _verify_replicated(self, source_bytes: torch.Tensor, tensor: torch.Tensor) -> None:
-        checksum = torch.stack([source_bytes.sum(dtype=torch.int64),
-                                source_bytes[1::2].sum(dtype=torch.int64),
-                                source_bytes[::7].sum(dtype=torch.int64),
-                                torch.tensor(source_bytes.numel(), device=source_bytes.device)])
+        checksum = torch.stack(
+            [
+                source_bytes.sum(dtype=torch.int64),
+                source_bytes[1::2].sum(dtype=torch.int64),
+                source_bytes[::7].sum(dtype=torch.int64),
+                torch.tensor(source_bytes.numel(), device=source_bytes.device),
+            ]
+        )
         gather_device = self._gather_device or tensor.device
         checksum = checksum.to(gather_device)
         everyone = [torch.empty_like(checksum) for _ in range(self._world)]
@@ -398,7 +416,8 @@ class TensorMarshal:
                 f"a saved {tuple(tensor.shape)} {tensor.dtype} tensor differs between ranks, so it cannot be "
                 f"sharded: shard=True is only valid for tensors that every rank computes identically (weight "
                 f"clustering under data parallelism). Wrap only the clustering code in the sharding "
-                f"TensorMarshal, not the model's forward (activations differ between ranks)")
+                f"TensorMarshal, not the model's forward (activations differ between ranks)"
+            )
 
     def _prune(self) -> None:
         self._since_prune = 0
@@ -435,7 +454,8 @@ def _memory_in_use(device: torch.device) -> Optional[float]:
     return None
 
 
-def marshal(policy: Optional[MarshalPolicy] = None, *, resident: Iterable[torch.Tensor] = (),
-            **fields) -> TensorMarshal:
+def marshal(
+    policy: Optional[MarshalPolicy] = None, *, resident: Iterable[torch.Tensor] = (), **fields
+) -> TensorMarshal:
     """``with marshal(device="cpu", min_bytes=1 << 20) as m: ...`` - shorthand for :class:`TensorMarshal`."""
     return TensorMarshal(policy, resident=resident, **fields)

@@ -76,38 +76,49 @@ class MarshalPolicy:
             try:
                 device = torch.device(device)
             except (RuntimeError, ValueError) as error:
-                raise ValueError(f"device must name a torch device such as 'cpu' or 'cuda:0', got "
-                                 f"{self.device!r} ({error})") from None
+                raise ValueError(
+                    f"device must name a torch device such as 'cpu' or 'cuda:0', got {self.device!r} ({error})"
+                ) from None
         if not isinstance(device, torch.device):
-            raise TypeError(f"device must be a str or torch.device (the offload target), got "
-                            f"{type(self.device).__name__}")
+            raise TypeError(
+                f"device must be a str or torch.device (the offload target), got {type(self.device).__name__}"
+            )
         if device.type == "meta":
             raise ValueError("device='meta' holds no data: saved tensors could not be restored; use 'cpu'")
         object.__setattr__(self, "device", device)
         if not is_int(self.min_bytes) or self.min_bytes < 0:
             raise ValueError(f"min_bytes must be an integer >= 0, got {self.min_bytes!r}")
-        if not isinstance(self.memory_threshold, (int, float)) or is_bool(self.memory_threshold) \
-                or not 0.0 <= float(self.memory_threshold) <= 1.0:
-            raise ValueError(f"memory_threshold must be a fraction from 0 to 1 of the device memory in use "
-                             f"(0 offloads always), got {self.memory_threshold!r}")
+        if (
+            not isinstance(self.memory_threshold, (int, float))
+            or is_bool(self.memory_threshold)
+            or not 0.0 <= float(self.memory_threshold) <= 1.0
+        ):
+            raise ValueError(
+                f"memory_threshold must be a fraction from 0 to 1 of the device memory in use "
+                f"(0 offloads always), got {self.memory_threshold!r}"
+            )
         if not is_int(self.max_view_hops) or not 0 <= self.max_view_hops <= MAX_VIEW_HOPS_LIMIT:
-            raise ValueError(f"max_view_hops must be an integer from 0 to {MAX_VIEW_HOPS_LIMIT} (0 turns "
-                             f"the graph walk off), got {self.max_view_hops!r}")
-        for name in ("deduplicate", "non_blocking", "keep_leaves", "copy_same_device", "shard",
-                     "verify_replicated"):
+            raise ValueError(
+                f"max_view_hops must be an integer from 0 to {MAX_VIEW_HOPS_LIMIT} (0 turns "
+                f"the graph walk off), got {self.max_view_hops!r}"
+            )
+        for name in ("deduplicate", "non_blocking", "keep_leaves", "copy_same_device", "shard", "verify_replicated"):
             if not is_bool(getattr(self, name)):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.pin_memory is not None and not is_bool(self.pin_memory):
             raise TypeError(f"pin_memory must be True, False or None (automatic), got {self.pin_memory!r}")
         if self.pin_memory and not _accelerator_available():
-            raise ValueError("pin_memory=True needs an accelerator (CUDA) to pin host memory for; leave it "
-                             "None (automatic) on a CPU-only machine")
+            raise ValueError(
+                "pin_memory=True needs an accelerator (CUDA) to pin host memory for; leave it "
+                "None (automatic) on a CPU-only machine"
+            )
         if self.process_group is not None:
             if not self.shard:
                 raise ValueError("process_group is only used with shard=True; set shard=True or drop it")
             if dist.is_available() and not isinstance(self.process_group, dist.ProcessGroup):
-                raise TypeError(f"process_group must be a torch.distributed.ProcessGroup, got "
-                                f"{type(self.process_group).__name__}")
+                raise TypeError(
+                    f"process_group must be a torch.distributed.ProcessGroup, got {type(self.process_group).__name__}"
+                )
         if self.verify_replicated and not self.shard:
             raise ValueError("verify_replicated checks sharded tensors; it needs shard=True")
 
@@ -126,8 +137,10 @@ class MarshalPolicy:
         if isinstance(value, dict):
             check_field_names(value)
             return cls(**value)
-        raise TypeError(f"offload must be None, a bool, a device (e.g. 'cpu'), a dict of MarshalPolicy "
-                        f"fields or a MarshalPolicy, got {type(value).__name__}")
+        raise TypeError(
+            f"offload must be None, a bool, a device (e.g. 'cpu'), a dict of MarshalPolicy "
+            f"fields or a MarshalPolicy, got {type(value).__name__}"
+        )
 
 
 def check_field_names(names) -> None:
@@ -168,4 +181,3 @@ class MarshalCounters:
 
     def as_dict(self, prefix: str = "") -> Dict[str, int]:
         return {prefix + f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-

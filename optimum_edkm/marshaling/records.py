@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from .replay import replay
 
+
 # -------------------------------------------------------------------------------------- byte-level helpers
 def storage_key(tensor: torch.Tensor, storage) -> tuple:
     return tensor.device.type, tensor.device.index, storage.data_ptr()
@@ -27,16 +28,18 @@ def byte_span(tensor: torch.Tensor) -> Tuple[int, int]:
 def storage_bytes(tensor: torch.Tensor, start: int, end: int) -> torch.Tensor:
     """A uint8 tensor aliasing bytes ``[start, end)`` of ``tensor``'s storage (no copy)."""
     return torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(
-        tensor.untyped_storage(), start, (end - start,), (1,))
+        tensor.untyped_storage(), start, (end - start,), (1,)
+    )
 
 
 def view_bytes(raw: torch.Tensor, dtype: torch.dtype, size, stride) -> torch.Tensor:
     """The tensor of ``dtype``/``size``/``stride`` whose first element is at ``raw``'s first byte."""
     element = dtype.itemsize
     if raw.storage_offset() % element:
-        raw = raw.clone()                      # set_ counts offsets in elements: realign on a fresh buffer
+        raw = raw.clone()  # set_ counts offsets in elements: realign on a fresh buffer
     return torch.empty(0, dtype=dtype, device=raw.device).set_(
-        raw.untyped_storage(), raw.storage_offset() // element, size, stride)
+        raw.untyped_storage(), raw.storage_offset() // element, size, stride
+    )
 
 
 def is_non_overlapping_and_dense(tensor: torch.Tensor) -> bool:
@@ -81,7 +84,7 @@ class HeldBytes:
             self._served = 0
         self._served += 1
         self._restored = None if self._served >= self.users else restored
-        return restored[start - self.start:end - self.start]
+        return restored[start - self.start : end - self.start]
 
     def _restore(self, device: torch.device) -> torch.Tensor:
         raise NotImplementedError
@@ -97,8 +100,8 @@ class CopiedSpan(HeldBytes):
         self.data = data
 
     def bytes_for(self, start: int, end: int, device: torch.device) -> torch.Tensor:
-        if self.data.device == device:             # held where they are needed: no transfer to share
-            return self.data[start - self.start:end - self.start]
+        if self.data.device == device:  # held where they are needed: no transfer to share
+            return self.data[start - self.start : end - self.start]
         return super().bytes_for(start, end, device)
 
     def _restore(self, device: torch.device) -> torch.Tensor:
@@ -124,13 +127,13 @@ class ShardedSpan(HeldBytes):
             if self.gather_device.type == "cuda":
                 torch.cuda.current_stream(self.gather_device).wait_event(self.ready)
             else:
-                self.ready.synchronize()       # the host reads the pinned buffer: the copy must have landed
+                self.ready.synchronize()  # the host reads the pinned buffer: the copy must have landed
         if piece.device != self.gather_device:
             piece = piece.to(self.gather_device, non_blocking=piece.is_pinned())
         full = torch.empty(self.world * self.chunk, dtype=torch.uint8, device=self.gather_device)
         dist.all_gather(list(full.split(self.chunk)), piece, group=self.group)
         self.owner.count("all_gathers", 1)
-        full = full[:self.end - self.start]
+        full = full[: self.end - self.start]
         if full.device != device:
             full = full.to(device)
             self.owner.count("copies_back", 1)
@@ -155,15 +158,15 @@ class Reference:
             raise RuntimeError(
                 f"one of the variables needed for gradient computation has been modified by an inplace "
                 f"operation: a saved {tuple(self.tensor.shape)} {self.tensor.dtype} tensor is at version "
-                f"{self.tensor._version}; expected version {self.version} instead (kept by TensorMarshal)")
+                f"{self.tensor._version}; expected version {self.version} instead (kept by TensorMarshal)"
+            )
         return self.tensor
 
 
 class StoredTensor:
     """A saved tensor rebuilt from held bytes: dtype, size, stride and the byte where it starts."""
 
-    __slots__ = ("span", "start", "end", "dtype", "size", "stride", "device", "source", "version",
-                 "__weakref__")
+    __slots__ = ("span", "start", "end", "dtype", "size", "stride", "device", "source", "version", "__weakref__")
 
     def __init__(self, span, tensor: torch.Tensor, start: int, end: int):
         self.span, self.start, self.end = span, start, end
@@ -177,8 +180,7 @@ class StoredTensor:
         return None if source is None else source._version
 
     def unpack(self) -> torch.Tensor:
-        return view_bytes(self.span.bytes_for(self.start, self.end, self.device), self.dtype, self.size,
-                           self.stride)
+        return view_bytes(self.span.bytes_for(self.start, self.end, self.device), self.dtype, self.size, self.stride)
 
 
 class ReplayedTensor:
@@ -201,5 +203,3 @@ class ReplayedTensor:
             out = torch.empty_strided(self.size, self.stride, dtype=result.dtype, device=result.device)
             result = out.copy_(result)
         return result
-
-

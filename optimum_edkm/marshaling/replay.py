@@ -8,8 +8,16 @@ from typing import Tuple
 import torch
 
 # ------------------------------------------------------------------------------------- view-chain replaying
-_RESHAPES = {"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "_ReshapeAliasBackward0",
-             "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2", "SqueezeBackward3"}
+_RESHAPES = {
+    "ViewBackward0",
+    "UnsafeViewBackward0",
+    "ReshapeAliasBackward0",
+    "_ReshapeAliasBackward0",
+    "SqueezeBackward0",
+    "SqueezeBackward1",
+    "SqueezeBackward2",
+    "SqueezeBackward3",
+}
 _COPIES = {"CloneBackward0"}
 
 
@@ -26,11 +34,13 @@ def step_back(node, output_nr: int, size_out: Tuple[int, ...]):
     """``(op, size_in)`` for one view-like node whose output has ``size_out``; ``None`` if unsupported."""
     name = node.name()
     if name == "SplitBackward0":
-        return ("split", int(node._saved_split_size), _signed(node._saved_dim), output_nr), \
-            _sizes(node._saved_self_sym_sizes)
+        return ("split", int(node._saved_split_size), _signed(node._saved_dim), output_nr), _sizes(
+            node._saved_self_sym_sizes
+        )
     if name == "SplitWithSizesBackward0":
-        return ("split", _sizes(node._saved_split_sizes), _signed(node._saved_dim), output_nr), \
-            _sizes(node._saved_self_sym_sizes)
+        return ("split", _sizes(node._saved_split_sizes), _signed(node._saved_dim), output_nr), _sizes(
+            node._saved_self_sym_sizes
+        )
     if output_nr != 0:
         return None
     if name in _RESHAPES:
@@ -56,19 +66,25 @@ def step_back(node, output_nr: int, size_out: Tuple[int, ...]):
         return ("permute", dims), tuple(size_in)
     if name == "UnsqueezeBackward0":
         dim = _signed(node._saved_dim) % len(size_out)
-        return ("unsqueeze", dim), size_out[:dim] + size_out[dim + 1:]
+        return ("unsqueeze", dim), size_out[:dim] + size_out[dim + 1 :]
     if name == "SliceBackward0":
-        return ("slice", _signed(node._saved_dim), _signed(node._saved_start), _signed(node._saved_end),
-                int(node._saved_step)), _sizes(node._saved_self_sym_sizes)
+        return (
+            "slice",
+            _signed(node._saved_dim),
+            _signed(node._saved_start),
+            _signed(node._saved_end),
+            int(node._saved_step),
+        ), _sizes(node._saved_self_sym_sizes)
     if name == "SelectBackward0":
-        return ("select", _signed(node._saved_dim), _signed(node._saved_index)), \
-            _sizes(node._saved_self_sym_sizes)
+        return ("select", _signed(node._saved_dim), _signed(node._saved_index)), _sizes(node._saved_self_sym_sizes)
     if name == "DiagonalBackward0":
-        return ("diagonal", _signed(node._saved_offset), _signed(node._saved_dim1),
-                _signed(node._saved_dim2)), _sizes(node._saved_self_sym_sizes)
+        return ("diagonal", _signed(node._saved_offset), _signed(node._saved_dim1), _signed(node._saved_dim2)), _sizes(
+            node._saved_self_sym_sizes
+        )
     if name == "UnfoldBackward0":
-        return ("unfold", _signed(node._saved_dimension), int(node._saved_size), int(node._saved_step)), \
-            _sizes(node._saved_self_sym_sizes)
+        return ("unfold", _signed(node._saved_dimension), int(node._saved_size), int(node._saved_step)), _sizes(
+            node._saved_self_sym_sizes
+        )
     return None
 
 
@@ -108,5 +124,3 @@ def replay(x: torch.Tensor, ops) -> torch.Tensor:
         for op in ops:
             x = apply_op(op, x)
     return x
-
-

@@ -34,16 +34,20 @@ class ClusteringMarshal:
         return values
 
 
-def policy_for(offload: Union[bool, str, dict, MarshalPolicy, None] = False, shard: bool = False
-               ) -> Optional[MarshalPolicy]:
+def policy_for(
+    offload: Union[bool, str, dict, MarshalPolicy, None] = False, shard: bool = False
+) -> Optional[MarshalPolicy]:
     """The policy ``offload`` (False, True, a device, a dict of :class:`MarshalPolicy` fields or a policy) and
     ``shard`` ask for, or ``None``. Sharding alone keeps this rank's slice on the compute device."""
     if not isinstance(shard, bool):
         raise ValueError(f"shard must be True or False, got {shard!r}")
     policy = MarshalPolicy.from_config(offload)
     if shard:
-        policy = dataclasses.replace(policy, shard=True) if policy is not None else MarshalPolicy(
-            shard=True, memory_threshold=1.0)
+        policy = (
+            dataclasses.replace(policy, shard=True)
+            if policy is not None
+            else MarshalPolicy(shard=True, memory_threshold=1.0)
+        )
     return policy
 
 

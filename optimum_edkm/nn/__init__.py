@@ -5,11 +5,24 @@
 becomes :class:`EDKMTiedLinear` / :class:`PalettizedTiedLinear`, which read the embedding's palette.
 """
 
-from .clustered import (CHECKPOINT_WEIGHT_DIM, ClusteredModule, EDKMConv1D, EDKMEmbedding, EDKMLinear,
-                        EDKMTiedLinear, is_clustered)
+from .clustered import (
+    CHECKPOINT_WEIGHT_DIM,
+    ClusteredModule,
+    EDKMConv1D,
+    EDKMEmbedding,
+    EDKMLinear,
+    EDKMTiedLinear,
+    is_clustered,
+)
 from .formats import LUT_DTYPES, ClusteringOptions, PaletteFormat
-from .palettized import (PalettizedConv1D, PalettizedEmbedding, PalettizedLinear, PalettizedModule,
-                         PalettizedTiedLinear, is_palettized)
+from .palettized import (
+    PalettizedConv1D,
+    PalettizedEmbedding,
+    PalettizedLinear,
+    PalettizedModule,
+    PalettizedTiedLinear,
+    is_palettized,
+)
 from .registry import clustered_class_for, register_clustered_module, registered_float_classes
 
 __all__ = [

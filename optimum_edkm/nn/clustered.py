@@ -24,8 +24,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
 
-from ..clustering import (ClusteringSpec, decode, dkm_reference, edkm_cluster, hard_assign, init_centroids,
-                          per_channel_scale)
+from ..clustering import (
+    ClusteringSpec,
+    decode,
+    dkm_reference,
+    edkm_cluster,
+    hard_assign,
+    init_centroids,
+    per_channel_scale,
+)
 from ..storage import WeightStorage
 from .formats import ClusteringOptions, PaletteFormat
 from .palettized import PalettizedConv1D, PalettizedEmbedding, PalettizedLinear, PalettizedTiedLinear
@@ -73,8 +80,9 @@ class ClusteredModule:
         self.saved_tensor_policy = None
         #: a tied output head reuses this module's clustered weight within one forward pass
         self.share_clustered_weight = False
-        self.register_buffer("weight_centroids", torch.zeros(palette.groups(out_channels), self.spec.num_clusters,
-                                                             device=device))
+        self.register_buffer(
+            "weight_centroids", torch.zeros(palette.groups(out_channels), self.spec.num_clusters, device=device)
+        )
         self.register_buffer("weight_temperature", torch.ones((), device=device))
         scale = torch.ones(out_channels, device=device) if palette.per_channel_scale else None
         self.register_buffer("weight_scale", scale)
@@ -100,23 +108,31 @@ class ClusteredModule:
 
     @property
     def palette_format(self) -> PaletteFormat:
-        return PaletteFormat(bits=self.spec.bits, group_size=self.spec.group_size,
-                             per_channel_scale=self.weight_scale is not None, lut_dtype=self.lut_dtype)
+        return PaletteFormat(
+            bits=self.spec.bits,
+            group_size=self.spec.group_size,
+            per_channel_scale=self.weight_scale is not None,
+            lut_dtype=self.lut_dtype,
+        )
 
     def storage(self) -> WeightStorage:
         """What the palettized form of this module stores."""
         palette = self.palette_format
         entry_bits = torch.finfo(palette.lut_dtype).bits
-        return WeightStorage.palettized(self.dense_shape, palette.bits, palette.group_size, entry_bits,
-                                        entry_bits if palette.per_channel_scale else None)
+        return WeightStorage.palettized(
+            self.dense_shape,
+            palette.bits,
+            palette.group_size,
+            entry_bits,
+            entry_bits if palette.per_channel_scale else None,
+        )
 
     def engine_spec(self) -> ClusteringSpec:
         return dataclasses.replace(self.spec, temperature=float(self.weight_temperature) * self.temperature_factor)
 
     # ------------------------------------------------------------------------------------------ initialisation
     @torch.no_grad()
-    def init_clusters(self, seed: int = 0, name: str = "weight", sample_weight: Optional[torch.Tensor] = None
-                      ) -> None:
+    def init_clusters(self, seed: int = 0, name: str = "weight", sample_weight: Optional[torch.Tensor] = None) -> None:
         """k-means centroids (and per-channel scale) from the current weight; sets the absolute temperature to
         ``relative_temperature`` times the squared mean spacing of neighbouring centroids."""
         rows = self.rows().detach()
@@ -144,8 +160,7 @@ class ClusteredModule:
             return self.weight
         if not self.training:
             return self.snapped_weight()
-        if self.share_clustered_weight and self._soft_cache is not None \
-                and self._soft_cache[0] == self._soft_key():
+        if self.share_clustered_weight and self._soft_cache is not None and self._soft_cache[0] == self._soft_key():
             return self._soft_cache[1]
         engine = edkm_cluster if self.use_uniquify else dkm_reference
 
@@ -163,15 +178,15 @@ class ClusteredModule:
         return weight
 
     def _soft_key(self) -> tuple:
-        return (self.weight._version, self.weight.data_ptr(), self.weight_centroids._version,
-                torch.is_grad_enabled())
+        return (self.weight._version, self.weight.data_ptr(), self.weight_centroids._version, torch.is_grad_enabled())
 
     @torch.no_grad()
     def snap(self):
         """Nearest-LUT-entry indices (uint8, ``[out, in]``) and the LUT as it will be stored."""
         lut = self.weight_centroids.to(self.lut_dtype)
-        assignment = hard_assign(self.rows().detach(), lut.to(self.weight_centroids.dtype), self.spec,
-                                 scale=self.weight_scale)
+        assignment = hard_assign(
+            self.rows().detach(), lut.to(self.weight_centroids.dtype), self.spec, scale=self.weight_scale
+        )
         return assignment.indices, lut
 
     def stored_scale(self) -> Optional[torch.Tensor]:
@@ -180,8 +195,7 @@ class ClusteredModule:
     def snapped_weight(self) -> torch.Tensor:
         """Dense weight after snapping, exactly what the palettized module computes; cached until the weight or
         the centroids change."""
-        key = (self.weight._version, self.weight.data_ptr(), id(self.weight_centroids),
-               self.weight_centroids._version)
+        key = (self.weight._version, self.weight.data_ptr(), id(self.weight_centroids), self.weight_centroids._version)
         if self._snap_cache is None or self._snap_cache[0] != key:
             indices, lut = self.snap()
             dense = decode(indices, lut, self.stored_scale(), dtype=self.weight.dtype)
@@ -236,7 +250,7 @@ class ClusteredModule:
             for j in range(1, k):
                 if row[j] - row[j - 1] > limit:
                     continue
-                larger = [c for c in row[j + 1:] if c - row[j] > limit]
+                larger = [c for c in row[j + 1 :] if c - row[j] > limit]
                 smaller = [c for c in row[:j] if row[j] - c > limit]
                 if larger:
                     row[j] = (row[j] + larger[0]) / 2
@@ -252,8 +266,9 @@ class ClusteredModule:
         return moved
 
     def clustering_repr(self) -> str:
-        granularity = ("per_tensor" if self.spec.group_size is None
-                       else f"per_grouped_channel(group_size={self.spec.group_size})")
+        granularity = (
+            "per_tensor" if self.spec.group_size is None else f"per_grouped_channel(group_size={self.spec.group_size})"
+        )
         scale = ", per_channel_scale" if self.weight_scale is not None else ""
         return f"bits={self.spec.bits}, {granularity}{scale}"
 
@@ -270,17 +285,23 @@ class ClusteredModule:
         self._snap_cache = self._soft_cache = None
         return result
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         key = prefix + "weight"
         stored = state_dict.get(key)
-        if isinstance(stored, torch.Tensor) and stored.dim() == CHECKPOINT_WEIGHT_DIM and stored.shape[0] == 1 \
-                and stored.dim() == self.weight.dim() + 1:
+        if (
+            isinstance(stored, torch.Tensor)
+            and stored.dim() == CHECKPOINT_WEIGHT_DIM
+            and stored.shape[0] == 1
+            and stored.dim() == self.weight.dim() + 1
+        ):
             state_dict = dict(state_dict)
             state_dict[key] = stored[0]
         self._snap_cache = self._soft_cache = None
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
 
 def is_clustered(module: nn.Module) -> bool:
@@ -300,8 +321,16 @@ class EDKMLinear(ClusteredModule, nn.Linear):
     palettized_class = PalettizedLinear
     kind = "linear"
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, palette: PaletteFormat,
-                 options: ClusteringOptions = ClusteringOptions(), device=None, dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        palette: PaletteFormat,
+        options: ClusteringOptions = ClusteringOptions(),
+        device=None,
+        dtype=None,
+    ):
         nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._init_clustering(palette, options, out_features, device)
 
@@ -309,8 +338,14 @@ class EDKMLinear(ClusteredModule, nn.Linear):
     def from_float(cls, module: nn.Linear, palette: PaletteFormat, options: ClusteringOptions) -> "EDKMLinear":
         """Wrap ``module``; its ``weight`` and ``bias`` parameters are reused (not copied)."""
         with torch.device("meta"):
-            clustered = cls(module.in_features, module.out_features, module.bias is not None, palette, options,
-                            dtype=module.weight.dtype)
+            clustered = cls(
+                module.in_features,
+                module.out_features,
+                module.bias is not None,
+                palette,
+                options,
+                dtype=module.weight.dtype,
+            )
         return _adopt(clustered, module)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -328,8 +363,15 @@ class EDKMConv1D(ClusteredModule, Conv1D):
     palettized_class = PalettizedConv1D
     kind = "linear"
 
-    def __init__(self, nf: int, nx: int, palette: PaletteFormat, options: ClusteringOptions = ClusteringOptions(),
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        nf: int,
+        nx: int,
+        palette: PaletteFormat,
+        options: ClusteringOptions = ClusteringOptions(),
+        device=None,
+        dtype=None,
+    ):
         nn.Module.__init__(self)
         self.nf, self.nx = nf, nx
         self.weight = nn.Parameter(torch.empty(nx, nf, device=device, dtype=dtype))
@@ -359,24 +401,42 @@ class EDKMEmbedding(ClusteredModule, nn.Embedding):
     palettized_class = PalettizedEmbedding
     kind = "embedding"
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, palette: PaletteFormat,
-                 options: ClusteringOptions = ClusteringOptions(), padding_idx: Optional[int] = None, device=None,
-                 dtype=None):
-        nn.Embedding.__init__(self, num_embeddings, embedding_dim, padding_idx=padding_idx, device=device,
-                              dtype=dtype)
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        palette: PaletteFormat,
+        options: ClusteringOptions = ClusteringOptions(),
+        padding_idx: Optional[int] = None,
+        device=None,
+        dtype=None,
+    ):
+        nn.Embedding.__init__(self, num_embeddings, embedding_dim, padding_idx=padding_idx, device=device, dtype=dtype)
         self._init_clustering(palette, options, num_embeddings, device)
 
     @classmethod
-    def from_float(cls, module: nn.Embedding, palette: PaletteFormat, options: ClusteringOptions
-                   ) -> "EDKMEmbedding":
+    def from_float(cls, module: nn.Embedding, palette: PaletteFormat, options: ClusteringOptions) -> "EDKMEmbedding":
         with torch.device("meta"):
-            clustered = cls(module.num_embeddings, module.embedding_dim, palette, options,
-                            padding_idx=module.padding_idx, dtype=module.weight.dtype)
+            clustered = cls(
+                module.num_embeddings,
+                module.embedding_dim,
+                palette,
+                options,
+                padding_idx=module.padding_idx,
+                dtype=module.weight.dtype,
+            )
         return _adopt(clustered, module)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.clustered_weight(), self.padding_idx, self.max_norm, self.norm_type,
-                           self.scale_grad_by_freq, self.sparse)
+        return F.embedding(
+            input_ids,
+            self.clustered_weight(),
+            self.padding_idx,
+            self.max_norm,
+            self.norm_type,
+            self.scale_grad_by_freq,
+            self.sparse,
+        )
 
     def extra_repr(self) -> str:
         return f"{nn.Embedding.extra_repr(self)}, {self.clustering_repr()}"
@@ -392,7 +452,7 @@ class EDKMTiedLinear(nn.Linear):
     def __init__(self, embedding: EDKMEmbedding, bias: Optional[torch.Tensor] = None):
         nn.Module.__init__(self)
         self.in_features, self.out_features = embedding.embedding_dim, embedding.num_embeddings
-        self.__dict__["tied_embedding"] = embedding          # a reference, not a submodule (no state twice)
+        self.__dict__["tied_embedding"] = embedding  # a reference, not a submodule (no state twice)
         self.weight = embedding.weight
         self.bias = bias
         embedding.share_clustered_weight = True
@@ -412,8 +472,13 @@ class EDKMTiedLinear(nn.Linear):
     def to_float(self, dtype: Optional[torch.dtype] = None) -> nn.Module:
         embedding = self.tied_embedding
         weight = embedding.snapped_weight().detach()
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=weight.device,
-                           dtype=dtype or weight.dtype)
+        linear = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=weight.device,
+            dtype=dtype or weight.dtype,
+        )
         linear.weight.copy_(weight)
         if self.bias is not None:
             linear.bias.copy_(self.bias)

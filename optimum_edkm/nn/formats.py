@@ -47,5 +47,9 @@ class ClusteringOptions:
     uniquify: bool = True
 
     def spec(self, palette: PaletteFormat) -> ClusteringSpec:
-        return ClusteringSpec(bits=palette.bits, group_size=palette.group_size, iterations=self.iterations,
-                              tolerance=float(self.tolerance))
+        return ClusteringSpec(
+            bits=palette.bits,
+            group_size=palette.group_size,
+            iterations=self.iterations,
+            tolerance=float(self.tolerance),
+        )

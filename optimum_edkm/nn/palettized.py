@@ -40,12 +40,15 @@ class PalettizedModule:
         self.out_channels, self.in_channels = out_channels, in_channels
         self.bits = palette.bits
         self.group_size = palette.group_size
-        self.register_buffer("weight", torch.zeros(packed_size(out_channels * in_channels, palette.bits),
-                                                   dtype=torch.uint8, device=device))
-        self.register_buffer("weight_lut", torch.zeros(palette.groups(out_channels), 2 ** palette.bits,
-                                                       dtype=palette.lut_dtype, device=device))
-        scale = torch.ones(out_channels, dtype=palette.lut_dtype, device=device) if palette.per_channel_scale \
-            else None
+        self.register_buffer(
+            "weight",
+            torch.zeros(packed_size(out_channels * in_channels, palette.bits), dtype=torch.uint8, device=device),
+        )
+        self.register_buffer(
+            "weight_lut",
+            torch.zeros(palette.groups(out_channels), 2**palette.bits, dtype=palette.lut_dtype, device=device),
+        )
+        scale = torch.ones(out_channels, dtype=palette.lut_dtype, device=device) if palette.per_channel_scale else None
         self.register_buffer("weight_scale", scale)
         #: keep the decoded dense weight between calls (faster, but costs the dense weight's memory)
         self.cache_dense_weight = False
@@ -59,19 +62,29 @@ class PalettizedModule:
 
     @property
     def palette_format(self) -> PaletteFormat:
-        return PaletteFormat(bits=self.bits, group_size=self.group_size,
-                             per_channel_scale=self.weight_scale is not None, lut_dtype=self.weight_lut.dtype)
+        return PaletteFormat(
+            bits=self.bits,
+            group_size=self.group_size,
+            per_channel_scale=self.weight_scale is not None,
+            lut_dtype=self.weight_lut.dtype,
+        )
 
     def storage(self) -> WeightStorage:
         """What this module stores for its weight (indices, LUTs, scales)."""
         entry_bits = torch.finfo(self.weight_lut.dtype).bits
-        return WeightStorage.palettized(self.dense_shape, self.bits, self.group_size, entry_bits,
-                                        entry_bits if self.weight_scale is not None else None)
+        return WeightStorage.palettized(
+            self.dense_shape,
+            self.bits,
+            self.group_size,
+            entry_bits,
+            entry_bits if self.weight_scale is not None else None,
+        )
 
     def indices(self) -> torch.Tensor:
         """Unpacked uint8 indices, ``[out, in]``."""
         return unpack_indices(self.weight, self.bits, self.out_channels * self.in_channels).view(
-            self.out_channels, self.in_channels)
+            self.out_channels, self.in_channels
+        )
 
     def dense_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The decoded ``[out, in]`` weight: ``scale[row] * lut[group(row), index]``, computed in fp32."""
@@ -85,15 +98,15 @@ class PalettizedModule:
         return dense
 
     def palette_repr(self) -> str:
-        granularity = ("per_tensor" if self.group_size is None
-                       else f"per_grouped_channel(group_size={self.group_size})")
+        granularity = "per_tensor" if self.group_size is None else f"per_grouped_channel(group_size={self.group_size})"
         scale = ", per_channel_scale" if self.weight_scale is not None else ""
         return f"bits={self.bits}, {granularity}{scale}, lut_dtype={self.weight_lut.dtype}"
 
     # ----------------------------------------------------------------------------------------- conversions
     @classmethod
-    def _from_snapped(cls, palettized: "PalettizedModule", indices: torch.Tensor, lut: torch.Tensor,
-                      scale: Optional[torch.Tensor]) -> "PalettizedModule":
+    def _from_snapped(
+        cls, palettized: "PalettizedModule", indices: torch.Tensor, lut: torch.Tensor, scale: Optional[torch.Tensor]
+    ) -> "PalettizedModule":
         with torch.no_grad():
             palettized.weight.copy_(pack_indices(indices, palettized.bits))
             palettized.weight_lut.copy_(lut)
@@ -132,8 +145,9 @@ def is_palettized(module: nn.Module) -> bool:
 class PalettizedLinear(PalettizedModule, nn.Module):
     """A Linear layer stored as a LUT and packed n-bit indices."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, palette: PaletteFormat, *, device=None,
-                 dtype=None):
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, palette: PaletteFormat, *, device=None, dtype=None
+    ):
         nn.Module.__init__(self)
         self.in_features, self.out_features = in_features, out_features
         self.output_dtype = dtype or torch.get_default_dtype()
@@ -144,14 +158,21 @@ class PalettizedLinear(PalettizedModule, nn.Module):
     def empty_for(cls, module: nn.Module, palette: PaletteFormat) -> "PalettizedLinear":
         """The palettized module a checkpoint of ``module`` (an ``nn.Linear``) is loaded into (meta device)."""
         with torch.device("meta"):
-            return cls(module.in_features, module.out_features, module.bias is not None, palette,
-                       dtype=module.weight.dtype)
+            return cls(
+                module.in_features, module.out_features, module.bias is not None, palette, dtype=module.weight.dtype
+            )
 
     @classmethod
     def from_snapped(cls, clustered, indices, lut, scale) -> "PalettizedLinear":
         out_channels, in_channels = clustered.dense_shape
-        module = cls(in_channels, out_channels, clustered.bias is not None, clustered.palette_format,
-                     device=clustered.weight.device, dtype=clustered.weight.dtype)
+        module = cls(
+            in_channels,
+            out_channels,
+            clustered.bias is not None,
+            clustered.palette_format,
+            device=clustered.weight.device,
+            dtype=clustered.weight.dtype,
+        )
         if clustered.bias is not None:
             with torch.no_grad():
                 module.bias.copy_(clustered.whole_bias())
@@ -160,8 +181,9 @@ class PalettizedLinear(PalettizedModule, nn.Module):
     @staticmethod
     def float_module_from_rows(module, rows: torch.Tensor, dtype: Optional[torch.dtype]) -> nn.Module:
         out_channels, in_channels = rows.shape
-        linear = nn.Linear(in_channels, out_channels, bias=module.bias is not None, device=rows.device,
-                           dtype=dtype or rows.dtype)
+        linear = nn.Linear(
+            in_channels, out_channels, bias=module.bias is not None, device=rows.device, dtype=dtype or rows.dtype
+        )
         with torch.no_grad():
             linear.weight.copy_(rows)
             if module.bias is not None:
@@ -172,12 +194,23 @@ class PalettizedLinear(PalettizedModule, nn.Module):
         if self.cache_dense_weight:
             return F.linear(x, self.dense_weight(x.dtype), self.bias)
         # fused LUT kernel on the packed indices (pure-torch decode + F.linear where it does not apply)
-        return lut_linear(x, self.weight, self.weight_lut, self.weight_scale, self.bias, self.in_features,
-                          self.out_features, self.bits, self.group_size)
+        return lut_linear(
+            x,
+            self.weight,
+            self.weight_lut,
+            self.weight_scale,
+            self.bias,
+            self.in_features,
+            self.out_features,
+            self.bits,
+            self.group_size,
+        )
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, {self.palette_repr()}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, {self.palette_repr()}"
+        )
 
 
 class PalettizedConv1D(PalettizedLinear):
@@ -203,8 +236,16 @@ class PalettizedEmbedding(PalettizedModule, nn.Module):
     """An Embedding stored as a LUT and packed n-bit indices; only the looked-up rows are decoded when the
     rows are byte-aligned in the packed stream."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, palette: PaletteFormat, *,
-                 padding_idx: Optional[int] = None, device=None, dtype=None):
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        palette: PaletteFormat,
+        *,
+        padding_idx: Optional[int] = None,
+        device=None,
+        dtype=None,
+    ):
         nn.Module.__init__(self)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.padding_idx = padding_idx
@@ -214,21 +255,33 @@ class PalettizedEmbedding(PalettizedModule, nn.Module):
     @classmethod
     def empty_for(cls, module: nn.Module, palette: PaletteFormat) -> "PalettizedEmbedding":
         with torch.device("meta"):
-            return cls(module.num_embeddings, module.embedding_dim, palette, padding_idx=module.padding_idx,
-                       dtype=module.weight.dtype)
+            return cls(
+                module.num_embeddings,
+                module.embedding_dim,
+                palette,
+                padding_idx=module.padding_idx,
+                dtype=module.weight.dtype,
+            )
 
     @classmethod
     def from_snapped(cls, clustered, indices, lut, scale) -> "PalettizedEmbedding":
         out_channels, in_channels = clustered.dense_shape
-        module = cls(out_channels, in_channels, clustered.palette_format, padding_idx=clustered.padding_idx,
-                     device=clustered.weight.device, dtype=clustered.weight.dtype)
+        module = cls(
+            out_channels,
+            in_channels,
+            clustered.palette_format,
+            padding_idx=clustered.padding_idx,
+            device=clustered.weight.device,
+            dtype=clustered.weight.dtype,
+        )
         return cls._from_snapped(module, indices, lut, scale)
 
     @staticmethod
     def float_module_from_rows(module, rows: torch.Tensor, dtype: Optional[torch.dtype]) -> nn.Module:
         out_channels, in_channels = rows.shape
-        embedding = nn.Embedding(out_channels, in_channels, padding_idx=module.padding_idx, device=rows.device,
-                                 dtype=dtype or rows.dtype)
+        embedding = nn.Embedding(
+            out_channels, in_channels, padding_idx=module.padding_idx, device=rows.device, dtype=dtype or rows.dtype
+        )
         with torch.no_grad():
             embedding.weight.copy_(rows)
         return embedding
@@ -260,21 +313,31 @@ class PalettizedTiedLinear(nn.Module):
     def __init__(self, embedding: PalettizedEmbedding, bias: Optional[torch.Tensor] = None):
         super().__init__()
         self.in_features, self.out_features = embedding.embedding_dim, embedding.num_embeddings
-        self.__dict__["tied_embedding"] = embedding          # a reference, not a submodule (no state twice)
+        self.__dict__["tied_embedding"] = embedding  # a reference, not a submodule (no state twice)
         self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         embedding = self.tied_embedding
         if embedding.cache_dense_weight:
             return F.linear(x, embedding.dense_weight(x.dtype), self.bias)
-        return lut_linear(x, embedding.weight, embedding.weight_lut, embedding.weight_scale, self.bias,
-                          self.in_features, self.out_features, embedding.bits, embedding.group_size)
+        return lut_linear(
+            x,
+            embedding.weight,
+            embedding.weight_lut,
+            embedding.weight_scale,
+            self.bias,
+            self.in_features,
+            self.out_features,
+            embedding.bits,
+            embedding.group_size,
+        )
 
     def to_float(self, dtype: Optional[torch.dtype] = None) -> nn.Module:
         embedding = self.tied_embedding
         weight = embedding.dense_weight(dtype or embedding.output_dtype)
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=weight.device,
-                           dtype=weight.dtype)
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device=weight.device, dtype=weight.dtype
+        )
         with torch.no_grad():
             linear.weight.copy_(weight)
             if self.bias is not None:

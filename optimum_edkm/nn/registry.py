@@ -20,7 +20,9 @@ def register_clustered_module(float_class: type):
 
     def register(clustered_class: type) -> type:
         if float_class in _CLUSTERED_FOR:
-            raise ValueError(f"{float_class.__name__} is already registered (-> {_CLUSTERED_FOR[float_class].__name__})")
+            raise ValueError(
+                f"{float_class.__name__} is already registered (-> {_CLUSTERED_FOR[float_class].__name__})"
+            )
         _CLUSTERED_FOR[float_class] = clustered_class
         return clustered_class
 
@@ -30,7 +32,7 @@ def register_clustered_module(float_class: type):
 def clustered_class_for(module: nn.Module) -> Optional[type]:
     """The clustered class for ``module`` (its own class or its nearest registered base class), or ``None`` for
     modules the package does not convert, including ones it already converted."""
-    if getattr(module, "edkm_role", None) is not None:      # already clustered or palettized
+    if getattr(module, "edkm_role", None) is not None:  # already clustered or palettized
         return None
     for cls in type(module).__mro__:
         if cls in _CLUSTERED_FOR:

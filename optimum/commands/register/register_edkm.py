@@ -24,11 +24,17 @@ def _arguments():
     """``optimum_edkm.commands.arguments`` without running ``optimum_edkm/__init__.py``."""
     if _ARGUMENTS_MODULE in sys.modules:
         return sys.modules[_ARGUMENTS_MODULE]
-    spec = importlib.util.find_spec("optimum_edkm")           # locates the package without importing it
+    spec = importlib.util.find_spec("optimum_edkm")  # locates the package without importing it
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    path = next((os.path.join(folder, "commands", "arguments.py") for folder in locations
-                 if os.path.isfile(os.path.join(folder, "commands", "arguments.py"))), None)
-    if path is None:                                            # not a plain folder (zip, frozen): import it
+    path = next(
+        (
+            os.path.join(folder, "commands", "arguments.py")
+            for folder in locations
+            if os.path.isfile(os.path.join(folder, "commands", "arguments.py"))
+        ),
+        None,
+    )
+    if path is None:  # not a plain folder (zip, frozen): import it
         from optimum_edkm.commands import arguments
 
         return arguments
@@ -40,8 +46,9 @@ def _arguments():
 
 
 class EDKMCompressCommand(BaseOptimumCLICommand):
-    COMMAND = CommandInfo(name="compress", help="load, fine-tune with eDKM, palettize, save; report size and "
-                                                "perplexity")
+    COMMAND = CommandInfo(
+        name="compress", help="load, fine-tune with eDKM, palettize, save; report size and perplexity"
+    )
 
     @staticmethod
     def parse_args(parser):
@@ -73,10 +80,16 @@ class EDKMEvaluateCommand(BaseOptimumCLICommand):
 class EDKMCommand(BaseOptimumCLICommand):
     COMMAND = CommandInfo(name="edkm", help="eDKM palettization (optimum-edkm): compress, evaluate")
     SUBCOMMANDS = (
-        CommandInfo(name=EDKMCompressCommand.COMMAND.name, help=EDKMCompressCommand.COMMAND.help,
-                    subcommand_class=EDKMCompressCommand),
-        CommandInfo(name=EDKMEvaluateCommand.COMMAND.name, help=EDKMEvaluateCommand.COMMAND.help,
-                    subcommand_class=EDKMEvaluateCommand),
+        CommandInfo(
+            name=EDKMCompressCommand.COMMAND.name,
+            help=EDKMCompressCommand.COMMAND.help,
+            subcommand_class=EDKMCompressCommand,
+        ),
+        CommandInfo(
+            name=EDKMEvaluateCommand.COMMAND.name,
+            help=EDKMEvaluateCommand.COMMAND.help,
+            subcommand_class=EDKMEvaluateCommand,
+        ),
     )
 
 
