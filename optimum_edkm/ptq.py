@@ -45,15 +45,16 @@ from typing import NamedTuple, Optional
 import torch
 from tqdm.auto import tqdm
 
+from .baselines.gptq import dampen, error_feedback, upper_cholesky_of_inverse, working_copies
 from .baselines.layers import (
     capture_first_layer_calls,
     check_calibration_ids,
     decoder_layers,
-    input_hessians,
+    for_each_hessian,
     module_names,
     named_linears,
+    next_layer_calls,
     run_layer,
-    sequential_groups,
 )
 from .baselines.result import BaselineResult
 from .clustering import ClusteringSpec, decode, hard_assign, init_centroids, per_channel_scale
@@ -98,6 +99,13 @@ def _check_palette(weight: torch.Tensor, lut: torch.Tensor, spec: ClusteringSpec
         raise ValueError(f"the per-channel scale has shape {tuple(scale.shape)}, expected ({rows},)")
 
 
+def _row_groups(rows: int, spec: ClusteringSpec, device) -> torch.Tensor:
+    """The LUT (group) index of each of ``rows`` output rows."""
+    if spec.group_size is None:
+        return torch.zeros(rows, dtype=torch.long, device=device)
+    return torch.arange(rows, device=device) // spec.group_size
+
+
 class _NearestEntry:
     """Rounds weight columns to their row's nearest LUT entry with the arithmetic of
     :func:`~optimum_edkm.clustering.hard_assign` (values: the weight in its own dtype, divided by the scale in
@@ -109,11 +117,7 @@ class _NearestEntry:
         self.weight_dtype = weight.dtype
         self.compute = compute_dtype(weight)
         self.values = value_dtype(weight, spec)
-        group = (
-            torch.zeros(rows, dtype=torch.long, device=weight.device)
-            if spec.group_size is None
-            else torch.arange(rows, device=weight.device) // spec.group_size
-        )
+        group = _row_groups(rows, spec, weight.device)
         work = torch.promote_types(lut.dtype, torch.float32)
         self.distance_lut = lut.to(self.compute)[group]  # [rows, k]
         self.decode_lut = lut.to(work)[group]  # [rows, k]
@@ -135,37 +139,6 @@ class _NearestEntry:
         if self.multiply is not None:
             dense = dense * self.multiply
         return dense.to(self.weight_dtype)
-
-
-def _working_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _prepare_hessian(weight: torch.Tensor, hessian: torch.Tensor, damp: float):
-    """Dead inputs (zero diagonal) get ``H_jj = 1`` and zero weight (as GPTQ does); returns the working weight, the
-    undamped Hessian with dead entries fixed and the damped one."""
-    dtype = _working_dtype(weight.dtype)
-    W = weight.detach().to(dtype).clone()
-    H = hessian.detach().to(dtype=dtype, device=W.device).clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    damped = H.clone()
-    diagonal = torch.arange(H.shape[0], device=H.device)
-    damped[diagonal, diagonal] += damp * torch.mean(torch.diag(H))
-    return W, H, damped
-
-
-def _upper_cholesky_of_inverse(H: torch.Tensor) -> torch.Tensor:
-    L, info = torch.linalg.cholesky_ex(H)
-    if int(info) == 0:
-        L, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-    if int(info) != 0:
-        raise ValueError(
-            "the damped Hessian is not positive definite (too few or degenerate calibration tokens "
-            "for this layer); increase damp or use more calibration data"
-        )
-    return L
 
 
 def _check_options(block_size, damp):
@@ -203,34 +176,30 @@ def gptq_lut_round(
     rows, columns = weight.shape
     if tuple(hessian.shape) != (columns, columns):
         raise ValueError(f"hessian must be [{columns}, {columns}], got {tuple(hessian.shape)}")
-    W, _, damped = _prepare_hessian(weight, hessian, damp)
+    W, H = working_copies(weight, hessian)
+    damped = dampen(H, damp)
     rounding = _NearestEntry(weight, lut, spec, scale)
     permutation = None
     if act_order:
         permutation = torch.argsort(torch.diag(damped), descending=True)
         W, damped = W[:, permutation], damped[permutation][:, permutation]
-    U = _upper_cholesky_of_inverse(damped)
+    U = upper_cholesky_of_inverse(damped)
     indices = torch.zeros(rows, columns, dtype=torch.long, device=W.device)
     rounded_from = torch.zeros_like(W)
     Q = torch.zeros_like(W)
     loss = torch.zeros((), dtype=W.dtype, device=W.device)
-    for i1 in range(0, columns, block_size):
-        i2 = min(i1 + block_size, columns)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            w = W1[:, i]
-            index = rounding.indices(w.unsqueeze(1))
-            q = rounding.decode(index).to(W.dtype).squeeze(1)
-            indices[:, i1 + i] = index.squeeze(1)
-            rounded_from[:, i1 + i] = w
-            Q[:, i1 + i] = q
-            error = (w - q) / U1[i, i]
-            W1[:, i:] -= error.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            Err1[:, i] = error
+
+    def round_column(column: int, i: int, W1: torch.Tensor) -> torch.Tensor:
+        w = W1[:, i]
+        index = rounding.indices(w.unsqueeze(1))
+        q = rounding.decode(index).to(W.dtype).squeeze(1)
+        indices[:, column] = index.squeeze(1)
+        rounded_from[:, column] = w
+        Q[:, column] = q
+        return q
+
+    for Err1 in error_feedback(W, U, round_column, block_size):
         loss += Err1.pow(2).sum() / 2
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
     if permutation is not None:
         inverse = torch.argsort(permutation)
         indices, rounded_from, Q = indices[:, inverse], rounded_from[:, inverse], Q[:, inverse]
@@ -264,11 +233,7 @@ def refit_lut(
     H = hessian.to(torch.float32)
     W = weight.to(torch.float32)
     s = torch.ones(rows, dtype=torch.float64, device=W.device) if scale is None else scale.double()
-    group = (
-        torch.zeros(rows, dtype=torch.long, device=W.device)
-        if spec.group_size is None
-        else torch.arange(rows, device=W.device) // spec.group_size
-    )
+    group = _row_groups(rows, spec, W.device)
     A = torch.zeros(groups, k, k, dtype=torch.float64, device=W.device)
     b = torch.zeros(groups, k, dtype=torch.float64, device=W.device)
     WH = W @ H
@@ -303,11 +268,7 @@ def refit_scale(
     its ``scale``). Returned in float64."""
     _check_palette(weight, lut, spec, scale)
     rows = weight.shape[0]
-    group = (
-        torch.zeros(rows, dtype=torch.long, device=weight.device)
-        if spec.group_size is None
-        else torch.arange(rows, device=weight.device) // spec.group_size
-    )
+    group = _row_groups(rows, spec, weight.device)
     u = lut.double()[group].gather(1, indices.long())
     uH = u @ hessian.double()
     numerator = (uH * weight.double()).sum(1)
@@ -326,11 +287,7 @@ def _sorted(lut: torch.Tensor, indices: torch.Tensor, spec: ClusteringSpec) -> t
     sorted_lut, order = lut.sort(1)
     rank = torch.argsort(order, 1)  # old entry -> new position
     rows = indices.shape[0]
-    group = (
-        torch.zeros(rows, dtype=torch.long, device=lut.device)
-        if spec.group_size is None
-        else torch.arange(rows, device=lut.device) // spec.group_size
-    )
+    group = _row_groups(rows, spec, lut.device)
     return sorted_lut, rank[group].gather(1, indices.long()).to(torch.uint8)
 
 
@@ -563,9 +520,40 @@ def palettize_post_training(
             len(skipped),
             ", ".join(skipped[:5]),
         )
+    storage, details = {}, {}
+
+    def palettize_module(module: EDKMLinear, hessian: torch.Tensor) -> None:
+        full = names[id(module)]
+        weight_fisher = None
+        if importance == "fisher":
+            if full not in fisher:
+                raise ValueError(f"fisher has no entry for {full!r}; compute it for every linear")
+            weight_fisher = fisher[full]
+        original = module.rows().detach().clone()
+        best, errors = palettize_weight(
+            original,
+            hessian,
+            module.spec,
+            module.lut_dtype,
+            module.weight_scale is not None,
+            importance,
+            weight_fisher,
+            refits,
+            refit_scales,
+            block_size,
+            damp,
+            act_order,
+            seed=prepared.seed,
+            name=f"{full}.weight",
+        )
+        installed = install_palette(module, best)
+        dense = module.snapped_weight()
+        errors["final"] = output_error(original, module.rows(dense), hessian)
+        details[full] = {"output_error": errors, "chosen": best.origin, **installed}
+        storage[full] = module.storage()
+
     was_training = model.training
     model.eval()
-    storage, details = {}, {}
     try:
         calls = capture_first_layer_calls(model, calibration_ids, batch_size)
         for number, layer in enumerate(
@@ -574,39 +562,8 @@ def palettize_post_training(
             layer_started = time.perf_counter()
             linears = {name: m for name, m in named_linears(layer).items() if isinstance(m, EDKMLinear)}
             if linears:
-                for group in sequential_groups(layer, calls[0], linears):
-                    for name, hessian in input_hessians(layer, calls, {n: linears[n] for n in group}).items():
-                        module = linears[name]
-                        full = names[id(module)]
-                        weight_fisher = None
-                        if importance == "fisher":
-                            if full not in fisher:
-                                raise ValueError(f"fisher has no entry for {full!r}; compute it for every linear")
-                            weight_fisher = fisher[full]
-                        original = module.rows().detach().clone()
-                        best, errors = palettize_weight(
-                            original,
-                            hessian,
-                            module.spec,
-                            module.lut_dtype,
-                            module.weight_scale is not None,
-                            importance,
-                            weight_fisher,
-                            refits,
-                            refit_scales,
-                            block_size,
-                            damp,
-                            act_order,
-                            seed=prepared.seed,
-                            name=f"{full}.weight",
-                        )
-                        installed = install_palette(module, best)
-                        dense = module.snapped_weight()
-                        errors["final"] = output_error(original, module.rows(dense), hessian)
-                        details[full] = {"output_error": errors, "chosen": best.origin, **installed}
-                        storage[full] = module.storage()
-            outputs = run_layer(layer, calls)
-            calls = [call.with_hidden_states(output) for call, output in zip(calls, outputs)]
+                for_each_hessian(layer, calls, linears, palettize_module)
+            calls = next_layer_calls(calls, run_layer(layer, calls))
             logger.info(
                 "post-training palettization: layer %d/%d in %.1f s",
                 number + 1,

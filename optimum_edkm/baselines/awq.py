@@ -38,7 +38,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..storage import WeightStorage
-from .layers import LayerCall, capture_first_layer_calls, decoder_layers, layer_output, module_names, named_linears
+from .layers import (
+    LayerCall,
+    capture_first_layer_calls,
+    decoder_layers,
+    layer_output,
+    module_names,
+    named_linears,
+    next_layer_calls,
+)
 from .quantizer import check_bits_and_group, fake_quantize, minmax_params, quantize_groupwise
 from .result import BaselineResult
 
@@ -313,7 +321,7 @@ def awq(
         for name, linear in linears.items():
             linear.weight.copy_(quantize_groupwise(linear.weight, bits, group_size, symmetric))
             storage[names[id(linear)]] = WeightStorage.uniform(tuple(linear.weight.shape), bits, group_size, symmetric)
-        calls = [call.with_hidden_states(output) for call, output in zip(calls, recording.layer_outputs)]
+        calls = next_layer_calls(calls, recording.layer_outputs)
         del recording
     return BaselineResult(
         storage=storage,

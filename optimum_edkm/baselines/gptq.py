@@ -29,20 +29,21 @@ the next layer's inputs are the outputs of the quantized layer.
 from __future__ import annotations
 
 import contextlib
-from typing import NamedTuple, Optional
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from ..storage import WeightStorage
 from .layers import (
     capture_first_layer_calls,
     decoder_layers,
-    input_hessians,
+    for_each_hessian,
     module_names,
     named_linears,
+    next_layer_calls,
     run_layer,
-    sequential_groups,
 )
 from .quantizer import QuantParams, check_bits_and_group, fake_quantize, minmax_params
 from .result import BaselineResult
@@ -59,6 +60,25 @@ class GPTQResult(NamedTuple):
 
 def _working_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def working_copies(weight: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copies of the weight and the Hessian in the working dtype (fp64 for an fp64 weight, else fp32) on the
+    weight's device. Dead inputs (zero Hessian diagonal) get ``H_jj = 1`` and zero weight."""
+    dtype = _working_dtype(weight.dtype)
+    W = weight.detach().to(dtype).clone()
+    H = hessian.detach().to(dtype=dtype, device=W.device).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    return W, H
+
+
+def dampen(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Adds ``damp * mean(diag H)`` to the diagonal of ``H`` in place; returns ``H``."""
+    diagonal = torch.arange(H.shape[0], device=H.device)
+    H[diagonal, diagonal] += damp * torch.mean(torch.diag(H))
+    return H
 
 
 @torch.no_grad()
@@ -96,13 +116,7 @@ def gptq_quantize_weight(
 
 def _gptq(weight, hessian, bits, group_size, symmetric, block_size, damp, act_order, static_groups) -> GPTQResult:
     rows, columns = weight.shape
-    dtype = _working_dtype(weight.dtype)
-    W = weight.detach().to(dtype).clone()
-    H = hessian.detach().to(dtype=dtype, device=W.device).clone()
-
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    W, H = working_copies(weight, hessian)
 
     static_params: list[QuantParams] = []
     if group_size is not None and static_groups:
@@ -116,38 +130,27 @@ def _gptq(weight, hessian, bits, group_size, symmetric, block_size, damp, act_or
         permutation = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, permutation], H[permutation][:, permutation]
 
-    diagonal = torch.arange(columns, device=H.device)
-    H[diagonal, diagonal] += damp * torch.mean(torch.diag(H))
-    U = _upper_cholesky_of_inverse(H)
+    U = upper_cholesky_of_inverse(dampen(H, damp))
 
     dynamic_groups = group_size is not None and not static_groups
     Q = torch.zeros_like(W)
-    losses = torch.zeros(rows, dtype=dtype, device=W.device)
-    i1 = 0
-    while i1 < columns:
-        i2 = _block_end(i1, block_size, columns, group_size if dynamic_groups else None)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            column = i1 + i
-            if dynamic_groups and column % group_size == 0:
-                # At a block start W holds fully updated weights; inside a block W1 does (and the group fits).
-                source = W[:, column : column + group_size] if i == 0 else W1[:, i : i + group_size]
-                params = minmax_params(source, bits, symmetric)
-            elif static_params:
-                original = int(permutation[column]) if permutation is not None else column
-                params = static_params[original // group_size]
-            w = W1[:, i]
-            d = U1[i, i]
-            q = fake_quantize(w.unsqueeze(1), params).flatten()
-            Q[:, column] = q
-            error = (w - q) / d
-            W1[:, i:] -= error.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            Err1[:, i] = error
+    losses = torch.zeros(rows, dtype=W.dtype, device=W.device)
+
+    def quantize_column(column: int, i: int, W1: torch.Tensor) -> torch.Tensor:
+        nonlocal params
+        if dynamic_groups and column % group_size == 0:
+            # At a block start W holds fully updated weights; inside a block W1 does (and the group fits).
+            source = W[:, column : column + group_size] if i == 0 else W1[:, i : i + group_size]
+            params = minmax_params(source, bits, symmetric)
+        elif static_params:
+            original = int(permutation[column]) if permutation is not None else column
+            params = static_params[original // group_size]
+        q = fake_quantize(W1[:, i].unsqueeze(1), params).flatten()
+        Q[:, column] = q
+        return q
+
+    for Err1 in error_feedback(W, U, quantize_column, block_size, group_size if dynamic_groups else None):
         losses += Err1.pow(2).sum(1) / 2  # (w - q)^2 / (2 U_jj^2) per column
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-        i1 = i2
 
     if permutation is not None:
         Q = Q[:, torch.argsort(permutation)]
@@ -170,7 +173,7 @@ def _single_cpu_thread(device: torch.device):
         torch.set_num_threads(threads)
 
 
-def _upper_cholesky_of_inverse(H: torch.Tensor) -> torch.Tensor:
+def upper_cholesky_of_inverse(H: torch.Tensor) -> torch.Tensor:
     L, info = torch.linalg.cholesky_ex(H)
     if int(info) == 0:
         L, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
@@ -180,6 +183,40 @@ def _upper_cholesky_of_inverse(H: torch.Tensor) -> torch.Tensor:
             "layer); increase damp or use more calibration data"
         )
     return L
+
+
+def error_feedback(
+    W: torch.Tensor,
+    U: torch.Tensor,
+    round_column: Callable[[int, int, torch.Tensor], torch.Tensor],
+    block_size: int,
+    group_size: Optional[int] = None,
+) -> Iterator[torch.Tensor]:
+    """GPTQ's column-by-column rounding with error feedback and lazy batch updates, on ``W`` in place.
+
+    ``U`` is the upper Cholesky factor of the damped inverse Hessian (:func:`upper_cholesky_of_inverse`).
+    ``round_column(column, i, W1)`` returns the rounded column ``W1[:, i]`` (``W1``: the working copy of the
+    block, ``i``: the column's place in it, ``column``: its index in ``W``). Blocks hold ``block_size`` columns,
+    cut so that a group of ``group_size`` columns starting inside a block also ends inside it. Yields the
+    ``[rows, block]`` scaled errors ``(w - q) / U_jj`` of each block once it and the rest of ``W`` are updated.
+    """
+    columns = W.shape[1]
+    i1 = 0
+    while i1 < columns:
+        i2 = _block_end(i1, block_size, columns, group_size)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            w = W1[:, i]
+            d = U1[i, i]
+            q = round_column(i1 + i, i, W1)
+            error = (w - q) / d
+            W1[:, i:] -= error.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            Err1[:, i] = error
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+        yield Err1
+        i1 = i2
 
 
 def _block_end(i1: int, block_size: int, columns: int, group_size: Optional[int]) -> int:
@@ -224,37 +261,25 @@ def gptq(
     calls = capture_first_layer_calls(model, input_ids, batch_size)
     needs_group_index = act_order and group_size is not None and not static_groups
     storage, losses = {}, {}
+
+    def quantize(linear: nn.Module, hessian: torch.Tensor) -> None:
+        result = gptq_quantize_weight(
+            linear.weight, hessian, bits, group_size, symmetric, block_size, damp, act_order, static_groups
+        )
+        linear.weight.copy_(result.weight)
+        full_name = names[id(linear)]
+        losses[full_name] = result.loss
+        storage[full_name] = WeightStorage.uniform(
+            tuple(linear.weight.shape),
+            bits,
+            group_size,
+            symmetric,
+            extra_bits=linear.in_features * GROUP_INDEX_BITS if needs_group_index else 0,
+        )
+
     for layer in tqdm(layers, desc=f"GPTQ {bits}-bit", unit="layer", disable=not progress):
-        linears = named_linears(layer)
-        groups = sequential_groups(layer, calls[0], linears) if true_sequential else [list(linears)]
-        for group in groups:
-            hessians = input_hessians(layer, calls, {name: linears[name] for name in group})
-            for name in group:
-                linear = linears[name]
-                result = gptq_quantize_weight(
-                    linear.weight,
-                    hessians[name],
-                    bits,
-                    group_size,
-                    symmetric,
-                    block_size,
-                    damp,
-                    act_order,
-                    static_groups,
-                )
-                linear.weight.copy_(result.weight)
-                full_name = names[id(linear)]
-                losses[full_name] = result.loss
-                storage[full_name] = WeightStorage.uniform(
-                    tuple(linear.weight.shape),
-                    bits,
-                    group_size,
-                    symmetric,
-                    extra_bits=linear.in_features * GROUP_INDEX_BITS if needs_group_index else 0,
-                )
-            del hessians
-        outputs = run_layer(layer, calls)
-        calls = [call.with_hidden_states(output) for call, output in zip(calls, outputs)]
+        for_each_hessian(layer, calls, named_linears(layer), quantize, true_sequential)
+        calls = next_layer_calls(calls, run_layer(layer, calls))
     return BaselineResult(
         storage=storage,
         settings={

@@ -115,6 +115,11 @@ def run_layer(layer: nn.Module, calls: list[LayerCall]) -> list[torch.Tensor]:
     return [layer_output(layer(*call.args, **call.kwargs)) for call in calls]
 
 
+def next_layer_calls(calls: list[LayerCall], outputs: list[torch.Tensor]) -> list[LayerCall]:
+    """The next decoder layer's calls: each call with its hidden states replaced by this layer's output."""
+    return [call.with_hidden_states(output) for call, output in zip(calls, outputs)]
+
+
 @torch.no_grad()
 def run_until(
     layer: nn.Module,
@@ -203,3 +208,21 @@ def input_hessians(layer: nn.Module, calls: list[LayerCall], watched: dict[str, 
 
     run_until(layer, calls, watched, accumulate)
     return {name: 2 * gram[name] / tokens[name] for name in watched}
+
+
+def for_each_hessian(
+    layer: nn.Module,
+    calls: list[LayerCall],
+    linears: dict[str, nn.Module],
+    visit: Callable[[nn.Module, torch.Tensor], None],
+    true_sequential: bool = True,
+) -> None:
+    """``visit(linear, 2/N X^T X)`` for every linear of ``linears``, group by group of :func:`sequential_groups` (with
+    ``true_sequential=False`` one group of all). A group's Hessians are computed once the groups before it are
+    visited, so they see the inputs produced by the linears ``visit`` has already changed."""
+    groups = sequential_groups(layer, calls[0], linears) if true_sequential else [list(linears)]
+    for group in groups:
+        hessians = input_hessians(layer, calls, {name: linears[name] for name in group})
+        for name in group:
+            visit(linears[name], hessians[name])
+        del hessians
