@@ -35,7 +35,13 @@ from ..clustering import (
 )
 from ..storage import WeightStorage
 from .formats import ClusteringOptions, PaletteFormat
-from .palettized import PalettizedConv1D, PalettizedEmbedding, PalettizedLinear, PalettizedTiedLinear
+from .palettized import (
+    PalettizedConv1D,
+    PalettizedEmbedding,
+    PalettizedLinear,
+    PalettizedTiedLinear,
+    float_linear,
+)
 from .registry import register_clustered_module
 
 try:  # FSDP2 shards parameters as DTensors between forward passes
@@ -88,6 +94,20 @@ class ClusteredModule:
         self.register_buffer("weight_scale", scale)
         self._snap_cache = None
         self._soft_cache = None
+
+    @staticmethod
+    def _float_arguments(module: nn.Module) -> tuple[tuple, dict]:
+        """The constructor's positional arguments before ``palette`` and its extra keyword arguments that
+        describe ``module``'s shape."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_float(cls, module: nn.Module, palette: PaletteFormat, options: ClusteringOptions) -> "ClusteredModule":
+        """Wrap ``module``; its ``weight`` and ``bias`` parameters are reused (not copied)."""
+        args, kwargs = cls._float_arguments(module)
+        with torch.device("meta"):
+            clustered = cls(*args, palette, options, dtype=module.weight.dtype, **kwargs)
+        return _adopt(clustered, module)
 
     # ------------------------------------------------------------------------------------------ description
     def rows(self, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -334,19 +354,9 @@ class EDKMLinear(ClusteredModule, nn.Linear):
         nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._init_clustering(palette, options, out_features, device)
 
-    @classmethod
-    def from_float(cls, module: nn.Linear, palette: PaletteFormat, options: ClusteringOptions) -> "EDKMLinear":
-        """Wrap ``module``; its ``weight`` and ``bias`` parameters are reused (not copied)."""
-        with torch.device("meta"):
-            clustered = cls(
-                module.in_features,
-                module.out_features,
-                module.bias is not None,
-                palette,
-                options,
-                dtype=module.weight.dtype,
-            )
-        return _adopt(clustered, module)
+    @staticmethod
+    def _float_arguments(module: nn.Linear) -> tuple[tuple, dict]:
+        return (module.in_features, module.out_features, module.bias is not None), {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.clustered_weight().to(x.dtype), self.bias)
@@ -378,11 +388,9 @@ class EDKMConv1D(ClusteredModule, Conv1D):
         self.bias = nn.Parameter(torch.zeros(nf, device=device, dtype=dtype))
         self._init_clustering(palette, options, nf, device)
 
-    @classmethod
-    def from_float(cls, module: Conv1D, palette: PaletteFormat, options: ClusteringOptions) -> "EDKMConv1D":
-        with torch.device("meta"):
-            clustered = cls(module.nf, module.nx, palette, options, dtype=module.weight.dtype)
-        return _adopt(clustered, module)
+    @staticmethod
+    def _float_arguments(module: Conv1D) -> tuple[tuple, dict]:
+        return (module.nf, module.nx), {}
 
     def rows(self, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         return (whole_tensor(self.weight) if weight is None else weight).t()
@@ -414,18 +422,9 @@ class EDKMEmbedding(ClusteredModule, nn.Embedding):
         nn.Embedding.__init__(self, num_embeddings, embedding_dim, padding_idx=padding_idx, device=device, dtype=dtype)
         self._init_clustering(palette, options, num_embeddings, device)
 
-    @classmethod
-    def from_float(cls, module: nn.Embedding, palette: PaletteFormat, options: ClusteringOptions) -> "EDKMEmbedding":
-        with torch.device("meta"):
-            clustered = cls(
-                module.num_embeddings,
-                module.embedding_dim,
-                palette,
-                options,
-                padding_idx=module.padding_idx,
-                dtype=module.weight.dtype,
-            )
-        return _adopt(clustered, module)
+    @staticmethod
+    def _float_arguments(module: nn.Embedding) -> tuple[tuple, dict]:
+        return (module.num_embeddings, module.embedding_dim), {"padding_idx": module.padding_idx}
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(
@@ -470,19 +469,7 @@ class EDKMTiedLinear(nn.Linear):
 
     @torch.no_grad()
     def to_float(self, dtype: Optional[torch.dtype] = None) -> nn.Module:
-        embedding = self.tied_embedding
-        weight = embedding.snapped_weight().detach()
-        linear = nn.Linear(
-            self.in_features,
-            self.out_features,
-            bias=self.bias is not None,
-            device=weight.device,
-            dtype=dtype or weight.dtype,
-        )
-        linear.weight.copy_(weight)
-        if self.bias is not None:
-            linear.bias.copy_(self.bias)
-        return linear
+        return float_linear(self.tied_embedding.snapped_weight().detach(), self.bias, dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, tied to the clustered embedding"

@@ -142,6 +142,39 @@ def is_palettized(module: nn.Module) -> bool:
     return isinstance(module, PalettizedModule)
 
 
+def _palettized_linear(
+    x: torch.Tensor, palettized: PalettizedModule, bias: Optional[torch.Tensor], in_features: int, out_features: int
+) -> torch.Tensor:
+    """``x @ W^T + bias`` with ``W`` the ``[out_features, in_features]`` palettized weight of ``palettized``: the
+    cached dense weight when it is kept, else the fused LUT kernel on the packed indices (pure-torch decode +
+    ``F.linear`` where it does not apply)."""
+    if palettized.cache_dense_weight:
+        return F.linear(x, palettized.dense_weight(x.dtype), bias)
+    return lut_linear(
+        x,
+        palettized.weight,
+        palettized.weight_lut,
+        palettized.weight_scale,
+        bias,
+        in_features,
+        out_features,
+        palettized.bits,
+        palettized.group_size,
+    )
+
+
+def float_linear(rows: torch.Tensor, bias: Optional[torch.Tensor], dtype: Optional[torch.dtype] = None) -> nn.Linear:
+    """A float ``nn.Linear`` (on the rows' device, ``dtype`` or the rows' dtype) holding copies of the
+    ``[out_features, in_features]`` weight ``rows`` and of ``bias``."""
+    out_channels, in_channels = rows.shape
+    linear = nn.Linear(in_channels, out_channels, bias=bias is not None, device=rows.device, dtype=dtype or rows.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(rows)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear
+
+
 class PalettizedLinear(PalettizedModule, nn.Module):
     """A Linear layer stored as a LUT and packed n-bit indices."""
 
@@ -180,31 +213,10 @@ class PalettizedLinear(PalettizedModule, nn.Module):
 
     @staticmethod
     def float_module_from_rows(module, rows: torch.Tensor, dtype: Optional[torch.dtype]) -> nn.Module:
-        out_channels, in_channels = rows.shape
-        linear = nn.Linear(
-            in_channels, out_channels, bias=module.bias is not None, device=rows.device, dtype=dtype or rows.dtype
-        )
-        with torch.no_grad():
-            linear.weight.copy_(rows)
-            if module.bias is not None:
-                linear.bias.copy_(module.bias)
-        return linear
+        return float_linear(rows, module.bias, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cache_dense_weight:
-            return F.linear(x, self.dense_weight(x.dtype), self.bias)
-        # fused LUT kernel on the packed indices (pure-torch decode + F.linear where it does not apply)
-        return lut_linear(
-            x,
-            self.weight,
-            self.weight_lut,
-            self.weight_scale,
-            self.bias,
-            self.in_features,
-            self.out_features,
-            self.bits,
-            self.group_size,
-        )
+        return _palettized_linear(x, self, self.bias, self.in_features, self.out_features)
 
     def extra_repr(self) -> str:
         return (
@@ -317,32 +329,11 @@ class PalettizedTiedLinear(nn.Module):
         self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        embedding = self.tied_embedding
-        if embedding.cache_dense_weight:
-            return F.linear(x, embedding.dense_weight(x.dtype), self.bias)
-        return lut_linear(
-            x,
-            embedding.weight,
-            embedding.weight_lut,
-            embedding.weight_scale,
-            self.bias,
-            self.in_features,
-            self.out_features,
-            embedding.bits,
-            embedding.group_size,
-        )
+        return _palettized_linear(x, self.tied_embedding, self.bias, self.in_features, self.out_features)
 
     def to_float(self, dtype: Optional[torch.dtype] = None) -> nn.Module:
         embedding = self.tied_embedding
-        weight = embedding.dense_weight(dtype or embedding.output_dtype)
-        linear = nn.Linear(
-            self.in_features, self.out_features, bias=self.bias is not None, device=weight.device, dtype=weight.dtype
-        )
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
+        return float_linear(embedding.dense_weight(dtype or embedding.output_dtype), self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, tied to the palettized embedding"
