@@ -135,37 +135,23 @@ class PaletteRecord:
 
 
 def _record(name: str, module: nn.Module) -> PaletteRecord:
-    if isinstance(module, PalettizedTiedLinear):
-        # an output head that reads its tied embedding's palette: a linear over the very same stored tensors
-        source = module.tied_embedding
-        return PaletteRecord(
-            name=name,
-            kind="linear",
-            bits=int(source.bits),
-            out_channels=int(source.out_channels),
-            in_channels=int(source.in_channels),
-            group_size=source.group_size,
-            packed=source.weight,
-            lut=source.weight_lut,
-            scale=source.weight_scale,
-            bias=module.bias,
-            module=source,
-        )
+    # an output head that reads its tied embedding's palette: a linear over the very same stored tensors
+    source = module.tied_embedding if isinstance(module, PalettizedTiedLinear) else module
     embedding = isinstance(module, PalettizedEmbedding)
     return PaletteRecord(
         name=name,
         kind="embedding" if embedding else "linear",
-        bits=int(module.bits),
-        out_channels=int(module.out_channels),
-        in_channels=int(module.in_channels),
-        group_size=module.group_size,
-        packed=module.weight,
-        lut=module.weight_lut,
-        scale=module.weight_scale,
+        bits=int(source.bits),
+        out_channels=int(source.out_channels),
+        in_channels=int(source.in_channels),
+        group_size=source.group_size,
+        packed=source.weight,
+        lut=source.weight_lut,
+        scale=source.weight_scale,
         bias=None if embedding else module.bias,
         padding_idx=module.padding_idx if embedding else None,
         from_conv1d=isinstance(module, PalettizedConv1D),
-        module=module,
+        module=source,
     )
 
 

@@ -26,15 +26,8 @@ import torch.nn as nn
 
 from .. import atomic
 from ..version import __version__
+from . import common
 from .common import (
-    CAPTURES,
-    INPUT_NAME,
-    KEY_CACHE,
-    MASK_NAME,
-    METADATA_PREFIX,
-    OUTPUT_NAME,
-    VALUE_CACHE,
-    WRAPPER_ATTRIBUTE,
     check_representable,
     directory_bytes,
     export_copy,
@@ -61,13 +54,13 @@ class FixedLengthLogits(nn.Module):
 
     def __init__(self, model: nn.Module, seq_len: int):
         super().__init__()
-        setattr(self, WRAPPER_ATTRIBUTE, model)
+        setattr(self, common.WRAPPER_ATTRIBUTE, model)
         mask = torch.full((seq_len, seq_len), float("-inf")).triu(1)
         self.register_buffer("mask", mask[None, None].to(float_dtype(model)))
         self.register_buffer("position_ids", torch.arange(seq_len)[None])
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        model = getattr(self, WRAPPER_ATTRIBUTE)
+        model = getattr(self, common.WRAPPER_ATTRIBUTE)
         return model(
             input_ids=input_ids,
             attention_mask=self.mask,
@@ -97,8 +90,8 @@ def check_exportable(
     """Every check that needs no conversion; returns the palettized weights (``{name: PaletteRecord}``)."""
     if not isinstance(path, (str, os.PathLike)) or not os.fspath(path).endswith(".mlpackage"):
         raise CoreMLExportError(f"path must name an .mlpackage directory (e.g. 'model.mlpackage'), got {path!r}")
-    if capture not in CAPTURES:
-        raise CoreMLExportError(f"capture must be one of {CAPTURES}, got {capture!r}")
+    if capture not in common.CAPTURES:
+        raise CoreMLExportError(f"capture must be one of {common.CAPTURES}, got {capture!r}")
     _check_positive(**{tokens_label: tokens, "batch_size": batch_size})
     config = getattr(model, "config", None)
     quantization = getattr(config, "quantization_config", None)
@@ -218,42 +211,58 @@ def _metadata(model, records: dict, target: DeploymentTarget, capture: str, **in
     }
 
 
-def _describe(
-    mlmodel, model, records: dict, target, capture: str, description: str, inputs: dict, outputs: dict, **interface
-) -> None:
+@dataclass
+class _Job:
+    """One export: the package path, the model and its palettized modules, and what to write and check."""
 
-    for key, value in _metadata(model, records, target, capture, **interface).items():
-        mlmodel.user_defined_metadata[METADATA_PREFIX + key] = value
+    path: str
+    model: nn.Module
+    records: dict
+    target: DeploymentTarget
+    capture: str
+    manifest: bool
+    tensors: bool
+    check_logits: bool
+
+
+def _convert(ct, source, job: _Job, inputs: list, outputs: list, states, descriptions: tuple, **interface):
+    """Convert the captured graph to an fp16 ML program for the job's target and describe it: metadata,
+    author, version, and ``descriptions``: the model's (a sentence) and its inputs' and outputs' (``{name:
+    text}`` each)."""
+    mlmodel = ct.convert(
+        source,
+        inputs=inputs,
+        outputs=outputs,
+        **({} if states is None else {"states": states}),
+        convert_to="mlprogram",
+        minimum_deployment_target=getattr(ct.target, job.target.name),
+        compute_precision=ct.precision.FLOAT16,
+    )
+    model, records = job.model, job.records
+    description, input_texts, output_texts = descriptions
+    for key, value in _metadata(model, records, job.target, job.capture, **interface).items():
+        mlmodel.user_defined_metadata[common.METADATA_PREFIX + key] = value
     mlmodel.author = f"optimum-edkm {__version__}"
     mlmodel.version = __version__
     mlmodel.short_description = (
         f"{type(model).__name__} with eDKM-palettized weights ({len(records)} LUT-compressed modules); {description}"
     )
-    for name, text in inputs.items():
+    for name, text in input_texts.items():
         mlmodel.input_description[name] = text
-    for name, text in outputs.items():
+    for name, text in output_texts.items():
         mlmodel.output_description[name] = text
+    return mlmodel
 
 
-def _place(
-    mlmodel,
-    path: str,
-    model,
-    records: dict,
-    target: DeploymentTarget,
-    *,
-    manifest: bool,
-    tensors: bool,
-    check_logits: bool,
-    capture: str,
-    interface: dict,
-):
+def _place(mlmodel, job: _Job, interface: dict, **extra) -> CoreMLExport:
     """Verify the package from disk before anything is replaced, then put it in place through the package's
     atomic writes: the tensors file, the package folder (:func:`optimum_edkm.atomic.commit_folder`: the old
     package or the new one at every instant) and the manifest last (a manifest means a complete export; an
-    old one is removed first). Returns the verification report."""
+    old one is removed first). Returns the export's description (``extra``: more of its fields)."""
     from .manifest import build_manifest, write_tensors
     from .verify import verify_coreml
+
+    path, model, records, target = job.path, job.model, job.records, job.target
 
     reports = []
 
@@ -262,7 +271,7 @@ def _place(
         mlmodel.save(staged)
         reports.append(
             verify_coreml(
-                staged, model, minimum_deployment_target=target.name, manifest=None, check_logits=check_logits
+                staged, model, minimum_deployment_target=target.name, manifest=None, check_logits=job.check_logits
             )
         )
         for name in os.listdir(staged):  # the package's own entries become the folder's
@@ -275,33 +284,27 @@ def _place(
     # everything in a package folder is the package's own: entries the new one does not write are removed
     atomic.commit_folder(path, stage, owns=lambda name: True, last=("Manifest.json",), what="Core ML package")
     report = reports[0]
-    if tensors:
+    if job.tensors:
         write_tensors(model, records, tensors_path_for(path))
     elif os.path.exists(tensors_path_for(path)):
         os.remove(tensors_path_for(path))
     report.path = path
-    if manifest:
+    if job.manifest:
         document = build_manifest(
             model,
             records,
             report,
             package=os.path.basename(path),
-            tensors_file=os.path.basename(tensors_path_for(path)) if tensors else None,
+            tensors_file=os.path.basename(tensors_path_for(path)) if job.tensors else None,
             target=target,
-            capture=capture,
+            capture=job.capture,
             interface=interface,
         )
         atomic.write_json(manifest_path_for(path), document, default=str)
-    return report
-
-
-def _result(
-    path: str, records: dict, target: DeploymentTarget, report, manifest: bool, tensors: bool, **extra
-) -> CoreMLExport:
     return CoreMLExport(
         path=path,
-        manifest_path=manifest_path_for(path) if manifest else None,
-        tensors_path=tensors_path_for(path) if tensors else None,
+        manifest_path=manifest_path_for(path) if job.manifest else None,
+        tensors_path=tensors_path_for(path) if job.tensors else None,
         target=target.name,
         spec_version=report.spec_version,
         modules=len(records),
@@ -360,6 +363,7 @@ def to_coreml(
     target = resolve_target(minimum_deployment_target)
     path = _absolute(path)
     records = check_exportable(model, path, tokens=seq_len, batch_size=batch_size, target=target, capture=capture)
+    job = _Job(path, model, records, target, capture, manifest, tensors, check_logits)
     _check_not_there(path, overwrite)
     ct = import_coremltools()
     _check_toolchain(ct, capture)
@@ -373,50 +377,37 @@ def to_coreml(
         example = reference_input_ids(model.config.vocab_size, batch_size, seq_len)
         check_wrapper(clone, wrapper, example)
         source = _capture(wrapper, (example,), capture, ct)
-        mlmodel = ct.convert(
+        mlmodel = _convert(
+            ct,
             source,
-            inputs=[ct.TensorType(name=INPUT_NAME, shape=(batch_size, seq_len), dtype=np.int32)],
-            outputs=[ct.TensorType(name=OUTPUT_NAME)],
-            convert_to="mlprogram",
-            minimum_deployment_target=getattr(ct.target, target.name),
-            compute_precision=ct.precision.FLOAT16,
-        )
-        del source, wrapper, clone
-        _describe(
-            mlmodel,
-            model,
-            records,
-            target,
-            capture,
-            f"logits of a fixed {seq_len}-token window, no KV cache",
-            {INPUT_NAME: f"token ids, int32 [{batch_size}, {seq_len}]"},
-            {OUTPUT_NAME: "next-token logits for every position (fp16)"},
+            job,
+            inputs=[ct.TensorType(name=common.INPUT_NAME, shape=(batch_size, seq_len), dtype=np.int32)],
+            outputs=[ct.TensorType(name=common.OUTPUT_NAME)],
+            states=None,
+            descriptions=(
+                f"logits of a fixed {seq_len}-token window, no KV cache",
+                {common.INPUT_NAME: f"token ids, int32 [{batch_size}, {seq_len}]"},
+                {common.OUTPUT_NAME: "next-token logits for every position (fp16)"},
+            ),
             seq_len=seq_len,
             batch_size=batch_size,
         )
+        del source, wrapper, clone
         interface = {
             "interface": "fixed_window",
-            "inputs": [{"name": INPUT_NAME, "dtype": "int32", "shape": [batch_size, seq_len]}],
+            "inputs": [{"name": common.INPUT_NAME, "dtype": "int32", "shape": [batch_size, seq_len]}],
             "outputs": [
-                {"name": OUTPUT_NAME, "dtype": "float16", "shape": [batch_size, seq_len, model.config.vocab_size]}
+                {
+                    "name": common.OUTPUT_NAME,
+                    "dtype": "float16",
+                    "shape": [batch_size, seq_len, model.config.vocab_size],
+                }
             ],
             "kv_cache": False,
         }
-        report = _place(
-            mlmodel,
-            path,
-            model,
-            records,
-            target,
-            manifest=manifest,
-            tensors=tensors,
-            check_logits=check_logits,
-            capture=capture,
-            interface=interface,
-        )
+        return _place(mlmodel, job, interface)
     finally:
         model.train(was_training)
-    return _result(path, records, target, report, manifest, tensors)
 
 
 def _check_generation_request(model, context_length: int, target: DeploymentTarget, check_tokens: int) -> None:
@@ -489,6 +480,7 @@ def to_coreml_generate(
         model, path, tokens=context_length, batch_size=1, target=target, capture="trace", tokens_label="context_length"
     )
     _check_generation_request(model, context_length, target, check_tokens)
+    job = _Job(path, model, records, target, "trace", manifest, tensors, check_logits)
     _check_not_there(path, overwrite)
     ct = import_coremltools()
     _check_toolchain(ct, "trace")
@@ -512,49 +504,43 @@ def to_coreml_generate(
         query = ct.RangeDim(lower_bound=1, upper_bound=context_length, default=1)
         end = ct.RangeDim(lower_bound=1, upper_bound=context_length, default=1)
         state_shape = geometry.shape(1, context_length)
-        mlmodel = ct.convert(
+        mlmodel = _convert(
+            ct,
             source,
+            job,
             inputs=[
-                ct.TensorType(name=INPUT_NAME, shape=(1, query), dtype=np.int32),
-                ct.TensorType(name=MASK_NAME, shape=(1, 1, query, end), dtype=np.float16),
+                ct.TensorType(name=common.INPUT_NAME, shape=(1, query), dtype=np.int32),
+                ct.TensorType(name=common.MASK_NAME, shape=(1, 1, query, end), dtype=np.float16),
             ],
-            outputs=[ct.TensorType(name=OUTPUT_NAME, dtype=np.float16)],
+            outputs=[ct.TensorType(name=common.OUTPUT_NAME, dtype=np.float16)],
             states=[
                 ct.StateType(wrapped_type=ct.TensorType(shape=state_shape, dtype=np.float16), name=name)
-                for name in (KEY_CACHE, VALUE_CACHE)
+                for name in (common.KEY_CACHE, common.VALUE_CACHE)
             ],
-            convert_to="mlprogram",
-            minimum_deployment_target=getattr(ct.target, target.name),
-            compute_precision=ct.precision.FLOAT16,
-        )
-        del source, wrapper, clone
-        _describe(
-            mlmodel,
-            model,
-            records,
-            target,
-            "trace",
-            f"stateful generation step (KV cache of {context_length} tokens as states)",
-            {
-                INPUT_NAME: f"the new token ids, int32 [1, q], 1 <= q <= {context_length}",
-                MASK_NAME: "additive causal mask fp16 [1, 1, q, end]: 0 where new token i (position end - q + i) "
-                "may attend to position j, -inf elsewhere; end = cached + new tokens",
-            },
-            {OUTPUT_NAME: "next-token logits of the last new token (fp16)"},
+            descriptions=(
+                f"stateful generation step (KV cache of {context_length} tokens as states)",
+                {
+                    common.INPUT_NAME: f"the new token ids, int32 [1, q], 1 <= q <= {context_length}",
+                    common.MASK_NAME: "additive causal mask fp16 [1, 1, q, end]: 0 where new token i (position "
+                    "end - q + i) may attend to position j, -inf elsewhere; end = cached + new tokens",
+                },
+                {common.OUTPUT_NAME: "next-token logits of the last new token (fp16)"},
+            ),
             interface="generate",
             context_length=context_length,
         )
+        del source, wrapper, clone
         interface = {
             "interface": "generate",
             "inputs": [
-                {"name": INPUT_NAME, "dtype": "int32", "shape": [1, f"1..{context_length}"]},
+                {"name": common.INPUT_NAME, "dtype": "int32", "shape": [1, f"1..{context_length}"]},
                 {
-                    "name": MASK_NAME,
+                    "name": common.MASK_NAME,
                     "dtype": "float16",
                     "shape": [1, 1, f"1..{context_length}", f"1..{context_length}"],
                 },
             ],
-            "outputs": [{"name": OUTPUT_NAME, "dtype": "float16", "shape": [1, 1, model.config.vocab_size]}],
+            "outputs": [{"name": common.OUTPUT_NAME, "dtype": "float16", "shape": [1, 1, model.config.vocab_size]}],
             "kv_cache": True,
             "states": [
                 {
@@ -563,22 +549,10 @@ def to_coreml_generate(
                     "shape": list(state_shape),
                     "layout": "[layers, batch, kv_heads, context_length, head_dim]",
                 }
-                for name in (KEY_CACHE, VALUE_CACHE)
+                for name in (common.KEY_CACHE, common.VALUE_CACHE)
             ],
             "context_length": context_length,
         }
-        report = _place(
-            mlmodel,
-            path,
-            model,
-            records,
-            target,
-            manifest=manifest,
-            tensors=tensors,
-            check_logits=check_logits,
-            capture="trace",
-            interface=interface,
-        )
+        return _place(mlmodel, job, interface, greedy_tokens=tokens)
     finally:
         model.train(was_training)
-    return _result(path, records, target, report, manifest, tensors, greedy_tokens=tokens)
