@@ -562,7 +562,7 @@ def palettize_post_training(
             layer_started = time.perf_counter()
             linears = {name: m for name, m in named_linears(layer).items() if isinstance(m, EDKMLinear)}
             if linears:
-                for_each_hessian(layer, calls, linears, palettize_module)
+                for_each_hessian(layer, calls, palettize_module, linears)
             calls = next_layer_calls(calls, run_layer(layer, calls))
             logger.info(
                 "post-training palettization: layer %d/%d in %.1f s",

@@ -41,7 +41,6 @@ from .layers import (
     decoder_layers,
     for_each_hessian,
     module_names,
-    named_linears,
     next_layer_calls,
     run_layer,
 )
@@ -278,7 +277,7 @@ def gptq(
         )
 
     for layer in tqdm(layers, desc=f"GPTQ {bits}-bit", unit="layer", disable=not progress):
-        for_each_hessian(layer, calls, named_linears(layer), quantize, true_sequential)
+        for_each_hessian(layer, calls, quantize, true_sequential=true_sequential)
         calls = next_layer_calls(calls, run_layer(layer, calls))
     return BaselineResult(
         storage=storage,

@@ -213,13 +213,15 @@ def input_hessians(layer: nn.Module, calls: list[LayerCall], watched: dict[str, 
 def for_each_hessian(
     layer: nn.Module,
     calls: list[LayerCall],
-    linears: dict[str, nn.Module],
     visit: Callable[[nn.Module, torch.Tensor], None],
+    linears: Optional[dict[str, nn.Module]] = None,
     true_sequential: bool = True,
 ) -> None:
-    """``visit(linear, 2/N X^T X)`` for every linear of ``linears``, group by group of :func:`sequential_groups` (with
-    ``true_sequential=False`` one group of all). A group's Hessians are computed once the groups before it are
-    visited, so they see the inputs produced by the linears ``visit`` has already changed."""
+    """``visit(linear, 2/N X^T X)`` for every linear of ``linears`` (default: all of the layer's), group by group
+    of :func:`sequential_groups` (with ``true_sequential=False`` one group of all). A group's Hessians are
+    computed once the groups before it are visited, so they see the inputs produced by the linears ``visit`` has
+    already changed."""
+    linears = named_linears(layer) if linears is None else linears
     groups = sequential_groups(layer, calls[0], linears) if true_sequential else [list(linears)]
     for group in groups:
         hessians = input_hessians(layer, calls, {name: linears[name] for name in group})
