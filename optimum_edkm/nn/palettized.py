@@ -104,10 +104,27 @@ class PalettizedModule:
 
     # ----------------------------------------------------------------------------------------- conversions
     @classmethod
-    def _from_snapped(
-        cls, palettized: "PalettizedModule", indices: torch.Tensor, lut: torch.Tensor, scale: Optional[torch.Tensor]
+    def _shaped(cls, out_channels: int, in_channels: int, source: nn.Module, palette: PaletteFormat, **factory):
+        """A module for an ``[out_channels, in_channels]`` weight with ``source``'s options (bias, padding index;
+        ``source`` is a float or clustered module); ``factory``: ``device`` and ``dtype``."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_snapped(
+        cls, clustered, indices: torch.Tensor, lut: torch.Tensor, scale: Optional[torch.Tensor]
     ) -> "PalettizedModule":
+        """The palettized form of ``clustered`` (a clustered module): its snapped weight as ``indices`` into
+        ``lut`` (times ``scale``), and its bias."""
+        palettized = cls._shaped(
+            *clustered.dense_shape,
+            clustered,
+            clustered.palette_format,
+            device=clustered.weight.device,
+            dtype=clustered.weight.dtype,
+        )
         with torch.no_grad():
+            if getattr(palettized, "bias", None) is not None:
+                palettized.bias.copy_(clustered.whole_bias())
             palettized.weight.copy_(pack_indices(indices, palettized.bits))
             palettized.weight_lut.copy_(lut)
             if scale is not None:
@@ -196,20 +213,8 @@ class PalettizedLinear(PalettizedModule, nn.Module):
             )
 
     @classmethod
-    def from_snapped(cls, clustered, indices, lut, scale) -> "PalettizedLinear":
-        out_channels, in_channels = clustered.dense_shape
-        module = cls(
-            in_channels,
-            out_channels,
-            clustered.bias is not None,
-            clustered.palette_format,
-            device=clustered.weight.device,
-            dtype=clustered.weight.dtype,
-        )
-        if clustered.bias is not None:
-            with torch.no_grad():
-                module.bias.copy_(clustered.whole_bias())
-        return cls._from_snapped(module, indices, lut, scale)
+    def _shaped(cls, out_channels, in_channels, source, palette, **factory) -> "PalettizedLinear":
+        return cls(in_channels, out_channels, source.bias is not None, palette, **factory)
 
     @staticmethod
     def float_module_from_rows(module, rows: torch.Tensor, dtype: Optional[torch.dtype]) -> nn.Module:
@@ -276,17 +281,8 @@ class PalettizedEmbedding(PalettizedModule, nn.Module):
             )
 
     @classmethod
-    def from_snapped(cls, clustered, indices, lut, scale) -> "PalettizedEmbedding":
-        out_channels, in_channels = clustered.dense_shape
-        module = cls(
-            out_channels,
-            in_channels,
-            clustered.palette_format,
-            padding_idx=clustered.padding_idx,
-            device=clustered.weight.device,
-            dtype=clustered.weight.dtype,
-        )
-        return cls._from_snapped(module, indices, lut, scale)
+    def _shaped(cls, out_channels, in_channels, source, palette, **factory) -> "PalettizedEmbedding":
+        return cls(out_channels, in_channels, palette, padding_idx=source.padding_idx, **factory)
 
     @staticmethod
     def float_module_from_rows(module, rows: torch.Tensor, dtype: Optional[torch.dtype]) -> nn.Module:
