@@ -91,6 +91,8 @@ CONFIGS = {
         Config("p3-g16", bits=3, group_size=16),
         Config("p3-g16-noscale", bits=3, group_size=16, scale=False),
         Config("p3-lmhead4", bits=3, lm_head_bits=4),
+        Config("p3-row", bits=3, group_size=1, scale=False),
+        Config("p3-row-lmhead4", bits=3, group_size=1, scale=False, lm_head_bits=4),
         Config("p4-lmhead4", bits=4, lm_head_bits=4),
         Config("p3-densecache", bits=3, dense_cache=True),
         Config("p3-torch", bits=3, kernels=False, new_tokens=16),
