@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import ptq_methods  # noqa: E402, F401  (registers the post-training palettization rows)
 from quality_methods import DEFAULT_METHODS, METHODS, QuantizationReport, RunContext  # noqa: E402
 
 from optimum_edkm import __version__, atomic  # noqa: E402
