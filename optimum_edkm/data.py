@@ -308,16 +308,13 @@ def _load_help_topics(split: str, cache_dir: Optional[os.PathLike]) -> TextData:
     digest = _digest([SPLIT_RULE] + [f"{k}\0{topics[k]}" for k in sorted(topics)])
     documents = help_topic_split(topics)[split]
     files = _cached_documents(cache_dir, f"{DEFAULT_TEXT}-{version}-{digest}", split, documents)
-    return TextData(
-        name=DEFAULT_TEXT,
-        split=split,
-        dataset=_load_text_files(files),
-        licence=PSF_LICENCE,
-        source=f"Python {version} Language Reference help topics (pydoc_data.topics), {len(documents)} of "
+    source = (
+        f"Python {version} Language Reference help topics (pydoc_data.topics), {len(documents)} of "
         f"{len(topics)} topics: topics sharing paragraphs grouped; of the groups sorted by name, every "
         f"{HELD_OUT_EVERY}th from position {TEST_POSITION} is the test split, from position "
-        f"{VALIDATION_POSITION} the validation split, the rest train; no paragraph in two splits",
+        f"{VALIDATION_POSITION} the validation split, the rest train; no paragraph in two splits"
     )
+    return _text_from_files(DEFAULT_TEXT, split, files, PSF_LICENCE, source)
 
 
 # -- the out-of-domain texts: shipped in the gensim wheel as test data; read as files, gensim is never imported
@@ -486,15 +483,12 @@ def _load_enwiki(split: str, cache_dir: Optional[os.PathLike]) -> TextData:
     if files is None:
         files = _cached_documents(cache_dir, f"{OOD_TEST_TEXT}-{version}-{digest}", split, enwiki_articles(path))
         atomic.write_file(folder / ".complete", "")
-    return TextData(
-        name=OOD_TEST_TEXT,
-        split=split,
-        dataset=_load_text_files(files),
-        licence=ENWIKI_LICENCE,
-        source=f"English Wikipedia articles from gensim {version} ({GENSIM_DATA}/{ENWIKI_FILE}): {len(files)} "
+    source = (
+        f"English Wikipedia articles from gensim {version} ({GENSIM_DATA}/{ENWIKI_FILE}): {len(files)} "
         f"articles in dump order, markup stripped, each cut to {ENWIKI_ARTICLE_CHARS} characters at a "
-        f"paragraph end; out-of-domain test text, never trained, calibrated or chosen on",
+        f"paragraph end; out-of-domain test text, never trained, calibrated or chosen on"
     )
+    return _text_from_files(OOD_TEST_TEXT, split, files, ENWIKI_LICENCE, source)
 
 
 def _load_lee_news(split: str, cache_dir: Optional[os.PathLike]) -> TextData:
@@ -510,14 +504,11 @@ def _load_lee_news(split: str, cache_dir: Optional[os.PathLike]) -> TextData:
         split,
         [(f"article-{i:03d}", text) for i, text in enumerate(articles)],
     )
-    return TextData(
-        name=OOD_VALIDATION_TEXT,
-        split=split,
-        dataset=_load_text_files(files),
-        licence=LEE_NEWS_LICENCE,
-        source=f"ABC news articles of the Lee background corpus from gensim {version} ({GENSIM_DATA}/"
-        f"{LEE_NEWS_FILE}), {len(articles)} articles in file order; out-of-domain validation text",
+    source = (
+        f"ABC news articles of the Lee background corpus from gensim {version} ({GENSIM_DATA}/"
+        f"{LEE_NEWS_FILE}), {len(articles)} articles in file order; out-of-domain validation text"
     )
+    return _text_from_files(OOD_VALIDATION_TEXT, split, files, LEE_NEWS_LICENCE, source)
 
 
 def _digest(parts: Sequence[str]) -> str:
@@ -550,13 +541,8 @@ def _load_local(path: Path) -> TextData:
             raise ValueError(f"folder {str(path)!r} holds no text files (looked for {', '.join(TEXT_FILE_SUFFIXES)})")
     else:
         files = [path]
-    return TextData(
-        name=path.name,
-        split="whole",
-        dataset=_load_text_files(files),
-        licence=USER_FILE_LICENCE,
-        source=f"{len(files)} file(s) under {str(path.resolve())}",
-    )
+    source = f"{len(files)} file(s) under {str(path.resolve())}"
+    return _text_from_files(path.name, "whole", files, USER_FILE_LICENCE, source)
 
 
 def _load_hub(dataset_id: str, *, split: Optional[str], config: Optional[str], text_column: str) -> TextData:
@@ -589,7 +575,8 @@ def _load_hub(dataset_id: str, *, split: Optional[str], config: Optional[str], t
     )
 
 
-def _load_text_files(files: Sequence[Path]):
+def _text_from_files(name: str, split: str, files: Sequence[Path], licence: str, source: str) -> TextData:
+    """The text of ``files``, one document per file (each checked to be UTF-8 first)."""
     import datasets
 
     for path in files:  # datasets' own error names neither the file nor the encoding
@@ -602,9 +589,10 @@ def _load_text_files(files: Sequence[Path]):
                 f"{str(path)!r} is not UTF-8 text (byte {error.start}: {error.reason}); convert it, e.g. "
                 f"iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}"
             ) from None
-    return datasets.load_dataset(
+    dataset = datasets.load_dataset(
         "text", data_files=[str(f) for f in files], sample_by="document", split="train", keep_in_memory=True
     )
+    return TextData(name=name, split=split, dataset=dataset, licence=licence, source=source)
 
 
 def _safe_file_name(name: str) -> str:
