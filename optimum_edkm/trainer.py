@@ -70,67 +70,55 @@ class ClusteringSchedule:
         return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def _option(default, help: str):
+    """A field with a default and the help text ``HfArgumentParser`` shows for it."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class EDKMTrainingArguments(TrainingArguments):
     """``TrainingArguments`` plus the clustering schedule and the training-time options of eDKM."""
 
-    clustering_milestone: int = field(
-        default=0,
-        metadata={
-            "help": "optimizer steps of plain fine-tuning before clustering starts (centroids are re-initialised "
-            "from the weights at that step)"
-        },
+    clustering_milestone: int = _option(
+        0,
+        "optimizer steps of plain fine-tuning before clustering starts (centroids are re-initialised "
+        "from the weights at that step)",
     )
-    temperature_schedule: str = field(
-        default="constant",
-        metadata={
-            "help": "'constant', or anneal the temperature from its initial value to final_temperature_factor "
-            "times it with a 'linear' or 'cosine' schedule after the milestone"
-        },
+    temperature_schedule: str = _option(
+        "constant",
+        "'constant', or anneal the temperature from its initial value to final_temperature_factor "
+        "times it with a 'linear' or 'cosine' schedule after the milestone",
     )
-    final_temperature_factor: float = field(default=0.1, metadata={"help": "end of the temperature schedule"})
-    collapse_tolerance: float = field(
-        default=1e-3,
-        metadata={
-            "help": "centroids closer than this fraction of the mean centroid spacing are treated as collapsed and "
-            "spread again before the step; 0 disables the repair"
-        },
+    final_temperature_factor: float = _option(0.1, "end of the temperature schedule")
+    collapse_tolerance: float = _option(
+        1e-3,
+        "centroids closer than this fraction of the mean centroid spacing are treated as collapsed and "
+        "spread again before the step; 0 disables the repair",
     )
-    cluster_stats_sample: int = field(
-        default=65536,
-        metadata={"help": "weights per module sampled (fixed positions) for the logged cluster statistics"},
+    cluster_stats_sample: int = _option(
+        65536, "weights per module sampled (fixed positions) for the logged cluster statistics"
     )
-    palettize_at_end: bool = field(
-        default=False,
-        metadata={
-            "help": "snap the model to its palettized form when train() finishes (otherwise call trainer.finalize() "
-            "or optimum_edkm.palettize(model) when you are done training)"
-        },
+    palettize_at_end: bool = _option(
+        False,
+        "snap the model to its palettized form when train() finishes (otherwise call trainer.finalize() "
+        "or optimum_edkm.palettize(model) when you are done training)",
     )
-    distillation_weight: float = field(
-        default=0.0,
-        metadata={
-            "help": "weight of the distillation loss (KL divergence to the teacher's next-token distribution); the "
-            "loss is (1 - w) * cross-entropy + w * KL. Needs EDKMTrainer(teacher_model=...)"
-        },
+    distillation_weight: float = _option(
+        0.0,
+        "weight of the distillation loss (KL divergence to the teacher's next-token distribution); the "
+        "loss is (1 - w) * cross-entropy + w * KL. Needs EDKMTrainer(teacher_model=...)",
     )
-    distillation_temperature: float = field(
-        default=1.0,
-        metadata={"help": "softmax temperature of the distillation loss (the KL term is multiplied by its square)"},
+    distillation_temperature: float = _option(
+        1.0, "softmax temperature of the distillation loss (the KL term is multiplied by its square)"
     )
-    distillation_loss: str = field(
-        default="forward_kl",
-        metadata={"help": f"divergence to the teacher, one of {DIVERGENCES} (optimum_edkm.losses.token_divergence)"},
+    distillation_loss: str = _option(
+        "forward_kl", f"divergence to the teacher, one of {DIVERGENCES} (optimum_edkm.losses.token_divergence)"
     )
-    offload_saved_tensors: Union[bool, str] = field(
-        default=False,
-        metadata={"help": "move what the clustering saves for backward to the CPU (True) or another device"},
+    offload_saved_tensors: Union[bool, str] = _option(
+        False, "move what the clustering saves for backward to the CPU (True) or another device"
     )
-    shard_saved_tensors: bool = field(
-        default=False,
-        metadata={
-            "help": "under data parallelism, keep only this rank's slice of what the clustering saves for backward"
-        },
+    shard_saved_tensors: bool = _option(
+        False, "under data parallelism, keep only this rank's slice of what the clustering saves for backward"
     )
 
     def __post_init__(self):
@@ -141,8 +129,6 @@ class EDKMTrainingArguments(TrainingArguments):
             raise ValueError(f"distillation_weight must be in [0, 1], got {self.distillation_weight!r}")
         if not self.distillation_temperature > 0:
             raise ValueError(f"distillation_temperature must be > 0, got {self.distillation_temperature!r}")
-        if self.distillation_loss not in DIVERGENCES:
-            raise ValueError(f"distillation_loss must be one of {DIVERGENCES}, got {self.distillation_loss!r}")
         if self.distillation_loss not in DIVERGENCES:
             raise ValueError(f"distillation_loss must be one of {DIVERGENCES}, got {self.distillation_loss!r}")
 
