@@ -32,13 +32,11 @@ from typing import NamedTuple, Optional
 import torch
 
 from .layout import (
-    check_centroids,
-    check_scale,
+    check_inputs,
     check_temperature,
     check_weight,
     cluster_values,
     compute_dtype,
-    num_groups,
     row_view_shape,
     value_dtype,
 )
@@ -327,10 +325,7 @@ def edkm_cluster(
     reference path; ``True`` requires the kernels and raises where they cannot run. Both paths compute the same
     function (forward outputs agree bit for bit on the per-weight side; sums differ in rounding order only).
     """
-    check_weight(weight, name, finite=False)  # finiteness is checked on the forward pass's counts
-    groups = num_groups(weight, spec.group_size, name)
-    check_centroids(centroids, groups, spec, name)
-    check_scale(scale, weight, name)
+    check_inputs(weight, centroids, spec, scale, name, finite=False)  # finiteness: on the forward's counts
     info = {}
     clustered, new_centroids = _EDKMFunction.apply(weight, centroids, scale, spec, info, kernel, name)
     return ClusterOutput(clustered, new_centroids, info["iterations"])

@@ -7,7 +7,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .layout import (
-    check_centroids,
+    check_inputs,
     check_scale,
     check_weight,
     cluster_values,
@@ -198,10 +198,7 @@ def hard_assign(
     name: str = "weight",
 ) -> HardAssignment:
     """Index of the nearest centroid (lowest index on ties) for every weight, computed on distinct values."""
-    check_weight(weight, name)
-    groups = num_groups(weight, spec.group_size, name)
-    check_centroids(centroids, groups, spec, name)
-    check_scale(scale, weight, name)
+    groups = check_inputs(weight, centroids, spec, scale, name)
     cdt = compute_dtype(weight)
     uv = uniquify(cluster_values(weight, scale, spec, groups), cdt, name)
     _, label = _nearest(uv.values, uv.group, centroids.to(cdt))

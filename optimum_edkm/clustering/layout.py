@@ -86,6 +86,16 @@ def check_scale(scale, weight: torch.Tensor, name: str = "weight") -> None:
         raise ValueError(f"per-channel scale of '{name}' must be finite and > 0")
 
 
+def check_inputs(weight, centroids, spec: ClusteringSpec, scale=None, name: str = "weight", finite: bool = True) -> int:
+    """The checks every clustering entry point makes on its inputs (weight, centroids, optional per-channel
+    scale); returns the number of LUT groups."""
+    check_weight(weight, name, finite=finite)
+    groups = num_groups(weight, spec.group_size, name)
+    check_centroids(centroids, groups, spec, name)
+    check_scale(scale, weight, name)
+    return groups
+
+
 @torch.no_grad()
 def check_temperature(temperature: float, values: torch.Tensor, centroids: torch.Tensor, name: str = "weight") -> None:
     """Refuse a temperature so small that the soft assignment overflows the compute dtype.

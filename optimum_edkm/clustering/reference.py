@@ -10,7 +10,11 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .layout import check_centroids, check_scale, check_temperature, check_weight, num_groups, row_view_shape
+from .layout import (
+    check_inputs,
+    check_temperature,
+    row_view_shape,
+)
 from .spec import ClusteringSpec
 
 
@@ -47,10 +51,7 @@ def dkm_reference(
     the output is ``A @ c`` with the last ``A`` and ``c``. With a per-channel ``scale`` the rows are divided
     by it before clustering and multiplied back afterwards. Computed in the weight's dtype.
     """
-    check_weight(weight, name)
-    groups = num_groups(weight, spec.group_size, name)
-    check_centroids(centroids, groups, spec, name)
-    check_scale(scale, weight, name)
+    groups = check_inputs(weight, centroids, spec, scale, name)
 
     values = weight
     if scale is not None:
