@@ -25,7 +25,7 @@ import time
 import torch
 
 import optimum_edkm
-from optimum_edkm import EDKMConfig
+from optimum_edkm import EDKMConfig, atomic
 from optimum_edkm.data import OOD_TEST_TEXT, TEST_SPLIT, TRAIN_SPLIT, load_text
 from optimum_edkm.evaluation import evaluate_perplexity
 from optimum_edkm.finetune import DEFAULT_RECIPE, finetune
@@ -202,19 +202,17 @@ def main():
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     print(f"train loss: first {losses[0] if losses else None}, last {losses[-1] if losses else None}")
     print(f"total time {time.perf_counter() - started:.0f} s")
-    with open(os.path.join(saved, "perplexity.json"), "w") as handle:
-        json.dump(
-            {
-                "perplexity": results,
-                "config": config.to_dict(),
-                "recipe": recipe.as_dict(),
-                "eval_tokens": {k: int(v.numel()) for k, v in eval_ids.items()},
-                "texts": {k: t.describe() for k, t in texts.items()},
-                "size": size,
-            },
-            handle,
-            indent=2,
-        )
+    atomic.write_json(
+        os.path.join(saved, "perplexity.json"),
+        {
+            "perplexity": results,
+            "config": config.to_dict(),
+            "recipe": recipe.as_dict(),
+            "eval_tokens": {k: int(v.numel()) for k, v in eval_ids.items()},
+            "texts": {k: t.describe() for k, t in texts.items()},
+            "size": size,
+        },
+    )
 
 
 if __name__ == "__main__":
