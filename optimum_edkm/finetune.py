@@ -45,7 +45,7 @@ class Recipe:
     steps: int = 30
     batch_size: int = 8
     seq_len: int = 256
-    learning_rate: float = 1e-3
+    learning_rate: float = 1e-4
     warmup_steps: int = 0
     temperature: float = 0.01
     distillation_weight: float = 1.0
@@ -54,7 +54,7 @@ class Recipe:
     teacher_sequences: int = 64
     use_text: bool = True
     generation_seed: int = 0
-    fisher_samples: int = 32
+    fisher_samples: int = 16
 
     def as_dict(self) -> dict:
         record = dataclasses.asdict(self)
@@ -107,11 +107,16 @@ class Recipe:
 
 
 #: the recipe of the example, the main job and the benchmark's ``edkm-*`` rows. Chosen on validation text
-#: (docs/quality.md, benchmarks/results/recipe_validation.jsonl): distillation from the float model (forward KL)
-#: instead of cross-entropy, on the training text plus 64 sequences of teacher text, from a k-means start
-#: weighted by the Fisher diagonal (32 windows). Best used with one LUT per 16 output channels and a per-channel
-#: scale (``EDKMConfig(granularity="per_grouped_channel", group_size=16, enable_per_channel_scale=True)``).
+#: (docs/quality.md; benchmarks/results/recipe_validation.jsonl and ptq_validation.jsonl): distillation from the
+#: float model (forward KL) instead of cross-entropy, on the training text plus 64 sequences of teacher text, from
+#: a k-means start weighted by the Fisher diagonal (16 windows), learning rate 1e-4 (1e-3 pushed the model away
+#: from a good start). Best used with one LUT per output channel and no scale
+#: (:data:`RECIPE_PALETTE`), the granularity that did best out of domain on validation.
 DEFAULT_RECIPE = Recipe()
+
+#: the LUT layout the recipe was validated with: one LUT per output channel, no per-channel scale (3.19 bits per
+#: weight at 3 bits and 576 input columns); keyword arguments of :class:`~optimum_edkm.EDKMConfig`
+RECIPE_PALETTE = {"granularity": "per_grouped_channel", "group_size": 1, "enable_per_channel_scale": False}
 
 
 def token_windows(token_ids: torch.Tensor, seq_len: int) -> torch.Tensor:
