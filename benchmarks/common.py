@@ -76,3 +76,43 @@ def machine(device: torch.device) -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def finish_sweep_line(record: dict, started: float, load_start, tag: str, out: str) -> None:
+    """Close one line of a validation sweep (``ptq_sweep.py``, ``recipe_sweep.py``): wall time, load average at
+    start and end, tag and date; print it and append it to the JSONL file ``out`` (rewritten atomically, so an
+    interrupted run leaves the file as it was)."""
+    import json
+    import time
+
+    record.update(
+        {
+            "wall_seconds": round(time.time() - started, 1),
+            "load_average_start": [round(x, 2) for x in load_start],
+            "load_average_end": [round(x, 2) for x in os.getloadavg()],
+            "tag": tag,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+    )
+    line = json.dumps(record)
+    print(line, flush=True)
+    previous = ""
+    if os.path.exists(out):
+        with open(out, encoding="utf-8") as handle:
+            previous = handle.read()
+        if previous and not previous.endswith("\n"):
+            previous += "\n"
+    atomic.write_file(out, previous + line + "\n")
+
+
+def cached_result(path: str, compute):
+    """``compute()``'s JSON result, computed once and then read back from ``path`` (written atomically): the
+    sweeps' float-model perplexities depend only on the texts and the token count."""
+    import json
+
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    result = compute()
+    atomic.write_json(path, result)
+    return result

@@ -35,6 +35,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from common import cached_result, finish_sweep_line  # noqa: E402
+
 import optimum_edkm  # noqa: E402
 from optimum_edkm import EDKMConfig  # noqa: E402
 from optimum_edkm.data import (  # noqa: E402
@@ -199,14 +201,7 @@ def main(argv=None):
     }
     record["settings"].pop("out")
     float_cache = os.path.join(ROOT, "runs", "ptq-sweep", f"float-{args.eval_tokens}.json")
-    if os.path.exists(float_cache):
-        with open(float_cache, encoding="utf-8") as handle:
-            record["float"] = json.load(handle)
-    else:
-        record["float"] = perplexities()
-        os.makedirs(os.path.dirname(float_cache), exist_ok=True)
-        with open(float_cache, "w", encoding="utf-8") as handle:
-            json.dump(record["float"], handle)
+    record["float"] = cached_result(float_cache, perplexities)
 
     needs_calibration = args.method in ("ptq", "gptq", "awq", "skm") or args.importance == "fisher"
     calibration = calibration_ids(args, model, tokenizer) if needs_calibration else None
@@ -302,21 +297,8 @@ def main(argv=None):
     record["ratio_vs_float"] = {k: round(v / record["float"][k], 4) for k, v in record["perplexity"].items()}
     bits = effective_bits(model, storage)
     record["bits_per_weight"] = {"linears": bits.linears, "whole_model": round(bits.whole_model, 4)}
-    record.update(
-        {
-            "details": details,
-            "wall_seconds": round(time.time() - started, 1),
-            "load_average_start": [round(x, 2) for x in load_start],
-            "load_average_end": [round(x, 2) for x in os.getloadavg()],
-            "tag": args.tag,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
-    )
-    line = json.dumps(record)
-    print(line, flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "a", encoding="utf-8") as handle:
-        handle.write(line + "\n")
+    record["details"] = details
+    finish_sweep_line(record, started, load_start, args.tag, args.out)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import sys
 import time
 
 import torch
+from common import cached_result, finish_sweep_line
 
 import optimum_edkm
 from optimum_edkm import EDKMConfig
@@ -156,16 +157,8 @@ def main(argv=None):
         "eval_tokens": {k: int(v.numel()) for k, v in eval_ids.items()},
     }
     record["settings"].pop("out")
-    # the float model's figures depend only on the texts and the token count: computed once, then read back
     float_cache = os.path.join(ROOT, "runs", "recipe-sweep", f"float-{args.eval_tokens}.json")
-    if os.path.exists(float_cache):
-        with open(float_cache, encoding="utf-8") as handle:
-            record["float"] = json.load(handle)
-    else:
-        record["float"] = perplexities()
-        os.makedirs(os.path.dirname(float_cache), exist_ok=True)
-        with open(float_cache, "w", encoding="utf-8") as handle:
-            json.dump(record["float"], handle)
+    record["float"] = cached_result(float_cache, perplexities)
     train_ids = load_text(DEFAULT_TEXT, split=TRAIN_SPLIT).token_ids(tokenizer) if args.data != "generated" else None
     generated, generation_seconds = None, 0.0
     if args.data != "help":
@@ -235,18 +228,9 @@ def main(argv=None):
             "ratio_vs_float": {
                 k: round(v / record["float"][k], 4) for k, v in record.get("tuned", record.get("start", {})).items()
             },
-            "wall_seconds": round(time.time() - started, 1),
-            "load_average_start": [round(x, 2) for x in load_start],
-            "load_average_end": [round(x, 2) for x in os.getloadavg()],
-            "tag": args.tag,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
     )
-    line = json.dumps(record)
-    print(line, flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "a", encoding="utf-8") as handle:
-        handle.write(line + "\n")
+    finish_sweep_line(record, started, load_start, args.tag, args.out)
 
 
 if __name__ == "__main__":
