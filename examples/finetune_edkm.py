@@ -50,6 +50,12 @@ def parse_args():
     parser.add_argument("--model", default=None, help="Hub id or local folder (default: offline SmolLM2-135M)")
     parser.add_argument("--bits", type=int, default=3)
     parser.add_argument(
+        "--embedding-bits",
+        type=int,
+        default=None,
+        help="also palettize the input embedding (a tied output head reads the same LUT and indices); default: float",
+    )
+    parser.add_argument(
         "--granularity",
         default="per_grouped_channel",
         choices=["per_tensor", "per_grouped_channel"],
@@ -185,6 +191,7 @@ def main():
         group_size=args.group_size,
         enable_per_channel_scale=args.per_channel_scale,
         temperature=recipe.temperature,
+        embedding_bits=args.embedding_bits,
     )
     recipe.prepare(model, config, train_ids)
     start = "sensitivity-weighted k-means" if recipe.fisher_samples else "k-means palettization"

@@ -3,10 +3,13 @@
 A layer-0 module: the clustering engine (``clustering.patterns``) and the LUT kernel (``kernels.lut``) both load
 their extensions through it, so neither imports the other.
 
-The extension is compiled once per machine (``torch.utils.cpp_extension.load``, cached under
-``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``) with ``-march=native``; the CPU's feature flags are
-part of the extension's name, so a cache shared between machines never runs code built for another CPU.
-``OPTIMUM_EDKM_DISABLE_KERNELS=1`` forces the pure-torch paths (useful to compare them).
+The extension is compiled once per machine and checkout (``torch.utils.cpp_extension.load``, cached under
+``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``) with ``-march=native``. The CPU's feature flags, the
+torch version and the sources (their contents and where they are) are part of the extension's name, so a cache
+shared between machines never runs code built for another CPU, and two checkouts of the package do not rebuild
+each other's build folder in turn. A build interrupted by a killed process leaves torch's lock file behind, on
+which every later build would wait forever: a lock older than :data:`STALE_LOCK_SECONDS` is removed with a
+warning. ``OPTIMUM_EDKM_DISABLE_KERNELS=1`` forces the pure-torch paths (useful to compare them).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "csrc")
 DISABLE_ENV = "OPTIMUM_EDKM_DISABLE_KERNELS"
+#: a build lock older than this is taken to be left by a killed build (a build takes 1-3 minutes on 2 cores)
+STALE_LOCK_SECONDS = 20 * 60
 
 
 def kernels_disabled() -> bool:
@@ -43,11 +48,44 @@ def _cpu_fingerprint() -> str:
 
 
 def _source_digest(paths: Sequence[str]) -> str:
-    digest = hashlib.sha256()
+    import torch
+
+    digest = hashlib.sha256(torch.__version__.encode())
     for path in paths:
+        digest.update(os.path.abspath(path).encode())
         with open(path, "rb") as handle:
             digest.update(handle.read())
     return digest.hexdigest()[:10]
+
+
+def _build_directory(module_name: str) -> str:
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "torch_extensions", "optimum_edkm"
+    )
+    return os.path.join(root, module_name)
+
+
+def _remove_stale_lock(build_directory: str, now: Optional[float] = None) -> bool:
+    """Remove torch's build lock when it is older than :data:`STALE_LOCK_SECONDS`; returns whether it did."""
+    import time
+
+    lock = os.path.join(build_directory, "lock")
+    try:
+        age = (time.time() if now is None else now) - os.path.getmtime(lock)
+    except OSError:
+        return False
+    if age < STALE_LOCK_SECONDS:
+        return False
+    warnings.warn(
+        f"optimum-edkm: removing a build lock left {age / 60:.0f} minutes ago by an interrupted build ({lock})",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    try:
+        os.remove(lock)
+    except FileNotFoundError:
+        pass
+    return True
 
 
 @functools.lru_cache(maxsize=None)
@@ -65,8 +103,18 @@ def load_extension(name: str, sources: tuple, extra_cflags: tuple = ()) -> Optio
 
         flags = ["-O3", "-march=native", "-fopenmp", *extra_cflags]
         module_name = f"optimum_edkm_{name}_{_cpu_fingerprint()}_{_source_digest(paths)}"
-        logger.info("building the C++ kernel %s (once per machine)", name)
-        return load(name=module_name, sources=paths, extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+        build_directory = _build_directory(module_name)
+        os.makedirs(build_directory, exist_ok=True)
+        _remove_stale_lock(build_directory)
+        logger.info("loading the C++ kernel %s (built once per machine and checkout)", name)
+        return load(
+            name=module_name,
+            sources=paths,
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            build_directory=build_directory,
+            verbose=False,
+        )
     except Exception as error:  # any build problem falls back to the reference path
         warnings.warn(
             f"optimum-edkm: the C++ kernel {name!r} could not be built ({type(error).__name__}: "

@@ -141,7 +141,8 @@ def test_compress_from_optimum_cli_writes_a_palettized_model_whose_report_matche
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((output / "compress_report.json").read_text())
     labels = [row["label"] for row in report["rows"]]
-    assert labels == ["float model", "k-means palettization, 3-bit", "eDKM fine-tuned (2 steps), 3-bit"]
+    assert labels == ["float model", "sensitivity-weighted k-means, 3-bit", "eDKM fine-tuned (2 steps), 3-bit"]
+    assert report["quantization_config"]["group_size"] == 1  # the recipe's layout: one LUT per output channel
     assert "| eDKM fine-tuned (2 steps), 3-bit |" in result.stdout  # the summary table
     assert report["fine_tuning"]["steps"] == 2 and report["fine_tuning"]["mean_train_loss"] > 0
 
@@ -177,10 +178,10 @@ def test_compress_passes_only_the_options_given_so_the_recipe_defaults_apply(
     monkeypatch.setattr(optimum_edkm.finetune, "finetune", spy)
     argv = _compress_argv(tiny_model_dir, texts, tmp_path / "out", "--no-eval", "--learning-rate", "0.002")
     argv = [a for a in argv if a not in ("--seq-len", "32", "--batch-size", "2")]
-    assert main(argv + ["--seq-len", "32"]) == 0
+    assert main(argv + ["--seq-len", "32", "--steps", "1"]) == 0
     (kwargs,) = calls
     given = {k for k in kwargs if k not in ("output_dir", "progress", "teacher_model")}
-    assert given == {"learning_rate", "seq_len"} and kwargs["learning_rate"] == 0.002
+    assert given == {"learning_rate", "seq_len", "steps"} and kwargs["learning_rate"] == 0.002
     assert kwargs["teacher_model"] is None
 
 
@@ -206,7 +207,11 @@ def test_compress_with_zero_steps_palettizes_the_kmeans_initialisation_and_disti
         ),
     )
     with pytest.raises(RuntimeError, match="stop after the call"):
-        main(_compress_argv(tiny_model_dir, texts, tmp_path / "distil", "--no-eval", "--distillation-weight", "0.5"))
+        main(
+            _compress_argv(
+                tiny_model_dir, texts, tmp_path / "distil", "--no-eval", "--distillation-weight", "0.5", "--steps", "1"
+            )
+        )
     (teacher,) = teachers
     assert not any("EDKM" in type(m).__name__ for m in teacher.modules())  # the float model, not the student
 

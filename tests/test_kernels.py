@@ -337,3 +337,29 @@ def test_generate_compiles_a_palettized_model_with_a_static_cache(tiny_llama_dir
     assert counters["stats"]["unique_graphs"] >= 1
     torch._dynamo.reset()
     assert torch.equal(compiled, eager)
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_is_kept(tmp_path):
+    """torch waits forever on a lock file a killed build left behind; the loader clears only a stale one."""
+    import time
+
+    from optimum_edkm import extensions
+
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    assert not extensions._remove_stale_lock(str(tmp_path)) and lock.exists()  # a build may be running
+    old = time.time() - extensions.STALE_LOCK_SECONDS - 5
+    os.utime(lock, (old, old))
+    with pytest.warns(RuntimeWarning, match="interrupted build"):
+        assert extensions._remove_stale_lock(str(tmp_path))
+    assert not lock.exists()
+    assert not extensions._remove_stale_lock(str(tmp_path))  # nothing left to remove
+
+
+def test_two_checkouts_get_their_own_build_folder(tmp_path):
+    from optimum_edkm import extensions
+
+    source = os.path.join(extensions.CSRC, "lut_linear.cpp")
+    copy = tmp_path / "lut_linear.cpp"
+    copy.write_bytes(open(source, "rb").read())
+    assert extensions._source_digest([source]) != extensions._source_digest([str(copy)])

@@ -118,7 +118,15 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
         "--steps",
         type=int,
         default=None,
-        help="optimizer steps of eDKM fine-tuning; 0 palettizes the k-means initialisation without training",
+        help="optimizer steps of eDKM fine-tuning (default 0: palettize the start, as the main job does; the "
+        "quality benchmark's recipe runs 30)",
+    )
+    training.add_argument(
+        "--fisher-samples",
+        type=int,
+        default=None,
+        help="windows of the training text for the Fisher-weighted k-means start (default: the recipe's 16; "
+        "0: plain k-means)",
     )
     training.add_argument("--learning-rate", type=float, default=None)
     training.add_argument("--batch-size", type=int, default=None)

@@ -96,14 +96,21 @@ def build_config(args):
     before the model is loaded."""
     from optimum_edkm import EDKMConfig
 
+    from optimum_edkm.finetune import RECIPE_PALETTE
+
+    options = given(args, CONFIG_OPTIONS)
+    if not {"granularity", "group_size", "enable_per_channel_scale"} & set(options):
+        options = {**RECIPE_PALETTE, **options}  # the LUT layout the recipe was validated with
     try:
-        return EDKMConfig(**given(args, CONFIG_OPTIONS))
+        return EDKMConfig(**options)
     except ValueError as error:
         raise CommandError(str(error)) from None
 
 
 def finetune_options(args) -> dict:
     options = given(args, FINETUNE_OPTIONS)
+    if getattr(args, "fisher_samples", None) is not None and args.fisher_samples < 0:
+        raise CommandError(f"--fisher-samples must be >= 0 (0: plain k-means), got {args.fisher_samples}")
     if options.get("steps", 1) < 0:
         raise CommandError(f"--steps must be >= 0 (0 palettizes without fine-tuning), got {options['steps']}")
     if options.get("distillation_weight", 0) < 0 or options.get("distillation_weight", 0) > 1:
@@ -140,7 +147,7 @@ def compress(args) -> dict:
     """Run the job described by parsed ``compress`` arguments; returns the report (also written as JSON)."""
     import optimum_edkm
     from optimum_edkm.data import CALIBRATION_SPLIT, EVALUATION_SPLIT, load_text
-    from optimum_edkm.finetune import finetune
+    from optimum_edkm.finetune import DEFAULT_RECIPE, finetune
     from optimum_edkm.models import load_causal_lm
 
     started = time.perf_counter()
@@ -180,24 +187,27 @@ def compress(args) -> dict:
     teacher = None
     if options.get("distillation_weight", 0) > 0:
         teacher = copy.deepcopy(model)
-    logger.info("[3/5] preparing for eDKM (%d-bit, k-means initialisation)", config.bits)
-    optimum_edkm.prepare(model, config)
+    fisher_samples = DEFAULT_RECIPE.fisher_samples if args.fisher_samples is None else args.fisher_samples
+    start = "sensitivity-weighted k-means" if fisher_samples else "k-means palettization"
+    logger.info("[3/5] preparing for eDKM (%d-bit, %s)", config.bits, start)
+    recipe = dataclasses.replace(
+        DEFAULT_RECIPE, fisher_samples=fisher_samples, seq_len=options.get("seq_len", DEFAULT_RECIPE.seq_len)
+    )
+    recipe.prepare(model, config, train_ids)
     if eval_ids is not None:
-        rows.append(measure(model, eval_ids, args, f"k-means palettization, {config.bits}-bit"))
+        rows.append(measure(model, eval_ids, args, f"{start}, {config.bits}-bit"))
     timings["measure_and_prepare"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
-    steps = options.pop("steps", None)
+    steps = options.pop("steps", 0)
     losses, mean_loss = [], None
     if steps == 0:
-        logger.info("[4/5] --steps 0: palettizing the k-means initialisation without fine-tuning")
+        logger.info("[4/5] --steps 0: palettizing the start without fine-tuning")
         optimum_edkm.palettize(model)
-        label = f"palettized (k-means, no fine-tuning), {config.bits}-bit"
+        label = f"palettized ({start}, no fine-tuning), {config.bits}-bit"
     else:
         logger.info("[4/5] eDKM fine-tuning")
-        kwargs = dict(options, progress=not args.no_progress, teacher_model=teacher)
-        if steps is not None:
-            kwargs["steps"] = steps
+        kwargs = dict(options, steps=steps, progress=not args.no_progress, teacher_model=teacher)
         # the recipe saves no checkpoint (save_strategy="no"), but Trainer wants a folder of its own
         scratch = tempfile.mkdtemp(prefix=".edkm-trainer-", dir=os.path.dirname(output))
         try:
