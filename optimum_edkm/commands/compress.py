@@ -95,7 +95,6 @@ def build_config(args):
     """The ``EDKMConfig`` of the options that were given (the rest keep its defaults); raises on bad values
     before the model is loaded."""
     from optimum_edkm import EDKMConfig
-
     from optimum_edkm.finetune import RECIPE_PALETTE
 
     options = given(args, CONFIG_OPTIONS)
