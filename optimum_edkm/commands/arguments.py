@@ -121,13 +121,7 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
         help="optimizer steps of eDKM fine-tuning (default 0: palettize the start, as the main job does; the "
         "quality benchmark's recipe runs 30)",
     )
-    training.add_argument(
-        "--fisher-samples",
-        type=int,
-        default=None,
-        help="windows of the training text for the Fisher-weighted k-means start (default: the recipe's 16; "
-        "0: plain k-means)",
-    )
+    training.add_argument("--fisher-samples", type=int, default=None, help="Fisher-weighted start windows (0: k-means)")
     training.add_argument("--learning-rate", type=float, default=None)
     training.add_argument("--batch-size", type=int, default=None)
     training.add_argument("--seq-len", type=int, default=None, help="tokens per training window")
