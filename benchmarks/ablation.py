@@ -40,7 +40,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from common import GIB, PeakMemory, machine, write_json  # noqa: E402  (shared helpers)
+from common import GIB, PeakMemory, machine, worker_env, worker_result, write_json  # noqa: E402  (shared helpers)
 from layer_memory import make_projections  # noqa: E402
 
 # As quoted in the issue (the research notes could not check them against the paper's body).
@@ -195,9 +195,7 @@ def run_row(args, row: Row, projections: int) -> dict:
     threads = max(1, args.threads // row.world)
     port = free_port() if row.world > 1 else 0
     runs = row.runs if row.runs is not None else args.runs
-    env = dict(
-        os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), MALLOC_MMAP_THRESHOLD_="131072"
-    )  # freed blocks leave the RSS, so VmHWM measures live memory
+    env = worker_env()
     policy = json.dumps(row.policy) if row.policy is not None else ""
     commands = [
         [
@@ -237,11 +235,11 @@ def run_row(args, row: Row, projections: int) -> dict:
     outputs = [process.communicate() for process in processes]
     results = []
     for process, (stdout, stderr) in zip(processes, outputs):
-        lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
-        if process.returncode != 0 or not lines:
+        result = worker_result(process.returncode, stdout)
+        if result is None:
             tail = " | ".join((stderr or stdout).strip().splitlines()[-4:])
             return {"status": "error", "error": tail}
-        results.append(json.loads(lines[-1][len("RESULT ") :]))
+        results.append(result)
     scale = args.projections / projections
     # per rank: the ranks keep the same amounts (up to one padding byte per tensor); report the largest
     result = {

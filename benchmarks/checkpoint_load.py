@@ -14,7 +14,6 @@ Prints a table and writes ``benchmarks/results/checkpoint_load.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -22,7 +21,7 @@ import sys
 import tempfile
 import time
 
-from common import ROOT, machine, write_json
+from common import ROOT, machine, worker_env, worker_result, write_json
 
 WORKER = r"""
 import json, sys, time
@@ -67,12 +66,12 @@ def load(directory: str, mode: str) -> dict:
         [sys.executable, "-c", WORKER, directory, mode],
         capture_output=True,
         text=True,
-        env=dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")),
+        env=worker_env(release_memory=False),
     )
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
+    result = worker_result(done.returncode, done.stdout)
+    if result is None:
         raise RuntimeError(f"load worker failed:\n{done.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT ") :])
+    return result
 
 
 def main(argv=None) -> int:

@@ -116,3 +116,58 @@ def cached_result(path: str, compute):
     result = compute()
     atomic.write_json(path, result)
     return result
+
+
+def worker_env(release_memory: bool = True, **extra: str) -> dict:
+    """The environment of a benchmark's worker process: this checkout importable and, with ``release_memory``,
+    malloc serving big blocks straight from mmap, so freed memory leaves the RSS and VmHWM measures live memory
+    only."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra)
+    if release_memory:
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    return env
+
+
+def worker_result(returncode: int, stdout: str):
+    """The JSON of the last ``RESULT {...}`` line a worker printed; ``None`` when it failed or printed none."""
+    import json
+
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    if returncode != 0 or not lines:
+        return None
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def validation_texts(tokenizer, eval_tokens: int):
+    """The validation sweeps' two texts (the help topics' validation split, in domain; the news text, out of
+    domain), as ``({role: TextData}, {role: first eval_tokens token ids})``."""
+    from optimum_edkm.data import DEFAULT_TEXT, OOD_VALIDATION_TEXT, VALIDATION_SPLIT, load_text
+
+    texts = {
+        "in_domain": load_text(DEFAULT_TEXT, split=VALIDATION_SPLIT),
+        "out_of_domain": load_text(OOD_VALIDATION_TEXT, split=VALIDATION_SPLIT),
+    }
+    return texts, {role: text.token_ids(tokenizer)[:eval_tokens] for role, text in texts.items()}
+
+
+def validation_perplexities(model, eval_ids: dict) -> dict:
+    """``{role: perplexity}`` of ``model`` on each validation text (512-token windows), rounded as the sweeps
+    record them."""
+    from optimum_edkm.evaluation import evaluate_perplexity
+
+    return {
+        role: round(evaluate_perplexity(model, ids, context_length=512, progress=False).perplexity, 4)
+        for role, ids in eval_ids.items()
+    }
+
+
+def sweep_record(script: str, argv: list, args, texts: dict, eval_ids: dict) -> dict:
+    """The first fields of a sweep line: the command, the settings, which validation texts and how many tokens."""
+    settings = vars(args).copy()
+    settings.pop("out", None)
+    return {
+        "command": f"python benchmarks/{script} " + " ".join(argv),
+        "settings": settings,
+        "validation_texts": {role: f"{text.name}/{text.split}" for role, text in texts.items()},
+        "eval_tokens": {role: int(ids.numel()) for role, ids in eval_ids.items()},
+    }

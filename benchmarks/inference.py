@@ -513,7 +513,7 @@ def main() -> None:
         print(json.dumps(worker(CONFIGS[args.worker], args)))
         return
     import torch
-    from layer_memory import machine, write_json  # benchmarks/ helper (same folder)
+    from common import machine, write_json  # benchmarks/ helper (same folder)
 
     if args.kernel_sweep:
         report = kernel_sweep(args)

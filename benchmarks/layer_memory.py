@@ -21,7 +21,7 @@ import sys
 import time
 
 import torch
-from common import GIB, ROOT, PeakMemory, machine, write_json  # noqa: E402,F401  (shared helpers)
+from common import GIB, ROOT, PeakMemory, machine, worker_env, worker_result, write_json  # noqa: E402,F401  (shared helpers)
 
 
 # ----------------------------------------------------------------------------------------------- worker
@@ -156,17 +156,13 @@ def run_worker(args, engine: str, projections: int) -> dict:
         "--coremltools-kmeans-n-init",
         str(args.coremltools_kmeans_n_init),
     ]
-    # big blocks straight from mmap, so freed memory leaves the RSS and VmHWM measures live memory only
-    env = dict(
-        os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), MALLOC_MMAP_THRESHOLD_="131072"
-    )
+    env = worker_env()
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
+    result = worker_result(done.returncode, done.stdout)
+    if result is None:
         tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
         return {"engine": engine, "status": "error", "error": " | ".join(tail)}
-    result = json.loads(lines[-1][len("RESULT ") :])
     result.update(
         engine=engine, status="ok", projections_measured=projections, wall_seconds=time.perf_counter() - start
     )

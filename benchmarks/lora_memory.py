@@ -31,7 +31,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-from layer_memory import GIB, PeakMemory, machine, write_json  # noqa: E402
+from common import GIB, PeakMemory, machine, worker_env, worker_result, write_json  # noqa: E402
 
 MODES = ("float", "palettized", "palettized-keep")
 TARGETS = ["q_proj", "v_proj"]
@@ -124,14 +124,12 @@ def run(args, mode: str) -> dict:
         "--device",
         args.device,
     ] + (["--model", args.model] if args.model else [])
-    env = dict(
-        os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), MALLOC_MMAP_THRESHOLD_="131072"
-    )
+    env = worker_env()
     done = subprocess.run(command, capture_output=True, text=True, env=env)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
+    result = worker_result(done.returncode, done.stdout)
+    if result is None:
         raise RuntimeError(f"{mode} worker failed:\n{(done.stderr or done.stdout)[-3000:]}")
-    return json.loads(lines[-1][len("RESULT ") :])
+    return result
 
 
 def main(argv=None) -> dict:

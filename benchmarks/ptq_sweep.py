@@ -35,19 +35,23 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common import cached_result, finish_sweep_line  # noqa: E402
+from common import (  # noqa: E402
+    cached_result,
+    finish_sweep_line,
+    sweep_record,
+    validation_perplexities,
+    validation_texts,
+)  # noqa: E402
 
 import optimum_edkm  # noqa: E402
 from optimum_edkm import EDKMConfig  # noqa: E402
 from optimum_edkm.data import (  # noqa: E402
     DEFAULT_TEXT,
-    OOD_VALIDATION_TEXT,
     TRAIN_SPLIT,
-    VALIDATION_SPLIT,
     load_text,
     sample_windows,
 )
-from optimum_edkm.evaluation import effective_bits, evaluate_perplexity, palettized_storage  # noqa: E402
+from optimum_edkm.evaluation import effective_bits, palettized_storage  # noqa: E402
 from optimum_edkm.models import load_default_model  # noqa: E402
 
 METHODS = ("ptq", "kmeans", "skm", "gptq", "awq", "float")
@@ -181,25 +185,12 @@ def main(argv=None):
     started, load_start = time.time(), os.getloadavg()
     torch.manual_seed(0)
     model, tokenizer, _ = load_default_model()
-    texts = {
-        "in_domain": load_text(DEFAULT_TEXT, split=VALIDATION_SPLIT),
-        "out_of_domain": load_text(OOD_VALIDATION_TEXT, split=VALIDATION_SPLIT),
-    }
-    eval_ids = {k: t.token_ids(tokenizer)[: args.eval_tokens] for k, t in texts.items()}
+    texts, eval_ids = validation_texts(tokenizer, args.eval_tokens)
 
     def perplexities():
-        return {
-            k: round(evaluate_perplexity(model, ids, context_length=512, progress=False).perplexity, 4)
-            for k, ids in eval_ids.items()
-        }
+        return validation_perplexities(model, eval_ids)
 
-    record = {
-        "command": "python benchmarks/ptq_sweep.py " + " ".join(argv),
-        "settings": vars(args).copy(),
-        "validation_texts": {k: f"{t.name}/{t.split}" for k, t in texts.items()},
-        "eval_tokens": {k: int(v.numel()) for k, v in eval_ids.items()},
-    }
-    record["settings"].pop("out")
+    record = sweep_record("ptq_sweep.py", argv, args, texts, eval_ids)
     float_cache = os.path.join(ROOT, "runs", "ptq-sweep", f"float-{args.eval_tokens}.json")
     record["float"] = cached_result(float_cache, perplexities)
 

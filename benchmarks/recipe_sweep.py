@@ -23,13 +23,12 @@ import sys
 import time
 
 import torch
-from common import cached_result, finish_sweep_line
+from common import cached_result, finish_sweep_line, sweep_record, validation_perplexities, validation_texts
 
 import optimum_edkm
 from optimum_edkm import EDKMConfig
-from optimum_edkm.data import DEFAULT_TEXT, OOD_VALIDATION_TEXT, TRAIN_SPLIT, VALIDATION_SPLIT, load_text
+from optimum_edkm.data import DEFAULT_TEXT, TRAIN_SPLIT, load_text
 from optimum_edkm.distillation import GenerationSettings, cached_teacher_data
-from optimum_edkm.evaluation import evaluate_perplexity
 from optimum_edkm.finetune import finetune
 from optimum_edkm.losses import DIVERGENCES
 from optimum_edkm.models import load_default_model
@@ -138,25 +137,12 @@ def main(argv=None):
     load_start = os.getloadavg()
     torch.manual_seed(0)
     model, tokenizer, _ = load_default_model()
-    texts = {
-        "in_domain": load_text(DEFAULT_TEXT, split=VALIDATION_SPLIT),
-        "out_of_domain": load_text(OOD_VALIDATION_TEXT, split=VALIDATION_SPLIT),
-    }
-    eval_ids = {k: t.token_ids(tokenizer)[: args.eval_tokens] for k, t in texts.items()}
+    texts, eval_ids = validation_texts(tokenizer, args.eval_tokens)
 
     def perplexities():
-        return {
-            k: round(evaluate_perplexity(model, ids, context_length=512, progress=False).perplexity, 4)
-            for k, ids in eval_ids.items()
-        }
+        return validation_perplexities(model, eval_ids)
 
-    record = {
-        "command": "python benchmarks/recipe_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "settings": vars(args).copy(),
-        "validation_texts": {k: f"{t.name}/{t.split}" for k, t in texts.items()},
-        "eval_tokens": {k: int(v.numel()) for k, v in eval_ids.items()},
-    }
-    record["settings"].pop("out")
+    record = sweep_record("recipe_sweep.py", sys.argv[1:] if argv is None else argv, args, texts, eval_ids)
     float_cache = os.path.join(ROOT, "runs", "recipe-sweep", f"float-{args.eval_tokens}.json")
     record["float"] = cached_result(float_cache, perplexities)
     train_ids = load_text(DEFAULT_TEXT, split=TRAIN_SPLIT).token_ids(tokenizer) if args.data != "generated" else None

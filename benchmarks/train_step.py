@@ -32,7 +32,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-from common import GIB, PeakMemory, machine, write_json  # noqa: E402
+from common import GIB, PeakMemory, machine, worker_env, worker_result, write_json  # noqa: E402
 
 
 def worker(args) -> dict:
@@ -117,17 +117,14 @@ def run(args, mode: str) -> dict:
         str(args.threads),
     ]
     command += ["--model", args.model] if args.model else []
-    env = dict(
-        os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), MALLOC_MMAP_THRESHOLD_="131072"
-    )
+    env = worker_env()
     if mode == "edkm-torch":
         env["OPTIMUM_EDKM_DISABLE_KERNELS"] = "1"
     load_before = os.getloadavg()[0]
     done = subprocess.run(command, capture_output=True, text=True, env=env)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
+    result = worker_result(done.returncode, done.stdout)
+    if result is None:
         raise RuntimeError(f"{mode} worker failed:\n{(done.stderr or done.stdout)[-3000:]}")
-    result = json.loads(lines[-1][len("RESULT ") :])
     result["load_average"] = [load_before, os.getloadavg()[0]]
     return result
 
