@@ -129,8 +129,8 @@ def _palettization(
     def compress(model, bits, group_size, context):
         from optimum_edkm.api import palettize, prepare
         from optimum_edkm.config import EDKMConfig
-        from optimum_edkm.evaluation import palettized_storage
         from optimum_edkm.finetune import finetune
+        from optimum_edkm.nn import palettized_storage
         from optimum_edkm.sensitivity import prepare_weighted
 
         recipe = context.recipe

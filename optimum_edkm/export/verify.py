@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..storage import model_size
 from ..version import __version__
 from .common import (
     INPUT_NAME,
@@ -63,7 +64,8 @@ LAYOUT_FIELDS = (
 )
 FLOAT_DTYPES = {10, 11}  # MIL fp16, fp32
 UINT8 = 31
-FP16 = 2  # bytes
+#: the precision a Core ML package stores float tensors, LUTs and scales in
+PACKAGE_FLOAT_BITS = 16
 #: ``optimum_edkm.interface`` metadata: what the package computes
 FIXED_WINDOW, GENERATE = "fixed_window", "generate"
 # "lm_model_layers_0_mlp_up_proj_weight_1_cast_fp16" -> "model_layers_0_mlp_up_proj_weight"; torch.export adds
@@ -472,7 +474,7 @@ def read_packed_stream_palette(
     package: MilPackage, lut_op: MilOp, chain: _Chain, record: PaletteRecord
 ) -> StoredPalette:
     """iOS16/17 op: one per-tensor 1-D LUT, the indices as a packed uint8 stream plus the dense shape."""
-    rows, columns, bits = record.out_channels, record.in_channels, record.bits
+    rows, columns, bits = record.palette.out_channels, record.palette.in_channels, record.palette.bits
     indices_tensor, lut_tensor = package.param(lut_op, "indices"), package.param(lut_op, "lut")
     shape = tuple(int(s) for s in package.param(lut_op, "shape").array.reshape(-1))
     packed = math.ceil(rows * columns * bits / 8)
@@ -497,17 +499,19 @@ def read_packed_stream_palette(
 
 def _typed_indices(package: MilPackage, lut_op: MilOp, record: PaletteRecord):
     tensor = package.param(lut_op, "indices")
-    if INDEX_BITS.get(tensor.mil_dtype) != record.bits or tensor.array.shape != record.shape:
+    palette = record.palette
+    if INDEX_BITS.get(tensor.mil_dtype) != palette.bits or tensor.array.shape != palette.shape:
         raise LayoutError(
-            f"indices {tensor.dtype_name}{list(tensor.array.shape)}, expected uint{record.bits}{list(record.shape)}"
+            f"indices {tensor.dtype_name}{list(tensor.array.shape)}, expected uint{palette.bits}{list(palette.shape)}"
         )
     return tensor
 
 
 def _lut_table(lut_tensor, record: PaletteRecord) -> np.ndarray:
     table = lut_tensor.array
-    if table.ndim != 4 or table.shape[1:] != (1, record.entries, 1) or record.out_channels % table.shape[0]:
-        raise LayoutError(f"LUT of shape {table.shape}, expected (groups, 1, {record.entries}, 1)")
+    palette = record.palette
+    if table.ndim != 4 or table.shape[1:] != (1, palette.entries, 1) or palette.out_channels % table.shape[0]:
+        raise LayoutError(f"LUT of shape {table.shape}, expected (groups, 1, {palette.entries}, 1)")
     return table
 
 
@@ -523,10 +527,10 @@ def _grouped(package, lut_op, chain, record, lut_tensor, layout, **scaled) -> St
     return StoredPalette(
         layout=layout,
         indices=indices.array,
-        lut_rows=_rows_of(table[:, 0, :, 0], record.out_channels),
+        lut_rows=_rows_of(table[:, 0, :, 0], record.palette.out_channels),
         lut_shape=tuple(table.shape),
         lut_bytes=lut_tensor.stored_bytes or lut_tensor.array.nbytes,
-        index_bytes=record.index_bytes,
+        index_bytes=record.palette.storage().index_bytes,
         indices_dtype=indices.dtype_name,
         **scaled,
     )
@@ -551,7 +555,7 @@ def read_row_scaled_palette(package: MilPackage, lut_op: MilOp, chain: _Chain, r
         record,
         package.param(producer, "data"),
         "per-row LUT, per-channel scale folded into it (shift_scale -> lut_to_dense)",
-        scale=_scale_of(scale_tensor, (record.out_channels, 1, 1, 1)),
+        scale=_scale_of(scale_tensor, (record.palette.out_channels, 1, 1, 1)),
         scale_bytes=scale_tensor.stored_bytes or scale_tensor.array.nbytes,
         scale_op=producer.name,
     )
@@ -573,7 +577,7 @@ def read_lut_then_scale_palette(
         record,
         lut_tensor,
         layout,
-        scale=_scale_of(scale_tensor, (record.out_channels, 1)),
+        scale=_scale_of(scale_tensor, (record.palette.out_channels, 1)),
         scale_bytes=scale_tensor.stored_bytes or scale_tensor.array.nbytes,
         scale_op=chain.head.name,
     )
@@ -619,9 +623,9 @@ def check_module(package: MilPackage, records: dict, name: str, chain: _Chain, f
     entry = ModuleReport(
         name=name,
         kind=record.kind,
-        bits=record.bits,
-        groups=record.groups,
-        per_channel_scale=record.scale is not None,
+        bits=record.palette.bits,
+        groups=record.palette.groups,
+        per_channel_scale=record.palette.scale is not None,
         tied_to=record.tied_to,
     )
     lut_op = chain.of_type("constexpr_lut_to_dense")[0]
@@ -647,14 +651,14 @@ def check_module(package: MilPackage, records: dict, name: str, chain: _Chain, f
         stored.scale_bytes,
         stored.scale_op,
     )
-    torch_lut_rows = _rows_of(_torch_numpy(record.lut), record.out_channels)
+    torch_lut_rows = _rows_of(_torch_numpy(record.palette.lut), record.palette.out_channels)
     if not _same_bits(stored.lut_rows, torch_lut_rows):
         findings.fail(f"'{name}.weight_lut': the package's LUT differs from the torch LUT")
-    if (stored.scale is None) != (record.scale is None):
+    if (stored.scale is None) != (record.palette.scale is None):
         findings.fail(
             f"'{name}.weight_scale': {'missing from' if stored.scale is None else 'unexpected in'} the package"
         )
-    elif stored.scale is not None and not _same_bits(stored.scale, _torch_numpy(record.scale)):
+    elif stored.scale is not None and not _same_bits(stored.scale, _torch_numpy(record.palette.scale)):
         findings.fail(f"'{name}.weight_scale': the package's per-channel scale differs from the torch scale")
 
     dense = package.evaluate(chain.head.name).array
@@ -705,7 +709,7 @@ def check_float_tensors(package: MilPackage, model, records: dict, chains: dict,
             result.groups.setdefault(id(tensor), (tensor, []))[1].append(key)
     by_key = {key.replace(".", "_"): tensor_id for tensor_id, (_, keys) in result.groups.items() for key in keys}
     chain_ops = {op.name for chain in chains.values() for op in chain.ops}
-    palettized_shapes = {record.shape for record in records.values()}
+    palettized_shapes = {tuple(record.palette.shape) for record in records.values()}
     stored = {}
     for op in package.ops:
         if op.type != "const" or op.output_dtype not in FLOAT_DTYPES or op.name in chain_ops:
@@ -778,36 +782,29 @@ class Sizes:
     nbit_reference_bytes: int
 
 
-def measure_sizes(
-    package: MilPackage, model, records: dict, modules: list, floats: FloatTensors, findings: Findings
-) -> Sizes:
+def measure_sizes(package: MilPackage, model, records: dict, modules: list, findings: Findings) -> Sizes:
     """Indices at exactly n bits; indices + LUTs + scales no larger than in torch (plus per-row LUT copies)."""
     first = [storage[0] for storage in storage_groups(records)]  # each stored weight once
     stored = [m for m in modules if m.name in set(first)]
     index_bytes = sum(m.index_bytes for m in stored)
-    nbit_index_bytes = sum(records[name].index_bytes for name in first)
     payload = sum(m.index_bytes + m.lut_bytes + m.scale_bytes for m in stored)
-    nbit_payload = sum(records[name].nbit_bytes for name in first)
-    persistent = {id(t) for t in model.state_dict(keep_vars=True).values()}
-    reference = nbit_payload + sum(
-        tensor.numel() * FP16 for tensor_id, (tensor, _) in floats.groups.items() if tensor_id in persistent
-    )
+    storage = {name: records[name].storage() for name in first}
+    nbit = model_size(model, storage, unquantized_bits=PACKAGE_FLOAT_BITS)
+    nbit_index_bytes = sum(description.index_bytes for description in storage.values())
     sizes = Sizes(
         weight_bin_bytes=sum(package.weight_files().values()),
         blob_count=package.blob_count(),
         index_bytes=index_bytes,
         nbit_index_bytes=nbit_index_bytes,
         palettized_payload_bytes=payload,
-        nbit_payload_bytes=nbit_payload,
-        nbit_reference_bytes=reference,
+        nbit_payload_bytes=nbit.compressed_bytes,
+        nbit_reference_bytes=nbit.model_bytes,
     )
     if index_bytes != nbit_index_bytes:
         findings.fail(f"indices take {index_bytes} B, {nbit_index_bytes} B at n bits")
-    folded = sum(
-        (records[m.name].out_channels - records[m.name].groups) * records[m.name].entries * FP16
-        for m in stored
-        if m.layout.startswith("per-row")
-    )
+    palettes = [records[m.name].palette for m in stored if m.layout.startswith("per-row")]
+    folded = sum((p.out_channels - p.groups) * p.entries * PACKAGE_FLOAT_BITS // 8 for p in palettes)
+    nbit_payload = nbit.compressed_bytes
     if payload > nbit_payload + folded:
         findings.fail(
             f"palettized weights take {payload} B in the package, more than their n-bit size "
@@ -912,7 +909,7 @@ def check_manifest(package: MilPackage, manifest_path: str, records: dict, modul
         entry = entries.get(name)
         if entry is None:
             continue
-        if entry.get("bits") != record.bits or entry.get("lut_shape") != list(record.lut.shape):
+        if entry.get("bits") != record.palette.bits or entry.get("lut_shape") != list(record.palette.lut.shape):
             findings.fail(f"manifest: '{name}' bits/lut_shape {entry.get('bits')}/{entry.get('lut_shape')}")
         for role, description in record_tensors(record).items():
             if entry.get("tensors", {}).get(role, {}).get("sha256") != description["sha256"]:
@@ -988,7 +985,7 @@ def verify_coreml(
             if dense is not None:
                 decoded[name] = dense
         floats = check_float_tensors(package, model, records, chains, findings)
-        sizes = measure_sizes(package, model, records, report.modules, floats, findings)
+        sizes = measure_sizes(package, model, records, report.modules, findings)
         if cross_check and decoded:
             report.decoders_agree = cross_check_decoders(package, chains, decoded, findings)
     except READ_ERRORS as error:

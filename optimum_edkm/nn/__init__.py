@@ -14,7 +14,7 @@ from .clustered import (
     EDKMTiedLinear,
     is_clustered,
 )
-from .formats import LUT_DTYPES, ClusteringOptions, PaletteFormat
+from .formats import LUT_DTYPES, ClusteringOptions, Palette, PaletteFormat
 from .palettized import (
     PalettizedConv1D,
     PalettizedEmbedding,
@@ -23,7 +23,7 @@ from .palettized import (
     PalettizedTiedLinear,
     is_palettized,
 )
-from .registry import clustered_class_for, register_clustered_module, registered_float_classes
+from .registry import clustered_class_for, palettized_storage, register_clustered_module
 
 __all__ = [
     "CHECKPOINT_WEIGHT_DIM",
@@ -34,6 +34,7 @@ __all__ = [
     "EDKMLinear",
     "EDKMTiedLinear",
     "LUT_DTYPES",
+    "Palette",
     "PaletteFormat",
     "PalettizedConv1D",
     "PalettizedEmbedding",
@@ -43,6 +44,6 @@ __all__ = [
     "clustered_class_for",
     "is_clustered",
     "is_palettized",
+    "palettized_storage",
     "register_clustered_module",
-    "registered_float_classes",
 ]

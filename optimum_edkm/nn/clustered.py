@@ -137,15 +137,7 @@ class ClusteredModule:
 
     def storage(self) -> WeightStorage:
         """What the palettized form of this module stores."""
-        palette = self.palette_format
-        entry_bits = torch.finfo(palette.lut_dtype).bits
-        return WeightStorage.palettized(
-            self.dense_shape,
-            palette.bits,
-            palette.group_size,
-            entry_bits,
-            entry_bits if palette.per_channel_scale else None,
-        )
+        return self.palette_format.storage(self.dense_shape)
 
     def engine_spec(self) -> ClusteringSpec:
         return dataclasses.replace(self.spec, temperature=float(self.weight_temperature) * self.temperature_factor)

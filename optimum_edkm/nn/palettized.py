@@ -7,7 +7,7 @@ of silently re-initialising the layer.
 
 Each class owns its conversions: ``empty_for(float_module, palette)`` (the module a checkpoint is loaded into,
 built on the meta device with the exact packed shapes), ``from_snapped`` (from a clustered module),
-``to_float()`` and ``storage()``.
+``to_float()``, ``storage()`` and ``palette()`` (the stored weight as one :class:`~.formats.Palette` record).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from transformers.pytorch_utils import Conv1D
 from ..clustering import decode, pack_indices, packed_size, unpack_indices
 from ..kernels import lut_linear
 from ..storage import WeightStorage
-from .formats import PaletteFormat
+from .formats import Palette, PaletteFormat
 
 #: the buffers that hold a palette's values: they keep their stored dtype when the module is cast
 PALETTE_BUFFERS = ("weight_lut", "weight_scale")
@@ -69,16 +69,13 @@ class PalettizedModule:
             lut_dtype=self.weight_lut.dtype,
         )
 
+    def palette(self) -> Palette:
+        """The stored weight as one record (its tensors are this module's buffers)."""
+        return Palette(self.palette_format, self.dense_shape, self.weight, self.weight_lut, self.weight_scale)
+
     def storage(self) -> WeightStorage:
         """What this module stores for its weight (indices, LUTs, scales)."""
-        entry_bits = torch.finfo(self.weight_lut.dtype).bits
-        return WeightStorage.palettized(
-            self.dense_shape,
-            self.bits,
-            self.group_size,
-            entry_bits,
-            entry_bits if self.weight_scale is not None else None,
-        )
+        return self.palette_format.storage(self.dense_shape)
 
     def indices(self) -> torch.Tensor:
         """Unpacked uint8 indices, ``[out, in]``."""
