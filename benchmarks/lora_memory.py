@@ -37,16 +37,6 @@ MODES = ("float", "palettized", "palettized-keep")
 TARGETS = ["q_proj", "v_proj"]
 
 
-def state_bytes(model) -> int:
-    seen, total = set(), 0
-    for tensor in model.state_dict().values():
-        if tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        total += tensor.numel() * tensor.element_size()
-    return total
-
-
 def worker(args) -> dict:
     import peft
 
@@ -55,6 +45,7 @@ def worker(args) -> dict:
     from optimum_edkm.data import CALIBRATION_SPLIT, load_text
     from optimum_edkm.models import load_causal_lm
     from optimum_edkm.peft import EDKMLoraLinear, decode_in_backward, lora_config
+    from optimum_edkm.storage import model_size
 
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -72,7 +63,7 @@ def worker(args) -> dict:
     import gc
 
     gc.collect()
-    resident = state_bytes(model)
+    resident = model_size(model).model_bytes
     model.train()
     token_ids = load_text(split=CALIBRATION_SPLIT).token_ids(tokenizer)
     batch = token_ids[: args.batch_size * args.seq_len].view(args.batch_size, args.seq_len).to(device)

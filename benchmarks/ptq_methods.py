@@ -25,7 +25,7 @@ def _post_training(lut_group_size: Optional[int], channel_scale: bool):
     def compress(model, bits, group_size, context):
         from optimum_edkm.api import palettize
         from optimum_edkm.config import EDKMConfig
-        from optimum_edkm.evaluation import palettized_storage
+        from optimum_edkm.nn import palettized_storage
         from optimum_edkm.ptq import palettize_post_training
 
         granularity = (

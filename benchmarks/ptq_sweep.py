@@ -51,8 +51,9 @@ from optimum_edkm.data import (  # noqa: E402
     load_text,
     sample_windows,
 )
-from optimum_edkm.evaluation import effective_bits, palettized_storage  # noqa: E402
+from optimum_edkm.evaluation import effective_bits  # noqa: E402
 from optimum_edkm.models import load_default_model  # noqa: E402
+from optimum_edkm.nn import palettized_storage  # noqa: E402
 
 METHODS = ("ptq", "kmeans", "skm", "gptq", "awq", "float")
 DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "ptq_validation.jsonl")

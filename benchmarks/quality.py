@@ -32,10 +32,10 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import ptq_methods  # noqa: E402, F401  (registers the post-training palettization rows)
-from quality_methods import DEFAULT_METHODS, METHODS, QuantizationReport, RunContext  # noqa: E402
+from quality_methods import DEFAULT_METHODS, METHODS, QuantizationReport, RunContext, calibration_data  # noqa: E402
 
 from optimum_edkm import __version__, atomic  # noqa: E402
-from optimum_edkm.data import DEFAULT_TEXT, OOD_TEST_TEXT, TEST_SPLIT, TRAIN_SPLIT, calibration_data, load_text  # noqa: E402
+from optimum_edkm.data import DEFAULT_TEXT, OOD_TEST_TEXT, TEST_SPLIT, TRAIN_SPLIT, load_text  # noqa: E402
 from optimum_edkm.evaluation import effective_bits, evaluate_perplexity  # noqa: E402
 from optimum_edkm.finetune import DEFAULT_RECIPE  # noqa: E402
 from optimum_edkm.losses import DIVERGENCES  # noqa: E402

@@ -16,8 +16,44 @@ from typing import Callable, Optional
 
 import torch
 
-from optimum_edkm.data import CalibrationData
+from optimum_edkm.data import TextData, sample_windows
 from optimum_edkm.finetune import DEFAULT_RECIPE, Recipe
+
+
+@dataclasses.dataclass
+class CalibrationData:
+    """Tokenised calibration text, as every compression method in the benchmark receives it.
+
+    Attributes:
+        input_ids: ``[n_samples, seq_len]`` random windows of the calibration text (what GPTQ / AWQ use).
+        token_ids: the whole calibration text as one token stream (for methods that fine-tune on more).
+        text: the calibration text itself.
+        tokenizer: the tokenizer that produced the ids.
+        seed: the seed that drew the windows.
+    """
+
+    input_ids: torch.Tensor
+    token_ids: torch.Tensor
+    text: TextData
+    tokenizer: object
+    seed: int
+
+    def describe(self) -> dict:
+        record = self.text.describe(tokens=self.token_ids.numel())
+        record.update(samples=int(self.input_ids.shape[0]), seq_len=int(self.input_ids.shape[1]), seed=self.seed)
+        return record
+
+
+def calibration_data(text: TextData, tokenizer, n_samples: int, seq_len: int, seed: int = 0) -> CalibrationData:
+    """Tokenise ``text`` and draw ``n_samples`` x ``seq_len`` seeded calibration windows from it."""
+    token_ids = text.token_ids(tokenizer)
+    return CalibrationData(
+        input_ids=sample_windows(token_ids, n_samples, seq_len, seed),
+        token_ids=token_ids,
+        text=text,
+        tokenizer=tokenizer,
+        seed=seed,
+    )
 
 
 @dataclasses.dataclass
@@ -129,8 +165,8 @@ def _palettization(
     def compress(model, bits, group_size, context):
         from optimum_edkm.api import palettize, prepare
         from optimum_edkm.config import EDKMConfig
-        from optimum_edkm.evaluation import palettized_storage
         from optimum_edkm.finetune import finetune
+        from optimum_edkm.nn import palettized_storage
         from optimum_edkm.sensitivity import prepare_weighted
 
         recipe = context.recipe

@@ -4,10 +4,13 @@ Importing the package registers the ``"edkm"`` quantization method with transfor
 ``AutoModelForCausalLM.from_pretrained(name, quantization_config=EDKMConfig(bits=3))`` and loading a saved
 palettized model both work.
 
-Layers, bottom up: :mod:`.clustering` (pure torch: DKM, eDKM, k-means, packing), :mod:`.marshaling` (what
-backward keeps), :mod:`.nn` (module classes and their conversions), :mod:`.config` / :mod:`.quantizer` /
-:mod:`.checkpoint` / :mod:`.api` / :mod:`.trainer` (the Hugging Face integration); :mod:`.export`,
-:mod:`.baselines`, :mod:`.evaluation` and :mod:`.kernels` are leaves.
+Layers, bottom up (docs/architecture.md): base (:mod:`.validation`, :mod:`.atomic`, :mod:`.storage`, ...), the
+pure-torch core (:mod:`.clustering`, :mod:`.marshaling`, :mod:`.kernels`, :mod:`.losses`), the module classes
+(:mod:`.nn`), the Hugging Face integration (:mod:`.config` / :mod:`.quantizer` / :mod:`.checkpoint` /
+:mod:`.api` / :mod:`.trainer`), then inputs and outputs (:mod:`.data`, :mod:`.models`, :mod:`.baselines`,
+:mod:`.peft`, :mod:`.export`), methods and measures (:mod:`.evaluation`, :mod:`.sensitivity`, :mod:`.ptq`, ...),
+the fine-tuning recipe (:mod:`.finetune`) and the command line (:mod:`.commands`). No module of the package
+imports this one.
 """
 
 from .api import (

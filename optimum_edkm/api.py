@@ -16,7 +16,8 @@ import torch
 
 from .atomic import commit_folder, resolve_target_folder, write_file
 from .config import EDKMConfig
-from .nn import EDKMTiedLinear, is_clustered, is_palettized
+from .nn import EDKMTiedLinear, is_clustered, is_palettized, palettized_storage
+from .storage import model_size
 
 logger = logging.getLogger(__name__)
 
@@ -62,11 +63,10 @@ def prepare(model, config: EDKMConfig, *, importance: Optional[dict] = None, pal
         importance: ``{module name: importance of each weight}`` (the module's weight layout, e.g. the Fisher
             diagonal of :func:`optimum_edkm.sensitivity.fisher_diagonal`): those modules' k-means is weighted by
             it (SqueezeLLM's sensitivity-weighted k-means), run once.
-        palettes: ``{module name: Palette}`` (:class:`optimum_edkm.nn.Palette`: LUT, indices, scale): those modules
-            start from that palettization instead of k-means, e.g. a post-training result
-            (:func:`optimum_edkm.ptq.palettize_post_training`) or a palettized model's
-            (:func:`palettes_of`), so that fine-tuning continues from it; palettizing before any training step
-            gives it back exactly.
+        palettes: ``{module name: Palette}`` (:class:`optimum_edkm.nn.Palette`: LUT, indices, scale; or a bare
+            ``[groups, 2**bits]`` LUT tensor): those modules start from that palettization instead of k-means,
+            e.g. a post-training result or a palettized model's (:func:`palettes_of`), so that fine-tuning
+            continues from it; palettizing before any training step gives it back exactly.
     """
     from .quantizer import EDKMHfQuantizer
 
@@ -133,54 +133,26 @@ def palettize(model):
 
 
 # --------------------------------------------------------------------------------------------- size
-def _tensor_bytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
-
-
 def size_report(model) -> dict:
-    """Bytes and bits per weight of the palettized form of ``model`` (what a checkpoint holds).
+    """Bytes and bits per weight of the palettized form of ``model`` (what a checkpoint holds), by the one size
+    rule (:func:`optimum_edkm.storage.model_size`).
 
     ``theoretical_bytes`` = the packed form of every converted weight (:meth:`storage`, indices + LUTs +
     scales) + every other parameter and buffer at its own dtype (tied tensors once). Works before and after
     :func:`palettize`.
     """
     config = edkm_config(model)
-    converted, counted = {}, set()
-    for module in model.modules():
-        if is_clustered(module) or is_palettized(module):
-            converted[id(module)] = module.storage()
-            counted.update(
-                id(t)
-                for t in (
-                    module.weight,
-                    getattr(module, "weight_lut", None),
-                    getattr(module, "weight_centroids", None),
-                    getattr(module, "weight_temperature", None),
-                    module.weight_scale,
-                )
-                if t is not None
-            )
-    clustered_weights = sum(storage.numel for storage in converted.values())
-    clustered_bytes = sum(storage.stored_bytes for storage in converted.values())
-    other_bytes, other_parameters, seen = 0, 0, set(counted)
-    for tensor in model.state_dict(keep_vars=True).values():  # persistent tensors: what a checkpoint holds
-        if id(tensor) in seen:
-            continue
-        seen.add(id(tensor))
-        other_bytes += _tensor_bytes(tensor)
-        if isinstance(tensor, torch.nn.Parameter):
-            other_parameters += tensor.numel()
-    theoretical = clustered_bytes + other_bytes
+    size = model_size(model, palettized_storage(model))
     return {
         "bits": config.bits,
         "granularity": config.granularity,
         "group_size": config.group_size,
-        "clustered_weights": clustered_weights,
-        "clustered_bytes": clustered_bytes,
-        "other_bytes": other_bytes,
-        "theoretical_bytes": theoretical,
-        "bits_per_clustered_weight": 8 * clustered_bytes / max(clustered_weights, 1),
-        "bits_per_weight": 8 * theoretical / max(clustered_weights + other_parameters, 1),
+        "clustered_weights": size.compressed_weights,
+        "clustered_bytes": size.compressed_bytes,
+        "other_bytes": size.model_bytes - size.compressed_bytes,
+        "theoretical_bytes": size.model_bytes,
+        "bits_per_clustered_weight": size.linears or 0.0,
+        "bits_per_weight": size.whole_model,
         "memory_footprint": model.get_memory_footprint(),
     }
 

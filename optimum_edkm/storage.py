@@ -1,16 +1,29 @@
-"""What a compressed weight tensor stores: one description that size reports, checkpoints, the quality
-benchmark and the Core ML export all read (pure Python).
+"""What a compressed model stores, and the one rule that counts it (pure Python; tensors are read through
+their own methods, torch is not imported).
 
 Every palettized or clustered module describes its packed form with :meth:`storage` (a :class:`WeightStorage`);
-the baselines describe their integer codes the same way, so bits per weight are always counted alike: indices,
-every LUT, scale and zero point included.
+the baselines describe their integer codes the same way. :func:`model_size` turns a model plus those
+descriptions into bytes and bits per weight; ``optimum_edkm.size_report``, ``optimum_edkm.evaluation.effective_bits``,
+the command line's size column and the Core ML verifier's n-bit reference all call it.
+
+The rule (docs/evaluation.md, "Bits per weight"):
+
+* a compressed weight costs :attr:`WeightStorage.total_bits`: its indices or codes at ``index_bits`` each, plus
+  every LUT entry, scale, zero point and extra bit stored with it;
+* every other tensor of the state dict (parameters and persistent buffers; a tensor shared by several modules
+  once) costs its elements at ``unquantized_bits`` when it is floating point and that is given (a deployment
+  precision, 16 for half), at its own dtype's width otherwise (what a checkpoint holds);
+* bits per weight = those bits / the weights: the dense element count of every compressed weight plus every
+  other parameter (buffers cost bits but are not weights);
+* bytes round each stored tensor up on its own: the packed indices, then the tables of a compressed weight
+  (:attr:`WeightStorage.stored_bytes`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+from typing import Mapping, Optional
 
 from .validation import check_int
 
@@ -64,26 +77,29 @@ class WeightStorage:
         return math.prod(self.shape)
 
     @property
-    def total_bits(self) -> int:
+    def table_bits(self) -> int:
+        """Everything stored besides the indices: LUTs, scales, zero points, extra bits."""
         return (
-            self.numel * self.index_bits
-            + self.lut_count * self.lut_entries * self.lut_entry_bits
+            self.lut_count * self.lut_entries * self.lut_entry_bits
             + self.scale_count * self.scale_bits
             + self.zero_count * self.zero_bits
             + self.extra_bits
         )
 
     @property
+    def total_bits(self) -> int:
+        return self.numel * self.index_bits + self.table_bits
+
+    @property
+    def index_bytes(self) -> int:
+        """The indices packed at ``index_bits`` each into whole bytes."""
+        return math.ceil(self.numel * self.index_bits / 8)
+
+    @property
     def stored_bytes(self) -> int:
         """Bytes of the stored form: the indices packed into whole bytes, then the tables, scales and zero
         points (what a safetensors checkpoint or a Core ML weight blob holds for this tensor)."""
-        tables = (
-            self.lut_count * self.lut_entries * self.lut_entry_bits
-            + self.scale_count * self.scale_bits
-            + self.zero_count * self.zero_bits
-            + self.extra_bits
-        )
-        return math.ceil(self.numel * self.index_bits / 8) + math.ceil(tables / 8)
+        return self.index_bytes + math.ceil(self.table_bits / 8)
 
     @property
     def bits_per_weight(self) -> float:
@@ -147,6 +163,113 @@ class WeightStorage:
         record["shape"] = list(self.shape)
         record["bits_per_weight"] = self.bits_per_weight
         return record
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSize:
+    """What a model stores, counted by the rule of this module's docstring.
+
+    Attributes:
+        compressed_weights: dense elements of the compressed weights.
+        compressed_bits, compressed_bytes: what those weights store (indices, LUTs, scales, zero points).
+        model_parameters: the weights of the model: the compressed ones plus every other parameter.
+        model_bits, model_bytes: everything the model stores.
+        unquantized_bits: the width every other floating-point tensor was counted at (``None``: its own dtype).
+        linears: bits per compressed weight (``None`` when nothing is compressed).
+        whole_model: bits per weight of the whole model.
+    """
+
+    compressed_weights: int
+    compressed_bits: int
+    compressed_bytes: int
+    model_parameters: int
+    model_bits: int
+    model_bytes: int
+    unquantized_bits: Optional[int]
+    linears: Optional[float]
+    whole_model: float
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+#: a compressed module's tensors whose names start with this are what its :class:`WeightStorage` describes (the
+#: weight or packed indices, and the LUT, scale, centroids and temperature kept with it); a bias is counted apart
+COMPRESSED_TENSOR_PREFIX = "weight"
+
+
+def model_size(model, storage: Optional[Mapping[str, WeightStorage]] = None, unquantized_bits: Optional[int] = None):
+    """The :class:`ModelSize` of ``model`` (a ``torch.nn.Module``) whose modules named in ``storage``
+    (``named_modules`` names; default none) store their ``weight`` as described; every other tensor of its
+    state dict costs ``unquantized_bits`` per element if floating point and that is given, its dtype's width
+    otherwise. Tensors shared between modules (tied embeddings) count once."""
+    storage = {} if storage is None else storage
+    if unquantized_bits is not None:
+        check_int(unquantized_bits, "unquantized_bits", 1)
+    covered: dict = {}  # tensor key -> the module whose description covers it
+    compressed_bits = compressed_bytes = compressed_weights = 0
+    for name, description in storage.items():
+        if not isinstance(description, WeightStorage):
+            raise TypeError(f"storage[{name!r}] must be a WeightStorage, got {type(description).__name__}")
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise KeyError(f"storage names module {name!r}, which the model does not have") from None
+        weight = getattr(module, "weight", None)
+        if weight is None or not hasattr(weight, "numel"):
+            raise ValueError(f"module {name!r} has no weight tensor to account for")
+        # a palettized module stores its weight packed; it describes the dense shape it stands for
+        shape = tuple(getattr(module, "dense_shape", weight.shape))
+        if shape != tuple(description.shape):
+            raise ValueError(
+                f"storage for {name!r} describes shape {description.shape}, but its weight has shape {shape}"
+            )
+        if _tensor_key(weight) in covered:
+            raise ValueError(
+                f"modules {covered[_tensor_key(weight)]!r} and {name!r} share one weight; describe it once"
+            )
+        tensors = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+        for tensor_name, tensor in tensors:
+            if tensor_name.startswith(COMPRESSED_TENSOR_PREFIX):
+                covered[_tensor_key(tensor)] = name
+        compressed_bits += description.total_bits
+        compressed_bytes += description.stored_bytes
+        compressed_weights += description.numel
+    parameters = {_tensor_key(parameter) for parameter in model.parameters()}
+    model_bits, model_bytes, weights, seen = compressed_bits, compressed_bytes, compressed_weights, set(covered)
+    for tensor in model.state_dict(keep_vars=True).values():  # persistent tensors: what a checkpoint holds
+        key = _tensor_key(tensor)
+        if key in seen:
+            continue
+        seen.add(key)
+        width = tensor.element_size() * 8
+        if unquantized_bits is not None and tensor.is_floating_point():
+            width = unquantized_bits
+        model_bits += tensor.numel() * width
+        model_bytes += math.ceil(tensor.numel() * width / 8)
+        if key in parameters:
+            weights += tensor.numel()
+    return ModelSize(
+        compressed_weights=compressed_weights,
+        compressed_bits=compressed_bits,
+        compressed_bytes=compressed_bytes,
+        model_parameters=weights,
+        model_bits=model_bits,
+        model_bytes=model_bytes,
+        unquantized_bits=unquantized_bits,
+        linears=compressed_bits / compressed_weights if compressed_weights else None,
+        whole_model=model_bits / max(weights, 1),
+    )
+
+
+def _tensor_key(tensor):
+    """Identifies the memory a tensor stores (two parameters tied to one storage are one tensor)."""
+    if tensor.device.type == "meta":
+        return id(tensor)
+    try:
+        return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel())
+    except (RuntimeError, NotImplementedError):  # a wrapper subclass (a sharded DTensor) has no storage of its own
+        return id(tensor)
 
 
 def _matrix_shape(shape) -> tuple[int, int]:

@@ -34,17 +34,6 @@ def check_int(value, what: str, minimum: int | None = None, maximum: int | None 
     return value
 
 
-def check_number(value, what: str, minimum: float | None = None, exclusive_minimum: bool = False) -> float:
-    """A finite number, ``> minimum`` (``exclusive_minimum``) or ``>= minimum``; otherwise a ``ValueError``."""
-    ok = is_number(value)
-    if ok and minimum is not None:
-        ok = value > minimum if exclusive_minimum else value >= minimum
-    if not ok:
-        bound = "" if minimum is None else f" {'>' if exclusive_minimum else '>='} {minimum:g}"
-        raise ValueError(f"{what} must be a finite number{bound}, got {value!r}")
-    return float(value)
-
-
 def check_bool(value, what: str) -> bool:
     if not is_bool(value):
         raise ValueError(f"{what} must be True or False, got {value!r}")

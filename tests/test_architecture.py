@@ -1,4 +1,5 @@
-"""The package's import graph: no cycles, and no import from a lower layer to a higher one (docs/architecture.md).
+"""The package's import graph: no cycles, no import from a lower layer to a higher one and none of the top package
+from inside it; the layers are docs/architecture.md's table.
 
 Every ``import`` statement of every module is read with ``ast`` (function-level imports included: a lazy
 import is still a dependency), so the test needs no import side effects.
@@ -6,42 +7,58 @@ import is still a dependency), so the test needs no import side effects.
 
 import ast
 import os
+import re
 
 import pytest
 
 PACKAGE = "optimum_edkm"
-ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), PACKAGE)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.join(REPO, PACKAGE)
+ARCHITECTURE_DOC = os.path.join(REPO, "docs", "architecture.md")
 
+#: the layers bottom up, as docs/architecture.md's table names them
+BASE, CORE, MODULES, INTEGRATION, INPUTS_AND_OUTPUTS, METHODS_AND_MEASURES, RECIPES, COMMAND_LINE, TOP = range(9)
+LAYER_NAMES = (
+    "base",
+    "core",
+    "modules",
+    "integration",
+    "inputs and outputs",
+    "methods and measures",
+    "recipes",
+    "command line",
+    "package",
+)
 #: layer of each top-level module or subpackage (docs/architecture.md); imports may only go to the same or a
 #: lower layer
 LAYERS = {
-    "validation": 0,
-    "version": 0,
-    "storage": 0,
-    "atomic": 0,
-    "extensions": 0,
-    "clustering": 1,
-    "marshaling": 1,
-    "kernels": 1,
-    "nn": 2,
-    "losses": 1,
-    "config": 3,
-    "checkpoint": 3,
-    "quantizer": 3,
-    "api": 3,
-    "trainer": 3,
-    "finetune": 4,
-    "export": 4,
-    "baselines": 4,
-    "evaluation": 4,
-    "data": 4,
-    "models": 4,
-    "distillation": 4,
-    "commands": 4,
-    "peft": 4,
-    "sensitivity": 4,
-    "ptq": 4,
-    "__init__": 5,
+    "validation": BASE,
+    "version": BASE,
+    "atomic": BASE,
+    "extensions": BASE,
+    "storage": BASE,
+    "clustering": CORE,
+    "marshaling": CORE,
+    "kernels": CORE,
+    "losses": CORE,
+    "nn": MODULES,
+    "config": INTEGRATION,
+    "checkpoint": INTEGRATION,
+    "quantizer": INTEGRATION,
+    "api": INTEGRATION,
+    "trainer": INTEGRATION,
+    "models": INPUTS_AND_OUTPUTS,
+    "data": INPUTS_AND_OUTPUTS,
+    "baselines": INPUTS_AND_OUTPUTS,
+    "peft": INPUTS_AND_OUTPUTS,
+    "export": INPUTS_AND_OUTPUTS,
+    "evaluation": METHODS_AND_MEASURES,
+    "distillation": METHODS_AND_MEASURES,
+    "sensitivity": METHODS_AND_MEASURES,
+    "ptq": METHODS_AND_MEASURES,
+    "finetune": RECIPES,
+    "commands": COMMAND_LINE,
+    "__init__": TOP,
 }
 
 
@@ -73,7 +90,10 @@ def _imports(module: str, path: str, known: set) -> set:
                 prefix = ".".join(anchor + ([node.module] if node.module else []))
             else:
                 prefix = node.module or ""
-            targets = [prefix] + [f"{prefix}.{alias.name}" for alias in node.names]
+            # ``from .. import atomic`` imports the module ``atomic``; ``from .nn import X`` the package ``nn``
+            targets = [
+                f"{prefix}.{alias.name}" if f"{prefix}.{alias.name}" in known else prefix for alias in node.names
+            ]
         else:
             continue
         for target in targets:
@@ -167,6 +187,36 @@ def test_no_cycle_between_subpackages():
         )
     cycles = _cycles(units)
     assert not cycles, "import cycles between subpackages:\n" + "\n".join(" <-> ".join(c) for c in cycles)
+
+
+def test_no_module_imports_the_top_package():
+    """The top package's ``__init__`` re-exports the public names and registers the quantizer: a module inside
+    imports the module that defines what it needs, never ``optimum_edkm`` itself."""
+    importers = sorted(source for source, targets in _graph().items() if PACKAGE in targets and source != PACKAGE)
+    assert not importers, f"modules importing the top package {PACKAGE} (import the defining module instead): " + (
+        ", ".join(importers)
+    )
+
+
+def _documented_layers() -> list:
+    """``[(layer name, {module names})]`` of docs/architecture.md's layer table, in its order."""
+    rows = []
+    for line in open(ARCHITECTURE_DOC, encoding="utf-8"):
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) > 2 and re.fullmatch(r"\d+ .+", cells[0]):
+            names = {name.rstrip("/") for name in re.findall(r"`([^`]+)`", cells[1])}
+            rows.append((cells[0].split(" ", 1)[1], names))
+    return rows
+
+
+def test_the_documented_layers_are_the_tested_ones():
+    documented = _documented_layers()
+    assert [name for name, _ in documented] == list(LAYER_NAMES), "docs/architecture.md's layer names or order"
+    for layer, (name, modules) in enumerate(documented):
+        expected = {unit for unit, placed in LAYERS.items() if placed == layer}
+        assert modules == expected, f"layer {layer} ({name}): docs/architecture.md lists {sorted(modules)}"
+    units = {_unit(module) for module in _modules()}
+    assert units == set(LAYERS), f"LAYERS places {sorted(set(LAYERS) - units)}, which do not exist"
 
 
 def test_the_clustering_core_does_not_import_transformers():

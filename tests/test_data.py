@@ -6,6 +6,7 @@ import importlib.util
 import pytest
 
 from optimum_edkm import data
+from optimum_edkm.data import corpora
 
 needs_gensim = pytest.mark.skipif(
     importlib.util.find_spec("gensim") is None,
@@ -35,14 +36,14 @@ def test_wikitext_to_plain_keeps_prose_and_drops_markup():
 
 def test_cut_at_paragraph_end():
     text = "one two\n\nthree four\n\nfive"
-    assert data._cut_at_paragraph(text, 100) == text
-    assert data._cut_at_paragraph(text, 15) == "one two"
-    assert data._cut_at_paragraph("no paragraph break here", 5) == "no pa"
+    assert corpora._cut_at_paragraph(text, 100) == text
+    assert corpora._cut_at_paragraph(text, 15) == "one two"
+    assert corpora._cut_at_paragraph("no paragraph break here", 5) == "no pa"
 
 
 def test_enwiki_articles_skip_redirects_and_short_pages(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "ENWIKI_MIN_CHARS", 10)
-    monkeypatch.setattr(data, "ENWIKI_ARTICLE_CHARS", 40)
+    monkeypatch.setattr(corpora, "ENWIKI_MIN_CHARS", 10)
+    monkeypatch.setattr(corpora, "ENWIKI_ARTICLE_CHARS", 40)
     page = "<page><title>{title}</title><ns>{ns}</ns><revision><text>{text}</text></revision></page>"
     dump = (
         "<mediawiki>"
@@ -59,7 +60,7 @@ def test_enwiki_articles_skip_redirects_and_short_pages(tmp_path, monkeypatch):
     )
     path = tmp_path / "dump.xml"
     path.write_text(dump, encoding="utf-8")
-    assert data.enwiki_articles(path) == [("Kept", "First paragraph of prose.")]
+    assert corpora.enwiki_articles(path) == [("Kept", "First paragraph of prose.")]
 
 
 @needs_gensim
@@ -68,7 +69,7 @@ def test_out_of_domain_texts_load_with_their_records(tmp_path):
     news = data.load_text(data.OOD_VALIDATION_TEXT, cache_dir=tmp_path)
     assert wiki.split == "test" and news.split == "validation"
     assert len(wiki.documents) >= 50 and len(news.documents) == 300
-    assert all(len(d) <= data.ENWIKI_ARTICLE_CHARS for d in wiki.documents)
+    assert all(len(d) <= corpora.ENWIKI_ARTICLE_CHARS for d in wiki.documents)
     joined = wiki.joined()
     assert "{{" not in joined and "[[" not in joined and "<ref" not in joined
     assert "Wikipedia" in wiki.licence and "gensim" in wiki.source and "validation" in news.source

@@ -187,6 +187,32 @@ def test_effective_bits_rejects_wrong_descriptions():
         )
 
 
+def test_the_one_size_rule_by_hand():
+    from optimum_edkm.nn import PaletteFormat, PalettizedLinear, palettized_storage
+    from optimum_edkm.storage import model_size
+
+    model = TiedModel()
+    model.proj = PalettizedLinear(8, 16, True, PaletteFormat(bits=3, per_channel_scale=True))
+    model.register_buffer("counts", torch.zeros(5, dtype=torch.int64))  # persistent: costs bits, is no weight
+    storage = palettized_storage(model)
+    assert set(storage) == {"proj"} and storage["proj"] == model.proj.storage()
+    palette = model.proj.palette()  # the module's own buffers, not copies
+    assert palette.packed is model.proj.weight and palette.lut is model.proj.weight_lut
+    assert palette.scale is model.proj.weight_scale and palette.storage() == storage["proj"]
+    indices, tables = 128 * 3, 8 * 16 + 16 * 16  # 3-bit indices; one fp16 LUT of 8, an fp16 scale per row
+    own = model_size(model, storage)  # every other tensor at its dtype: fp32 embedding (tied: once) and bias
+    assert own.compressed_weights == 128 and own.model_parameters == 128 + 80 + 16
+    assert own.compressed_bits == indices + tables and own.compressed_bytes == 48 + 48
+    assert own.model_bits == indices + tables + (80 + 16) * 32 + 5 * 64
+    assert own.model_bytes == 48 + 48 + (80 + 16) * 4 + 5 * 8
+    assert own.linears == (indices + tables) / 128 and own.whole_model == own.model_bits / 224
+    half = model_size(model, storage, unquantized_bits=16)  # floating-point tensors at 16 bits, integers as stored
+    assert half.model_bits == indices + tables + (80 + 16) * 16 + 5 * 64
+    assert model_size(model).model_bytes == sum(  # nothing described: the state dict, tied tensors once
+        t.numel() * t.element_size() for name, t in model.state_dict().items() if name != "head.weight"
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # text
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 import optimum_edkm
 from optimum_edkm import EDKMConfig, Palette, palettes_of, prepare
 from optimum_edkm.clustering import ClusteringSpec, init_centroids
-from optimum_edkm.nn import EDKMLinear, is_clustered, is_palettized
+from optimum_edkm.nn import EDKMLinear, PaletteFormat, is_clustered, is_palettized
 from optimum_edkm.ptq import palettize_post_training
 
 CONFIGS = [
@@ -64,11 +64,10 @@ def test_start_from_a_train_time_model_and_lut_only_palettes():
     source = prepare(tiny_llama(), config)
     palettes = palettes_of(source)
     name = "model.layers.0.mlp.down_proj"
-    assert (
-        isinstance(palettes[name], Palette) and palettes[name].indices.shape == source.get_submodule(name).weight.shape
-    )
+    assert isinstance(palettes[name], Palette)
+    assert torch.equal(palettes[name].indices(), source.get_submodule(name).snap()[0])
     # LUT only: the weights keep their float values and snap to the nearest entry of the given LUT
-    lut_only = {n: Palette(p.lut) for n, p in palettes.items()}
+    lut_only = {n: p.lut for n, p in palettes.items()}
     target = prepare(
         tiny_llama(), EDKMConfig(bits=2, granularity="per_grouped_channel", group_size=1), palettes=lut_only
     )
@@ -110,13 +109,15 @@ def test_importance_weights_a_single_k_means_and_bad_names_are_refused_before_an
 def test_a_palette_that_does_not_fit_the_module_is_refused_by_name():
     config = EDKMConfig(bits=3, granularity="per_grouped_channel", group_size=1)
     name = "model.layers.0.self_attn.o_proj"
-    rows = tiny_llama().get_submodule(name).weight.shape[0]
+    weight = tiny_llama().get_submodule(name).weight
+    rows = weight.shape[0]
     with pytest.raises(ValueError, match=rf"{name}.weight' has a LUT of shape \(1, 8\), expected .*\({rows}, 8\)"):
-        prepare(tiny_llama(), config, palettes={name: Palette(torch.zeros(1, 8))})
+        prepare(tiny_llama(), config, palettes={name: torch.zeros(1, 8)})
+    lut = init_centroids(weight, ClusteringSpec(bits=3, group_size=1))
+    indices = torch.zeros(weight.shape, dtype=torch.uint8)
+    scaled = Palette.from_indices(PaletteFormat(3, 1, per_channel_scale=True), indices, lut, torch.ones(rows))
     with pytest.raises(ValueError, match="has a per-channel scale but the module is configured without one"):
-        prepare(tiny_llama(), config, palettes={name: Palette(torch.zeros(rows, 8), scale=torch.ones(rows))})
-    spec = ClusteringSpec(bits=3, group_size=1)
-    lut = init_centroids(tiny_llama().get_submodule(name).weight, spec)
-    bad = torch.full(tiny_llama().get_submodule(name).weight.shape, 8)
-    with pytest.raises(ValueError, match="indices outside 0..7"):
-        prepare(tiny_llama(), config, palettes={name: Palette(lut, bad)})
+        prepare(tiny_llama(), config, palettes={name: scaled})
+    two_bit = Palette.from_indices(PaletteFormat(2, 1), indices, lut[:, :4])
+    with pytest.raises(ValueError, match="LUT of shape"):
+        prepare(tiny_llama(), config, palettes={name: two_bit})

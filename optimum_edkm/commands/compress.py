@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from ..storage import model_size
 from .arguments import CONFIG_OPTIONS, FINETUNE_OPTIONS, given
 
 logger = logging.getLogger(__name__)
@@ -75,26 +76,10 @@ def check_output(output: str, overwrite: bool) -> str:
     return output
 
 
-def state_bytes(model) -> int:
-    """Bytes of the model's state dict, each tensor once (tied weights are stored once)."""
-    seen, total = set(), 0
-    for tensor in model.state_dict(keep_vars=True).values():
-        key = (
-            (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel())
-            if tensor.device.type != "meta"
-            else id(tensor)
-        )
-        if key in seen:
-            continue
-        seen.add(key)
-        total += tensor.numel() * tensor.element_size()
-    return total
-
-
 def build_config(args):
     """The ``EDKMConfig`` of the options that were given (the rest keep its defaults); raises on bad values
     before the model is loaded."""
-    from optimum_edkm import EDKMConfig
+    from optimum_edkm.config import EDKMConfig
     from optimum_edkm.finetune import RECIPE_PALETTE
 
     options = given(args, CONFIG_OPTIONS)
@@ -144,7 +129,7 @@ def format_table(rows: list) -> str:
 
 def compress(args) -> dict:
     """Run the job described by parsed ``compress`` arguments; returns the report (also written as JSON)."""
-    import optimum_edkm
+    from optimum_edkm.api import checkpoint_bytes, palettize, save_pretrained, size_report
     from optimum_edkm.data import CALIBRATION_SPLIT, EVALUATION_SPLIT, load_text
     from optimum_edkm.finetune import DEFAULT_RECIPE, finetune
     from optimum_edkm.models import load_causal_lm
@@ -172,9 +157,8 @@ def compress(args) -> dict:
             args.eval_text, split=args.eval_split or (EVALUATION_SPLIT if args.eval_text is None else None)
         )
         eval_ids = eval_text.token_ids(tokenizer, max_tokens=args.eval_tokens)
-    float_bytes = state_bytes(model)
-    parameters = sum(p.numel() for p in model.parameters())
-    float_row = Row("float model", size_bytes=float_bytes, bits_per_weight=8 * float_bytes / parameters)
+    float_size = model_size(model)
+    float_row = Row("float model", size_bytes=float_size.model_bytes, bits_per_weight=float_size.whole_model)
     timings["load"] = time.perf_counter() - started
 
     rows = [float_row]
@@ -202,7 +186,7 @@ def compress(args) -> dict:
     losses, mean_loss = [], None
     if steps == 0:
         logger.info("[4/5] --steps 0: palettizing the start without fine-tuning")
-        optimum_edkm.palettize(model)
+        palettize(model)
         label = f"palettized ({start}, no fine-tuning), {config.bits}-bit"
     else:
         logger.info("[4/5] eDKM fine-tuning")
@@ -217,7 +201,7 @@ def compress(args) -> dict:
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         mean_loss = next((entry["train_loss"] for entry in trainer.state.log_history if "train_loss" in entry), None)
         if not model.config.quantization_config.palettized:
-            optimum_edkm.palettize(model)
+            palettize(model)
         label = f"eDKM fine-tuned ({steps} steps), {config.bits}-bit"
         del trainer, teacher
     timings["fine_tune"] = time.perf_counter() - tic
@@ -228,8 +212,8 @@ def compress(args) -> dict:
         measured = measure(model, eval_ids, args, label)
         final.perplexity, final.scored_tokens = measured.perplexity, measured.scored_tokens
     logger.info("[5/5] saving to %s", output)
-    size = optimum_edkm.size_report(model)
-    optimum_edkm.save_pretrained(model, output)
+    size = size_report(model)
+    save_pretrained(model, output)
     tokenizer.save_pretrained(output)
     final.size_bytes = size["theoretical_bytes"]
     final.bits_per_weight = size["bits_per_weight"]
@@ -254,7 +238,7 @@ def compress(args) -> dict:
         else {"text": eval_text.describe(tokens=eval_ids.numel()), "context_length": args.context_length},
         "rows": [dataclasses.asdict(row) for row in rows],
         "size": size,
-        "checkpoint": optimum_edkm.checkpoint_bytes(output),
+        "checkpoint": checkpoint_bytes(output),
         "seconds": timings,
         "table": format_table(rows),
     }

@@ -6,7 +6,9 @@ import json
 import logging
 import os
 
-from .compress import DTYPES, CommandError, Row, format_table, measure, resolve_device, state_bytes
+from ..nn import palettized_storage
+from ..storage import model_size
+from .compress import DTYPES, CommandError, Row, format_table, measure, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -16,7 +18,7 @@ DEFAULT_MODEL_ALIAS = "default"
 def load_for_evaluation(name: str, dtype, device):
     """A saved model (palettized or not) and its tokenizer; ``optimum_edkm`` is imported first so that a
     palettized checkpoint loads as one."""
-    import optimum_edkm  # noqa: F401  (registers the "edkm" quantization method)
+    from optimum_edkm import quantizer  # noqa: F401  (registers the "edkm" quantization method)
     from optimum_edkm.models import load_causal_lm
 
     if name == DEFAULT_MODEL_ALIAS:
@@ -30,16 +32,11 @@ def load_for_evaluation(name: str, dtype, device):
     return load_causal_lm(name, dtype=dtype, device=device)
 
 
-def model_size(model):
-    """``(bytes, bits per parameter)`` of what the checkpoint holds: optimum_edkm's size report for an eDKM
-    model (packed indices, LUTs, scales, the rest at its dtype), the state dict's bytes otherwise."""
-    from optimum_edkm import EDKMConfig, size_report
-
-    if isinstance(getattr(model.config, "quantization_config", None), EDKMConfig):
-        report = size_report(model)
-        return report["theoretical_bytes"], report["bits_per_weight"]
-    size = state_bytes(model)
-    return size, 8 * size / sum(p.numel() for p in model.parameters())
+def checkpoint_size(model):
+    """``(bytes, bits per parameter)`` of what the checkpoint holds (:func:`optimum_edkm.storage.model_size`):
+    packed indices, LUTs and scales of an eDKM model's modules, every other tensor at its dtype."""
+    size = model_size(model, palettized_storage(model))
+    return size.model_bytes, size.whole_model
 
 
 def evaluate_models(args) -> dict:
@@ -60,7 +57,7 @@ def evaluate_models(args) -> dict:
             )
         reference_tokens = reference_tokens if reference_tokens is not None else token_ids
         row = measure(model, token_ids, args, name)
-        row.size_bytes, row.bits_per_weight = model_size(model)
+        row.size_bytes, row.bits_per_weight = checkpoint_size(model)
         rows.append(row)
         del model
     results = {
@@ -79,4 +76,4 @@ def _same_tokens(a, b) -> bool:
     return a.shape == b.shape and bool((a == b).all())
 
 
-__all__ = ["Row", "evaluate_models", "load_for_evaluation", "model_size"]
+__all__ = ["Row", "checkpoint_size", "evaluate_models", "load_for_evaluation"]

@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
 def _load(directory: str):
     from transformers import AutoModelForCausalLM
 
-    import optimum_edkm  # noqa: F401  registers the "edkm" quantization method, needed to load the checkpoint
+    from .. import quantizer  # noqa: F401  registers the "edkm" quantization method, needed to load the checkpoint
 
     return AutoModelForCausalLM.from_pretrained(directory)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -19,7 +18,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..nn import PalettizedConv1D, PalettizedEmbedding, PalettizedTiedLinear, is_palettized
+from ..nn import Palette, PalettizedConv1D, PalettizedEmbedding, PalettizedTiedLinear, is_palettized
 from ..storage import WeightStorage
 from .errors import ExactnessError
 
@@ -58,7 +57,8 @@ def directory_bytes(path: str) -> int:
 # ---------------------------------------------------------------------------------------- palettized weights
 @dataclass
 class PaletteRecord:
-    """How one palettized module stores its weight: ``dense[r, c] = scale[r] * lut[r // group_size, index[r, c]]``.
+    """A palettized module as the export sees it: its stored weight (the module's own :class:`Palette`,
+    ``dense[r, c] = scale[r] * lut[r // group_size, index[r, c]]``) and where it sits in the graph.
 
     ``tied_to`` names the other modules that use the very same stored tensors (a palettized tied embedding and
     LM head): Core ML must then hold them once, in one LUT op read by both the ``gather`` and the ``linear``.
@@ -66,13 +66,7 @@ class PaletteRecord:
 
     name: str
     kind: str  # "linear" or "embedding"
-    bits: int
-    out_channels: int
-    in_channels: int
-    group_size: Optional[int]
-    packed: torch.Tensor  # uint8, the packed n-bit indices (the checkpoint's ``weight``)
-    lut: torch.Tensor  # [groups, 2**bits]
-    scale: Optional[torch.Tensor]  # [out] or None
+    palette: Palette
     bias: Optional[torch.Tensor] = None
     padding_idx: Optional[int] = None
     from_conv1d: bool = False  # a transformers Conv1D originally (weight stored [in, out] in float)
@@ -80,36 +74,14 @@ class PaletteRecord:
     storage_name: str = ""  # the module whose keys name the stored tensors (first of a tie)
     module: nn.Module = field(default=None, repr=False)
 
-    @property
-    def groups(self) -> int:
-        return int(self.lut.shape[0])
-
-    @property
-    def entries(self) -> int:
-        return int(self.lut.shape[1])
-
-    @property
-    def shape(self) -> tuple:
-        return (self.out_channels, self.in_channels)
+    def storage(self) -> WeightStorage:
+        """The palette's storage with fp16 LUTs and scales (what a Core ML package holds)."""
+        return dataclasses.replace(self.palette.storage(), lut_entry_bits=16, scale_bits=16)
 
     @property
     def numel(self) -> int:
-        return self.out_channels * self.in_channels
-
-    def storage(self) -> WeightStorage:
-        """The module's own storage description, with fp16 LUTs and scales (what a Core ML package holds)."""
-        storage = self.module.storage()
-        return dataclasses.replace(storage, lut_entry_bits=16, scale_bits=16)
-
-    @property
-    def index_bytes(self) -> int:
-        """The indices packed at ``bits`` bits per weight."""
-        return math.ceil(self.numel * self.storage().index_bits / 8)
-
-    @property
-    def nbit_bytes(self) -> int:
-        """Indices at n bits plus the fp16 LUTs and scales."""
-        return self.storage().stored_bytes
+        """Elements of the dense weight."""
+        return self.palette.numel
 
     @property
     def consumer(self) -> str:
@@ -127,10 +99,10 @@ class PaletteRecord:
     def tensors(self) -> dict:
         """``{role: (state-dict key, tensor)}`` as in an optimum-edkm checkpoint (a tied weight under the keys of
         its first module)."""
-        owner = self.storage_name or self.name
-        tensors = {"indices": (f"{owner}.weight", self.packed), "lut": (f"{owner}.weight_lut", self.lut)}
-        if self.scale is not None:
-            tensors["scale"] = (f"{owner}.weight_scale", self.scale)
+        owner, palette = self.storage_name or self.name, self.palette
+        tensors = {"indices": (f"{owner}.weight", palette.packed), "lut": (f"{owner}.weight_lut", palette.lut)}
+        if palette.scale is not None:
+            tensors["scale"] = (f"{owner}.weight_scale", palette.scale)
         return tensors
 
 
@@ -141,13 +113,7 @@ def _record(name: str, module: nn.Module) -> PaletteRecord:
     return PaletteRecord(
         name=name,
         kind="embedding" if embedding else "linear",
-        bits=int(source.bits),
-        out_channels=int(source.out_channels),
-        in_channels=int(source.in_channels),
-        group_size=source.group_size,
-        packed=source.weight,
-        lut=source.weight_lut,
-        scale=source.weight_scale,
+        palette=source.palette(),
         bias=None if embedding else module.bias,
         padding_idx=module.padding_idx if embedding else None,
         from_conv1d=isinstance(module, PalettizedConv1D),
@@ -164,7 +130,7 @@ def palette_records(model: nn.Module) -> dict:
             records[name] = _record(name, module)
     owners = {}
     for name, record in records.items():
-        owners.setdefault(id(record.packed), []).append(name)
+        owners.setdefault(id(record.palette.packed), []).append(name)
     for names in owners.values():
         for name in names:
             records[name].tied_to = tuple(other for other in names if other != name)
@@ -185,15 +151,17 @@ def storage_groups(records: dict) -> list:
 
 def palettized_tensor_ids(records: dict) -> set:
     """``id()`` of every tensor a palettized module stores (indices, LUTs, scales)."""
-    return {id(t) for r in records.values() for t in (r.packed, r.lut, r.scale) if t is not None}
+    return {
+        id(t) for r in records.values() for t in (r.palette.packed, r.palette.lut, r.palette.scale) if t is not None
+    }
 
 
 # ------------------------------------------------------------------------------------------ exactness
 def check_representable(record: PaletteRecord) -> None:
     """The LUT and scale must be finite fp16 values (Core ML stores them in fp16), the scale non-zero (the
     converter divides by it)."""
-    name = record.name
-    for label, tensor in (("weight_lut", record.lut), ("weight_scale", record.scale)):
+    name, palette = record.name, record.palette
+    for label, tensor in (("weight_lut", palette.lut), ("weight_scale", palette.scale)):
         if tensor is None:
             continue
         values = tensor.detach().float()
@@ -205,8 +173,8 @@ def check_representable(record: PaletteRecord) -> None:
                 f"Core ML package stores float16, which would re-approximate the clustered weights. Palettize "
                 f"with EDKMConfig(lut_dtype='float16')"
             )
-    if record.scale is not None and bool((record.scale == 0).any()):
-        row = int((record.scale == 0).nonzero()[0])
+    if palette.scale is not None and bool((palette.scale == 0).any()):
+        row = int((palette.scale == 0).nonzero()[0])
         raise ExactnessError(
             f"'{name}.weight_scale' is 0 for output channel {row}; the converter divides the "
             f"weight by it, so the channel cannot be exported exactly"
@@ -218,7 +186,7 @@ def check_on_lut(record: PaletteRecord, weight: torch.Tensor) -> None:
     """Prove that the float ``weight`` handed to the converter lies exactly on the LUT entry of the module's
     own index, after the division by the per-channel scale that the converter performs. The converter picks
     the nearest entry, so an exact hit means it picks this entry or an identical one: no re-approximation."""
-    name = record.name
+    name, palette = record.name, record.palette
     indices = record.indices().long()
     rows = indices.shape[0]
     if tuple(weight.shape) != tuple(indices.shape):
@@ -227,9 +195,9 @@ def check_on_lut(record: PaletteRecord, weight: torch.Tensor) -> None:
             f"module has {tuple(indices.shape)}"
         )
     values = weight.float()
-    if record.scale is not None:
-        values = values / record.scale.float().view(-1, 1)
-    lut = record.lut.float()
+    if palette.scale is not None:
+        values = values / palette.scale.float().view(-1, 1)
+    lut = palette.lut.float()
     rows_per_group = rows // lut.shape[0]
     group = (torch.arange(rows) // rows_per_group).view(-1, 1).expand_as(indices)
     expected = lut[group, indices]
@@ -238,7 +206,7 @@ def check_on_lut(record: PaletteRecord, weight: torch.Tensor) -> None:
         row, column = (int(i) for i in off.nonzero()[0])
         raise ExactnessError(
             f"'{name}.weight' is not exactly on its LUT: {int(off.sum())} of {off.numel()} exported weights differ "
-            f"from lut[group, index]{' (after dividing by weight_scale)' if record.scale is not None else ''}, "
+            f"from lut[group, index]{' (after dividing by weight_scale)' if palette.scale is not None else ''}, "
             f"first at [{row}, {column}]: {float(values[row, column])!r} vs lut[{int(group[row, column])}, "
             f"{int(indices[row, column])}] = {float(expected[row, column])!r}. The converter would silently re-snap "
             f"it to the nearest entry; export the palettized module unchanged"
@@ -250,22 +218,23 @@ def float_module(record: PaletteRecord, weight: Optional[nn.Parameter] = None) -
     """The float module the converter sees in place of a palettized one: the decoded fp32 weight (or ``weight``,
     shared with a tied module) plus coremltools' compression-info buffers, from which it emits a
     ``constexpr_lut_to_dense`` op with our LUT."""
+    palette = record.palette
     if weight is None:
         weight = nn.Parameter(record.dense(torch.float32), requires_grad=False)
     if record.kind == "embedding":
-        plain = nn.Embedding(record.out_channels, record.in_channels, padding_idx=record.padding_idx)
+        plain = nn.Embedding(palette.out_channels, palette.in_channels, padding_idx=record.padding_idx)
     else:
-        plain = nn.Linear(record.in_channels, record.out_channels, bias=record.bias is not None)
+        plain = nn.Linear(palette.in_channels, palette.out_channels, bias=record.bias is not None)
         if record.bias is not None:
             plain.bias = nn.Parameter(record.bias.detach().float(), requires_grad=False)
     plain.weight = weight
     # compression-info protocol v1: the LUT has the weight's rank + 2: (groups along out, along in, 2**bits, 1)
     plain.register_buffer("_COREML_/weight/compression_type", torch.tensor([2]))
     plain.register_buffer(
-        "_COREML_/weight/lut", record.lut.detach().float().reshape(record.groups, 1, record.entries, 1)
+        "_COREML_/weight/lut", palette.lut.detach().float().reshape(palette.groups, 1, palette.entries, 1)
     )
-    if record.scale is not None:
-        plain.register_buffer("_COREML_/weight/palettization_scale", record.scale.detach().float().reshape(-1, 1))
+    if palette.scale is not None:
+        plain.register_buffer("_COREML_/weight/palettization_scale", palette.scale.detach().float().reshape(-1, 1))
     return plain
 
 

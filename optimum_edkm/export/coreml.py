@@ -27,19 +27,17 @@ import torch.nn as nn
 from .. import atomic
 from ..version import __version__
 from . import common
-from .common import (
-    check_representable,
-    directory_bytes,
-    export_copy,
-    float_dtype,
-    manifest_path_for,
-    palette_records,
-    reference_input_ids,
-    tensors_path_for,
+from .checks import (
+    check_exportable,
+    check_generation_request,
+    check_not_there,
+    check_toolchain,
+    check_wrapper,
 )
-from .errors import CoreMLExportError, import_coremltools
+from .common import directory_bytes, export_copy, float_dtype, manifest_path_for, reference_input_ids, tensors_path_for
+from .errors import import_coremltools
 from .stateful import StatefulCausalLM, cache_geometry, check_greedy_tokens, reset_cache, torch_step
-from .targets import STATE_SPEC, DeploymentTarget, check_target, resolve_target
+from .targets import DeploymentTarget, resolve_target
 
 #: fewest new tokens checked against ``model.generate`` before a generation export is converted
 GENERATION_CHECK_TOKENS = 8
@@ -70,77 +68,6 @@ class FixedLengthLogits(nn.Module):
         )[0]
 
 
-# ------------------------------------------------------------------------------------------- checks
-def _check_positive(**values) -> None:
-    for label, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise CoreMLExportError(f"{label} must be a positive integer, got {value!r}")
-
-
-def check_exportable(
-    model,
-    path: str,
-    *,
-    tokens: int,
-    batch_size: int,
-    target: DeploymentTarget,
-    capture: str,
-    tokens_label: str = "seq_len",
-) -> dict:
-    """Every check that needs no conversion; returns the palettized weights (``{name: PaletteRecord}``)."""
-    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path).endswith(".mlpackage"):
-        raise CoreMLExportError(f"path must name an .mlpackage directory (e.g. 'model.mlpackage'), got {path!r}")
-    if capture not in common.CAPTURES:
-        raise CoreMLExportError(f"capture must be one of {common.CAPTURES}, got {capture!r}")
-    _check_positive(**{tokens_label: tokens, "batch_size": batch_size})
-    config = getattr(model, "config", None)
-    quantization = getattr(config, "quantization_config", None)
-    records = palette_records(model)
-    if getattr(quantization, "quant_method", None) != "edkm" or not records:
-        raise CoreMLExportError(
-            "the model has no palettized module: call optimum_edkm.palettize(model) after training, or load a "
-            "saved palettized model with AutoModelForCausalLM.from_pretrained(path) after `import optimum_edkm`"
-        )
-    elsewhere = {str(t.device) for t in list(model.parameters()) + list(model.buffers()) if t.device.type != "cpu"}
-    if elsewhere:
-        raise CoreMLExportError(
-            f"the model has tensors on {', '.join(sorted(elsewhere))}; the Core ML converter "
-            f"works on CPU tensors: call model.cpu() before exporting"
-        )
-    limit = getattr(config, "max_position_embeddings", None)
-    if isinstance(limit, int) and tokens > limit:
-        raise CoreMLExportError(f"{tokens_label}={tokens} exceeds the model's max_position_embeddings={limit}")
-    check_target(records, target)
-    for record in records.values():
-        check_representable(record)
-    return records
-
-
-def _check_not_there(path: str, overwrite: bool) -> None:
-    existing = [p for p in (path, manifest_path_for(path), tensors_path_for(path)) if os.path.exists(p)]
-    if existing and not overwrite:
-        raise CoreMLExportError(f"{existing[0]} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
-
-
-@torch.no_grad()
-def check_wrapper(model, wrapper: nn.Module, input_ids: torch.Tensor) -> float:
-    """The fixed-length graph must compute the model's own logits (``model`` is the module the wrapper
-    holds); otherwise the architecture does not take an explicit additive 4-D mask and the export would be
-    wrong."""
-    reference = model(input_ids=input_ids, use_cache=False).logits.float()
-    traced = wrapper(input_ids).float()
-    difference = float((traced - reference).abs().max())
-    tolerance = 1e-3 * max(1.0, float(reference.abs().max()))
-    if not difference <= tolerance:
-        raise CoreMLExportError(
-            f"the fixed-length export graph (explicit 4-D causal mask and position ids, no cache) does not "
-            f"reproduce model(input_ids).logits (max abs diff {difference:.3g} > {tolerance:.3g}): "
-            f"{type(model).__name__} does not accept an additive 4-D attention mask, so it cannot be exported "
-            f"this way"
-        )
-    return difference
-
-
 # --------------------------------------------------------------------------------------------- export
 @dataclass
 class CoreMLExport:
@@ -157,18 +84,6 @@ class CoreMLExport:
     package_bytes: int
     verification: object = None
     greedy_tokens: Optional[list] = None  # generation export: the tokens checked against model.generate
-
-
-def _check_toolchain(ct, capture: str) -> None:
-    import numpy
-
-    numpy_version = tuple(int(part) for part in numpy.__version__.split(".")[:2])
-    if capture == "trace" and ct.__version__.startswith("9.0") and numpy_version >= (2, 4):
-        raise CoreMLExportError(
-            f"coremltools {ct.__version__} cannot convert traced transformers models with numpy "
-            f"{numpy.__version__} (TypeError: only 0-dimensional arrays can be converted to Python scalars): "
-            f'install numpy<2.4 (pip install "optimum-edkm[coreml]") or pass capture="export"'
-        )
 
 
 def _register_alias_op(ct) -> None:
@@ -364,9 +279,9 @@ def to_coreml(
     path = _absolute(path)
     records = check_exportable(model, path, tokens=seq_len, batch_size=batch_size, target=target, capture=capture)
     job = _Job(path, model, records, target, capture, manifest, tensors, check_logits)
-    _check_not_there(path, overwrite)
+    check_not_there(path, overwrite)
     ct = import_coremltools()
-    _check_toolchain(ct, capture)
+    check_toolchain(ct, capture)
     import numpy as np
 
     was_training = model.training
@@ -408,27 +323,6 @@ def to_coreml(
         return _place(mlmodel, job, interface)
     finally:
         model.train(was_training)
-
-
-def _check_generation_request(model, context_length: int, target: DeploymentTarget, check_tokens: int) -> None:
-    if target.spec_version < STATE_SPEC:
-        raise CoreMLExportError(
-            f"minimum_deployment_target={target.name} has no stateful models (Core ML states, "
-            f"which hold the KV cache, exist from iOS18 / macOS15 on): export with "
-            f"minimum_deployment_target='iOS18' (or later)"
-        )
-    _check_positive(check_tokens=check_tokens)
-    if check_tokens + 4 > context_length:
-        raise CoreMLExportError(
-            f"context_length={context_length} leaves no room for the {check_tokens}-token "
-            f"generation check before conversion: use context_length >= {check_tokens + 4}"
-        )
-    window = getattr(model.config, "sliding_window", None)
-    if isinstance(window, int) and window < context_length:
-        raise CoreMLExportError(
-            f"the model attends over a sliding window of {window} tokens, the generation export "
-            f"over the whole context: use context_length <= {window}"
-        )
 
 
 #: context length of a generation export when none is given (capped by the model's max_position_embeddings)
@@ -479,11 +373,11 @@ def to_coreml_generate(
     records = check_exportable(
         model, path, tokens=context_length, batch_size=1, target=target, capture="trace", tokens_label="context_length"
     )
-    _check_generation_request(model, context_length, target, check_tokens)
+    check_generation_request(model, context_length, target, check_tokens)
     job = _Job(path, model, records, target, "trace", manifest, tensors, check_logits)
-    _check_not_there(path, overwrite)
+    check_not_there(path, overwrite)
     ct = import_coremltools()
-    _check_toolchain(ct, "trace")
+    check_toolchain(ct, "trace")
     import numpy as np
 
     was_training = model.training

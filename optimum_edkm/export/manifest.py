@@ -52,7 +52,7 @@ def record_tensors(record: PaletteRecord) -> dict:
             "shape": list(tensor.shape),
             "sha256": tensor_sha256(tensor),
         }
-    described["indices"]["layout"] = f"packed {record.bits}-bit, LSB-first, row-major over [out, in]"
+    described["indices"]["layout"] = f"packed {record.palette.bits}-bit, LSB-first, row-major over [out, in]"
     return described
 
 
@@ -66,20 +66,20 @@ def build_manifest(
     by_name = {entry.name: entry for entry in report.modules}
     entries = []
     for name, record in records.items():
-        stored = by_name[name]
+        stored, palette = by_name[name], record.palette
         entries.append(
             {
                 "name": name,
                 "kind": record.kind,
                 "from_conv1d": record.from_conv1d,
-                "out_channels": record.out_channels,
-                "in_channels": record.in_channels,
-                "bits": record.bits,
-                "granularity": "per_tensor" if record.group_size is None else "per_grouped_channel",
-                "group_size": record.group_size,
-                "lut_shape": list(record.lut.shape),
-                "lut_dtype": _DTYPE_NAMES[record.lut.dtype],
-                "per_channel_scale": record.scale is not None,
+                "out_channels": palette.out_channels,
+                "in_channels": palette.in_channels,
+                "bits": palette.bits,
+                "granularity": "per_tensor" if palette.group_size is None else "per_grouped_channel",
+                "group_size": palette.group_size,
+                "lut_shape": list(palette.lut.shape),
+                "lut_dtype": _DTYPE_NAMES[palette.lut.dtype],
+                "per_channel_scale": palette.scale is not None,
                 "has_bias": record.bias is not None,
                 "shares_storage_with": list(record.tied_to),
                 "tensors": record_tensors(record),

@@ -54,12 +54,12 @@ def unsupported_modules(records: dict, target: DeploymentTarget) -> dict:
         return {}
     problems = {}
     for name, record in records.items():
-        reasons = []
-        if record.bits not in PRE_IOS18_BITS:
-            reasons.append(f"{record.bits}-bit indices (before iOS18 only {PRE_IOS18_BITS} bits)")
-        if record.groups > 1:
-            reasons.append(f"{record.groups} grouped LUTs (before iOS18 one LUT per tensor)")
-        if record.scale is not None:
+        palette, reasons = record.palette, []
+        if palette.bits not in PRE_IOS18_BITS:
+            reasons.append(f"{palette.bits}-bit indices (before iOS18 only {PRE_IOS18_BITS} bits)")
+        if palette.groups > 1:
+            reasons.append(f"{palette.groups} grouped LUTs (before iOS18 one LUT per tensor)")
+        if palette.scale is not None:
             reasons.append("a per-channel scale (iOS18+)")
         if reasons:
             problems[name] = ", ".join(reasons)

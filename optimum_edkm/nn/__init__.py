@@ -14,8 +14,7 @@ from .clustered import (
     EDKMTiedLinear,
     is_clustered,
 )
-from .formats import LUT_DTYPES, ClusteringOptions, PaletteFormat
-from .palette import Palette
+from .formats import LUT_DTYPES, ClusteringOptions, Palette, PaletteFormat
 from .palettized import (
     PalettizedConv1D,
     PalettizedEmbedding,
@@ -24,7 +23,7 @@ from .palettized import (
     PalettizedTiedLinear,
     is_palettized,
 )
-from .registry import clustered_class_for, register_clustered_module, registered_float_classes
+from .registry import clustered_class_for, palettized_storage, register_clustered_module
 
 __all__ = [
     "CHECKPOINT_WEIGHT_DIM",
@@ -45,6 +44,6 @@ __all__ = [
     "clustered_class_for",
     "is_clustered",
     "is_palettized",
+    "palettized_storage",
     "register_clustered_module",
-    "registered_float_classes",
 ]

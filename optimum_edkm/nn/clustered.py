@@ -34,8 +34,7 @@ from ..clustering import (
     per_channel_scale,
 )
 from ..storage import WeightStorage
-from .formats import ClusteringOptions, PaletteFormat
-from .palette import Palette
+from .formats import ClusteringOptions, Palette, PaletteFormat
 from .palettized import (
     PalettizedConv1D,
     PalettizedEmbedding,
@@ -138,15 +137,7 @@ class ClusteredModule:
 
     def storage(self) -> WeightStorage:
         """What the palettized form of this module stores."""
-        palette = self.palette_format
-        entry_bits = torch.finfo(palette.lut_dtype).bits
-        return WeightStorage.palettized(
-            self.dense_shape,
-            palette.bits,
-            palette.group_size,
-            entry_bits,
-            entry_bits if palette.per_channel_scale else None,
-        )
+        return self.palette_format.storage(self.dense_shape)
 
     def engine_spec(self) -> ClusteringSpec:
         return dataclasses.replace(self.spec, temperature=float(self.weight_temperature) * self.temperature_factor)
@@ -165,67 +156,58 @@ class ClusteredModule:
         self.set_temperature_from_centroids()
 
     @torch.no_grad()
-    def start_from(self, palette: Palette, name: str = "weight") -> int:
-        """Start from a given palettization instead of k-means: the LUT becomes the centroids, the scale the
-        per-channel scale, and with ``palette.indices`` every weight takes its decoded value, so that snapping
-        (and :func:`optimum_edkm.palettize` before any training step) gives exactly that palettization back.
-        Returns the number of weights whose snapped index still differs from ``palette.indices`` (0 unless two
-        LUT entries are closer than the 16-bit rounding of the clustered values and ``palette.values`` is not
-        given)."""
+    def start_from(self, palette, name: str = "weight") -> int:
+        """Start from a given palettization instead of k-means.
+
+        ``palette`` is a :class:`~optimum_edkm.nn.Palette` (LUT, indices, scale: a post-training result, a
+        palettized module's, :meth:`palette` of another train-time module) or a bare ``[groups, 2**bits]`` LUT
+        tensor. The LUT becomes the centroids, the scale the per-channel scale, and with indices every weight takes
+        its decoded value, so that snapping (and :func:`optimum_edkm.palettize` before any training step) gives
+        that palettization back exactly; with a bare LUT the weights keep their values. Returns the number of
+        weights whose snapped index differs from the given one (0 unless two LUT entries are closer than the
+        16-bit rounding of the clustered values)."""
         rows = self.rows()
+        given = palette if isinstance(palette, Palette) else None
+        lut = palette.lut if given is not None else palette
         expected = tuple(self.weight_centroids.shape)
-        lut = palette.lut
         if not isinstance(lut, torch.Tensor) or tuple(lut.shape) != expected or not lut.is_floating_point():
             raise ValueError(
                 f"the palette of '{name}' has a LUT of shape {tuple(getattr(lut, 'shape', ()))}, expected a float "
                 f"tensor of shape {expected} (groups x 2**bits of this module's EDKMConfig)"
             )
-        if (palette.scale is None) != (self.weight_scale is None):
-            has = "has" if palette.scale is not None else "has no"
+        if not bool(torch.isfinite(lut).all()):
+            raise ValueError(f"the palette of '{name}' has NaN or infinite LUT entries")
+        scale = None if given is None else given.scale
+        if given is not None and (scale is None) != (self.weight_scale is None):
+            has = "has" if scale is not None else "has no"
             raise ValueError(
                 f"the palette of '{name}' {has} a per-channel scale but the module is configured "
                 f"{'without' if self.weight_scale is None else 'with'} one; use an EDKMConfig with "
-                f"enable_per_channel_scale={palette.scale is not None}"
+                f"enable_per_channel_scale={scale is not None}"
             )
-        if palette.scale is not None and tuple(palette.scale.shape) != (rows.shape[0],):
+        if given is not None and tuple(given.shape) != tuple(rows.shape):
             raise ValueError(
-                f"the palette of '{name}' has a scale of shape {tuple(palette.scale.shape)}, "
-                f"expected ({rows.shape[0]},)"
+                f"the palette of '{name}' is for a {tuple(given.shape)} weight, the module's is {tuple(rows.shape)}"
             )
-        indices = palette.indices
-        if indices is not None:
-            if tuple(indices.shape) != tuple(rows.shape) or indices.is_floating_point():
-                raise ValueError(
-                    f"the palette of '{name}' has indices of shape {tuple(indices.shape)} ({indices.dtype}), "
-                    f"expected integers of shape {tuple(rows.shape)} (output channels first)"
-                )
-            if int(indices.min()) < 0 or int(indices.max()) >= self.spec.num_clusters:
-                raise ValueError(f"the palette of '{name}' has indices outside 0..{self.spec.num_clusters - 1}")
-        if not bool(torch.isfinite(lut).all()):
-            raise ValueError(f"the palette of '{name}' has NaN or infinite LUT entries")
-        if palette.scale is not None:
-            self.weight_scale.copy_(palette.scale)
+        if given is not None and given.bits != self.spec.bits:
+            raise ValueError(f"the palette of '{name}' has {given.bits}-bit indices, the module {self.spec.bits}")
+        if scale is not None:
+            self.weight_scale.copy_(scale)
         self.weight_centroids.copy_(lut.to(self.weight_centroids.dtype))
         mismatched = 0
-        if indices is not None:
-            indices = indices.to(device=rows.device, dtype=torch.uint8)
-            stored = self.weight_centroids.to(self.lut_dtype)
-            rows.copy_(decode(indices, stored, self.stored_scale(), dtype=rows.dtype))
+        if given is not None:
+            indices = given.indices().to(rows.device)
+            rows.copy_(decode(indices, self.weight_centroids.to(self.lut_dtype), self.stored_scale(), dtype=rows.dtype))
             self._snap_cache = self._soft_cache = None
-            wrong = self.snap()[0] != indices
-            if bool(wrong.any()) and palette.values is not None:
-                rows[wrong] = palette.values.to(device=rows.device, dtype=rows.dtype)[wrong]
-                self._snap_cache = self._soft_cache = None
-                wrong = self.snap()[0] != indices
-            mismatched = int(wrong.sum())
+            mismatched = int((self.snap()[0] != indices).sum())
         self.set_temperature_from_centroids()
         return mismatched
 
     @torch.no_grad()
     def palette(self) -> Palette:
-        """This module's palettization as it stands (what :meth:`palettize` would store)."""
+        """This module's palettization as :func:`optimum_edkm.palettize` would store it (snapped indices)."""
         indices, lut = self.snap()
-        return Palette(lut, indices, self.stored_scale())
+        return Palette.from_indices(self.palette_format, indices, lut, self.weight_scale)
 
     @torch.no_grad()
     def set_temperature_from_centroids(self) -> None:

@@ -7,7 +7,7 @@ of silently re-initialising the layer.
 
 Each class owns its conversions: ``empty_for(float_module, palette)`` (the module a checkpoint is loaded into,
 built on the meta device with the exact packed shapes), ``from_snapped`` (from a clustered module),
-``to_float()`` and ``storage()``.
+``to_float()``, ``storage()`` and ``palette()`` (the stored weight as one :class:`~.formats.Palette` record).
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ from transformers.pytorch_utils import Conv1D
 from ..clustering import decode, pack_indices, packed_size, unpack_indices
 from ..kernels import lut_linear
 from ..storage import WeightStorage
-from .formats import PaletteFormat
-from .palette import Palette
+from .formats import Palette, PaletteFormat
 
 #: the buffers that hold a palette's values: they keep their stored dtype when the module is cast
 PALETTE_BUFFERS = ("weight_lut", "weight_scale")
@@ -70,27 +69,19 @@ class PalettizedModule:
             lut_dtype=self.weight_lut.dtype,
         )
 
+    def palette(self) -> Palette:
+        """The stored weight as one record (its tensors are this module's buffers)."""
+        return Palette(self.palette_format, self.dense_shape, self.weight, self.weight_lut, self.weight_scale)
+
     def storage(self) -> WeightStorage:
         """What this module stores for its weight (indices, LUTs, scales)."""
-        entry_bits = torch.finfo(self.weight_lut.dtype).bits
-        return WeightStorage.palettized(
-            self.dense_shape,
-            self.bits,
-            self.group_size,
-            entry_bits,
-            entry_bits if self.weight_scale is not None else None,
-        )
+        return self.palette_format.storage(self.dense_shape)
 
     def indices(self) -> torch.Tensor:
         """Unpacked uint8 indices, ``[out, in]``."""
         return unpack_indices(self.weight, self.bits, self.out_channels * self.in_channels).view(
             self.out_channels, self.in_channels
         )
-
-    def palette(self) -> Palette:
-        """This module's palettization (LUT, unpacked indices, scale), e.g. to start eDKM from it
-        (``optimum_edkm.prepare(float_model, config, palettes=...)``)."""
-        return Palette(self.weight_lut, self.indices(), self.weight_scale)
 
     def dense_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The decoded ``[out, in]`` weight: ``scale[row] * lut[group(row), index]``, computed in fp32."""

@@ -2,7 +2,7 @@
 
 ``register_clustered_module(float_class)`` decorates a clustered class (which names its palettized class in
 ``palettized_class``). Every conversion in the package goes through :func:`clustered_class_for`; nothing else
-checks module types.
+checks module types. Every module the table produced describes its stored form (:func:`palettized_storage`).
 """
 
 from __future__ import annotations
@@ -40,5 +40,12 @@ def clustered_class_for(module: nn.Module) -> Optional[type]:
     return None
 
 
-def registered_float_classes() -> tuple:
-    return tuple(_CLUSTERED_FOR)
+def palettized_storage(model: nn.Module) -> dict:
+    """``{module name: WeightStorage}`` of every clustered or palettized module of ``model`` (each once; a tied
+    output head reads its embedding's palette and is not listed): what the palettized form stores, read from
+    the module itself. Feeds :func:`optimum_edkm.storage.model_size`."""
+    return {
+        name: module.storage()
+        for name, module in model.named_modules()
+        if getattr(module, "edkm_role", None) in ("clustered", "palettized")
+    }
