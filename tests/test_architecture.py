@@ -24,6 +24,7 @@ LAYERS = {
     "marshaling": 1,
     "kernels": 1,
     "nn": 2,
+    "calibration": 2,
     "losses": 1,
     "config": 3,
     "checkpoint": 3,
@@ -176,3 +177,14 @@ def test_the_clustering_core_does_not_import_transformers():
             names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
             names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
             assert not any(name.split(".")[0] == "transformers" for name in names), module
+
+
+def test_post_training_palettization_and_the_baselines_are_siblings_on_the_calibration_layer():
+    graph = _graph()
+    for source, targets in graph.items():
+        if _unit(source) in ("ptq", "calibration"):
+            assert not any(_unit(t) == "baselines" for t in targets), f"{source} imports the baselines"
+        if _unit(source) == "calibration":
+            assert all(_unit(t) in ("calibration", "validation") for t in targets), f"{source}: {sorted(targets)}"
+    assert any(_unit(t) == "calibration" for s, ts in graph.items() if _unit(s) == "ptq" for t in ts)
+    assert any(_unit(t) == "calibration" for s, ts in graph.items() if _unit(s) == "baselines" for t in ts)
