@@ -21,6 +21,8 @@ from .palettized import (
     PalettizedLinear,
     PalettizedModule,
     PalettizedTiedLinear,
+    ScaledEmbedding,
+    embedding_scale,
     is_palettized,
 )
 from .registry import clustered_class_for, register_clustered_module, registered_float_classes
@@ -40,7 +42,9 @@ __all__ = [
     "PalettizedLinear",
     "PalettizedModule",
     "PalettizedTiedLinear",
+    "ScaledEmbedding",
     "clustered_class_for",
+    "embedding_scale",
     "is_clustered",
     "is_palettized",
     "register_clustered_module",
