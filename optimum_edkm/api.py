@@ -13,6 +13,7 @@ import tempfile
 from typing import Optional
 
 import torch
+from transformers import PreTrainedModel
 
 from .atomic import commit_folder, resolve_target_folder, write_file
 from .config import EDKMConfig
@@ -59,6 +60,12 @@ def prepare(model, config: EDKMConfig):
     parameters are reused, not copied. Returns the model."""
     from .quantizer import EDKMHfQuantizer
 
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(
+            f"prepare() takes a transformers model (a PreTrainedModel, e.g. from AutoModelForCausalLM.from_pretrained "
+            f"or from_config), got {type(model).__module__}.{type(model).__name__}: eDKM runs as a transformers "
+            f"quantizer, and the model's config is where the palettization is recorded for saving and loading"
+        )
     if not isinstance(config, EDKMConfig):
         raise TypeError(f"prepare expects an EDKMConfig, got {type(config).__name__}")
     existing = quant_method(model)
