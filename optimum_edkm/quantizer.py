@@ -24,7 +24,7 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 
 from .atomic import recover_folder
 from .checkpoint import CheckpointError, checkpoint_state_dict, commit_record, verify_checkpoint
-from .config import QUANT_METHOD, EDKMConfig
+from .config import QUANT_METHOD, SAVED_QUANT_METHOD, EDKMConfig
 from .nn import (
     CHECKPOINT_WEIGHT_DIM,
     EDKMTiedLinear,
@@ -38,6 +38,9 @@ from .nn import (
 logger = logging.getLogger(__name__)
 
 register_quantization_config(QUANT_METHOD)(EDKMConfig)
+# what config.json holds (it names the fix when optimum_edkm is not imported); the quantizer is looked up by
+# the config object's quant_method, always QUANT_METHOD
+register_quantization_config(SAVED_QUANT_METHOD)(EDKMConfig)
 
 #: train-format buffers an ordinary float checkpoint does not have (filled by k-means after loading)
 TRAIN_STATE_PATTERNS = (r"\.weight_centroids$", r"\.weight_temperature$", r"\.weight_scale$")
