@@ -120,8 +120,11 @@ def size_report(model) -> dict:
     """Bytes and bits per weight of the palettized form of ``model`` (what a checkpoint holds).
 
     ``theoretical_bytes`` = the packed form of every converted weight (:meth:`storage`, indices + LUTs +
-    scales) + every other parameter and buffer at its own dtype (tied tensors once). Works before and after
-    :func:`palettize`.
+    scales) + every other parameter and buffer at its own dtype (tied tensors once). ``float_parameters`` are the
+    parameters that stay in floating point (embeddings, heads, norms, biases, skipped modules) and
+    ``float_parameter_share`` / ``float_byte_share`` their share of the parameters / of ``theoretical_bytes``:
+    where a large float embedding (a 262,144-token vocabulary) dominates, the size is set by them. Works before
+    and after :func:`palettize`.
     """
     config = edkm_config(model)
     converted, counted = {}, set()
@@ -160,6 +163,9 @@ def size_report(model) -> dict:
         "theoretical_bytes": theoretical,
         "bits_per_clustered_weight": 8 * clustered_bytes / max(clustered_weights, 1),
         "bits_per_weight": 8 * theoretical / max(clustered_weights + other_parameters, 1),
+        "float_parameters": other_parameters,
+        "float_parameter_share": other_parameters / max(clustered_weights + other_parameters, 1),
+        "float_byte_share": other_bytes / max(theoretical, 1),
         "memory_footprint": model.get_memory_footprint(),
     }
 
@@ -208,6 +214,8 @@ def model_card_section(model) -> str:
         f"| checkpoint size | {report['theoretical_bytes'] / 2**20:.2f} MiB "
         f"({report['bits_per_weight']:.2f} bits per parameter overall) |",
         f"| kept in floating point | {', '.join(config.modules_to_not_convert or []) or 'nothing'} |",
+        f"| parameters in floating point | {report['float_parameters']:,} ({report['float_parameter_share']:.1%} of "
+        f"the parameters, {report['float_byte_share']:.1%} of the checkpoint) |",
         "",
         "Load it with optimum-edkm installed (without it, transformers cannot read the packed weights):",
         "",

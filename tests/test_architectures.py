@@ -310,3 +310,27 @@ def test_modules_eDKM_cannot_reproduce_stay_float_and_are_refused_by_name(caplog
     assert "model.decoder.embed_positions (OPTLearnedPositionalEmbedding" in caplog.text
     assert is_clustered(model.model.decoder.embed_tokens) and not is_clustered(model.model.decoder.embed_positions)
     assert "model.decoder.embed_positions" in model.config.quantization_config.modules_to_not_convert
+
+
+def test_the_size_report_shows_the_share_of_a_large_float_embedding():
+    """A Gemma 3 shape whose tied embedding is most of the parameters (262,144 x 640 in Gemma 3 270M; 4,096 x 32
+    here): left in float it sets the size, and the report says how much stayed float."""
+    torch.manual_seed(0)
+    config = CONFIGS["gemma3"]()
+    config.vocab_size = 4096
+    base = AutoModelForCausalLM.from_config(config).eval()
+    embedding = base.get_input_embeddings().weight.numel()
+    total = sum(p.numel() for p in base.parameters())  # the tied head counted once
+    shares = {}
+    for embedding_bits in (None, 4):
+        model = copy.deepcopy(base)
+        optimum_edkm.prepare(model, EDKMConfig(bits=4, embedding_bits=embedding_bits))
+        report = optimum_edkm.size_report(model)
+        clustered = sum(m.rows().numel() for m in model.modules() if is_clustered(m))
+        assert report["clustered_weights"] == clustered
+        assert report["float_parameters"] == total - clustered
+        assert report["float_parameter_share"] == pytest.approx((total - clustered) / total)
+        assert report["float_byte_share"] == pytest.approx(report["other_bytes"] / report["theoretical_bytes"])
+        shares[embedding_bits] = report["float_parameter_share"]
+        assert "parameters in floating point" in optimum_edkm.model_card_section(model)
+    assert shares[None] > embedding / total > 0.8 and shares[4] < 0.05
