@@ -334,3 +334,30 @@ def test_the_size_report_shows_the_share_of_a_large_float_embedding():
         shares[embedding_bits] = report["float_parameter_share"]
         assert "parameters in floating point" in optimum_edkm.model_card_section(model)
     assert shares[None] > embedding / total > 0.8 and shares[4] < 0.05
+
+
+@pytest.mark.parametrize("name", ["gemma3", "phi3"])
+def test_core_ml_export_of_a_sliding_window_gemma_and_a_fused_phi3(name, tmp_path):
+    """Gemma 3: sliding-window and full-attention layers (the fixed-window graph gets each type's mask), a tied,
+    scaled and palettized embedding read by the gather and the LM head; Phi-3: fused qkv / gate_up."""
+    pytest.importorskip("coremltools", reason='coremltools is not installed (pip install "optimum-edkm[coreml]")')
+    from optimum_edkm.export import to_coreml
+
+    model = float_model(name)
+    optimum_edkm.prepare(model, EDKMConfig(bits=4, embedding_bits=4))
+    optimum_edkm.palettize(model)
+    with torch.no_grad():  # norms of ones (or zeros in Gemma) would be folded away by the converter
+        for parameter_name, parameter in model.named_parameters():
+            if "norm" in parameter_name:
+                parameter.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(len(parameter_name)))
+    result = to_coreml(model, str(tmp_path / "model.mlpackage"), seq_len=2 * WINDOW)
+    report = result.verification
+    palettized = [n for n, m in model.named_modules() if is_palettized(m)]
+    assert not report.failures and result.op_counts["constexpr_lut_to_dense"] == len(palettized)
+    assert report.logits_max_abs_diff <= report.logits_tolerance
+    embedding = next(m for m in report.modules if m.kind == "embedding")
+    if name == "gemma3":  # one LUT op read by the embedding's gather and the tied head's linear
+        assert embedding.consumers == ["gather.x", "linear.weight"]
+        assert report.tied_embedding["palettized"] and report.tied_embedding["stored"] == 1
+    else:
+        assert embedding.consumers == ["gather.x"]
