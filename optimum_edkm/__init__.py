@@ -10,7 +10,16 @@ backward keeps), :mod:`.nn` (module classes and their conversions), :mod:`.confi
 :mod:`.baselines`, :mod:`.evaluation` and :mod:`.kernels` are leaves.
 """
 
-from .api import checkpoint_bytes, model_card_section, palettize, prepare, push_to_hub, save_pretrained, size_report
+from .api import (
+    checkpoint_bytes,
+    model_card_section,
+    palettes_of,
+    palettize,
+    prepare,
+    push_to_hub,
+    save_pretrained,
+    size_report,
+)
 from .checkpoint import CheckpointError, verify_checksums
 from .config import EDKMConfig
 from .marshaling import saved_tensor_policy
@@ -19,6 +28,7 @@ from .nn import (
     EDKMEmbedding,
     EDKMLinear,
     EDKMTiedLinear,
+    Palette,
     PalettizedConv1D,
     PalettizedEmbedding,
     PalettizedLinear,
@@ -58,6 +68,7 @@ __all__ = [
     "EDKMTiedLinear",
     "EDKMTrainer",
     "EDKMTrainingArguments",
+    "Palette",
     "PalettizedConv1D",
     "PalettizedEmbedding",
     "PalettizedLinear",
@@ -65,6 +76,7 @@ __all__ = [
     "__version__",
     "checkpoint_bytes",
     "model_card_section",
+    "palettes_of",
     "palettize",
     "prepare",
     "push_to_hub",

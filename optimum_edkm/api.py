@@ -54,10 +54,21 @@ def quant_method(model_or_quantizer) -> Optional[str]:
     return str(getattr(method, "value", method))
 
 
-def prepare(model, config: EDKMConfig):
+def prepare(model, config: EDKMConfig, *, importance: Optional[dict] = None, palettes: Optional[dict] = None):
     """Make an in-memory transformers model clustering-aware, exactly as ``from_pretrained`` with
     ``quantization_config=config`` would (modules swapped, centroids initialised by k-means). The float
-    parameters are reused, not copied. Returns the model."""
+    parameters are reused, not copied. Returns the model.
+
+    Args:
+        importance: ``{module name: importance of each weight}`` (the module's weight layout, e.g. the Fisher
+            diagonal of :func:`optimum_edkm.sensitivity.fisher_diagonal`): those modules' k-means is weighted by
+            it (SqueezeLLM's sensitivity-weighted k-means), run once.
+        palettes: ``{module name: Palette}`` (:class:`optimum_edkm.nn.Palette`: LUT, indices, scale): those modules
+            start from that palettization instead of k-means, e.g. a post-training result
+            (:func:`optimum_edkm.ptq.palettize_post_training`) or a palettized model's
+            (:func:`palettes_of`), so that fine-tuning continues from it; palettizing before any training step
+            gives it back exactly.
+    """
     from .quantizer import EDKMHfQuantizer
 
     if not isinstance(model, PreTrainedModel):
@@ -77,11 +88,28 @@ def prepare(model, config: EDKMConfig):
     if config.palettized:
         raise ValueError("prepare() takes a config with palettized=False; palettize(model) sets it after training")
     quantizer = EDKMHfQuantizer(config, pre_quantized=False)
+    quantizer.initialisation = (importance, palettes)
     quantizer.validate_environment()
     quantizer.preprocess_model(model)
     quantizer.postprocess_model(model)
+    quantizer.initialisation = (None, None)
     model.hf_quantizer = quantizer
     return model
+
+
+def palettes_of(model) -> dict:
+    """``{module name: Palette}`` of every clustered or palettized module of ``model``: what
+    :func:`palettize` stores (snapped indices of a train-time model), to start another model from it with
+    ``prepare(model, config, palettes=...)``. Tied output heads share their embedding's palette and are not
+    listed."""
+    palettes = {
+        name: module.palette()
+        for name, module in model.named_modules()
+        if is_clustered(module) or is_palettized(module)
+    }
+    if not palettes:
+        raise ValueError("the model has no clustered or palettized module: prepare or palettize it first")
+    return palettes
 
 
 @torch.no_grad()

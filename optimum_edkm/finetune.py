@@ -96,14 +96,14 @@ class Recipe:
         k-means weighted by the Fisher diagonal on windows of ``token_ids``. Returns the model."""
         if not self.fisher_samples:
             return prepare(model, config)
-        from .sensitivity import fisher_diagonal, prepare_weighted
+        from .sensitivity import fisher_diagonal
 
         if token_ids is None:
             raise ValueError("a Fisher-weighted initialisation needs token_ids (calibration text)")
         fisher = fisher_diagonal(
             model, token_ids, samples=self.fisher_samples, seq_len=self.seq_len, seed=self.generation_seed
         )
-        return prepare_weighted(model, config, fisher)
+        return prepare(model, config, importance=fisher)
 
 
 #: the recipe of the example, the main job and the benchmark's ``edkm-*`` rows. Chosen on validation text

@@ -215,13 +215,51 @@ def finish_train_checkpoint_load(model) -> None:
 
 
 @torch.no_grad()
-def init_clusters(model, config: EDKMConfig, progress: bool = True) -> None:
-    """k-means initialisation of every clustered module (seeded, identical on every process)."""
+def init_clusters(
+    model, config: EDKMConfig, importance: Optional[dict] = None, palettes: Optional[dict] = None, progress: bool = True
+) -> None:
+    """Initialise every clustered module (seeded, identical on every process): from ``palettes[name]`` (a
+    :class:`~optimum_edkm.nn.Palette`) where given, else k-means, weighted by ``importance[name]`` (e.g. the
+    Fisher diagonal, in the module's weight layout) where given."""
+    importance, palettes = importance or {}, palettes or {}
     modules = [(name, m) for name, m in model.named_modules() if is_clustered(m)]
+    mismatched = {}
     for name, module in tqdm(
-        modules, desc="eDKM: k-means initialisation", disable=not progress or len(modules) < 2, leave=False
+        modules, desc="eDKM: initialisation", disable=not progress or len(modules) < 2, leave=False
     ):
-        module.init_clusters(seed=config.seed, name=f"{name}.weight")
+        if name in palettes:
+            mismatched[name] = module.start_from(palettes[name], name=f"{name}.weight")
+            continue
+        weights = importance.get(name)
+        if weights is not None:
+            weights = module.rows(weights.to(module.weight.device))
+        module.init_clusters(seed=config.seed, name=f"{name}.weight", sample_weight=weights)
+    moved = {name: n for name, n in mismatched.items() if n}
+    if moved:
+        logger.warning(
+            "%d weight(s) of %d module(s) snap to another LUT entry than their given index (near-duplicate LUT "
+            "entries): %s",
+            sum(moved.values()),
+            len(moved),
+            ", ".join(list(moved)[:5]),
+        )
+
+
+def check_initialisation(plans: dict, importance: Optional[dict], palettes: Optional[dict]) -> None:
+    """Refuse, before any module is swapped, ``importance`` / ``palettes`` entries that name no module that will
+    be clustered (a typo would otherwise silently fall back to plain k-means)."""
+    clustered = {name for name, plan in plans.items() if plan.tied_to is None}
+    for what, given in (("importance", importance), ("palettes", palettes)):
+        if given is None:
+            continue
+        if not isinstance(given, dict):
+            raise TypeError(f"{what} must be a dict {{module name: tensor}}, got {type(given).__name__}")
+        unknown = sorted(set(given) - clustered)
+        if unknown:
+            raise ValueError(
+                f"{what} names {len(unknown)} module(s) that are not clustered with this EDKMConfig: "
+                f"{', '.join(unknown[:5])}; clustered modules are named like {sorted(clustered)[:3]}"
+            )
 
 
 def _checkpoint_folder(checkpoint_files) -> Optional[str]:
@@ -243,6 +281,9 @@ class EDKMHfQuantizer(HfQuantizer):
     """
 
     requires_calibration = False
+    #: ``(importance, palettes)`` of :func:`optimum_edkm.prepare`: how the clustered modules start (k-means
+    #: weighted by an importance, or given palettizations); ``from_pretrained`` starts from plain k-means
+    initialisation = (None, None)
 
     def validate_environment(self, *args, device_map=None, **kwargs):
         if isinstance(device_map, dict) and "disk" in set(device_map.values()):
@@ -272,6 +313,7 @@ class EDKMHfQuantizer(HfQuantizer):
         else:
             skip = resolve_modules_to_not_convert(model, config)
         plans = plan_conversion(model, config, skip)
+        check_initialisation(plans, *self.initialisation)
         form = ("palettized" if config.palettized else "train-checkpoint") if self.pre_quantized else "clustered"
         convert_model(model, config, plans, form)
         config.modules_to_not_convert = skip
@@ -294,7 +336,7 @@ class EDKMHfQuantizer(HfQuantizer):
         if self.pre_quantized and not self.palettized:
             finish_train_checkpoint_load(model)
         if not self.pre_quantized:
-            init_clusters(model, self.quantization_config)
+            init_clusters(model, self.quantization_config, *self.initialisation)
         model.add_model_tags(["edkm", "palettization"])
         return model
 

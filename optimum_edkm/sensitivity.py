@@ -4,7 +4,8 @@ The Fisher information's diagonal, estimated as the mean over calibration sequen
 of the language-modelling loss (SqueezeLLM; coremltools' ``SKMPalettizer``), says how much a small error in
 each weight costs: to second order, ``loss(w + e) - loss(w) ~ 1/2 sum F_i e_i^2``. A k-means weighted by it
 puts the LUT entries where errors are expensive (:func:`optimum_edkm.clustering.init_centroids` with
-``sample_weight``), which is what :func:`prepare_weighted` does for every clustered module; the same
+``sample_weight``), which is what ``optimum_edkm.prepare(model, config, importance=fisher)`` does for every
+clustered module; the same
 numbers rank whole modules for a mixed bit-width allocation (:func:`module_sensitivity`).
 """
 
@@ -81,30 +82,6 @@ def module_sensitivity(fisher: dict, model, bits: int) -> dict:
         error = weight - (low + torch.round((weight - low) / step) * step)
         scores[name] = float(0.5 * (importance * error.pow(2)).sum())
     return scores
-
-
-@torch.no_grad()
-def prepare_weighted(model, config, fisher: dict):
-    """:func:`optimum_edkm.prepare` with every clustered module's k-means weighted by ``fisher`` (``{module name:
-    importance in the weight's layout}``, e.g. from :func:`fisher_diagonal` taken on the float model before).
-    Modules without an entry keep plain k-means. Returns the model."""
-    from .api import prepare
-    from .nn import is_clustered
-
-    prepare(model, config)
-    missing = []
-    for name, module in model.named_modules():
-        if not is_clustered(module):
-            continue
-        importance = fisher.get(name)
-        if importance is None:
-            missing.append(name)
-            continue
-        rows = module.rows(importance.to(module.weight.device))
-        module.init_clusters(seed=config.seed, name=f"{name}.weight", sample_weight=rows)
-    if missing:
-        logger.info("plain k-means (no sensitivity given) for %d module(s): %s", len(missing), ", ".join(missing[:5]))
-    return model
 
 
 def allocate_bits(sizes: dict, costs: dict, budget: float) -> dict:

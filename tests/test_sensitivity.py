@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from optimum_edkm import EDKMConfig
+from optimum_edkm import EDKMConfig, prepare
 from optimum_edkm.clustering import ClusteringSpec, init_centroids
 from optimum_edkm.nn import is_clustered
-from optimum_edkm.sensitivity import fisher_diagonal, module_sensitivity, prepare_weighted
+from optimum_edkm.sensitivity import fisher_diagonal, module_sensitivity
 
 
 def brute_force_weighted_kmeans(values, weights, k):
@@ -100,7 +100,7 @@ def test_prepare_weighted_uses_the_fisher_weights(tiny_llama_dir):
     torch.manual_seed(1)
     fisher = fisher_diagonal(float_model, torch.randint(3, 128, (200,)), samples=2, seq_len=16)
     config = EDKMConfig(bits=2, enable_per_channel_scale=True)
-    weighted = prepare_weighted(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), config, fisher)
+    weighted = prepare(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), config, importance=fisher)
     plain = AutoModelForCausalLM.from_pretrained(
         tiny_llama_dir, quantization_config=EDKMConfig(bits=2, enable_per_channel_scale=True)
     )

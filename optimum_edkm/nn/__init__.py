@@ -15,6 +15,7 @@ from .clustered import (
     is_clustered,
 )
 from .formats import LUT_DTYPES, ClusteringOptions, PaletteFormat
+from .palette import Palette
 from .palettized import (
     PalettizedConv1D,
     PalettizedEmbedding,
@@ -36,6 +37,7 @@ __all__ = [
     "EDKMLinear",
     "EDKMTiedLinear",
     "LUT_DTYPES",
+    "Palette",
     "PaletteFormat",
     "PalettizedConv1D",
     "PalettizedEmbedding",

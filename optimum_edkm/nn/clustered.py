@@ -35,6 +35,7 @@ from ..clustering import (
 )
 from ..storage import WeightStorage
 from .formats import ClusteringOptions, PaletteFormat
+from .palette import Palette
 from .palettized import (
     PalettizedConv1D,
     PalettizedEmbedding,
@@ -178,6 +179,69 @@ class ClusteredModule:
         centroids = init_centroids(rows, self.spec, scale=self.weight_scale, seed=seed, name=name, **extra)
         self.weight_centroids.copy_(centroids)
         self.set_temperature_from_centroids()
+
+    @torch.no_grad()
+    def start_from(self, palette: Palette, name: str = "weight") -> int:
+        """Start from a given palettization instead of k-means: the LUT becomes the centroids, the scale the
+        per-channel scale, and with ``palette.indices`` every weight takes its decoded value, so that snapping
+        (and :func:`optimum_edkm.palettize` before any training step) gives exactly that palettization back.
+        Returns the number of weights whose snapped index still differs from ``palette.indices`` (0 unless two
+        LUT entries are closer than the 16-bit rounding of the clustered values and ``palette.values`` is not
+        given)."""
+        rows = self.rows()
+        expected = tuple(self.weight_centroids.shape)
+        lut = palette.lut
+        if not isinstance(lut, torch.Tensor) or tuple(lut.shape) != expected or not lut.is_floating_point():
+            raise ValueError(
+                f"the palette of '{name}' has a LUT of shape {tuple(getattr(lut, 'shape', ()))}, expected a float "
+                f"tensor of shape {expected} (groups x 2**bits of this module's EDKMConfig)"
+            )
+        if (palette.scale is None) != (self.weight_scale is None):
+            has = "has" if palette.scale is not None else "has no"
+            raise ValueError(
+                f"the palette of '{name}' {has} a per-channel scale but the module is configured "
+                f"{'without' if self.weight_scale is None else 'with'} one; use an EDKMConfig with "
+                f"enable_per_channel_scale={palette.scale is not None}"
+            )
+        if palette.scale is not None and tuple(palette.scale.shape) != (rows.shape[0],):
+            raise ValueError(
+                f"the palette of '{name}' has a scale of shape {tuple(palette.scale.shape)}, "
+                f"expected ({rows.shape[0]},)"
+            )
+        indices = palette.indices
+        if indices is not None:
+            if tuple(indices.shape) != tuple(rows.shape) or indices.is_floating_point():
+                raise ValueError(
+                    f"the palette of '{name}' has indices of shape {tuple(indices.shape)} ({indices.dtype}), "
+                    f"expected integers of shape {tuple(rows.shape)} (output channels first)"
+                )
+            if int(indices.min()) < 0 or int(indices.max()) >= self.spec.num_clusters:
+                raise ValueError(f"the palette of '{name}' has indices outside 0..{self.spec.num_clusters - 1}")
+        if not bool(torch.isfinite(lut).all()):
+            raise ValueError(f"the palette of '{name}' has NaN or infinite LUT entries")
+        if palette.scale is not None:
+            self.weight_scale.copy_(palette.scale)
+        self.weight_centroids.copy_(lut.to(self.weight_centroids.dtype))
+        mismatched = 0
+        if indices is not None:
+            indices = indices.to(device=rows.device, dtype=torch.uint8)
+            stored = self.weight_centroids.to(self.lut_dtype)
+            rows.copy_(decode(indices, stored, self.stored_scale(), dtype=rows.dtype))
+            self._snap_cache = self._soft_cache = None
+            wrong = self.snap()[0] != indices
+            if bool(wrong.any()) and palette.values is not None:
+                rows[wrong] = palette.values.to(device=rows.device, dtype=rows.dtype)[wrong]
+                self._snap_cache = self._soft_cache = None
+                wrong = self.snap()[0] != indices
+            mismatched = int(wrong.sum())
+        self.set_temperature_from_centroids()
+        return mismatched
+
+    @torch.no_grad()
+    def palette(self) -> Palette:
+        """This module's palettization as it stands (what :meth:`palettize` would store)."""
+        indices, lut = self.snap()
+        return Palette(lut, indices, self.stored_scale())
 
     @torch.no_grad()
     def set_temperature_from_centroids(self) -> None:
@@ -515,4 +579,7 @@ def _adopt(clustered: nn.Module, module: nn.Module) -> nn.Module:
         if buffer is not None:
             filler = 1.0 if name in ("weight_temperature", "weight_scale") else 0.0
             clustered._buffers[name] = torch.full(buffer.shape, filler, dtype=buffer.dtype, device=device)
+    # a module built fresh is in training mode: take the float module's mode, or an eval-mode model would run
+    # soft clustering (and move its centroids) in inference
+    clustered.train(module.training)
     return clustered

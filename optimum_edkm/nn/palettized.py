@@ -23,6 +23,7 @@ from ..clustering import decode, pack_indices, packed_size, unpack_indices
 from ..kernels import lut_linear
 from ..storage import WeightStorage
 from .formats import PaletteFormat
+from .palette import Palette
 
 #: the buffers that hold a palette's values: they keep their stored dtype when the module is cast
 PALETTE_BUFFERS = ("weight_lut", "weight_scale")
@@ -85,6 +86,11 @@ class PalettizedModule:
         return unpack_indices(self.weight, self.bits, self.out_channels * self.in_channels).view(
             self.out_channels, self.in_channels
         )
+
+    def palette(self) -> Palette:
+        """This module's palettization (LUT, unpacked indices, scale), e.g. to start eDKM from it
+        (``optimum_edkm.prepare(float_model, config, palettes=...)``)."""
+        return Palette(self.weight_lut, self.indices(), self.weight_scale)
 
     def dense_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The decoded ``[out, in]`` weight: ``scale[row] * lut[group(row), index]``, computed in fp32."""
