@@ -13,6 +13,7 @@ import copy
 import pytest
 import torch
 import transformers
+from conftest import TINY_DECODER, train_steps
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
@@ -24,19 +25,8 @@ from optimum_edkm.evaluation import evaluate_perplexity
 from optimum_edkm.nn import ScaledEmbedding, is_clustered, is_palettized
 from optimum_edkm.ptq import palettize_post_training
 
-VOCAB, WINDOW, SEQ = 128, 4, 16
-LLAMA_LIKE = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-)
+LLAMA_LIKE = TINY_DECODER
+VOCAB, WINDOW, SEQ = LLAMA_LIKE["vocab_size"], 4, 16
 MIXED = ["sliding_attention", "full_attention"]
 CONFIGS = {
     "llama": lambda: transformers.LlamaConfig(**LLAMA_LIKE),
@@ -205,14 +195,7 @@ def test_prepare_train_post_training_palettize_save_load_generate_lora_and_perpl
     # LoRA with peft's own config on every linear: the adapters learn, the palettized base does not change
     before = packed_state(loaded)
     lora = peft.get_peft_model(loaded, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    optimizer = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(4):
-        step_loss = lora(input_ids=calibration, labels=calibration).loss
-        step_loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(float(step_loss))
+    losses = train_steps(lora, calibration, steps=4)
     assert losses[-1] < losses[0], losses
     after = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in packed_state(lora).items()}
     assert all(torch.equal(before[k], after[k]) for k in before)

@@ -4,6 +4,7 @@ exact after dequantize, or re-palettized with its error reported) instead of sil
 
 import pytest
 import torch
+from conftest import train_steps
 
 peft = pytest.importorskip("peft", reason="peft is not installed (pip install optimum-edkm[dev])")
 
@@ -233,15 +234,8 @@ def test_peft_s_own_lora_config_trains_a_palettized_base_and_refuses_to_merge(pa
     expected = {n for n in palettized if targets == "all-linear" or n.rsplit(".", 1)[-1] in targets}
     assert adapted == expected and len(expected) == (14 if targets == "all-linear" else 4)
     before = packed_state(peft_model)
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     ids = torch.tensor([[(i * 7 + j * 3) % 120 + 3 for j in range(16)] for i in range(8)])
-    losses = []
-    for _ in range(6):
-        loss = peft_model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(float(loss))
+    losses = train_steps(peft_model, ids, steps=6)
     assert all(later < earlier for earlier, later in zip(losses, losses[1:])), losses
     after = packed_state(peft_model)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
