@@ -4,7 +4,6 @@ passes, the least-squares refits of the LUT and scales, and the choice of the be
 
 from __future__ import annotations
 
-import logging
 from typing import NamedTuple, Optional
 
 import torch
@@ -12,8 +11,6 @@ import torch
 from ..calibration import check_block_and_damp, dampen, error_feedback, upper_cholesky_of_inverse, working_copies
 from ..clustering import ClusteringSpec, decode, hard_assign, init_centroids, per_channel_scale
 from ..clustering.layout import compute_dtype, value_dtype
-
-logger = logging.getLogger(__name__)
 
 #: how the k-means that chooses a layer's LUT weighs each weight (see :mod:`optimum_edkm.ptq`)
 IMPORTANCES = ("none", "hessian", "obs", "fisher")
