@@ -7,7 +7,7 @@ are never loaded. Methods:
 
 * ``ptq`` - :func:`optimum_edkm.ptq.palettize_post_training` (GPTQ onto LUTs), then ``palettize``;
 * ``kmeans`` / ``skm`` - the k-means start of eDKM, plain or weighted by the float model's Fisher diagonal
-  (``prepare_weighted``), then ``palettize``;
+  (``prepare(..., importance=fisher)``), then ``palettize``;
 * ``gptq`` / ``awq`` - the uniform baselines (``--group-size`` is then their input-column group, default 128);
 * ``float`` - the float model.
 
@@ -253,9 +253,9 @@ def main(argv=None):
                 "output_error_sum": {k: round(sum(e[k] for e in errors), 4) for k in errors[0]},
             }
         elif args.method == "skm":
-            from optimum_edkm.sensitivity import prepare_weighted
+            from optimum_edkm.api import prepare
 
-            prepare_weighted(model, config, fisher)
+            prepare(model, config, importance=fisher)
         else:
             optimum_edkm.prepare(model, config)
         record["compress_seconds"] = round(time.time() - begin, 1)

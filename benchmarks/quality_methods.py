@@ -167,7 +167,6 @@ def _palettization(
         from optimum_edkm.config import EDKMConfig
         from optimum_edkm.finetune import finetune
         from optimum_edkm.nn import palettized_storage
-        from optimum_edkm.sensitivity import prepare_weighted
 
         recipe = context.recipe
         if cross_entropy:
@@ -193,7 +192,7 @@ def _palettization(
         generated = context.teacher_text(model) if fine_tune and recipe.teacher_sequences else None
         if weighted:
             settings["fisher_samples"] = context.fisher_samples
-            prepare_weighted(model, config, context.fisher(model))
+            prepare(model, config, importance=context.fisher(model))
         else:
             prepare(model, config)
         if fine_tune:

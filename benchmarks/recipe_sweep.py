@@ -165,13 +165,14 @@ def main(argv=None):
     config = EDKMConfig(bits=args.bits, temperature=args.temperature, enable_per_channel_scale=args.scale, **grouping)
     begin = time.time()
     if args.init == "fisher":
-        from optimum_edkm.sensitivity import fisher_diagonal, prepare_weighted
+        from optimum_edkm.api import prepare
+        from optimum_edkm.sensitivity import fisher_diagonal
 
         calibration = (
             load_text(DEFAULT_TEXT, split=TRAIN_SPLIT).token_ids(tokenizer) if train_ids is None else train_ids
         )
         fisher = fisher_diagonal(model, calibration, samples=args.fisher_samples, seq_len=args.seq_len)
-        prepare_weighted(model, config, fisher)
+        prepare(model, config, importance=fisher)
     else:
         optimum_edkm.prepare(model, config)
     record["init_seconds"] = round(time.time() - begin, 1)

@@ -41,6 +41,24 @@ from .quantizer import EDKMHfQuantizer  # registers the quantizer with transform
 from .trainer import ClusteringSchedule, ClusteringScheduleCallback, EDKMTrainer, EDKMTrainingArguments
 from .version import __version__
 
+
+def _dispatch_lora_to_edkm_layers() -> None:
+    """With peft installed, its own ``LoraConfig`` gives eDKM layers their LoRA layer (see :mod:`.peft`)."""
+    import importlib.util
+    import logging
+
+    if importlib.util.find_spec("peft") is None:
+        return
+    try:
+        from .peft import dispatch_edkm_layers
+    except ImportError as error:  # a peft this version cannot use: optimum_edkm itself still works
+        logging.getLogger(__name__).debug("peft's LoRA dispatch of eDKM layers not installed: %s", error)
+        return
+    dispatch_edkm_layers()
+
+
+_dispatch_lora_to_edkm_layers()
+
 __all__ = [
     "CheckpointError",
     "ClusteringSchedule",

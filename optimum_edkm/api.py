@@ -13,6 +13,7 @@ import tempfile
 from typing import Optional
 
 import torch
+from transformers import PreTrainedModel
 
 from .atomic import commit_folder, resolve_target_folder, write_file
 from .config import EDKMConfig
@@ -70,6 +71,12 @@ def prepare(model, config: EDKMConfig, *, importance: Optional[dict] = None, pal
     """
     from .quantizer import EDKMHfQuantizer
 
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(
+            f"prepare() takes a transformers model (a PreTrainedModel, e.g. from AutoModelForCausalLM.from_pretrained "
+            f"or from_config), got {type(model).__module__}.{type(model).__name__}: eDKM runs as a transformers "
+            f"quantizer, and the model's config is where the palettization is recorded for saving and loading"
+        )
     if not isinstance(config, EDKMConfig):
         raise TypeError(f"prepare expects an EDKMConfig, got {type(config).__name__}")
     existing = quant_method(model)
@@ -138,8 +145,11 @@ def size_report(model) -> dict:
     rule (:func:`optimum_edkm.storage.model_size`).
 
     ``theoretical_bytes`` = the packed form of every converted weight (:meth:`storage`, indices + LUTs +
-    scales) + every other parameter and buffer at its own dtype (tied tensors once). Works before and after
-    :func:`palettize`.
+    scales) + every other parameter and buffer at its own dtype (tied tensors once). ``float_parameters`` are the
+    parameters that stay in floating point (embeddings, heads, norms, biases, skipped modules) and
+    ``float_parameter_share`` / ``float_byte_share`` their share of the parameters / of ``theoretical_bytes``:
+    where a large float embedding (a 262,144-token vocabulary) dominates, the size is set by them. Works before
+    and after :func:`palettize`.
     """
     config = edkm_config(model)
     size = model_size(model, palettized_storage(model))
@@ -153,6 +163,9 @@ def size_report(model) -> dict:
         "theoretical_bytes": size.model_bytes,
         "bits_per_clustered_weight": size.linears or 0.0,
         "bits_per_weight": size.whole_model,
+        "float_parameters": size.model_parameters - size.compressed_weights,
+        "float_parameter_share": (size.model_parameters - size.compressed_weights) / max(size.model_parameters, 1),
+        "float_byte_share": (size.model_bytes - size.compressed_bytes) / max(size.model_bytes, 1),
         "memory_footprint": model.get_memory_footprint(),
     }
 
@@ -201,6 +214,8 @@ def model_card_section(model) -> str:
         f"| checkpoint size | {report['theoretical_bytes'] / 2**20:.2f} MiB "
         f"({report['bits_per_weight']:.2f} bits per parameter overall) |",
         f"| kept in floating point | {', '.join(config.modules_to_not_convert or []) or 'nothing'} |",
+        f"| parameters in floating point | {report['float_parameters']:,} ({report['float_parameter_share']:.1%} of "
+        f"the parameters, {report['float_byte_share']:.1%} of the checkpoint) |",
         "",
         "Load it with optimum-edkm installed (without it, transformers cannot read the packed weights):",
         "",

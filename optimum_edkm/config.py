@@ -20,6 +20,10 @@ from .validation import check_bool, check_int
 from .version import __version__
 
 QUANT_METHOD = "edkm"
+#: ``quant_method`` as written to ``config.json``. Loading a palettized checkpoint without ``import optimum_edkm``
+#: makes transformers warn "Unknown quantization type, got <quant_method> - supported types are: ..." before its
+#: size-mismatch table: the one field of ours it prints, so it names the fix. Both forms load.
+SAVED_QUANT_METHOD = "edkm (pip install optimum-edkm, then import optimum_edkm before from_pretrained)"
 GRANULARITIES = ("per_tensor", "per_grouped_channel")
 #: fields of optimum-edkm 0.1 configs that are now training-time options (accepted when loading old checkpoints)
 _TRAINING_TIME_FIELDS = ("shard", "offload")
@@ -73,7 +77,7 @@ class EDKMConfig(QuantizationConfigMixin):
         **kwargs: Any,
     ):
         quant_method = kwargs.pop("quant_method", QUANT_METHOD)
-        if quant_method != QUANT_METHOD:
+        if quant_method not in (QUANT_METHOD, SAVED_QUANT_METHOD):
             raise ValueError(f"EDKMConfig has quant_method '{QUANT_METHOD}', got '{quant_method}'")
         self.edkm_version = kwargs.pop("edkm_version", None) or __version__
         for name in _TRAINING_TIME_FIELDS:
@@ -106,6 +110,13 @@ class EDKMConfig(QuantizationConfigMixin):
         self.lut_dtype = lut_dtype
         self.palettized = palettized
         self.post_init()
+
+    def to_dict(self) -> dict:
+        """The fields as ``config.json`` stores them (``quant_method`` in its saved form,
+        :data:`SAVED_QUANT_METHOD`)."""
+        data = super().to_dict()
+        data["quant_method"] = SAVED_QUANT_METHOD
+        return data
 
     @staticmethod
     def valid_fields() -> list:

@@ -1,17 +1,21 @@
-"""LoRA adapters on eDKM models (QLoRA-style), through peft's extension point for custom layers.
+"""LoRA adapters on eDKM models (QLoRA-style) with peft's own ``LoraConfig``.
 
-peft's LoRA dispatch does not know :class:`~optimum_edkm.PalettizedLinear` (it is not an ``nn.Linear``: its
-``weight`` is the packed uint8 index stream). :func:`lora_config` returns a ``peft.LoraConfig`` whose
-``_register_custom_module`` mapping (peft's documented, experimental API for custom layers) sends palettized
-and train-time eDKM layers to :class:`EDKMLoraLinear`::
+Palettized and train-time eDKM layers get :class:`EDKMLoraLinear`, with peft's plain config as with bitsandbytes,
+HQQ, GPTQ or torchao bases::
 
     import optimum_edkm
-    from optimum_edkm.peft import lora_config
-    from peft import get_peft_model
+    from peft import LoraConfig, get_peft_model
 
     model = AutoModelForCausalLM.from_pretrained("my-palettized-model")        # LUTs + packed indices
-    model = get_peft_model(model, lora_config(r=16, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(model, LoraConfig(r=16, target_modules=["q_proj", "v_proj"]))
     Trainer(model=model, ...).train()                                          # only the adapters train
+
+peft chooses the LoRA layer of a target from a fixed list of dispatchers (bitsandbytes, GPTQ, AWQ, HQQ, torchao,
+..., then ``nn.Linear``), which optimum-edkm cannot register into. :func:`dispatch_edkm_layers` (run by
+``import optimum_edkm`` when peft is installed) puts :func:`edkm_dispatcher` in front of them; any other layer
+goes to peft's own choice unchanged. :class:`~optimum_edkm.PalettizedLinear` also subclasses ``nn.Linear``, so
+``target_modules="all-linear"`` finds it. :func:`lora_config` (peft's ``LoraConfig`` with the same mapping
+registered through ``_register_custom_module``, peft's experimental API for custom layers) gives the same layers.
 
 What :class:`EDKMLoraLinear` adds to peft's ``lora.Linear``:
 
@@ -41,7 +45,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel
+from peft.tuners.lora import model as lora_model
 from peft.tuners.lora.layer import Linear as LoraLinear
+from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers.pytorch_utils import Conv1D
 
 from .clustering import ClusteringSpec, decode, hard_assign, pack_indices
@@ -230,6 +236,35 @@ class EDKMLoraLinear(LoraLinear):
         return record
 
 
+def edkm_dispatcher(target: nn.Module, adapter_name: str, config: LoraConfig, **kwargs) -> Optional[nn.Module]:
+    """A peft LoRA dispatcher: :class:`EDKMLoraLinear` for a palettized or train-time eDKM target, else ``None``
+    (peft's own dispatchers decide)."""
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    if isinstance(base, EDKM_BASE_TYPES):
+        return EDKMLoraLinear(target, adapter_name, config=config, **kwargs)
+    return None
+
+
+def dispatch_edkm_layers() -> bool:
+    """Put :func:`edkm_dispatcher` in front of peft's LoRA dispatchers (``LoraModel._create_new_module``), so that
+    a plain ``peft.LoraConfig`` gives eDKM layers :class:`EDKMLoraLinear` (merging refused clearly, decoding again
+    in backward, ...). Idempotent; returns whether the dispatch is in place (``False`` for a peft without
+    ``LoraModel._create_new_module``: use :func:`lora_config` there)."""
+    create = getattr(lora_model.LoraModel, "_create_new_module", None)
+    if create is None:
+        return False
+    if getattr(create, "edkm_dispatch", False):
+        return True
+
+    def _create_new_module(lora_config, adapter_name, target, **kwargs):
+        module = edkm_dispatcher(target, adapter_name, lora_config, **kwargs)
+        return module if module is not None else create(lora_config, adapter_name, target, **kwargs)
+
+    _create_new_module.edkm_dispatch = True
+    lora_model.LoraModel._create_new_module = staticmethod(_create_new_module)
+    return True
+
+
 def register_edkm_modules(config: LoraConfig) -> LoraConfig:
     """Register :class:`EDKMLoraLinear` for palettized and train-time eDKM layers on ``config`` (in place)."""
     if not isinstance(config, LoraConfig):
@@ -244,8 +279,8 @@ def lora_config(**kwargs) -> LoraConfig:
 
 
 def load_adapter(model, adapter_path: str, **kwargs) -> PeftModel:
-    """``PeftModel.from_pretrained`` for an adapter trained on an eDKM model (the custom-layer mapping is not
-    saved in ``adapter_config.json``, so it is registered again here)."""
+    """``PeftModel.from_pretrained`` for an adapter trained on an eDKM model, with the eDKM layer mapping
+    registered on its config (the same as ``PeftModel.from_pretrained`` once :func:`dispatch_edkm_layers` ran)."""
     config = register_edkm_modules(LoraConfig.from_pretrained(adapter_path))
     return PeftModel.from_pretrained(model, adapter_path, config=config, **kwargs)
 
@@ -273,7 +308,8 @@ def merge_and_repalettize(peft_model, adapter_names: Optional[list] = None):
         )
     if not layers:
         raise PalettizedMergeError(
-            "no LoRA layer on a palettized base found: was the adapter created with optimum_edkm.peft.lora_config(...)?"
+            "no LoRA layer on a palettized base found: was the adapter created after import optimum_edkm (or with "
+            "optimum_edkm.peft.lora_config(...))?"
         )
     report = {name: layer.repalettize(adapter_names) for name, layer in layers.items()}
     model = peft_model.unload()

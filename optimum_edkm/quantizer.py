@@ -24,7 +24,7 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 
 from .atomic import recover_folder
 from .checkpoint import CheckpointError, checkpoint_state_dict, commit_record, verify_checkpoint
-from .config import QUANT_METHOD, EDKMConfig
+from .config import QUANT_METHOD, SAVED_QUANT_METHOD, EDKMConfig
 from .nn import (
     CHECKPOINT_WEIGHT_DIM,
     EDKMTiedLinear,
@@ -38,6 +38,9 @@ from .nn import (
 logger = logging.getLogger(__name__)
 
 register_quantization_config(QUANT_METHOD)(EDKMConfig)
+# what config.json holds (it names the fix when optimum_edkm is not imported); the quantizer is looked up by
+# the config object's quant_method, always QUANT_METHOD
+register_quantization_config(SAVED_QUANT_METHOD)(EDKMConfig)
 
 #: train-format buffers an ordinary float checkpoint does not have (filled by k-means after loading)
 TRAIN_STATE_PATTERNS = (r"\.weight_centroids$", r"\.weight_temperature$", r"\.weight_scale$")
@@ -63,9 +66,31 @@ def tied_pairs(model) -> dict:
     }
 
 
+def unconvertible_modules(model, config: EDKMConfig) -> dict:
+    """``{name: why}`` of the modules of a class eDKM clusters that it cannot cluster faithfully: subclasses whose
+    ``forward`` computes something the clustered class would drop (OPT's learned positional embedding, a custom
+    Linear). They stay in floating point; naming one in ``module_bits`` is refused before any change."""
+    found = {}
+    for name, module in model.named_modules():
+        clustered_class = clustered_class_for(module)
+        if clustered_class is None or config.bits_for(name, clustered_class.kind) is None:
+            continue
+        problem = clustered_class.unsupported(module)
+        if problem is None:
+            continue
+        if config.module_bits is not None and name in config.module_bits:
+            raise ValueError(
+                f"EDKMConfig.module_bits asks to cluster '{name}', but {problem}; remove it from module_bits "
+                f"(it then stays in floating point)"
+            )
+        found[name] = problem
+    return found
+
+
 def resolve_modules_to_not_convert(model, config: EDKMConfig) -> list:
     """Modules kept in floating point: the user's list, or transformers' defaults (the output head, tied
-    modules) minus the input embedding when ``embedding_bits`` asks for it; ``_keep_in_fp32_modules`` always."""
+    modules) minus the input embedding when ``embedding_bits`` asks for it; ``_keep_in_fp32_modules`` and the
+    :func:`unconvertible_modules` always."""
     if config.modules_to_not_convert is None:
         skip = set(get_keys_to_not_convert(model))
         if config.embedding_bits is not None:
@@ -75,7 +100,16 @@ def resolve_modules_to_not_convert(model, config: EDKMConfig) -> list:
     else:
         skip = set(config.modules_to_not_convert)
     skip |= set(getattr(model, "_keep_in_fp32_modules", None) or [])
-    return sorted(skip)
+    unconvertible = {
+        name: why for name, why in unconvertible_modules(model, config).items() if should_convert_module(name, skip)
+    }
+    if unconvertible:
+        logger.warning(
+            "eDKM keeps %d module(s) in floating point that it cannot cluster: %s",
+            len(unconvertible),
+            "; ".join(f"{name} ({why})" for name, why in unconvertible.items()),
+        )
+    return sorted(skip | set(unconvertible))
 
 
 def _input_embedding_name(model) -> Optional[str]:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .baselines.layers import capture_first_layer_calls, decoder_layers, layer_output, next_layer_calls
+from .calibration.layers import decoder_layers, layer_by_layer, layer_output
 from .nn import ClusteredModule, Palette, is_clustered
 
 logger = logging.getLogger(__name__)
@@ -196,31 +196,36 @@ def reconstruct_blocks(
     teacher.eval()
     history = []
     try:
-        calls = capture_first_layer_calls(model, calibration_ids, options.batch_size)
-        teacher_calls = capture_first_layer_calls(teacher, calibration_ids, options.batch_size)
-        pairs = list(zip(decoder_layers(model), decoder_layers(teacher)))
-        for number, (layer, float_layer) in enumerate(
-            tqdm(pairs, desc="block-wise reconstruction", unit="layer", disable=not progress)
+        steps = zip(
+            layer_by_layer(model, calibration_ids, options.batch_size),
+            layer_by_layer(teacher, calibration_ids, options.batch_size),
+        )
+        for step, float_step in tqdm(
+            steps,
+            total=len(decoder_layers(model)),
+            desc="block-wise reconstruction",
+            unit="layer",
+            disable=not progress,
         ):
             started = time.perf_counter()
             with torch.no_grad():
-                targets = [layer_output(float_layer(*call.args, **call.kwargs)) for call in teacher_calls]
-            _, before = _mean_error(layer, calls, targets)
-            losses = _train_layer(layer, calls, targets, options, seed + number)
-            outputs, after = _mean_error(layer, calls, targets)
-            calls = next_layer_calls(calls, outputs)
-            teacher_calls = next_layer_calls(teacher_calls, targets)
+                targets = [layer_output(float_step.layer(*c.args, **c.kwargs)) for c in float_step.calls]
+            float_step.outputs = targets  # the float model's own hidden states feed its next layer
+            _, before = _mean_error(step.layer, step.calls, targets)
+            losses = _train_layer(step.layer, step.calls, targets, options, seed + step.index)
+            step.outputs, after = _mean_error(step.layer, step.calls, targets)
             seconds = time.perf_counter() - started
             history.append(
-                {"layer": number, "error_before": before, "error_after": after, "seconds": seconds, "losses": losses}
+                {
+                    "layer": step.index,
+                    "error_before": before,
+                    "error_after": after,
+                    "seconds": seconds,
+                    "losses": losses,
+                }
             )
             logger.info(
-                "block-wise reconstruction: layer %d/%d, error %.4g -> %.4g (%.1f s)",
-                number + 1,
-                len(pairs),
-                before,
-                after,
-                seconds,
+                "block-wise reconstruction: layer %d, error %.4g -> %.4g (%.1f s)", step.index, before, after, seconds
             )
     finally:
         model.train(was_training)

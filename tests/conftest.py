@@ -19,24 +19,38 @@ def one_cpu_thread():
     torch.set_num_threads(threads)
 
 
+#: the fields of a tiny Llama-style decoder (most transformers configs take them)
+TINY_DECODER = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+
 def tiny_llama_config(tie: bool = True, **overrides):
     from transformers import LlamaConfig
 
-    values = dict(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    values.update(overrides)
-    return LlamaConfig(**values)
+    return LlamaConfig(**{**TINY_DECODER, "tie_word_embeddings": tie, **overrides})
+
+
+def train_steps(model, input_ids, steps: int, lr: float = 1e-2) -> list:
+    """``steps`` AdamW steps of the causal-LM loss on ``input_ids`` over the trainable parameters; the losses."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss.detach()))
+    return losses
 
 
 def tiny_gpt2_config():

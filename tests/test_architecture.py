@@ -42,6 +42,7 @@ LAYERS = {
     "kernels": CORE,
     "losses": CORE,
     "nn": MODULES,
+    "calibration": MODULES,
     "config": INTEGRATION,
     "checkpoint": INTEGRATION,
     "quantizer": INTEGRATION,
@@ -56,6 +57,7 @@ LAYERS = {
     "distillation": METHODS_AND_MEASURES,
     "sensitivity": METHODS_AND_MEASURES,
     "ptq": METHODS_AND_MEASURES,
+    "reconstruction": METHODS_AND_MEASURES,
     "finetune": RECIPES,
     "commands": COMMAND_LINE,
     "__init__": TOP,
@@ -226,3 +228,14 @@ def test_the_clustering_core_does_not_import_transformers():
             names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
             names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
             assert not any(name.split(".")[0] == "transformers" for name in names), module
+
+
+def test_post_training_palettization_and_the_baselines_are_siblings_on_the_calibration_layer():
+    graph = _graph()
+    for source, targets in graph.items():
+        if _unit(source) in ("ptq", "calibration"):
+            assert not any(_unit(t) == "baselines" for t in targets), f"{source} imports the baselines"
+        if _unit(source) == "calibration":
+            assert all(_unit(t) in ("calibration", "validation") for t in targets), f"{source}: {sorted(targets)}"
+    assert any(_unit(t) == "calibration" for s, ts in graph.items() if _unit(s) == "ptq" for t in ts)
+    assert any(_unit(t) == "calibration" for s, ts in graph.items() if _unit(s) == "baselines" for t in ts)

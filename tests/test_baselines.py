@@ -16,7 +16,7 @@ from optimum_edkm.baselines import (
     rtn,
 )
 from optimum_edkm.baselines.awq import search_clip
-from optimum_edkm.baselines.layers import capture_first_layer_calls, sequential_groups
+from optimum_edkm.calibration import capture_layer_calls, sequential_groups
 from optimum_edkm.evaluation import WeightStorage, effective_bits
 
 ROW = [-0.2, 0.0, 0.4, 0.9]
@@ -228,7 +228,7 @@ def test_awq_clip_search_never_increases_any_groups_output_error():
 
 def test_true_sequential_groups_follow_execution_order():
     model = tiny_llama()
-    call = capture_first_layer_calls(model, tokens(1, 8, seed=0), batch_size=1)[0]
+    call = capture_layer_calls(model, tokens(1, 8, seed=0), batch_size=1)[0][0]
     groups = sequential_groups(model.model.layers[0], call)
     assert [sorted(g) for g in groups] == [
         ["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"],

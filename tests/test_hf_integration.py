@@ -57,7 +57,9 @@ def test_config_round_trips_through_dict_and_json():
         module_bits={"model.layers.0.mlp.down_proj": 4},
     )
     data = config.to_dict()
-    assert data["quant_method"] == "edkm" and data["bits"] == 4 and data["group_size"] == 8
+    assert config.quant_method == "edkm" and data["bits"] == 4 and data["group_size"] == 8
+    # config.json names the fix where transformers prints it without optimum_edkm (see the load test below)
+    assert data["quant_method"].startswith("edkm (pip install optimum-edkm, then import optimum_edkm")
     again = EDKMConfig.from_dict(json.loads(json.dumps(data)))
     assert again.to_dict() == data
     assert EDKMConfig.from_dict(EDKMConfig().to_dict()).to_dict() == EDKMConfig().to_dict()
@@ -410,6 +412,28 @@ def test_loading_without_the_package_fails_loudly_instead_of_reinitialising(pale
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert "REFUSED" in done.stdout, done.stdout[-1000:] + done.stderr[-2000:]
+    # transformers' own warning, printed before its size-mismatch table, names the fix
+    assert "pip install optimum-edkm, then import optimum_edkm before from_pretrained" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: EDKMConfig(offload={"min_bytes": 1}),
+        lambda: EDKMConfig.from_dict({"quant_method": "edkm", "bits": 3, "offload": {"min_bytes": 1}}),
+    ],
+)
+def test_the_offload_field_of_0_1_configs_is_ignored_with_a_warning_that_says_where_it_went(build):
+    with pytest.warns(FutureWarning, match=r"offload is no longer part.*EDKMTrainingArguments\(offload_saved_tensors"):
+        config = build()
+    assert "offload" not in config.to_dict() and config.bits == 3
+
+
+def test_prepare_says_what_it_supports_for_a_module_that_is_not_a_transformers_model():
+    with pytest.raises(
+        TypeError, match="prepare\\(\\) takes a transformers model.*got torch.nn.modules.container.Sequential"
+    ):
+        optimum_edkm.prepare(nn.Sequential(nn.Linear(4, 4)), EDKMConfig(bits=3))
 
 
 def test_unsupported_modules_are_rejected():

@@ -1,9 +1,10 @@
-"""LoRA (peft 0.21, real library) on a palettized base: dispatch through LoraConfig._register_custom_module,
-training with Trainer, decode-in-backward, and merging that is defined (refused, exact after dequantize, or
-re-palettized with its error reported) instead of silent."""
+"""LoRA (peft 0.21, real library) on a palettized base: peft's own LoraConfig as its users write it (and
+optimum_edkm.peft.lora_config), training with Trainer, decode-in-backward, and merging that is defined (refused,
+exact after dequantize, or re-palettized with its error reported) instead of silent."""
 
 import pytest
 import torch
+from conftest import train_steps
 
 peft = pytest.importorskip("peft", reason="peft is not installed (pip install optimum-edkm[dev])")
 
@@ -207,17 +208,48 @@ def test_a_train_time_eDKM_base_gets_the_same_refusals_until_it_is_palettized(ti
     assert len(report) == 2 * len(TARGETS) and not lora_layers(merged)
 
 
-def test_a_saved_adapter_loads_back_only_through_load_adapter(palettized_dir, tmp_path):
+def test_a_saved_adapter_loads_back_with_peft_and_with_load_adapter(palettized_dir, tmp_path):
     peft_model = with_lora(load_palettized(palettized_dir))
     ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         expected = peft_model(input_ids=ids).logits
     peft_model.save_pretrained(str(tmp_path / "adapter"))
-    with pytest.raises(ValueError, match="is not supported"):  # peft's own error: the mapping is not saved
-        peft.PeftModel.from_pretrained(load_palettized(palettized_dir), str(tmp_path / "adapter"))
-    reloaded = load_adapter(load_palettized(palettized_dir), str(tmp_path / "adapter"))
-    with torch.no_grad():
-        assert torch.equal(reloaded(input_ids=ids).logits, expected)
+    for reloaded in (
+        peft.PeftModel.from_pretrained(load_palettized(palettized_dir), str(tmp_path / "adapter")),
+        load_adapter(load_palettized(palettized_dir), str(tmp_path / "adapter")),
+    ):
+        assert len(lora_layers(reloaded)) == 2 * len(TARGETS)
+        with torch.no_grad():
+            assert torch.equal(reloaded(input_ids=ids).logits, expected)
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "all-linear"])
+def test_peft_s_own_lora_config_trains_a_palettized_base_and_refuses_to_merge(palettized_dir, targets):
+    """As a peft user writes it (QLoRA tutorials): from_pretrained, get_peft_model(model, LoraConfig(...)), a few
+    optimizer steps; the adapters learn, the packed indices, LUTs and scales do not change, merging is refused."""
+    model = AutoModelForCausalLM.from_pretrained(palettized_dir)
+    palettized = [n for n, m in model.named_modules() if isinstance(m, PalettizedLinear)]
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+    adapted = {n.removeprefix("base_model.model.") for n in lora_layers(peft_model)}
+    expected = {n for n in palettized if targets == "all-linear" or n.rsplit(".", 1)[-1] in targets}
+    assert adapted == expected and len(expected) == (14 if targets == "all-linear" else 4)
+    before = packed_state(peft_model)
+    ids = torch.tensor([[(i * 7 + j * 3) % 120 + 3 for j in range(16)] for i in range(8)])
+    losses = train_steps(peft_model, ids, steps=6)
+    assert all(later < earlier for earlier, later in zip(losses, losses[1:])), losses
+    after = packed_state(peft_model)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    for merge in (peft_model.merge_and_unload, peft_model.merge_adapter):
+        with pytest.raises(PalettizedMergeError, match="dequantize"):
+            merge()
+    assert all(torch.equal(before[k], v) for k, v in packed_state(peft_model).items())
+
+
+def test_peft_s_own_layers_still_serve_float_models(tiny_llama_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=TARGETS))
+    layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(layer) is peft.tuners.lora.Linear and type(layer.get_base_layer()) is torch.nn.Linear
 
 
 @pytest.mark.parametrize("option, words", [({"use_dora": True}, "DoRA"), ({"init_lora_weights": "pissa"}, "pissa")])

@@ -1,6 +1,6 @@
 """RTN, GPTQ and AWQ weight quantization baselines in pure torch, applied in place as fake quantization.
 
-Every function quantizes the ``nn.Linear`` layers inside ``model.model.layers`` (embeddings and the LM head stay
+Every function quantizes the linears (``nn.Linear``, ``Conv1D``) of the decoder layers (embeddings and the LM head stay
 in float), writes the de-quantized weights back, and returns a :class:`BaselineResult`: what it stored per
 weight (``storage``, which feeds :func:`~optimum_edkm.evaluation.effective_bits`), its settings and diagnostics.
 All three use the same number format (:mod:`optimum_edkm.baselines.quantizer`), so they differ only in how the

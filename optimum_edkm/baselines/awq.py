@@ -6,16 +6,16 @@ Acceleration", MLSys 2024), written from the paper and checked against the behav
 
 Per decoder layer, on the inputs that the *unquantized* model gives it (as ``run_awq`` does):
 
-1. Scaling groups of a Llama-style layer (input -> linears -> module whose output is compared):
-   ``input_layernorm -> q,k,v -> self_attn``; ``v_proj -> o_proj -> o_proj`` only when the two weights have the
-   same shape (no grouped-query attention: with GQA ``v_proj`` has fewer outputs than ``o_proj`` has inputs);
-   ``post_attention_layernorm -> gate,up -> mlp``; ``up_proj -> down_proj -> down_proj``.
+1. Scaling groups (input -> linears -> module whose output is compared, :mod:`.awq_groups`), for a Llama-style
+   layer: ``input_layernorm -> q,k,v -> self_attn``; ``v_proj -> o_proj -> o_proj`` only when the two weights
+   have the same shape (no grouped-query attention: with GQA ``v_proj`` has fewer outputs than ``o_proj`` has
+   inputs); ``post_attention_layernorm -> gate,up -> mlp``; ``up_proj -> down_proj -> down_proj``.
 2. Scale search per group: ``a = mean |x|`` per input channel over the calibration tokens; for
    ``alpha in {0, 1/20, ..., 19/20}``: ``s = max(a**alpha, 1e-4)``, normalised by ``sqrt(max(s) min(s))``; the
    group's weights become ``Q(W diag(s)) diag(s)^-1``; keep the ``s`` with the lowest mean squared error of the
    inspected module's output against its float output (``alpha = 0`` is plain RTN, so the search never picks
    worse than RTN for the group). All groups are searched on the original weights, then the scales are folded:
-   ``1/s`` into the previous RMSNorm's weight (or the previous linear's output rows), ``s`` into the linears'
+   ``1/s`` into the previous norm's weight (or the previous linear's output rows), ``s`` into the linears'
    input columns; the float model computes the same function (checked).
 3. Clipping search for every linear except q and k (their product inside attention makes a per-layer output
    error a poor proxy): per output row and group, the clamp ``max|w| * (1 - i/20)``, ``i = 0..9``, that minimises
@@ -23,8 +23,9 @@ Per decoder layer, on the inputs that the *unquantized* model gives it (as ``run
    (scaled by ``1/s`` like the weights were).
 4. Every linear of the layer is rounded to the grid (:mod:`optimum_edkm.baselines.quantizer`).
 
-Only Llama-style layers (``self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj`` and the two RMSNorms) are
-supported: the scaling groups are architecture knowledge.
+The scaling groups are architecture knowledge: Llama-style layers (Llama, Mistral, Qwen2/3, SmolLM), Gemma 2/3
+(sandwich norms, ``1 + weight`` RMSNorms), Phi-3 (fused ``qkv_proj`` / ``gate_up_proj``) and OPT are supported;
+other layers (GPT-2, GPT-NeoX, ...) are refused by name before any work.
 """
 
 from __future__ import annotations
@@ -37,60 +38,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..calibration import LayerCall, decoder_layers, layer_by_layer, layer_output, module_names, named_linears
 from ..storage import WeightStorage
-from .layers import (
-    LayerCall,
-    capture_first_layer_calls,
-    decoder_layers,
-    layer_output,
-    module_names,
-    named_linears,
-    next_layer_calls,
-)
+from .awq_groups import fold_scales, scaling_groups
 from .quantizer import check_bits_and_group, fake_quantize, minmax_params, quantize_groupwise
 from .result import BaselineResult
 
-#: substrings of the linears whose clipping AWQ does not search (query and key projections).
-NO_CLIP = ("q_proj", "k_proj")
+#: substrings of the linears whose clipping AWQ does not search (query and key projections, fused or not).
+NO_CLIP = ("q_proj", "k_proj", "qkv_proj")
 #: relative error of the layer's float output allowed after folding the scales (only float rounding remains).
 FOLD_TOLERANCE = 1e-4
-
-
-@dataclasses.dataclass(frozen=True)
-class ScalingGroup:
-    previous: str
-    linears: tuple
-    inspect: str
-
-
-def llama_scaling_groups(layer: nn.Module) -> list[ScalingGroup]:
-    required = [
-        "input_layernorm",
-        "post_attention_layernorm",
-        "self_attn",
-        "mlp",
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "self_attn.v_proj",
-        "self_attn.o_proj",
-        "mlp.gate_proj",
-        "mlp.up_proj",
-        "mlp.down_proj",
-    ]
-    present = dict(layer.named_modules())
-    missing = [name for name in required if name not in present]
-    if missing:
-        raise ValueError(
-            f"AWQ's scaling groups are defined for Llama-style decoder layers; {type(layer).__name__} lacks {missing}"
-        )
-    groups = [
-        ScalingGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn")
-    ]
-    if present["self_attn.v_proj"].weight.shape == present["self_attn.o_proj"].weight.shape:
-        groups.append(ScalingGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"))
-    groups.append(ScalingGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"))
-    groups.append(ScalingGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"))
-    return groups
 
 
 @dataclasses.dataclass
@@ -225,22 +182,6 @@ def _apply_clip(weight: torch.Tensor, max_val: torch.Tensor, group_size: Optiona
 
 
 @torch.no_grad()
-def _fold_scales(layer: nn.Module, group: ScalingGroup, scales: torch.Tensor) -> None:
-    previous = layer.get_submodule(group.previous)
-    if isinstance(previous, nn.Linear):
-        previous.weight[-scales.numel() :].div_(scales.to(previous.weight.dtype).view(-1, 1))
-        if previous.bias is not None:
-            previous.bias[-scales.numel() :].div_(scales.to(previous.bias.dtype))
-    else:
-        previous.weight.div_(scales.to(previous.weight.dtype))
-        if getattr(previous, "bias", None) is not None:
-            previous.bias.div_(scales.to(previous.bias.dtype))
-    for name in group.linears:
-        linear = layer.get_submodule(name)
-        linear.weight.mul_(scales.to(linear.weight.dtype).view(1, -1))
-
-
-@torch.no_grad()
 def awq(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -254,8 +195,10 @@ def awq(
     batch_size: int = 8,
     progress: bool = True,
 ) -> BaselineResult:
-    """AWQ every ``nn.Linear`` of ``model.model.layers`` in place: scale search and folding, clipping search,
-    then round-to-nearest (fake-quantized: de-quantized float weights; RMSNorm weights change too).
+    """AWQ every ``nn.Linear`` of the decoder layers in place: scale search and folding, clipping search, then
+    round-to-nearest (fake-quantized: de-quantized float weights; norm weights change too). The scaling groups
+    are architecture knowledge (:func:`~optimum_edkm.baselines.awq_groups.scaling_groups`: Llama-, Gemma-, Phi-3-
+    and OPT-style layers); other layers are refused by name before any work.
 
     Args:
         input_ids: ``[n_samples, seq_len]`` calibration token ids.
@@ -273,11 +216,12 @@ def awq(
         raise ValueError(f"max_shrink must be in [0, 1), got {max_shrink!r}")
     names = module_names(model)
     layers = decoder_layers(model)
-    calls = capture_first_layer_calls(model, input_ids, batch_size)
+    plans = [scaling_groups(layer, model) for layer in layers]  # an unsupported layer is refused before any work
     storage, alphas = {}, {}
-    for index, layer in enumerate(tqdm(layers, desc=f"AWQ {bits}-bit", unit="layer", disable=not progress)):
+    steps = layer_by_layer(model, input_ids, batch_size)
+    for step in tqdm(steps, total=len(layers), desc=f"AWQ {bits}-bit", unit="layer", disable=not progress):
+        layer, calls, groups = step.layer, step.calls, plans[step.index]
         linears = named_linears(layer)
-        groups = llama_scaling_groups(layer)
         recording = _record_layer(layer, calls, linears, sorted({g.inspect for g in groups}))
 
         chosen = []
@@ -296,12 +240,12 @@ def awq(
             chosen.append((group, scales))
             alphas[f"{names[id(layer)]}.{group.previous}"] = alpha
         for group, scales in chosen:
-            _fold_scales(layer, group, scales)
+            fold_scales(layer, group, scales)
             for name in group.linears:
                 recording.linear_inputs[name] = recording.linear_inputs[name] / scales.to(
                     recording.linear_inputs[name].dtype
                 )
-        _check_fold(layer, calls[0], recording.layer_outputs[0], index)
+        _check_fold(layer, calls[0], recording.layer_outputs[0], step.index)
 
         if clip:
             for name, linear in linears.items():
@@ -321,7 +265,7 @@ def awq(
         for name, linear in linears.items():
             linear.weight.copy_(quantize_groupwise(linear.weight, bits, group_size, symmetric))
             storage[names[id(linear)]] = WeightStorage.uniform(tuple(linear.weight.shape), bits, group_size, symmetric)
-        calls = next_layer_calls(calls, recording.layer_outputs)
+        step.outputs = recording.layer_outputs  # the next layer reads the float layer's outputs
         del recording
     return BaselineResult(
         storage=storage,
@@ -344,5 +288,5 @@ def _check_fold(layer: nn.Module, call: LayerCall, reference: torch.Tensor, inde
     if not error < FOLD_TOLERANCE:
         raise RuntimeError(
             f"folding the AWQ scales changed decoder layer {index}'s float output (relative error {error:.2e}); "
-            f"its norms or projections are not the plain Llama kind these scaling groups assume"
+            f"its norms or projections are not the kind these scaling groups assume"
         )

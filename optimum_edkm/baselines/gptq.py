@@ -28,22 +28,26 @@ the next layer's inputs are the outputs of the quantized layer.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterator, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..storage import WeightStorage
-from .layers import (
-    capture_first_layer_calls,
+from ..calibration import (
+    check_block_and_damp,
+    dampen,
     decoder_layers,
+    error_feedback,
     for_each_hessian,
+    layer_by_layer,
     module_names,
-    next_layer_calls,
-    run_layer,
+    single_cpu_thread,
+    upper_cholesky_of_inverse,
+    weight_rows,
+    working_copies,
 )
+from ..storage import WeightStorage
 from .quantizer import QuantParams, check_bits_and_group, fake_quantize, minmax_params
 from .result import BaselineResult
 
@@ -55,29 +59,6 @@ GROUP_INDEX_BITS = 32
 class GPTQResult(NamedTuple):
     weight: torch.Tensor
     loss: float
-
-
-def _working_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def working_copies(weight: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Copies of the weight and the Hessian in the working dtype (fp64 for an fp64 weight, else fp32) on the
-    weight's device. Dead inputs (zero Hessian diagonal) get ``H_jj = 1`` and zero weight."""
-    dtype = _working_dtype(weight.dtype)
-    W = weight.detach().to(dtype).clone()
-    H = hessian.detach().to(dtype=dtype, device=W.device).clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    return W, H
-
-
-def dampen(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Adds ``damp * mean(diag H)`` to the diagonal of ``H`` in place; returns ``H``."""
-    diagonal = torch.arange(H.shape[0], device=H.device)
-    H[diagonal, diagonal] += damp * torch.mean(torch.diag(H))
-    return H
 
 
 @torch.no_grad()
@@ -105,11 +86,8 @@ def gptq_quantize_weight(
         raise ValueError(
             f"hessian must be [{columns}, {columns}] for a weight with {columns} columns, got {tuple(hessian.shape)}"
         )
-    if not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
-    if not isinstance(damp, (int, float)) or not damp > 0:
-        raise ValueError(f"damp must be > 0 (fraction of the mean Hessian diagonal added to it), got {damp!r}")
-    with _single_cpu_thread(weight.device):
+    check_block_and_damp(block_size, damp)
+    with single_cpu_thread(weight.device):
         return _gptq(weight, hessian, bits, group_size, symmetric, block_size, damp, act_order, static_groups)
 
 
@@ -156,77 +134,6 @@ def _gptq(weight, hessian, bits, group_size, symmetric, block_size, damp, act_or
     return GPTQResult(Q.to(weight.dtype), float(losses.sum()))
 
 
-@contextlib.contextmanager
-def _single_cpu_thread(device: torch.device):
-    """GPTQ on one matrix is thousands of tiny operations plus small factorizations; on a CPU whose cores are busy
-    with other work, OpenMP threads waiting for a core made them 10-50x slower than one thread (measured on 2
-    shared cores), and on an idle CPU a second thread gains little here."""
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def upper_cholesky_of_inverse(H: torch.Tensor) -> torch.Tensor:
-    L, info = torch.linalg.cholesky_ex(H)
-    if int(info) == 0:
-        L, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-    if int(info) != 0:
-        raise ValueError(
-            "the damped Hessian is not positive definite (too few or degenerate calibration tokens for this "
-            "layer); increase damp or use more calibration data"
-        )
-    return L
-
-
-def error_feedback(
-    W: torch.Tensor,
-    U: torch.Tensor,
-    round_column: Callable[[int, int, torch.Tensor], torch.Tensor],
-    block_size: int,
-    group_size: Optional[int] = None,
-) -> Iterator[torch.Tensor]:
-    """GPTQ's column-by-column rounding with error feedback and lazy batch updates, on ``W`` in place.
-
-    ``U`` is the upper Cholesky factor of the damped inverse Hessian (:func:`upper_cholesky_of_inverse`).
-    ``round_column(column, i, W1)`` returns the rounded column ``W1[:, i]`` (``W1``: the working copy of the
-    block, ``i``: the column's place in it, ``column``: its index in ``W``). Blocks hold ``block_size`` columns,
-    cut so that a group of ``group_size`` columns starting inside a block also ends inside it. Yields the
-    ``[rows, block]`` scaled errors ``(w - q) / U_jj`` of each block once it and the rest of ``W`` are updated.
-    """
-    columns = W.shape[1]
-    i1 = 0
-    while i1 < columns:
-        i2 = _block_end(i1, block_size, columns, group_size)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            w = W1[:, i]
-            d = U1[i, i]
-            q = round_column(i1 + i, i, W1)
-            error = (w - q) / d
-            W1[:, i:] -= error.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            Err1[:, i] = error
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-        yield Err1
-        i1 = i2
-
-
-def _block_end(i1: int, block_size: int, columns: int, group_size: Optional[int]) -> int:
-    i2 = min(i1 + block_size, columns)
-    if group_size is not None:
-        last_start = ((i2 - 1) // group_size) * group_size
-        if last_start > i1 and min(last_start + group_size, columns) > i2:
-            i2 = last_start  # end the block where the straddling group starts
-    return i2
-
-
 @torch.no_grad()
 def gptq(
     model: torch.nn.Module,
@@ -242,7 +149,8 @@ def gptq(
     batch_size: int = 8,
     progress: bool = True,
 ) -> BaselineResult:
-    """GPTQ every ``nn.Linear`` of ``model.model.layers`` in place (fake-quantized: de-quantized float weights).
+    """GPTQ every linear (``nn.Linear``, ``Conv1D``) of the decoder layers in place (fake-quantized: de-quantized
+    float weights).
 
     Args:
         input_ids: ``[n_samples, seq_len]`` calibration token ids.
@@ -255,30 +163,31 @@ def gptq(
         batch_size: calibration sequences per forward.
     """
     check_bits_and_group(bits, group_size)
+    check_block_and_damp(block_size, damp)
     names = module_names(model)
     layers = decoder_layers(model)
-    calls = capture_first_layer_calls(model, input_ids, batch_size)
     needs_group_index = act_order and group_size is not None and not static_groups
     storage, losses = {}, {}
 
     def quantize(linear: nn.Module, hessian: torch.Tensor) -> None:
+        rows = weight_rows(linear)
         result = gptq_quantize_weight(
-            linear.weight, hessian, bits, group_size, symmetric, block_size, damp, act_order, static_groups
+            rows, hessian, bits, group_size, symmetric, block_size, damp, act_order, static_groups
         )
-        linear.weight.copy_(result.weight)
+        rows.copy_(result.weight)
         full_name = names[id(linear)]
         losses[full_name] = result.loss
         storage[full_name] = WeightStorage.uniform(
-            tuple(linear.weight.shape),
+            tuple(rows.shape),
             bits,
             group_size,
             symmetric,
-            extra_bits=linear.in_features * GROUP_INDEX_BITS if needs_group_index else 0,
+            extra_bits=rows.shape[1] * GROUP_INDEX_BITS if needs_group_index else 0,
         )
 
-    for layer in tqdm(layers, desc=f"GPTQ {bits}-bit", unit="layer", disable=not progress):
-        for_each_hessian(layer, calls, quantize, true_sequential=true_sequential)
-        calls = next_layer_calls(calls, run_layer(layer, calls))
+    steps = layer_by_layer(model, input_ids, batch_size)
+    for step in tqdm(steps, total=len(layers), desc=f"GPTQ {bits}-bit", unit="layer", disable=not progress):
+        for_each_hessian(step.layer, step.calls, quantize, true_sequential=true_sequential)
     return BaselineResult(
         storage=storage,
         settings={

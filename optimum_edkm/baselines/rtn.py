@@ -11,15 +11,16 @@ from typing import Optional
 
 import torch
 
+from ..calibration import decoder_layers, module_names, named_linears, weight_rows
 from ..storage import WeightStorage
-from .layers import decoder_layers, module_names, named_linears
 from .quantizer import check_bits_and_group, quantize_groupwise
 from .result import BaselineResult
 
 
 @torch.no_grad()
 def rtn(model: torch.nn.Module, bits: int, group_size: Optional[int] = 128, symmetric: bool = False) -> BaselineResult:
-    """Fake-quantize, in place, every ``nn.Linear`` inside ``model.model.layers`` (embeddings and LM head stay).
+    """Fake-quantize, in place, every linear (``nn.Linear``, ``Conv1D``) of the decoder layers (embeddings and
+    LM head stay).
 
     Args:
         bits: code width.
@@ -31,8 +32,9 @@ def rtn(model: torch.nn.Module, bits: int, group_size: Optional[int] = 128, symm
     storage = {}
     for layer in decoder_layers(model):
         for linear in named_linears(layer).values():
-            linear.weight.copy_(quantize_groupwise(linear.weight, bits, group_size, symmetric))
-            storage[names[id(linear)]] = WeightStorage.uniform(tuple(linear.weight.shape), bits, group_size, symmetric)
+            rows = weight_rows(linear)
+            rows.copy_(quantize_groupwise(rows, bits, group_size, symmetric))
+            storage[names[id(linear)]] = WeightStorage.uniform(tuple(rows.shape), bits, group_size, symmetric)
     return BaselineResult(
         storage=storage,
         settings={"symmetric": symmetric},

@@ -18,7 +18,15 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..nn import Palette, PalettizedConv1D, PalettizedEmbedding, PalettizedTiedLinear, is_palettized
+from ..nn import (
+    Palette,
+    PalettizedConv1D,
+    PalettizedEmbedding,
+    PalettizedTiedLinear,
+    ScaledEmbedding,
+    embedding_scale,
+    is_palettized,
+)
 from ..storage import WeightStorage
 from .errors import ExactnessError
 
@@ -222,7 +230,12 @@ def float_module(record: PaletteRecord, weight: Optional[nn.Parameter] = None) -
     if weight is None:
         weight = nn.Parameter(record.dense(torch.float32), requires_grad=False)
     if record.kind == "embedding":
-        plain = nn.Embedding(palette.out_channels, palette.in_channels, padding_idx=record.padding_idx)
+        scale = embedding_scale(record.module)  # a scaled word embedding (Gemma's) multiplies its rows
+        plain = (
+            nn.Embedding(palette.out_channels, palette.in_channels, padding_idx=record.padding_idx)
+            if scale is None
+            else ScaledEmbedding(palette.out_channels, palette.in_channels, scale, padding_idx=record.padding_idx)
+        )
     else:
         plain = nn.Linear(palette.in_channels, palette.out_channels, bias=record.bias is not None)
         if record.bias is not None:

@@ -47,21 +47,41 @@ class FixedLengthLogits(nn.Module):
     """Logits for one window of ``seq_len`` tokens, without KV cache.
 
     The causal mask (additive, 4-D) and the position ids are constants of the graph: transformers 5 derives
-    them from a missing mask with ``torch.diff`` / ``new_ones``, which coremltools 9.0 cannot convert.
+    them from a missing mask with ``torch.diff`` / ``new_ones``, which coremltools 9.0 cannot convert. A model with
+    a sliding window shorter than the window gets its sliding-window mask too: as the only mask when every layer
+    slides (Mistral), by layer type (``{"full_attention": ..., "sliding_attention": ...}``, which transformers'
+    models with ``config.layer_types`` accept) when they mix (Gemma 2/3, Qwen2).
     """
 
     def __init__(self, model: nn.Module, seq_len: int):
         super().__init__()
         setattr(self, common.WRAPPER_ATTRIBUTE, model)
-        mask = torch.full((seq_len, seq_len), float("-inf")).triu(1)
-        self.register_buffer("mask", mask[None, None].to(float_dtype(model)))
+        dtype = float_dtype(model)
+        rows, columns = torch.arange(seq_len)[:, None], torch.arange(seq_len)[None]
+        config = getattr(model, "config", None)
+        window = getattr(config, "sliding_window", None)
+        self.layer_types = set(getattr(config, "layer_types", None) or ())
+        self.slides = isinstance(window, int) and window < seq_len and self.layer_types != {"full_attention"}
+        for name, blocked in (
+            ("mask", columns > rows),
+            ("sliding_mask", (columns > rows) | (rows - columns >= (window or 0))),
+        ):
+            additive = torch.zeros(seq_len, seq_len).masked_fill(blocked, float("-inf"))
+            self.register_buffer(name, additive[None, None].to(dtype))
         self.register_buffer("position_ids", torch.arange(seq_len)[None])
+
+    def attention_mask(self):
+        if not self.slides:
+            return self.mask
+        if "sliding_attention" in self.layer_types:
+            return {"full_attention": self.mask, "sliding_attention": self.sliding_mask}
+        return self.sliding_mask
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         model = getattr(self, common.WRAPPER_ATTRIBUTE)
         return model(
             input_ids=input_ids,
-            attention_mask=self.mask,
+            attention_mask=self.attention_mask(),
             position_ids=self.position_ids,
             use_cache=False,
             return_dict=False,

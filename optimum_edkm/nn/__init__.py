@@ -21,6 +21,8 @@ from .palettized import (
     PalettizedLinear,
     PalettizedModule,
     PalettizedTiedLinear,
+    ScaledEmbedding,
+    embedding_scale,
     is_palettized,
 )
 from .registry import clustered_class_for, palettized_storage, register_clustered_module
@@ -41,7 +43,9 @@ __all__ = [
     "PalettizedLinear",
     "PalettizedModule",
     "PalettizedTiedLinear",
+    "ScaledEmbedding",
     "clustered_class_for",
+    "embedding_scale",
     "is_clustered",
     "is_palettized",
     "palettized_storage",

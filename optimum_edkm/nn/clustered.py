@@ -40,7 +40,9 @@ from .palettized import (
     PalettizedEmbedding,
     PalettizedLinear,
     PalettizedTiedLinear,
+    embedding_scale,
     float_linear,
+    scale_rows,
 )
 from .registry import register_clustered_module
 
@@ -73,6 +75,8 @@ class ClusteredModule:
     palettized_class: type
     #: "linear" or "embedding": which of EDKMConfig's bit widths applies
     kind: str
+    #: the float class this class clusters (set by ``register_clustered_module``)
+    float_class: type
 
     def _init_clustering(self, palette: PaletteFormat, options: ClusteringOptions, out_channels: int, device):
         self.spec: ClusteringSpec = options.spec(palette)
@@ -100,6 +104,18 @@ class ClusteredModule:
         """The constructor's positional arguments before ``palette`` and its extra keyword arguments that
         describe ``module``'s shape."""
         raise NotImplementedError
+
+    @classmethod
+    def unsupported(cls, module: nn.Module) -> Optional[str]:
+        """Why ``module`` (an instance of ``float_class`` or a subclass) cannot be clustered by this class:
+        ``None`` if it can. A subclass whose ``forward`` computes something else (OPT's learned positional
+        embedding, a custom Linear) would silently lose it."""
+        if type(module).forward is not cls.float_class.forward:
+            return (
+                f"{type(module).__name__} overrides {cls.float_class.__name__}.forward, which {cls.__name__} "
+                f"would not reproduce"
+            )
+        return None
 
     @classmethod
     def from_float(cls, module: nn.Module, palette: PaletteFormat, options: ClusteringOptions) -> "ClusteredModule":
@@ -450,7 +466,9 @@ class EDKMConv1D(ClusteredModule, Conv1D):
 
 @register_clustered_module(nn.Embedding)
 class EDKMEmbedding(ClusteredModule, nn.Embedding):
-    """``nn.Embedding`` whose lookup table is eDKM-clustered (rows = tokens are the output channels)."""
+    """``nn.Embedding`` whose lookup table is eDKM-clustered (rows = tokens are the output channels). A scaled
+    word embedding (Gemma's) keeps its factor as ``embed_scale``: the rows are multiplied by it, the clustered
+    table (which a tied output head reads) is not."""
 
     palettized_class = PalettizedEmbedding
     kind = "embedding"
@@ -462,18 +480,27 @@ class EDKMEmbedding(ClusteredModule, nn.Embedding):
         palette: PaletteFormat,
         options: ClusteringOptions = ClusteringOptions(),
         padding_idx: Optional[int] = None,
+        embed_scale: Optional[float] = None,
         device=None,
         dtype=None,
     ):
         nn.Embedding.__init__(self, num_embeddings, embedding_dim, padding_idx=padding_idx, device=device, dtype=dtype)
+        self.embed_scale = embed_scale
         self._init_clustering(palette, options, num_embeddings, device)
 
     @staticmethod
     def _float_arguments(module: nn.Embedding) -> tuple[tuple, dict]:
-        return (module.num_embeddings, module.embedding_dim), {"padding_idx": module.padding_idx}
+        arguments = {"padding_idx": module.padding_idx, "embed_scale": embedding_scale(module)}
+        return (module.num_embeddings, module.embedding_dim), arguments
+
+    @classmethod
+    def unsupported(cls, module: nn.Module) -> Optional[str]:
+        if type(module).__name__.endswith("ScaledWordEmbedding") and embedding_scale(module) is not None:
+            return None  # transformers' scaled word embeddings compute lookup * embed_scale, which this class does
+        return super().unsupported(module)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(
+        rows = F.embedding(
             input_ids,
             self.clustered_weight(),
             self.padding_idx,
@@ -482,9 +509,11 @@ class EDKMEmbedding(ClusteredModule, nn.Embedding):
             self.scale_grad_by_freq,
             self.sparse,
         )
+        return scale_rows(rows, self.embed_scale)
 
     def extra_repr(self) -> str:
-        return f"{nn.Embedding.extra_repr(self)}, {self.clustering_repr()}"
+        scale = "" if self.embed_scale is None else f", embed_scale={self.embed_scale}"
+        return f"{nn.Embedding.extra_repr(self)}, {self.clustering_repr()}{scale}"
 
 
 class EDKMTiedLinear(nn.Linear):

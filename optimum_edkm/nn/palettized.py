@@ -189,8 +189,13 @@ def float_linear(rows: torch.Tensor, bias: Optional[torch.Tensor], dtype: Option
     return linear
 
 
-class PalettizedLinear(PalettizedModule, nn.Module):
-    """A Linear layer stored as a LUT and packed n-bit indices."""
+class PalettizedLinear(PalettizedModule, nn.Linear):
+    """A Linear layer stored as a LUT and packed n-bit indices.
+
+    An ``nn.Linear`` subclass (as bitsandbytes' ``Linear4bit``), so that code which looks for linear layers finds
+    it: peft's default LoRA dispatch and ``target_modules="all-linear"``, ``isinstance`` checks. Its ``weight`` is
+    the packed uint8 index stream, not a float matrix; :meth:`dense_weight` decodes it.
+    """
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool, palette: PaletteFormat, *, device=None, dtype=None
@@ -200,6 +205,9 @@ class PalettizedLinear(PalettizedModule, nn.Module):
         self.output_dtype = dtype or torch.get_default_dtype()
         self._init_palette(out_features, in_features, palette, device)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+
+    def reset_parameters(self) -> None:
+        """Nothing to draw: the packed indices and LUT are loaded or computed, never randomly initialised."""
 
     @classmethod
     def empty_for(cls, module: nn.Module, palette: PaletteFormat) -> "PalettizedLinear":
@@ -246,9 +254,60 @@ class PalettizedConv1D(PalettizedLinear):
         return conv
 
 
+def embedding_scale(module: nn.Module) -> Optional[float]:
+    """The factor a scaled word embedding multiplies its rows by (transformers' ``*ScaledWordEmbedding``, e.g.
+    Gemma's ``sqrt(hidden_size)``: ``lookup * embed_scale``; this package's embeddings keep it as
+    ``embed_scale``); ``None`` for a plain ``nn.Embedding`` or when the factor is not readable (meta device)."""
+    scale = getattr(module, "scalar_embed_scale", None)  # transformers' scaled embeddings keep the float too
+    if scale is None:
+        scale = getattr(module, "embed_scale", None)
+    if isinstance(scale, torch.Tensor):
+        scale = None if scale.is_meta or scale.numel() != 1 else float(scale)
+    return None if scale is None else float(scale)
+
+
+def scale_rows(rows: torch.Tensor, embed_scale: Optional[float]) -> torch.Tensor:
+    """Looked-up embedding rows times ``embed_scale`` taken in the rows' dtype (as Gemma's scaled embedding
+    computes it); unchanged for ``None``."""
+    if embed_scale is None:
+        return rows
+    return rows * torch.tensor(embed_scale, dtype=rows.dtype, device=rows.device)
+
+
+class ScaledEmbedding(nn.Embedding):
+    """``nn.Embedding`` whose rows are multiplied by ``embed_scale``: the float form of a clustered or palettized
+    scaled word embedding (Gemma's), so ``dequantize()`` keeps what the model computes."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, embed_scale: float, **kwargs):
+        super().__init__(num_embeddings, embedding_dim, **kwargs)
+        self.embed_scale = float(embed_scale)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return scale_rows(super().forward(input_ids), self.embed_scale)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, embed_scale={self.embed_scale}"
+
+
+def float_embedding(
+    rows: torch.Tensor, padding_idx: Optional[int], embed_scale: Optional[float], dtype: Optional[torch.dtype] = None
+) -> nn.Embedding:
+    """A float embedding (``ScaledEmbedding`` when ``embed_scale`` is set) holding a copy of ``rows``."""
+    out_channels, in_channels = rows.shape
+    factory = dict(padding_idx=padding_idx, device=rows.device, dtype=dtype or rows.dtype)
+    if embed_scale is None:
+        embedding = nn.Embedding(out_channels, in_channels, **factory)
+    else:
+        embedding = ScaledEmbedding(out_channels, in_channels, embed_scale, **factory)
+    with torch.no_grad():
+        embedding.weight.copy_(rows)
+    return embedding
+
+
 class PalettizedEmbedding(PalettizedModule, nn.Module):
     """An Embedding stored as a LUT and packed n-bit indices; only the looked-up rows are decoded when the
-    rows are byte-aligned in the packed stream."""
+    rows are byte-aligned in the packed stream. ``embed_scale`` (a scaled word embedding's factor, not stored
+    in the checkpoint: it comes from the model's config) multiplies the rows."""
 
     def __init__(
         self,
@@ -257,12 +316,14 @@ class PalettizedEmbedding(PalettizedModule, nn.Module):
         palette: PaletteFormat,
         *,
         padding_idx: Optional[int] = None,
+        embed_scale: Optional[float] = None,
         device=None,
         dtype=None,
     ):
         nn.Module.__init__(self)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.padding_idx = padding_idx
+        self.embed_scale = embed_scale
         self.output_dtype = dtype or torch.get_default_dtype()
         self._init_palette(num_embeddings, embedding_dim, palette, device)
 
@@ -274,24 +335,29 @@ class PalettizedEmbedding(PalettizedModule, nn.Module):
                 module.embedding_dim,
                 palette,
                 padding_idx=module.padding_idx,
+                embed_scale=embedding_scale(module),
                 dtype=module.weight.dtype,
             )
 
     @classmethod
     def _shaped(cls, out_channels, in_channels, source, palette, **factory) -> "PalettizedEmbedding":
-        return cls(out_channels, in_channels, palette, padding_idx=source.padding_idx, **factory)
+        return cls(
+            out_channels,
+            in_channels,
+            palette,
+            padding_idx=source.padding_idx,
+            embed_scale=embedding_scale(source),
+            **factory,
+        )
 
     @staticmethod
     def float_module_from_rows(module, rows: torch.Tensor, dtype: Optional[torch.dtype]) -> nn.Module:
-        out_channels, in_channels = rows.shape
-        embedding = nn.Embedding(
-            out_channels, in_channels, padding_idx=module.padding_idx, device=rows.device, dtype=dtype or rows.dtype
-        )
-        with torch.no_grad():
-            embedding.weight.copy_(rows)
-        return embedding
+        return float_embedding(rows, module.padding_idx, embedding_scale(module), dtype)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return scale_rows(self._lookup(input_ids), self.embed_scale)
+
+    def _lookup(self, input_ids: torch.Tensor) -> torch.Tensor:
         row_bits = self.embedding_dim * self.bits
         if self.cache_dense_weight or row_bits % 8 != 0:
             return F.embedding(input_ids, self.dense_weight(self.output_dtype), self.padding_idx)
@@ -306,7 +372,8 @@ class PalettizedEmbedding(PalettizedModule, nn.Module):
         return dense.to(self.output_dtype).view(*input_ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, {self.palette_repr()}"
+        scale = "" if self.embed_scale is None else f", embed_scale={self.embed_scale}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.palette_repr()}{scale}"
 
 
 class PalettizedTiedLinear(nn.Module):

@@ -24,6 +24,7 @@ def register_clustered_module(float_class: type):
                 f"{float_class.__name__} is already registered (-> {_CLUSTERED_FOR[float_class].__name__})"
             )
         _CLUSTERED_FOR[float_class] = clustered_class
+        clustered_class.float_class = float_class
         return clustered_class
 
     return register

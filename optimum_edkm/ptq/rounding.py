@@ -1,69 +1,18 @@
-"""Post-training palettization: GPTQ's error feedback onto look-up tables ("GPTVQ with vector dimension 1").
-
-GPTQ (Frantar et al., ICLR 2023) rounds a linear layer's weight one input column at a time and pushes each
-column's rounding error onto the columns not rounded yet, weighted by the inverse Hessian of the layer's output
-error, so that the layer's *output* on calibration inputs stays close to the float one. GPTVQ (van Baalen et al.,
-arXiv 2402.15319) does the same onto codebooks. This module does it onto the project's palettized format - one
-LUT per tensor or per group of output rows, an optional fp16 per-output-channel scale - for every clustered
-linear layer of a model prepared with :func:`optimum_edkm.prepare`, written from the papers' description:
-
-1. **LUT.** k-means on the layer's float weight (:func:`optimum_edkm.clustering.init_centroids`), weighted by an
-   importance per weight: ``"hessian"`` - the input second moment ``diag(X^T X)`` of the weight's column (what
-   a weight's error costs in the layer's output when errors of different columns do not interact);
-   ``"obs"`` - ``1 / [H^-1]_jj``, the optimal-brain-surgeon cost of a column's error when the other columns
-   compensate (what GPTQ's own loss counts); ``"fisher"`` - a given Fisher diagonal
-   (:func:`optimum_edkm.sensitivity.fisher_diagonal`); ``"none"`` - plain k-means. The LUT is rounded to its
-   storage dtype at once, so every later step works with the values that will be stored.
-2. **Rounding with error feedback.** Columns in order (or by decreasing Hessian diagonal with ``act_order``:
-   free here, since a LUT does not depend on the column order), blocks of ``block_size`` columns with lazy batch
-   updates, dampening ``damp * mean(diag H)``. Each column goes to the nearest LUT entry of its row's group
-   computed *exactly as hard assignment computes it* (the weight's 16-bit rounding divided by the scale, lowest
-   index on ties), so the indices are those :func:`optimum_edkm.palettize` will find.
-3. **M-step** (``refits`` rounds): with the indices fixed, the LUT entries (and, with ``refit_scale``, the
-   per-channel scales) that minimise the layer's output error ``tr((W - Q) H (W - Q)^T)`` solve a small linear
-   least-squares problem per LUT (``2**bits`` unknowns; per row for a scale). The refit LUT then starts another
-   rounding pass. Of every candidate (each pass, each refit) the one with the lowest output error is kept.
-
-Layers are processed in the order the model computes them (GPTQ's "true sequential" order: q/k/v, then o,
-then gate/up, then down, each calibrated on inputs produced by the already-palettized linears before it;
-the next decoder layer sees the palettized layer's outputs).
-
-The result stays a *train-time* model: every ``EDKMLinear`` holds, as its float weight, the decoded palettized
-weight ``scale[row] * lut[group, index]`` and, as its centroids, the LUT (plus the scale and an absolute
-temperature set as :meth:`~optimum_edkm.nn.ClusteredModule.init_clusters` sets it). Hard assignment
-of that weight reproduces the indices, so :func:`optimum_edkm.palettize` gives exactly the post-training model
-(checked bit for bit after every module), and eDKM fine-tuning starts from it with weights sitting on their
-centroids.
-"""
+"""One weight onto look-up tables with GPTQ's error feedback: the LUT (importance-weighted k-means), the rounding
+passes, the least-squares refits of the LUT and scales, and the choice of the best candidate (see
+:mod:`optimum_edkm.ptq`)."""
 
 from __future__ import annotations
 
-import logging
-import time
 from typing import NamedTuple, Optional
 
 import torch
-from tqdm.auto import tqdm
 
-from .baselines.gptq import dampen, error_feedback, upper_cholesky_of_inverse, working_copies
-from .baselines.layers import (
-    capture_first_layer_calls,
-    check_calibration_ids,
-    decoder_layers,
-    for_each_hessian,
-    module_names,
-    named_linears,
-    next_layer_calls,
-    run_layer,
-)
-from .baselines.result import BaselineResult
-from .clustering import ClusteringSpec, decode, hard_assign, init_centroids, per_channel_scale
-from .clustering.layout import compute_dtype, value_dtype
-from .nn import EDKMLinear, is_clustered
+from ..calibration import check_block_and_damp, dampen, error_feedback, upper_cholesky_of_inverse, working_copies
+from ..clustering import ClusteringSpec, decode, hard_assign, init_centroids, per_channel_scale
+from ..clustering.layout import compute_dtype, value_dtype
 
-logger = logging.getLogger(__name__)
-
-#: how the k-means that chooses a layer's LUT weighs each weight (see the module docstring)
+#: how the k-means that chooses a layer's LUT weighs each weight (see :mod:`optimum_edkm.ptq`)
 IMPORTANCES = ("none", "hessian", "obs", "fisher")
 
 
@@ -141,13 +90,6 @@ class _NearestEntry:
         return dense.to(self.weight_dtype)
 
 
-def _check_options(block_size, damp):
-    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
-        raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
-    if not isinstance(damp, (int, float)) or isinstance(damp, bool) or not damp > 0:
-        raise ValueError(f"damp must be > 0 (fraction of the mean Hessian diagonal added to it), got {damp!r}")
-
-
 @torch.no_grad()
 def gptq_lut_round(
     weight: torch.Tensor,
@@ -172,7 +114,7 @@ def gptq_lut_round(
         act_order: round columns by decreasing Hessian diagonal.
     """
     _check_palette(weight, lut, spec, scale)
-    _check_options(block_size, damp)
+    check_block_and_damp(block_size, damp)
     rows, columns = weight.shape
     if tuple(hessian.shape) != (columns, columns):
         raise ValueError(f"hessian must be [{columns}, {columns}], got {tuple(hessian.shape)}")
@@ -352,7 +294,7 @@ def palettize_weight(
     centroids = init_centroids(weight, spec, scale=scale, seed=seed, name=name, sample_weight=sample_weight)
     lut = centroids.to(lut_dtype)
     nearest = hard_assign(weight, lut.to(centroids.dtype), spec, scale=scale, name=name).indices
-    diagnostics = {"nearest": output_error(weight, _decoded(nearest, lut, scale, weight.dtype), H)}
+    diagnostics = {"nearest": output_error(weight, decoded_palette(nearest, lut, scale, weight.dtype), H)}
     best: Optional[PaletteCandidate] = None
 
     def consider(candidate: PaletteCandidate):
@@ -386,7 +328,7 @@ def palettize_weight(
                 fitted_scale,
                 indices,
                 None,
-                output_error(weight, _decoded(indices, fitted, fitted_scale, weight.dtype), H),
+                output_error(weight, decoded_palette(indices, fitted, fitted_scale, weight.dtype), H),
                 f"refit{round_}",
             )
         )
@@ -405,7 +347,7 @@ def _as_snapped(
         return candidate
     indices = candidate.indices
     for _ in range(spec.num_clusters):
-        dense = _decoded(indices, candidate.lut, candidate.scale, weight.dtype)
+        dense = decoded_palette(indices, candidate.lut, candidate.scale, weight.dtype)
         snapped = hard_assign(dense, candidate.lut.to(torch.float32), spec, scale=candidate.scale).indices
         if torch.equal(snapped, indices):
             break
@@ -417,172 +359,6 @@ def _as_snapped(
     return candidate._replace(indices=indices, error=output_error(weight, dense, hessian))
 
 
-def _decoded(indices: torch.Tensor, lut: torch.Tensor, scale: Optional[torch.Tensor], dtype: torch.dtype):
+def decoded_palette(indices: torch.Tensor, lut: torch.Tensor, scale: Optional[torch.Tensor], dtype: torch.dtype):
     """The dense weight a palettized module computes (scale in the LUT's dtype, as snapping stores it)."""
     return decode(indices, lut, None if scale is None else scale.to(lut.dtype), dtype=dtype)
-
-
-@torch.no_grad()
-def install_palette(module, candidate: PaletteCandidate) -> dict:
-    """Write a palettization into a train-time module: the decoded weight as its float weight, the LUT as its
-    centroids, the scale, and the absolute temperature :meth:`init_clusters` would set for these centroids.
-    Weights whose decoded value would snap to another entry (two entries closer than the 16-bit rounding of the
-    clustered values) keep the value a GPTQ pass rounded instead, so that snapping reproduces the indices.
-    Returns ``{"mismatched": n}``: weights whose index snapping still changed (0 unless a refit LUT has such
-    near-duplicate entries; the model is then what snapping gives, which is what :func:`palettize` stores)."""
-    rows = module.rows()
-    if candidate.scale is not None:
-        if module.weight_scale is None:
-            raise ValueError("the palette has a per-channel scale but the module has none")
-        module.weight_scale.copy_(candidate.scale)
-    elif module.weight_scale is not None:
-        raise ValueError("the module has a per-channel scale but the palette has none")
-    module.weight_centroids.copy_(candidate.lut.to(module.weight_centroids.dtype))
-    dense = _decoded(candidate.indices, candidate.lut, candidate.scale, rows.dtype)
-    rows.copy_(dense)
-    snapped, _ = module.snap()
-    wrong = snapped != candidate.indices
-    if bool(wrong.any()) and candidate.rounded_from is not None:
-        rows[wrong] = candidate.rounded_from[wrong].to(rows.dtype)
-        snapped, _ = module.snap()
-        wrong = snapped != candidate.indices
-    module.set_temperature_from_centroids()
-    return {"mismatched": int(wrong.sum())}
-
-
-@torch.no_grad()
-def palettize_post_training(
-    model,
-    calibration_ids: torch.Tensor,
-    config=None,
-    *,
-    importance: str = "hessian",
-    fisher: Optional[dict] = None,
-    refits: int = 1,
-    refit_scales: bool = False,
-    block_size: int = 128,
-    damp: float = 0.01,
-    act_order: bool = False,
-    batch_size: int = 8,
-    progress: bool = True,
-) -> BaselineResult:
-    """GPTQ-style post-training palettization of every clustered linear in ``model.model.layers``.
-
-    The model must be prepared for eDKM (:func:`optimum_edkm.prepare`, or pass ``config`` to prepare a float
-    model here). It stays a train-time model holding the post-training palettization (see the module
-    docstring): fine-tune it with eDKM, or finalize it with :func:`optimum_edkm.palettize`.
-
-    Args:
-        calibration_ids: ``[n_samples, seq_len]`` calibration token ids.
-        config: an :class:`~optimum_edkm.EDKMConfig` to prepare a float model with first (``None``: the model is
-            prepared already).
-        importance: the k-means weighting of the LUT: ``"hessian"``, ``"obs"``, ``"fisher"`` or ``"none"``.
-        fisher: ``{module name: Fisher diagonal}`` (e.g. :func:`optimum_edkm.sensitivity.fisher_diagonal` of
-            the float model), needed with ``importance="fisher"``.
-        refits: least-squares LUT refits, each followed by another rounding pass (0: one pass, no refit).
-        refit_scales: refit the per-channel scales with the LUT (models with a per-channel scale only).
-        block_size, damp, act_order: GPTQ's lazy-batch block, dampening and column order.
-        batch_size: calibration sequences per forward.
-
-    Returns a :class:`~optimum_edkm.baselines.BaselineResult`: the storage of every palettized weight, the
-    settings, and per module the output error ``tr((W - Q) H (W - Q)^T)`` of each candidate.
-    """
-    from .api import edkm_config, prepare
-
-    if importance not in IMPORTANCES:
-        raise ValueError(f"importance must be one of {IMPORTANCES}, got {importance!r}")
-    if importance == "fisher" and not fisher:
-        raise ValueError(
-            "importance='fisher' needs fisher={module name: Fisher diagonal}, e.g. from "
-            "optimum_edkm.sensitivity.fisher_diagonal(float_model, token_ids)"
-        )
-    if not isinstance(refits, int) or isinstance(refits, bool) or refits < 0:
-        raise ValueError(f"refits must be an integer >= 0, got {refits!r}")
-    _check_options(block_size, damp)
-    check_calibration_ids(calibration_ids)
-    if config is not None:
-        prepare(model, config)
-    prepared = edkm_config(model)
-    if prepared.palettized:
-        raise ValueError(
-            "the model is palettized already; post-training palettization needs the train-time model "
-            "(load the float model and prepare it)"
-        )
-    names = module_names(model)
-    layers = decoder_layers(model)
-    clustered = [m for m in model.modules() if is_clustered(m)]
-    covered = {id(m) for layer in layers for m in layer.modules() if isinstance(m, EDKMLinear)}
-    skipped = [names[id(m)] for m in clustered if id(m) not in covered]
-    if skipped:
-        logger.warning(
-            "post-training palettization covers the linears of the decoder layers; %d clustered "
-            "module(s) outside them keep their k-means LUT: %s",
-            len(skipped),
-            ", ".join(skipped[:5]),
-        )
-    storage, details = {}, {}
-
-    def palettize_module(module: EDKMLinear, hessian: torch.Tensor) -> None:
-        full = names[id(module)]
-        weight_fisher = None
-        if importance == "fisher":
-            if full not in fisher:
-                raise ValueError(f"fisher has no entry for {full!r}; compute it for every linear")
-            weight_fisher = fisher[full]
-        original = module.rows().detach().clone()
-        best, errors = palettize_weight(
-            original,
-            hessian,
-            module.spec,
-            module.lut_dtype,
-            module.weight_scale is not None,
-            importance,
-            weight_fisher,
-            refits,
-            refit_scales,
-            block_size,
-            damp,
-            act_order,
-            seed=prepared.seed,
-            name=f"{full}.weight",
-        )
-        installed = install_palette(module, best)
-        dense = module.snapped_weight()
-        errors["final"] = output_error(original, module.rows(dense), hessian)
-        details[full] = {"output_error": errors, "chosen": best.origin, **installed}
-        storage[full] = module.storage()
-
-    was_training = model.training
-    model.eval()
-    try:
-        calls = capture_first_layer_calls(model, calibration_ids, batch_size)
-        for number, layer in enumerate(
-            tqdm(layers, desc="post-training palettization", unit="layer", disable=not progress)
-        ):
-            layer_started = time.perf_counter()
-            linears = {name: m for name, m in named_linears(layer).items() if isinstance(m, EDKMLinear)}
-            if linears:
-                for_each_hessian(layer, calls, palettize_module, linears)
-            calls = next_layer_calls(calls, run_layer(layer, calls))
-            logger.info(
-                "post-training palettization: layer %d/%d in %.1f s",
-                number + 1,
-                len(layers),
-                time.perf_counter() - layer_started,
-            )
-    finally:
-        model.train(was_training)
-    settings = {
-        "importance": importance,
-        "refits": refits,
-        "refit_scales": refit_scales,
-        "block_size": block_size,
-        "damp": damp,
-        "act_order": act_order,
-        "calibration_tokens": int(calibration_ids.numel()),
-        "bits": prepared.bits,
-        "granularity": prepared.granularity,
-        "group_size": prepared.group_size,
-        "per_channel_scale": prepared.enable_per_channel_scale,
-    }
-    return BaselineResult(storage=storage, settings=settings, details=details)

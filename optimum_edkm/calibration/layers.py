@@ -1,18 +1,25 @@
-"""Driving a decoder-only transformers model one decoder layer at a time (what GPTQ and AWQ need).
+"""Driving a decoder-only transformers model one decoder layer at a time on calibration batches.
 
-The decoder layers are ``model.model.layers`` (Llama, Mistral, Qwen2, SmolLM, ...). The inputs of the first
-layer are captured with a forward pre-hook registered ``with_kwargs=True``: transformers 5 passes the rotary
-``position_embeddings``, ``attention_mask``, ``position_ids`` and cache arguments as keyword arguments, and they
-must be replayed for every layer. The forward stops as soon as they are captured.
+What GPTQ, AWQ and post-training palettization share: find the decoder layers, replay each layer's own calls
+(:func:`layer_by_layer`), collect the inputs of the linears inside a layer (:func:`input_hessians`,
+:func:`for_each_hessian`) in the order the layer computes them (:func:`sequential_groups`).
+
+Every decoder layer's calls are captured with forward pre-hooks registered ``with_kwargs=True``: transformers 5
+passes the rotary ``position_embeddings``, the ``attention_mask`` and the cache arguments as keyword arguments,
+and models that mix layer types (``config.layer_types``: ``"full_attention"`` / ``"sliding_attention"`` in
+Gemma 2 / 3, Mistral or Qwen with a sliding window) give each layer the mask, and in Gemma 3 the rotary
+embeddings, of its own type. Each layer is therefore replayed with its own arguments and only its hidden states
+replaced by the previous layer's output.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 
 class StopForward(Exception):
@@ -30,35 +37,59 @@ class LayerCall:
     def hidden_states(self) -> torch.Tensor:
         return self.args[0] if self.args else self.kwargs["hidden_states"]
 
-    def with_hidden_states(self, hidden_states: torch.Tensor) -> "LayerCall":
+    def with_hidden_states(self, hidden_states: Optional[torch.Tensor]) -> "LayerCall":
         if self.args:
             return LayerCall((hidden_states,) + tuple(self.args[1:]), self.kwargs)
         return LayerCall((), {**self.kwargs, "hidden_states": hidden_states})
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+    """The decoder layers of a decoder-only transformers model: the ``nn.ModuleList`` of
+    ``config.num_hidden_layers`` modules inside ``model.get_decoder()`` (``model.model.layers`` in Llama and its
+    relatives, ``transformer.h`` in GPT-2, ``gpt_neox.layers``, ``model.decoder.layers`` in OPT)."""
+    config = getattr(model, "config", None)
+    name = type(model).__name__
+    if config is not None and getattr(config, "is_encoder_decoder", False):
         raise ValueError(
-            f"{type(model).__name__} has no decoder layers at model.model.layers; GPTQ and AWQ here drive "
-            f"decoder-only transformers causal LMs (LlamaForCausalLM and relatives)"
+            f"{name} is an encoder-decoder model; layer-by-layer calibration drives decoder-only causal LMs"
         )
-    layer_types = getattr(getattr(model, "config", None), "layer_types", None)
-    if layer_types is not None and len(set(layer_types)) > 1:
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    text_config = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+    count = getattr(text_config, "num_hidden_layers", None)
+    found = [
+        child
+        for child in (decoder.children() if isinstance(decoder, nn.Module) else ())
+        if isinstance(child, nn.ModuleList) and len(child) > 0 and len(child) == count
+    ]
+    if len(found) != 1:
         raise ValueError(
-            f"the model mixes decoder layer types {sorted(set(layer_types))}; the layer-by-layer driver replays the "
-            f"first layer's keyword arguments (attention mask) for every layer, which is only right when all "
-            f"layers are of one type"
+            f"{name} has no decoder layers that layer-by-layer calibration can find (a list of "
+            f"config.num_hidden_layers modules in model.get_decoder(): model.model.layers in Llama, transformer.h in "
+            f"GPT-2, ...); it drives decoder-only transformers causal LMs (Llama, Mistral, Qwen, Gemma, Phi-3, GPT-2, "
+            f"GPT-NeoX, OPT and relatives)"
         )
-    return layers
+    return found[0]
 
 
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def named_linears(module: nn.Module) -> dict[str, nn.Linear]:
-    return {name: m for name, m in module.named_modules() if isinstance(m, nn.Linear)}
+def named_linears(module: nn.Module) -> dict[str, nn.Module]:
+    """The modules inside ``module`` that compute ``x W^T`` with a float weight: ``nn.Linear`` and transformers'
+    ``Conv1D`` (GPT-2, weight stored ``[in, out]``); see :func:`weight_rows`."""
+    return {
+        name: m
+        for name, m in module.named_modules()
+        if isinstance(m, (nn.Linear, Conv1D)) and m.weight.is_floating_point()
+    }
+
+
+def weight_rows(linear: nn.Module) -> torch.Tensor:
+    """The weight of a :func:`named_linears` module with output channels on dim 0 (a transposed view of a
+    ``Conv1D`` weight: writing into it writes the weight)."""
+    return linear.weight.t() if isinstance(linear, Conv1D) else linear.weight
 
 
 def module_names(model: nn.Module) -> dict[int, str]:
@@ -79,21 +110,33 @@ def check_calibration_ids(input_ids) -> torch.Tensor:
     return input_ids
 
 
-@torch.no_grad()
-def capture_first_layer_calls(model: nn.Module, input_ids: torch.Tensor, batch_size: int) -> list[LayerCall]:
-    """Run the model on ``input_ids`` in batches up to the first decoder layer; return that layer's calls."""
-    check_calibration_ids(input_ids)
-    if not isinstance(batch_size, int) or batch_size < 1:
+def check_batch_size(batch_size) -> None:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+
+
+@torch.no_grad()
+def capture_layer_calls(model: nn.Module, input_ids: torch.Tensor, batch_size: int) -> list[list[LayerCall]]:
+    """Every decoder layer's calls on ``input_ids`` (in batches of ``batch_size``), one per batch, as the model
+    makes them. The first layer's calls hold its hidden states; the other layers' hold ``None`` in their place
+    (they get the previous layer's output when they are replayed). The forward of each batch stops at the last
+    layer (no final norm, no logits)."""
+    check_calibration_ids(input_ids)
+    check_batch_size(batch_size)
     layers = decoder_layers(model)
     device = model_device(model)
-    calls: list[LayerCall] = []
+    calls: list[list[LayerCall]] = [[] for _ in layers]
 
-    def catch(_module, args, kwargs):
-        calls.append(LayerCall(tuple(args), dict(kwargs)))
-        raise StopForward
+    def recorder(index: int):
+        def record(_module, args, kwargs):
+            call = LayerCall(tuple(args), dict(kwargs))
+            calls[index].append(call if index == 0 else call.with_hidden_states(None))
+            if index == len(layers) - 1:
+                raise StopForward
 
-    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+        return record
+
+    handles = [layer.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
         for batch in input_ids.split(batch_size):
             try:
@@ -101,7 +144,13 @@ def capture_first_layer_calls(model: nn.Module, input_ids: torch.Tensor, batch_s
             except StopForward:
                 pass
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+    counts = {len(layer_calls) for layer_calls in calls}
+    if counts != {len(input_ids.split(batch_size))}:
+        raise RuntimeError(
+            "not every decoder layer was called once per calibration batch; this model cannot be calibrated"
+        )
     return calls
 
 
@@ -115,9 +164,31 @@ def run_layer(layer: nn.Module, calls: list[LayerCall]) -> list[torch.Tensor]:
     return [layer_output(layer(*call.args, **call.kwargs)) for call in calls]
 
 
-def next_layer_calls(calls: list[LayerCall], outputs: list[torch.Tensor]) -> list[LayerCall]:
-    """The next decoder layer's calls: each call with its hidden states replaced by this layer's output."""
-    return [call.with_hidden_states(output) for call, output in zip(calls, outputs)]
+@dataclasses.dataclass
+class LayerStep:
+    """One decoder layer of :func:`layer_by_layer`: the layer, its number and its calibration calls."""
+
+    index: int
+    layer: nn.Module
+    calls: list[LayerCall]
+    #: what the next layer reads: ``None`` runs this layer on ``calls`` as the caller left it (GPTQ: the
+    #: quantized layer's outputs); a caller may set the outputs it computed instead (AWQ: the float layer's)
+    outputs: Optional[list] = None
+
+
+def layer_by_layer(model: nn.Module, input_ids: torch.Tensor, batch_size: int) -> Iterator[LayerStep]:
+    """The decoder layers of ``model`` in order, each with its calls on the calibration ``input_ids``: its own
+    keyword arguments (attention mask, position embeddings) and the hidden states the previous layer produced
+    after the caller's work on it (see :attr:`LayerStep.outputs`)."""
+    templates = capture_layer_calls(model, input_ids, batch_size)
+    calls = templates[0]
+    layers = decoder_layers(model)
+    for index, layer in enumerate(layers):
+        step = LayerStep(index, layer, calls)
+        yield step
+        if index + 1 < len(layers):
+            outputs = step.outputs if step.outputs is not None else run_layer(layer, calls)
+            calls = [template.with_hidden_states(output) for template, output in zip(templates[index + 1], outputs)]
 
 
 @torch.no_grad()
@@ -157,7 +228,7 @@ def run_until(
 
 @torch.no_grad()
 def sequential_groups(
-    layer: nn.Module, call: LayerCall, linears: Optional[dict[str, nn.Linear]] = None
+    layer: nn.Module, call: LayerCall, linears: Optional[dict[str, nn.Module]] = None
 ) -> list[list[str]]:
     """The layer's linears in execution order, grouped when consecutive ones read the same input tensor
     (q/k/v; gate/up): GPTQ's "true sequential" order, found by running the layer once."""
