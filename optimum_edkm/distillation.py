@@ -87,19 +87,25 @@ def generate_teacher_data(
     uniformly from the vocabulary (special tokens excluded), greedy decoding up to a per-sequence length drawn
     from ``settings.greedy_tokens``, then sampling. Batched with the model's KV cache; deterministic for a
     seed on a given device. Returns ``[sequences, seq_len]`` int64 on the CPU."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    return torch.cat(list(teacher_batches(model, tokenizer, settings, generator, 0, progress)))
+
+
+@torch.no_grad()
+def teacher_batches(model, tokenizer, settings: GenerationSettings, generator: torch.Generator, done: int, progress):
+    """The batches of :func:`generate_teacher_data` from sequence ``done`` on (a multiple of the batch size),
+    ``generator`` holding the random state after the batches before it; yields ``[rows, seq_len]`` tensors."""
     vocab_size = model.get_output_embeddings().weight.shape[0]
     candidates = first_token_candidates(tokenizer, vocab_size)
     special = torch.tensor(sorted(set(getattr(tokenizer, "all_special_ids", []) or [])), dtype=torch.long)
-    generator = torch.Generator().manual_seed(settings.seed)
     device = next(model.parameters()).device
     # transformers 5.2x renamed past_key_values to cache (argument and output); accept both
     cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     was_training = model.training
     model.eval()
-    chunks = []
     started = time.perf_counter()
     try:
-        for start in range(0, settings.sequences, settings.batch_size):
+        for start in range(done, settings.sequences, settings.batch_size):
             rows = min(settings.batch_size, settings.sequences - start)
             first = candidates[torch.randint(len(candidates), (rows,), generator=generator)]
             low, high = settings.greedy_tokens
@@ -119,18 +125,16 @@ def generate_teacher_data(
                         use_cache=True,
                         **{cache_argument: _output_cache(output)},
                     )
-            chunks.append(tokens)
             if progress:
-                done = start + rows
                 logger.info(
                     "teacher text: %d/%d sequences, %.1f tokens/s",
-                    done,
+                    start + rows,
                     settings.sequences,
-                    done * settings.seq_len / (time.perf_counter() - started),
+                    (start + rows - done) * settings.seq_len / (time.perf_counter() - started),
                 )
+            yield tokens
     finally:
         model.train(was_training)
-    return torch.cat(chunks)
 
 
 def _output_cache(output):
@@ -164,13 +168,16 @@ def model_fingerprint(model) -> str:
 
 
 def teacher_data_key(model, tokenizer, settings: GenerationSettings) -> str:
-    """The cache key of :func:`cached_teacher_data`: model fingerprint, vocabulary and every setting."""
+    """The cache key of :func:`cached_teacher_data`: model fingerprint, vocabulary and every setting but the number
+    of sequences (a cached file serves any request for fewer sequences, see there)."""
+    fields = dataclasses.asdict(settings)
+    fields.pop("sequences")
     record = {
         "model": model_fingerprint(model),
         "vocab": len(tokenizer),
-        "settings": dataclasses.asdict(settings),
+        "settings": fields,
         "device": next(model.parameters()).device.type,
-        "format": 1,
+        "format": 2,
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -182,42 +189,50 @@ def cached_teacher_data(
     cache_dir: Optional[os.PathLike] = None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """:func:`generate_teacher_data`, stored once under ``cache_dir`` (default
-    ``$OPTIMUM_EDKM_CACHE/teacher-text``) with its settings next to it; a later call with the same model,
-    tokenizer and settings reads the file instead of generating."""
+    """:func:`generate_teacher_data`, cached under ``cache_dir`` (default ``$OPTIMUM_EDKM_CACHE/teacher-text``)
+    with its settings next to it. Batches come one after the other from one seeded random stream, and the file
+    (rewritten atomically after every batch, with the stream's state) is a prefix of the generation: a request
+    for fewer sequences (whole batches) is read from it, a request for more continues it where it stopped, and an
+    interrupted generation resumes."""
     from .data import default_cache_dir
 
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "teacher-text"
     key = teacher_data_key(model, tokenizer, settings)
     path = folder / f"{key}.pt"
+    wanted = settings.sequences
+    generator = torch.Generator().manual_seed(settings.seed)
+    tokens = torch.empty(0, settings.seq_len, dtype=torch.long)
     if path.exists():
         stored = torch.load(path, map_location="cpu", weights_only=True)
-        if tuple(stored.shape) == (settings.sequences, settings.seq_len):
-            return stored
-        logger.warning("ignoring %s: shape %s does not match the settings", path, tuple(stored.shape))
+        tokens = stored["tokens"]
+        whole_batches = wanted % settings.batch_size == 0 or wanted == tokens.shape[0]
+        if tokens.shape[0] >= wanted and whole_batches:
+            return tokens[:wanted]
+        if tokens.shape[0] > wanted or tokens.shape[0] % settings.batch_size:
+            # a file that cannot serve this request (a partial last batch, or fewer than whole batches asked)
+            return generate_teacher_data(model, tokenizer, settings, progress=progress)
+        generator.set_state(stored["generator"])
     started = time.perf_counter()
-    tokens = generate_teacher_data(model, tokenizer, settings, progress=progress)
+    done = tokens.shape[0]
+    for batch in teacher_batches(model, tokenizer, settings, generator, done, progress):
+        tokens = torch.cat([tokens, batch])
+        state = {"tokens": tokens, "generator": generator.get_state()}
+        atomic.write_file(path, lambda handle, state=state: torch.save(state, handle), binary=True)
     seconds = time.perf_counter() - started
-    atomic.write_file(path, lambda handle: torch.save(tokens, handle), binary=True)
     atomic.write_file(
         path.with_suffix(".json"),
         json.dumps(
             {
                 "settings": dataclasses.asdict(settings),
-                "seconds": seconds,
-                "tokens_per_second": tokens.numel() / max(seconds, 1e-9),
+                "sequences_cached": int(tokens.shape[0]),
+                "seconds_last_call": seconds,
+                "tokens_per_second": (tokens.shape[0] - done) * settings.seq_len / max(seconds, 1e-9),
             },
             indent=1,
         ),
     )
-    logger.info(
-        "generated %d teacher tokens in %.0f s (%.1f tokens/s), cached in %s",
-        tokens.numel(),
-        seconds,
-        tokens.numel() / max(seconds, 1e-9),
-        path,
-    )
-    return tokens
+    logger.info("generated %d teacher sequences in %.0f s, cached in %s", tokens.shape[0] - done, seconds, path)
+    return tokens[:wanted]
 
 
 def mix_sequences(parts: Sequence[torch.Tensor], seed: int = 0) -> torch.Tensor:

@@ -24,7 +24,6 @@ import dataclasses
 import logging
 import math
 import time
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -110,12 +109,15 @@ def frozen_assignments(modules):
     modules = [m for m in modules if is_clustered(m)]
     frozen = {m: _FrozenAssignment(m) for m in modules}
     for module, state in frozen.items():
+        # a submodule, so that model.parameters() (an optimizer built by Trainer) sees the LUT
+        module.frozen_assignment = state
         module.clustered_weight = lambda module=module, state=state: state.dense(module)
     try:
         yield {module: state.lut for module, state in frozen.items()}
     finally:
         for module, state in frozen.items():
             del module.clustered_weight
+            del module.frozen_assignment
         with torch.no_grad():
             for module, state in frozen.items():
                 palette = Palette.from_indices(
@@ -230,11 +232,3 @@ def reconstruct_blocks(
     finally:
         model.train(was_training)
     return history
-
-
-def tuned_parameters(model, train: str) -> Optional[list]:
-    """The parameters end-to-end tuning trains for ``train`` = ``"edkm"`` (clustered float weights); ``None`` for
-    ``"lut"`` (they only exist inside :func:`frozen_assignments`)."""
-    if train not in TRAINED:
-        raise ValueError(f"train must be one of {TRAINED}, got {train!r}")
-    return [m.weight for m in model.modules() if is_clustered(m)] if train == "edkm" else None

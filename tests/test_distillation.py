@@ -156,6 +156,29 @@ def test_cached_teacher_data_reads_the_file_back(tiny_llama_dir, tmp_path, monke
     )
 
 
+def test_the_cache_is_a_prefix_of_one_generation_served_and_continued_exactly(tiny_llama_dir, tmp_path, monkeypatch):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    small = GenerationSettings(sequences=2, seq_len=8, batch_size=2, seed=3)
+    large = GenerationSettings(sequences=6, seq_len=8, batch_size=2, seed=3)
+    # the reference: each generated in one go, independently
+    alone_small = distillation.generate_teacher_data(model, _Tokenizer(), small)
+    alone_large = distillation.generate_teacher_data(model, _Tokenizer(), large)
+    assert torch.equal(alone_large[:2], alone_small)
+    # a small request, then a larger one continues the cached stream: the same as the one-go generation
+    assert torch.equal(distillation.cached_teacher_data(model, _Tokenizer(), small, cache_dir=tmp_path), alone_small)
+    assert torch.equal(distillation.cached_teacher_data(model, _Tokenizer(), large, cache_dir=tmp_path), alone_large)
+    calls = []
+    original = distillation.teacher_batches
+    monkeypatch.setattr(distillation, "teacher_batches", lambda *a, **k: calls.append(1) or original(*a, **k))
+    assert torch.equal(distillation.cached_teacher_data(model, _Tokenizer(), small, cache_dir=tmp_path), alone_small)
+    assert not calls  # whole batches of a larger file are read, not generated
+    # 3 sequences are not whole batches of 2: generated apart, the file is kept as it is
+    odd = GenerationSettings(sequences=3, seq_len=8, batch_size=2, seed=3)
+    assert distillation.cached_teacher_data(model, _Tokenizer(), odd, cache_dir=tmp_path).shape == (3, 8)
+    assert calls and len(list(tmp_path.glob("*.pt"))) == 1
+    assert torch.equal(distillation.cached_teacher_data(model, _Tokenizer(), large, cache_dir=tmp_path), alone_large)
+
+
 def test_generation_settings_and_mixing_validate():
     with pytest.raises(ValueError, match="greedy_tokens"):
         GenerationSettings(greedy_tokens=(4, 2))
