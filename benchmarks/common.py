@@ -79,7 +79,7 @@ def machine(device: torch.device) -> dict:
 
 
 def finish_sweep_line(record: dict, started: float, load_start, tag: str, out: str) -> None:
-    """Close one line of a validation sweep (``ptq_sweep.py``, ``recipe_sweep.py``): wall time, load average at
+    """Close one line of a validation sweep (``validation_sweep.py``): wall time, load average at
     start and end, tag and date; print it and append it to the JSONL file ``out`` (rewritten atomically, so an
     interrupted run leaves the file as it was)."""
     import json

@@ -5,12 +5,14 @@ on (in domain: the help topics) and a text of another kind (out of domain: Wikip
 
     python benchmarks/quality.py --quick             # smoke test: 3-bit, ~2k tokens per text, 4 eDKM steps
     python benchmarks/quality.py                      # full run: 2/3/4 bits, every default method
-    python benchmarks/quality.py --bits 3 --methods awq skm-g16 edkm-skm-g16
+    python benchmarks/quality.py --bits 3 --methods awq ptq-channel edkm-channel
     python benchmarks/quality.py --text my_corpus/ --ood-text other.txt --bits 3 --methods gptq awq
 
 Writes benchmarks/results/quality.json, docs/quality_table.md and docs/quality.png (``_quick`` suffix with
-``--quick``). The rows are in ``quality_methods.py`` (``register_method`` adds one); the fine-tuned rows use
-``optimum_edkm.finetune.DEFAULT_RECIPE`` unless ``--edkm-*`` options change it.
+``--quick``). The rows are in ``quality_methods.py`` (``register_method`` adds one); every optimum-edkm row is one
+call of ``optimum_edkm.compress`` with ``optimum_edkm.pipeline.DEFAULT_RECIPE`` unless ``--recipe-*`` options change
+it. Every method calibrates on the same windows: the recipe's calibration windows of the calibration text and,
+for its ``teacher_share``, of text sampled from the float model.
 """
 
 from __future__ import annotations
@@ -31,19 +33,25 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import ptq_methods  # noqa: E402, F401  (registers the post-training palettization rows)
 from quality_methods import DEFAULT_METHODS, METHODS, QuantizationReport, RunContext, calibration_data  # noqa: E402
 
 from optimum_edkm import __version__, atomic  # noqa: E402
 from optimum_edkm.data import DEFAULT_TEXT, OOD_TEST_TEXT, TEST_SPLIT, TRAIN_SPLIT, load_text  # noqa: E402
 from optimum_edkm.evaluation import effective_bits, evaluate_perplexity  # noqa: E402
-from optimum_edkm.finetune import DEFAULT_RECIPE  # noqa: E402
-from optimum_edkm.losses import DIVERGENCES  # noqa: E402
+from optimum_edkm.pipeline import DEFAULT_RECIPE, CompressionData, calibration_set  # noqa: E402
 
 REPOSITORY = Path(__file__).resolve().parent.parent
-FULL_DEFAULTS = {"bits": [2, 3, 4], "eval_tokens": 16384, "calib_samples": 8, "calib_seq_len": 512}
-QUICK_DEFAULTS = {"bits": [3], "eval_tokens": 2048, "calib_samples": 4, "calib_seq_len": 128}
-QUICK_RECIPE = {"steps": 4, "batch_size": 2, "seq_len": 128, "teacher_sequences": 0}
+FULL_DEFAULTS = {"bits": [2, 3, 4], "eval_tokens": 16384}
+QUICK_DEFAULTS = {"bits": [3], "eval_tokens": 2048}
+QUICK_RECIPE = {
+    "calibration_samples": 4,
+    "calibration_seq_len": 128,
+    "teacher_share": 0.0,
+    "block_epochs": 1,
+    "steps": 4,
+    "batch_size": 2,
+    "seq_len": 128,
+}
 UNCOMPRESSED = "fp"
 IN_DOMAIN, OUT_OF_DOMAIN = "in_domain", "out_of_domain"
 
@@ -71,31 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="input columns per scale/zero for RTN/GPTQ/AWQ (default 128); -1 for one per output channel",
     )
     recipe = parser.add_argument_group(
-        "fine-tuned rows (edkm-*, fp-finetuned): optimum_edkm.finetune.DEFAULT_RECIPE unless changed here"
+        "optimum-edkm rows and calibration: optimum_edkm.pipeline.DEFAULT_RECIPE unless changed here"
     )
     for field in dataclasses.fields(DEFAULT_RECIPE):
-        kind = (
-            field.type
-            if not isinstance(field.type, str)
-            else {"int": int, "float": float, "str": str, "bool": None}[field.type]
+        value = getattr(DEFAULT_RECIPE, field.name)
+        recipe.add_argument(
+            f"--recipe-{field.name.replace('_', '-')}", type=type(value), default=None, help=f"default {value!r}"
         )
-        flag = f"--edkm-{field.name.replace('_', '-')}"
-        if kind is None:
-            recipe.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            recipe.add_argument(
-                flag,
-                type=kind,
-                default=None,
-                help=f"default {getattr(DEFAULT_RECIPE, field.name)!r}"
-                + (f", one of {DIVERGENCES}" if field.name == "distillation_loss" else ""),
-            )
-    recipe.add_argument(
-        "--fisher-samples",
-        type=int,
-        default=32,
-        help="calibration windows for the Fisher diagonal of the skm-* rows (default 32)",
-    )
     model = parser.add_argument_group("model")
     model.add_argument(
         "--model",
@@ -141,19 +131,6 @@ def build_parser() -> argparse.ArgumentParser:
     calib_source.add_argument("--calib-dataset", default=None, help="a datasets id")
     calib.add_argument("--calib-dataset-config", default=None, help="configuration of --calib-dataset")
     calib.add_argument("--calib-dataset-split", default="train", help="split of --calib-dataset (default train)")
-    calib.add_argument(
-        "--calib-samples",
-        type=int,
-        default=None,
-        help=f"calibration windows (default {FULL_DEFAULTS['calib_samples']})",
-    )
-    calib.add_argument(
-        "--calib-seq-len",
-        type=int,
-        default=None,
-        help=f"tokens per calibration window (default {FULL_DEFAULTS['calib_seq_len']})",
-    )
-    calib.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")
     output = parser.add_argument_group(
         "outputs (default: benchmarks/results/quality.json, docs/quality_table.md, "
         "docs/quality.png of this repository; _quick suffix with --quick)"
@@ -183,37 +160,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"unknown method(s) {unknown}; registered: {list(METHODS)}")
     changes = dict(QUICK_RECIPE) if args.quick else {}
     for field in dataclasses.fields(DEFAULT_RECIPE):
-        value = getattr(args, f"edkm_{field.name}")
+        value = getattr(args, f"recipe_{field.name}")
         if value is not None:
             changes[field.name] = value
     try:
         args.recipe = dataclasses.replace(DEFAULT_RECIPE, **changes)
     except (TypeError, ValueError) as error:
-        parser.error(f"invalid --edkm-* option: {error}")
-    recipe = args.recipe
-    for name in ("steps", "batch_size", "seq_len"):
-        if getattr(recipe, name) < 1:
-            parser.error(f"--edkm-{name.replace('_', '-')} must be >= 1, got {getattr(recipe, name)}")
-    if not 0 <= recipe.distillation_weight <= 1:
-        parser.error(f"--edkm-distillation-weight must be in [0, 1], got {recipe.distillation_weight}")
-    if recipe.distillation_loss not in DIVERGENCES:
-        parser.error(f"--edkm-distillation-loss must be one of {DIVERGENCES}, got {recipe.distillation_loss!r}")
-    if recipe.teacher_sequences < 0 or (not recipe.use_text and recipe.teacher_sequences == 0):
-        parser.error("the recipe trains on nothing: keep --edkm-use-text or set --edkm-teacher-sequences > 0")
+        parser.error(f"invalid --recipe-* option: {error}")
     if any(not 1 <= b <= 8 for b in args.bits):
         parser.error(f"--bits must be integers from 1 to 8, got {args.bits}")
     if args.group_size == -1:
         args.group_size = None
     elif args.group_size < 1:
         parser.error(f"--group-size must be a positive integer or -1 (per output channel), got {args.group_size}")
-    for name in (
-        "eval_tokens",
-        "calib_samples",
-        "calib_seq_len",
-        "context_length",
-        "eval_batch_size",
-        "fisher_samples",
-    ):
+    for name in ("eval_tokens", "context_length", "eval_batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     suffix = "_quick" if args.quick else ""
@@ -283,10 +243,12 @@ def run(args: argparse.Namespace) -> dict:
     base, tokenizer, model_info = load_causal_lm(args.model, gguf_file=args.gguf_file)
     model_info["load_seconds"] = time.perf_counter() - started
     eval_ids = {label: text.token_ids(tokenizer, max_tokens=args.eval_tokens) for label, text in texts.items()}
-    calibration = calibration_data(calibration_text, tokenizer, args.calib_samples, args.calib_seq_len, args.seed)
-    context = RunContext(
-        calibration=calibration, recipe=args.recipe, fisher_samples=args.fisher_samples, tokenizer=tokenizer
+    calibration = calibration_data(calibration_text, tokenizer, 1, args.recipe.calibration_seq_len, args.recipe.seed)
+    # every method calibrates on the recipe's windows (teacher text included): the same data for every row
+    calibration.input_ids = calibration_set(
+        base, CompressionData(train_ids=calibration.token_ids, tokenizer=tokenizer), args.recipe, progress
     )
+    context = RunContext(calibration=calibration, recipe=args.recipe, tokenizer=tokenizer)
 
     results = {
         "schema": 2,
@@ -300,12 +262,11 @@ def run(args: argparse.Namespace) -> dict:
             "context_length": args.context_length,
             "stride": args.stride or args.context_length,
             "eval_tokens": {label: int(ids.numel()) for label, ids in eval_ids.items()},
-            "calib_samples": args.calib_samples,
-            "calib_seq_len": args.calib_seq_len,
-            "seed": args.seed,
+            "calib_samples": int(calibration.input_ids.shape[0]),
+            "calib_seq_len": int(calibration.input_ids.shape[1]),
+            "seed": args.recipe.seed,
             "unquantized_bits": 16,
             "recipe": args.recipe.as_dict(),
-            "fisher_samples": args.fisher_samples,
         },
         "model": model_info,
         "evaluation_texts": {label: texts[label].describe(tokens=ids.numel()) for label, ids in eval_ids.items()},
@@ -459,18 +420,19 @@ def markdown_table(results: dict) -> str:
         f"- **Perplexity**: context {settings['context_length']}, stride {settings['stride']}, token-weighted "
         f"(`optimum_edkm.evaluation.evaluate_perplexity`).",
         f"- **Format**: RTN/GPTQ/AWQ: asymmetric min-max integers in {group}, fp16 scale and zero per group. "
-        f"Palettization rows: `kmeans-*` k-means (no training), `skm-*` k-means weighted by the float model's "
-        f"Fisher diagonal ({settings['fisher_samples']} calibration windows), `edkm-*` eDKM fine-tuning "
-        f"({recipe['steps']} steps of {recipe['batch_size']} x {recipe['seq_len']} tokens, learning rate "
-        f"{recipe['learning_rate']}, temperature {recipe['temperature']}, distillation weight "
-        f"{recipe['distillation_weight']} ({recipe['distillation_loss']}) from the float model, "
-        f"{recipe['teacher_sequences']} teacher-generated sequences"
-        f"{' plus the calibration text' if recipe['use_text'] else ''}), `edkm-ce-*` the former recipe "
-        f"(cross-entropy on the calibration text). `-scaled`: one fp16 LUT per tensor and an fp16 scale per output "
-        f"channel; `-g16`: one LUT per 16 output channels plus the scale; `-channel`: one LUT per channel. Every "
-        f"decoder linear is compressed; the tied embedding / LM head and norms are not. Bits/weight count codes, "
-        f"scales, zeros and LUTs over the compressed linears; the model column counts every other parameter at "
-        f"{settings['unquantized_bits']} bits. `fp-finetuned`: the former recipe's fine-tuning on the float model.",
+        f"Palettization rows (`optimum_edkm.compress`): `kmeans-*` k-means, `skm-*` k-means weighted by the float "
+        f"model's Fisher diagonal, `ptq-*` GPTQ onto LUTs ({recipe['refits']} least-squares LUT refit), all without "
+        f"training; `edkm-*` the recipe: the post-training start, {recipe['block_epochs']} epoch(s) of block-wise "
+        f"reconstruction ({recipe['block_train']}, learning rate {recipe['block_learning_rate']}), "
+        f"{recipe['steps']} end-to-end steps of {recipe['batch_size']} x {recipe['seq_len']} tokens "
+        f"({recipe['e2e_train']}, learning rate {recipe['learning_rate']}, distillation weight "
+        f"{recipe['distillation_weight']}, {recipe['distillation_loss']}); {recipe['teacher_share']:.0%} of the "
+        f"calibration windows and training rows are text sampled from the float model. `-tensor`: one fp16 LUT per "
+        f"tensor; `-scaled`: the same plus an fp16 scale per output channel; `-g16`: one LUT per 16 output channels "
+        f"plus the scale; `-channel`: one LUT per output channel. Every decoder linear is compressed; the tied "
+        f"embedding / LM head and norms are not. Bits/weight count codes, scales, zeros and LUTs over the compressed "
+        f"linears; the model column counts every other parameter at {settings['unquantized_bits']} bits. "
+        f"`fp-finetuned`: cross-entropy fine-tuning of the float model on the calibration text.",
         f"- **Machine**: {machine['processor']}, {machine['cpu_count']} CPUs ({machine['torch_threads']} torch "
         f"threads), {machine['device']}; load average at start {machine['load_average_start']}, end "
         f"{machine.get('load_average_end')}. Python {versions['python']}, torch {versions['torch']}, transformers "

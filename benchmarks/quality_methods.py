@@ -1,14 +1,19 @@
 """The rows of the quality benchmark: how each method compresses a fresh copy of the model.
 
 A method is ``callable(model, bits, group_size, context) -> QuantizationReport``; it compresses ``model`` in
-place. ``context`` (:class:`RunContext`) holds the calibration data, the row options and what several rows
-share and is computed once (the float model's Fisher diagonal, the teacher text). :func:`register_method`
-adds a row.
+place. ``context`` (:class:`RunContext`) holds the calibration text and windows and the recipe, computed once.
+Every optimum-edkm row is one call of :func:`optimum_edkm.compress` (the main job's pipeline) with a LUT layout
+and a recipe; :func:`register_method` adds a row.
+
+Row names: ``<method>-<layout>``. Methods: ``kmeans`` (plain k-means, no training), ``skm`` (k-means weighted by the
+float model's Fisher diagonal), ``ptq`` (GPTQ onto LUTs, the post-training start), ``edkm`` (the run's recipe:
+post-training start, then its training stages). Layouts: ``tensor`` (one fp16 LUT per weight), ``scaled`` (the
+same plus an fp16 scale per output channel), ``g16`` (one LUT per 16 output rows plus the scale), ``channel`` (one
+LUT per output row, no scale: the main job's).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import tempfile
 import time
@@ -17,7 +22,7 @@ from typing import Callable, Optional
 import torch
 
 from optimum_edkm.data import TextData, sample_windows
-from optimum_edkm.finetune import DEFAULT_RECIPE, Recipe
+from optimum_edkm.pipeline import DEFAULT_RECIPE, CompressionData, Recipe
 
 
 @dataclasses.dataclass
@@ -25,8 +30,9 @@ class CalibrationData:
     """Tokenised calibration text, as every compression method in the benchmark receives it.
 
     Attributes:
-        input_ids: ``[n_samples, seq_len]`` random windows of the calibration text (what GPTQ / AWQ use).
-        token_ids: the whole calibration text as one token stream (for methods that fine-tune on more).
+        input_ids: ``[n_samples, seq_len]`` calibration windows (GPTQ / AWQ use these; with a recipe that mixes
+            teacher text, the same windows optimum-edkm's rows calibrate on).
+        token_ids: the whole calibration text as one token stream (for methods that train on more).
         text: the calibration text itself.
         tokenizer: the tokenizer that produced the ids.
         seed: the seed that drew the windows.
@@ -65,10 +71,10 @@ class QuantizationReport:
         bits: index / code width (``None`` for an uncompressed row).
         group_size: the method's grouping (``None``: per channel / per tensor, as the method defines it).
         storage: per compressed module (``named_modules`` name), its
-            :class:`~optimum_edkm.evaluation.WeightStorage`; feeds :func:`~optimum_edkm.evaluation.effective_bits`.
+            :class:`~optimum_edkm.storage.WeightStorage`; feeds :func:`~optimum_edkm.evaluation.effective_bits`.
         seconds: wall-clock time of the compression.
         settings: the method's hyper-parameters.
-        details: method-specific diagnostics (per-module errors, chosen scales, training losses, ...).
+        details: method-specific diagnostics (per-module errors, stage times, training losses, ...).
     """
 
     method: str
@@ -98,33 +104,17 @@ class RunContext:
 
     Attributes:
         calibration: the calibration windows and the whole calibration token stream.
-        recipe: the fine-tuning recipe of the ``edkm-*`` and ``fp-finetuned`` rows.
-        fisher_samples: calibration windows of ``recipe.seq_len`` tokens for the Fisher diagonal.
+        recipe: the recipe of the ``edkm-*`` rows (the starts of the other palettization rows take its calibration
+            settings) and of the ``fp-finetuned`` reference.
         tokenizer: the model's tokenizer (for teacher text).
     """
 
     calibration: CalibrationData
     recipe: Recipe = DEFAULT_RECIPE
-    fisher_samples: int = 32
     tokenizer: object = None
-    _fisher: Optional[dict] = None
-    _teacher_text: Optional[torch.Tensor] = None
 
-    def fisher(self, base) -> dict:
-        """The float model's Fisher diagonal on the calibration text (computed once per run)."""
-        if self._fisher is None:
-            from optimum_edkm.sensitivity import fisher_diagonal
-
-            self._fisher = fisher_diagonal(
-                base, self.calibration.token_ids, samples=self.fisher_samples, seq_len=self.recipe.seq_len
-            )
-        return self._fisher
-
-    def teacher_text(self, base) -> Optional[torch.Tensor]:
-        """The recipe's teacher text (generated once per run, cached on disk), or ``None``."""
-        if self.recipe.teacher_sequences and self._teacher_text is None:
-            self._teacher_text = self.recipe.teacher_text(base, self.tokenizer)
-        return self._teacher_text
+    def data(self) -> CompressionData:
+        return CompressionData(train_ids=self.calibration.token_ids, tokenizer=self.tokenizer)
 
 
 MethodFn = Callable[[torch.nn.Module, int, Optional[int], RunContext], QuantizationReport]
@@ -146,84 +136,42 @@ def _baseline(name: str) -> MethodFn:
     return compress
 
 
-def _train_losses(trainer) -> list:
-    return [round(h["loss"], 4) for h in trainer.state.log_history if "loss" in h]
+#: LUT layouts of the palettization rows: (name, output rows per LUT or None for one per tensor, per-channel scale)
+LAYOUTS = (("tensor", None, False), ("scaled", None, True), ("g16", 16, True), ("channel", 1, False))
+#: what each palettization method changes in the run's recipe (``edkm``: nothing)
+RECIPE_CHANGES = {
+    "kmeans": dict(start="kmeans", block_epochs=0, steps=0),
+    "skm": dict(start="fisher", block_epochs=0, steps=0),
+    "ptq": dict(start="post_training", block_epochs=0, steps=0),
+    "edkm": {},
+}
 
 
-def _palettization(
-    lut_group_size: Optional[int],
-    fine_tune: bool,
-    channel_scale: bool = True,
-    sensitivity: bool = False,
-    cross_entropy: bool = False,
-) -> MethodFn:
-    """A row compressed by optimum-edkm: k-means palettization (``fine_tune=False``) or eDKM fine-tuning, with one
-    LUT per tensor (``lut_group_size=None``) or per ``lut_group_size`` output rows, with a per-output-channel scale
-    (``channel_scale``), k-means weighted by the float model's Fisher diagonal (``sensitivity``), and either the
-    recipe as it is (distillation by default) or the former cross-entropy recipe (``cross_entropy``)."""
+def _palettization(method: str, lut_group_size: Optional[int], channel_scale: bool) -> MethodFn:
+    """A row compressed by :func:`optimum_edkm.compress` with this LUT layout and the run's recipe changed by
+    :data:`RECIPE_CHANGES`."""
 
     def compress(model, bits, group_size, context):
-        from optimum_edkm.api import palettize, prepare
-        from optimum_edkm.config import EDKMConfig
-        from optimum_edkm.finetune import finetune
+        from optimum_edkm import EDKMConfig, compress
         from optimum_edkm.nn import palettized_storage
 
-        recipe = context.recipe
-        if cross_entropy:
-            recipe = dataclasses.replace(recipe, distillation_weight=0.0, teacher_sequences=0)
-        granularity = (
-            {} if lut_group_size is None else {"granularity": "per_grouped_channel", "group_size": lut_group_size}
-        )
-        config = EDKMConfig(
-            bits=bits, temperature=recipe.temperature, enable_per_channel_scale=channel_scale, **granularity
-        )
-        started = time.perf_counter()
-        settings = {
-            "lut_group_size": lut_group_size,
-            "per_channel_scale": channel_scale,
-            "sensitivity_weighted": sensitivity,
-            "temperature": recipe.temperature,
-        }
-        details = {}
-        weighted = sensitivity or (fine_tune and recipe.fisher_samples > 0)
-        settings["sensitivity_weighted"] = weighted
-        fine_tuned_with_teacher = fine_tune and recipe.distillation_weight > 0
-        teacher = copy.deepcopy(model) if fine_tuned_with_teacher else None
-        generated = context.teacher_text(model) if fine_tune and recipe.teacher_sequences else None
-        if weighted:
-            settings["fisher_samples"] = context.fisher_samples
-            prepare(model, config, importance=context.fisher(model))
-        else:
-            prepare(model, config)
-        if fine_tune:
-            with tempfile.TemporaryDirectory() as workdir:
-                trainer = finetune(
-                    model,
-                    context.calibration.token_ids if recipe.use_text else None,
-                    output_dir=workdir,
-                    progress=False,
-                    teacher_model=teacher,
-                    sequences=generated,
-                    logging_steps=max(1, recipe.steps // 10),
-                    **recipe.finetune_arguments(),
-                )
-            del teacher
-            settings.update(recipe.as_dict())
-            details["train_loss"] = _train_losses(trainer)
-        else:
-            palettize(model)
-        method = "edkm" if fine_tune else "skm" if weighted else "kmeans"
+        layout = {} if lut_group_size is None else {"granularity": "per_grouped_channel", "group_size": lut_group_size}
+        config = EDKMConfig(bits=bits, enable_per_channel_scale=channel_scale, **layout)
+        recipe = dataclasses.replace(context.recipe, **RECIPE_CHANGES[method])
+        report = compress(model, config, recipe, context.data(), progress=False)
+        settings = dict(recipe.as_dict(), lut_group_size=lut_group_size, per_channel_scale=channel_scale)
+        details = {"stages": report.stages}
         return QuantizationReport(
-            method, bits, lut_group_size, palettized_storage(model), time.perf_counter() - started, settings, details
+            method, bits, lut_group_size, palettized_storage(model), report.seconds, settings, details
         )
 
     return compress
 
 
 def _finetuned_float(model, bits, group_size, context):
-    """Reference row: the former recipe's cross-entropy fine-tuning (same text, steps, batch, learning rate and
-    schedule as the ``edkm-ce-*`` rows) on the float model, no clustering: it separates adaptation to the
-    calibration text's kind from the cost of clustering."""
+    """Reference row: cross-entropy fine-tuning of the float model on the calibration text (the recipe's steps,
+    batch, length and learning rate), no clustering: it separates adaptation to the calibration text's kind
+    from the cost of clustering."""
     from transformers import Trainer, TrainingArguments
 
     from optimum_edkm.api import quant_method
@@ -237,15 +185,16 @@ def _finetuned_float(model, bits, group_size, context):
             raise ValueError("the float fine-tuning reference needs a float model, got a quantized one")
         model.hf_quantizer, model.is_quantized = None, False
     recipe = context.recipe
+    steps = max(recipe.steps, 1)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
         args = TrainingArguments(
             **recipe_arguments(
                 workdir,
-                recipe.steps,
+                steps,
                 recipe.batch_size,
                 recipe.learning_rate,
-                logging_steps=max(1, recipe.steps // 10),
+                logging_steps=max(1, steps // 10),
                 progress=False,
             )
         )
@@ -254,56 +203,36 @@ def _finetuned_float(model, bits, group_size, context):
         )
         trainer.train()
     model.eval()
-    settings = {k: v for k, v in recipe.as_dict().items() if k in ("steps", "learning_rate", "batch_size", "seq_len")}
+    settings = {
+        "steps": steps,
+        "learning_rate": recipe.learning_rate,
+        "batch_size": recipe.batch_size,
+        "seq_len": recipe.seq_len,
+    }
+    losses = [round(h["loss"], 4) for h in trainer.state.log_history if "loss" in h]
     return QuantizationReport(
-        "fp-finetuned", None, None, {}, time.perf_counter() - started, settings, {"train_loss": _train_losses(trainer)}
+        "fp-finetuned", None, None, {}, time.perf_counter() - started, settings, {"train_loss": losses}
     )
 
 
 _finetuned_float.bits_independent = True
 
-#: name -> method; runs in this order. ``group_size`` is the input-column group of the uniform methods; the
-#: palettization rows have their own LUT granularity: ``-tensor`` one fp16 LUT per weight tensor; ``-scaled`` the
-#: same with an fp16 scale per output channel; ``-g16`` one LUT per 16 output rows plus the scale; ``-channel``
-#: one LUT per output channel. ``skm-*``: k-means weighted by the float model's Fisher diagonal. ``edkm-*``
-#: fine-tune with the default recipe (distillation from the float model), ``edkm-ce-*`` with the former one
-#: (cross-entropy on the calibration text).
+#: name -> method; runs in this order. ``group_size`` is the input-column group of the uniform methods (RTN,
+#: GPTQ, AWQ); the palettization rows have their own LUT layout (module docstring).
 METHODS: dict = {
     "rtn": _baseline("rtn"),
     "gptq": _baseline("gptq"),
     "awq": _baseline("awq"),
-    "kmeans-tensor": _palettization(None, fine_tune=False, channel_scale=False),
-    "kmeans-scaled": _palettization(None, fine_tune=False),
-    "kmeans-g16": _palettization(16, fine_tune=False),
-    "kmeans-channel": _palettization(1, fine_tune=False, channel_scale=False),
-    "skm-scaled": _palettization(None, fine_tune=False, sensitivity=True),
-    "skm-g16": _palettization(16, fine_tune=False, sensitivity=True),
-    "skm-channel": _palettization(1, fine_tune=False, channel_scale=False, sensitivity=True),
-    "edkm-tensor": _palettization(None, fine_tune=True, channel_scale=False),
-    "edkm-scaled": _palettization(None, fine_tune=True),
-    "edkm-g16": _palettization(16, fine_tune=True),
-    "edkm-channel": _palettization(1, fine_tune=True, channel_scale=False),
-    "edkm-skm-scaled": _palettization(None, fine_tune=True, sensitivity=True),
-    "edkm-skm-g16": _palettization(16, fine_tune=True, sensitivity=True),
-    "edkm-skm-channel": _palettization(1, fine_tune=True, channel_scale=False, sensitivity=True),
-    "edkm-ce-scaled": _palettization(None, fine_tune=True, cross_entropy=True),
+    **{
+        f"{method}-{layout}": _palettization(method, rows, scale)
+        for method in RECIPE_CHANGES
+        for layout, rows, scale in LAYOUTS
+    },
     "fp-finetuned": _finetuned_float,
 }
 
-#: what runs without --methods
-DEFAULT_METHODS = [
-    "fp-finetuned",
-    "rtn",
-    "gptq",
-    "awq",
-    "kmeans-scaled",
-    "kmeans-g16",
-    "skm-scaled",
-    "skm-g16",
-    "edkm-ce-scaled",
-    "edkm-scaled",
-    "edkm-skm-g16",
-]
+#: what runs without --methods: the baselines, the post-training start and the main job's recipe at its layout
+DEFAULT_METHODS = ["gptq", "awq", "ptq-channel", "edkm-channel"]
 
 
 def register_method(name: str, method: MethodFn) -> None:

@@ -148,6 +148,8 @@ def main(argv=None):
         "validation_texts": {r: f"{t.name}/{t.split}" for r, t in texts.items()},
         "eval_tokens": {r: int(ids.numel()) for r, ids in eval_ids.items()},
         "threads": torch.get_num_threads(),
+        # CPU seconds of this process: on a loaded machine, a better guide to the time alone than wall seconds
+        "cpu_seconds": round(time.process_time(), 1),
     }
     print(report.table())
     finish_sweep_line(record, started, load_start, args.tag, args.out)

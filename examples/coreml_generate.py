@@ -1,7 +1,7 @@
 """Generate text on a Mac with a Core ML generation package of a palettized model (macOS 15 / iOS 18 or later).
 
 Export once (Linux or macOS), from a model saved with ``optimum_edkm.save_pretrained`` (e.g. by
-``examples/finetune_edkm.py``); the tokenizer is read from the same folder:
+``examples/compress.py``, ``optimum-edkm compress``); the tokenizer is read from the same folder:
 
     optimum-edkm-coreml runs/finetune-edkm runs/smollm2-3bit-gen.mlpackage --generate --context-length 512
     python examples/coreml_generate.py runs/smollm2-3bit-gen.mlpackage --model runs/finetune-edkm \\

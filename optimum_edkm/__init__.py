@@ -37,6 +37,7 @@ from .nn import (
     PalettizedLinear,
     PalettizedTiedLinear,
 )
+from .pipeline import CompressionData, CompressionReport, Recipe, compress
 from .quantizer import EDKMHfQuantizer  # registers the quantizer with transformers
 from .trainer import ClusteringSchedule, ClusteringScheduleCallback, EDKMTrainer, EDKMTrainingArguments
 from .version import __version__
@@ -70,14 +71,18 @@ __all__ = [
     "EDKMLinear",
     "EDKMTiedLinear",
     "EDKMTrainer",
+    "CompressionData",
+    "CompressionReport",
     "EDKMTrainingArguments",
     "Palette",
     "PalettizedConv1D",
     "PalettizedEmbedding",
     "PalettizedLinear",
     "PalettizedTiedLinear",
+    "Recipe",
     "__version__",
     "checkpoint_bytes",
+    "compress",
     "model_card_section",
     "palettes_of",
     "palettize",

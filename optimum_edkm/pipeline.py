@@ -1,6 +1,6 @@
 """The main job as one call: ``compress(model, config, recipe, data) -> CompressionReport``.
 
-What the command line (``optimum-edkm compress``), the example (``examples/finetune_edkm.py``) and every row of
+What the command line (``optimum-edkm compress``), the example (``examples/compress.py``) and every row of
 the quality benchmark run, in this order:
 
 1. measure the float model on the evaluation texts;
@@ -45,7 +45,8 @@ def _check_number(name: str, value, low: float = 0.0, integer: bool = False, hig
     kind = int if integer else (int, float)
     if not isinstance(value, kind) or isinstance(value, bool) or not low <= value <= high:
         shape = "an integer" if integer else "a number"
-        raise ValueError(f"Recipe.{name} must be {shape} in [{low}, {high}], got {value!r}")
+        bounds = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
+        raise ValueError(f"Recipe.{name} must be {shape} {bounds}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,6 +204,11 @@ class CompressionReport:
 #: the main job's recipe (README command 1, ``optimum-edkm compress``); chosen on validation text
 DEFAULT_RECIPE = Recipe()
 
+#: the main job's LUT layout (keyword arguments of :class:`~optimum_edkm.EDKMConfig`): one 8-entry LUT per output
+#: channel and no scale (3.19 bits per weight at 3 bits and 576 input columns), the layout that did best on
+#: validation text for every method (docs/quality.md, round 2)
+DEFAULT_LAYOUT = {"granularity": "per_grouped_channel", "group_size": 1, "enable_per_channel_scale": False}
+
 
 def check_data(model, data: CompressionData, recipe: Recipe) -> None:
     """Refuse, before any work, text too short for the recipe and token ids the model cannot embed."""
@@ -238,6 +244,12 @@ def calibration_rows(data: CompressionData, teacher_text: Optional[torch.Tensor]
         parts.append(sample_windows(data.train_ids, samples - from_teacher, length, recipe.seed))
     rows = torch.cat(parts)
     return rows[torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(recipe.seed))]
+
+
+def calibration_set(model, data: CompressionData, recipe: Recipe, progress: bool = False) -> torch.Tensor:
+    """The calibration windows the recipe's start calibrates on (sampling the teacher text from the float
+    ``model`` first, cached): what a benchmark gives the baselines so that every method sees the same data."""
+    return calibration_rows(data, _teacher_text(model, data, recipe, progress), recipe)
 
 
 def _teacher_text(model, data: CompressionData, recipe: Recipe, progress: bool) -> Optional[torch.Tensor]:

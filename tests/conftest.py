@@ -10,6 +10,13 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 @pytest.fixture(autouse=True)
+def cache_in_tmp(tmp_path_factory, monkeypatch):
+    """optimum-edkm's cache (built-in texts, text sampled from test models) lives in the session's temporary
+    folder, never in the user's."""
+    monkeypatch.setenv("OPTIMUM_EDKM_CACHE", str(tmp_path_factory.getbasetemp() / "optimum-edkm-cache"))
+
+
+@pytest.fixture(autouse=True)
 def one_cpu_thread():
     """Test tensors are tiny: on a busy 2-core machine, OpenMP threads waiting for a core made single tests take
     25 s instead of 0.2 s. Tests that measure multi-process behaviour start their own processes."""

@@ -50,6 +50,10 @@ def _compress_argv(model, texts, output, *extra):
         "32",
         "--batch-size",
         "2",
+        "--calibration-samples",
+        "4",
+        "--calibration-seq-len",
+        "64",
         "--no-progress",
         *extra,
     ]
@@ -101,24 +105,28 @@ def test_the_registration_module_imports_neither_torch_nor_the_package():
     assert result.stdout.strip() == "[]"
 
 
-def test_coreml_export_options_match_the_export_command_line():
-    """``optimum-cli export coreml-edkm`` re-declares the options of ``python -m optimum_edkm.export``: same set."""
+def test_every_coreml_entry_point_parses_the_same_options_into_the_same_namespace(monkeypatch):
+    """``optimum-edkm export coreml``, ``optimum-edkm-coreml`` and ``optimum-cli export coreml-edkm`` are built from
+    one declaration (commands/arguments.py) and hand the same parsed options to the same runner."""
     import argparse
 
-    from optimum_edkm.commands.arguments import add_coreml_export_arguments, coreml_export_argv
-    from optimum_edkm.export.cli import _parser
+    from optimum_edkm.commands import cli
+    from optimum_edkm.commands.arguments import add_coreml_export_arguments
 
-    export_parser = next(action for action in _parser()._actions if isinstance(action, argparse._SubParsersAction))
-    reference = export_parser.choices["export"]
-    ours = argparse.ArgumentParser()
-    add_coreml_export_arguments(ours)
-
-    def options(parser):
-        return {(tuple(a.option_strings), a.dest, a.default) for a in parser._actions if a.dest != "help"}
-
-    assert options(ours) == options(reference)
-    args = ours.parse_args(["saved", "out.mlpackage", "--seq-len", "32", "--no-tensors", "--overwrite"])
-    assert vars(reference.parse_args(coreml_export_argv(args)[1:])) == vars(args)
+    seen = []
+    monkeypatch.setattr(cli, "run_coreml", lambda args: seen.append(vars(args)) or 0)
+    argv = ["saved", "out.mlpackage", "--seq-len", "32", "--no-tensors", "--overwrite", "--target", "iOS26"]
+    assert cli.main(["export", "coreml", *argv]) == 0
+    assert cli.coreml_main(argv) == 0  # the short form
+    assert cli.coreml_main(["export", *argv]) == 0  # 0.2's subcommand name
+    optimum_cli = argparse.ArgumentParser()
+    add_coreml_export_arguments(optimum_cli)  # what register_edkm.py declares for coreml-edkm
+    seen.append(vars(optimum_cli.parse_args(argv)))
+    first = {k: v for k, v in seen[0].items() if k != "command"}
+    assert all({k: v for k, v in other.items() if k != "command"} == first for other in seen[1:])
+    assert first["coreml_command"] == "export" and first["seq_len"] == 32 and first["target"] == "iOS26"
+    assert cli.coreml_main(["verify", "p.mlpackage", "--model", "saved"]) == 0
+    assert seen[-1]["coreml_command"] == "verify" and seen[-1]["model"] == "saved"
 
 
 # --------------------------------------------------------------------------------------------- compress
@@ -132,71 +140,83 @@ def test_compress_from_optimum_cli_writes_a_palettized_model_whose_report_matche
     output = tmp_path / "out"
     cli = [sys.executable, "-c", "from optimum.commands.optimum_cli import main; main()", "edkm"]
     result = subprocess.run(
-        cli + _compress_argv(tiny_model_dir, texts, output, "--bits", "3", "--steps", "2"),
+        cli + _compress_argv(tiny_model_dir, texts, output, "--bits", "3", "--steps", "2", "--ood-text", "none"),
         capture_output=True,
         text=True,
-        env=_env(),
+        env=dict(_env(), OPTIMUM_EDKM_CACHE=str(tmp_path / "cache")),
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((output / "compress_report.json").read_text())
     labels = [row["label"] for row in report["rows"]]
-    assert labels == ["float model", "sensitivity-weighted k-means, 3-bit", "eDKM fine-tuned (2 steps), 3-bit"]
-    assert report["quantization_config"]["group_size"] == 1  # the recipe's layout: one LUT per output channel
-    assert "| eDKM fine-tuned (2 steps), 3-bit |" in result.stdout  # the summary table
-    assert report["fine_tuning"]["steps"] == 2 and report["fine_tuning"]["mean_train_loss"] > 0
+    assert labels == ["float model", "post-training start, 3-bit", "trained, 3-bit"]
+    assert report["config"]["group_size"] == 1  # the main job's layout: one LUT per output channel
+    assert "| trained, 3-bit |" in result.stdout  # the summary table
+    assert report["stages"]["end-to-end distillation"]["steps"] == 2
+    assert report["recipe"]["steps"] == 2 and report["recipe"]["seq_len"] == 32
 
     model, tokenizer = _load(str(output))
     assert isinstance(model.model.layers[0].self_attn.q_proj, PalettizedLinear)
     assert model.config.quantization_config.bits == 3
-    rows = {row["label"]: row for row in report["rows"]}
-    assert rows[labels[-1]]["perplexity"] == pytest.approx(_perplexity(model, tokenizer, texts / "eval.txt"), rel=1e-5)
-    assert rows[labels[-1]]["size_bytes"] == size_report(model)["theoretical_bytes"]
+    rows = {row["label"]: row["perplexity"]["in-domain"] for row in report["rows"]}
+    assert rows[labels[-1]] == pytest.approx(_perplexity(model, tokenizer, texts / "eval.txt"), rel=1e-5)
+    assert report["size"]["theoretical_bytes"] == size_report(model)["theoretical_bytes"]
     float_model, float_tokenizer, _ = load_causal_lm(tiny_model_dir)
-    assert rows["float model"]["perplexity"] == pytest.approx(
-        _perplexity(float_model, float_tokenizer, texts / "eval.txt"), rel=1e-5
-    )
+    assert rows["float model"] == pytest.approx(_perplexity(float_model, float_tokenizer, texts / "eval.txt"), rel=1e-5)
     float_bytes = sum(p.numel() * p.element_size() for p in float_model.state_dict().values())
-    assert rows["float model"]["size_bytes"] == float_bytes
+    assert report["float_size"]["model_bytes"] == float_bytes
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".edkm-")]  # no scratch folders left
 
 
-def test_compress_passes_only_the_options_given_so_the_recipe_defaults_apply(
-    tiny_model_dir, texts, tmp_path, monkeypatch
-):
-    import optimum_edkm.finetune
+def test_compress_keeps_the_recipe_defaults_for_options_not_given(tiny_model_dir, texts, tmp_path, monkeypatch):
+    import dataclasses
+
+    import optimum_edkm
     from optimum_edkm.commands import main
+    from optimum_edkm.pipeline import DEFAULT_RECIPE
 
-    calls = []
-    real = optimum_edkm.finetune.finetune
+    recipes = []
 
-    def spy(model, token_ids, config=None, **kwargs):
-        calls.append(dict(kwargs))
-        kwargs["steps"] = 1  # keep the test fast whatever the recipe's default is
-        return real(model, token_ids, config, **kwargs)
+    def spy(model, config, recipe, data, **kwargs):
+        recipes.append(recipe)
+        raise RuntimeError("stop after the call")
 
-    monkeypatch.setattr(optimum_edkm.finetune, "finetune", spy)
+    monkeypatch.setattr(optimum_edkm, "compress", spy)
     argv = _compress_argv(tiny_model_dir, texts, tmp_path / "out", "--no-eval", "--learning-rate", "0.002")
-    argv = [a for a in argv if a not in ("--seq-len", "32", "--batch-size", "2")]
-    assert main(argv + ["--seq-len", "32", "--steps", "1"]) == 0
-    (kwargs,) = calls
-    given = {k for k in kwargs if k not in ("output_dir", "progress", "teacher_model")}
-    assert given == {"learning_rate", "seq_len", "steps"} and kwargs["learning_rate"] == 0.002
-    assert kwargs["teacher_model"] is None
+    with pytest.raises(RuntimeError, match="stop after the call"):
+        main(argv + ["--steps", "1", "--e2e-train", "lut"])
+    (recipe,) = recipes
+    given = {
+        "learning_rate": 0.002,
+        "steps": 1,
+        "e2e_train": "lut",
+        "seq_len": 32,
+        "batch_size": 2,
+        "calibration_samples": 4,
+        "calibration_seq_len": 64,
+    }
+    assert recipe == dataclasses.replace(DEFAULT_RECIPE, **given)
 
 
-def test_compress_with_zero_steps_palettizes_the_kmeans_initialisation_and_distillation_keeps_a_teacher(
+def test_compress_with_zero_steps_saves_the_post_training_start_and_distillation_keeps_a_teacher(
     tiny_model_dir, texts, tmp_path, monkeypatch
 ):
     import optimum_edkm.finetune
     from optimum_edkm.commands import main
 
-    assert main(_compress_argv(tiny_model_dir, texts, tmp_path / "zero", "--steps", "0", "--bits", "2")) == 0
+    monkeypatch.setenv("OPTIMUM_EDKM_CACHE", str(tmp_path / "cache"))
+    argv = _compress_argv(
+        tiny_model_dir, texts, tmp_path / "zero", "--steps", "0", "--block-epochs", "0", "--bits", "2"
+    )
+    assert main(argv + ["--ood-text", "none"]) == 0
     report = json.loads((tmp_path / "zero" / "compress_report.json").read_text())
-    kmeans, final = report["rows"][1], report["rows"][2]
-    # the eval-mode prepared model snaps to its k-means LUT: exactly what palettize stores
-    assert final["perplexity"] == pytest.approx(kmeans["perplexity"], rel=1e-6)
-    assert report["quantization_config"]["bits"] == 2
+    assert [row["label"] for row in report["rows"]] == ["float model", "post-training start, 2-bit"]
+    assert list(report["stages"]) == ["float model and teacher text", "start", "palettize and measure"]
+    model, tokenizer = _load(str(tmp_path / "zero"))
+    assert report["rows"][1]["perplexity"]["in-domain"] == pytest.approx(
+        _perplexity(model, tokenizer, texts / "eval.txt"), rel=1e-5
+    )
+    assert report["config"]["bits"] == 2
 
     teachers = []
     monkeypatch.setattr(
@@ -209,7 +229,16 @@ def test_compress_with_zero_steps_palettizes_the_kmeans_initialisation_and_disti
     with pytest.raises(RuntimeError, match="stop after the call"):
         main(
             _compress_argv(
-                tiny_model_dir, texts, tmp_path / "distil", "--no-eval", "--distillation-weight", "0.5", "--steps", "1"
+                tiny_model_dir,
+                texts,
+                tmp_path / "distil",
+                "--no-eval",
+                "--distillation-weight",
+                "0.5",
+                "--steps",
+                "1",
+                "--block-epochs",
+                "0",
             )
         )
     (teacher,) = teachers
@@ -319,4 +348,4 @@ def test_console_script_is_declared_and_runs():
         env=_env(),
         timeout=120,
     )
-    assert usage.returncode == 2 and "export coreml" in usage.stderr
+    assert usage.returncode == 2 and "optimum-edkm export" in usage.stderr and "{coreml,verify}" in usage.stderr

@@ -437,7 +437,7 @@ def test_duplicate_lut_entries_are_exported_exactly_and_counted(ct, tiny_llama_d
 # ------------------------------------------------------------------------------------------------- CLI
 @needs_coremltools
 def test_cli_exports_a_saved_palettized_model_and_verifies_it(ct, tiny_llama_dir, tmp_path, capsys):
-    from optimum_edkm.export.cli import main
+    from optimum_edkm.commands.cli import coreml_main as main
 
     model = palettized(tiny_llama_dir, bits=4, group_size=16)
     saved = str(tmp_path / "saved")

@@ -280,7 +280,7 @@ def test_palettized_tied_embedding_is_one_lut_op_read_by_gather_and_lm_head(ct, 
 # ------------------------------------------------------------------------------------------------- CLI
 @needs_coremltools
 def test_cli_generate_exports_and_verifies_a_saved_model(ct, wide_llama_dir, tmp_path, capsys):
-    from optimum_edkm.export.cli import main
+    from optimum_edkm.commands.cli import coreml_main as main
 
     saved = str(tmp_path / "saved")
     optimum_edkm.save_pretrained(palettized(wide_llama_dir, bits=4), saved)

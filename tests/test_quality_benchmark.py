@@ -28,7 +28,7 @@ def test_quality_harness_runs_every_kind_of_row_on_both_texts(tmp_path, monkeypa
     (tmp_path / "calib.txt").write_text(topics["del"] + topics["global"], encoding="utf-8")
     save_tiny_model(tmp_path / "model", topics["assert"] + topics["lambda"])
     outputs = {"json": tmp_path / "r.json", "table": tmp_path / "t.md", "plot": tmp_path / "p.png"}
-    methods = ("rtn", "gptq", "awq", "kmeans-channel", "skm-g16", "edkm-tensor", "edkm-ce-scaled")
+    methods = ("rtn", "gptq", "awq", "kmeans-channel", "skm-g16", "ptq-channel", "edkm-tensor")
     argv = [
         "--model",
         str(tmp_path / "model"),
@@ -47,20 +47,22 @@ def test_quality_harness_runs_every_kind_of_row_on_both_texts(tmp_path, monkeypa
         "200",
         "--context-length",
         "64",
-        "--calib-samples",
+        "--recipe-calibration-samples",
         "4",
-        "--calib-seq-len",
+        "--recipe-calibration-seq-len",
         "32",
-        "--fisher-samples",
-        "2",
+        "--recipe-teacher-share",
+        "0.5",
         "--methods",
         *methods,
         "fp-finetuned",
-        "--edkm-steps",
+        "--recipe-block-epochs",
+        "1",
+        "--recipe-steps",
         "2",
-        "--edkm-batch-size",
+        "--recipe-batch-size",
         "2",
-        "--edkm-seq-len",
+        "--recipe-seq-len",
         "32",
         "--no-progress",
     ] + [a for key, path in outputs.items() for a in (f"--{key}", str(path))]
@@ -83,12 +85,21 @@ def test_quality_harness_runs_every_kind_of_row_on_both_texts(tmp_path, monkeypa
         # one LUT per 16 rows plus an fp16 scale per row
         grouped = sum(o * i * b + (o // 16) * 2**b * 16 + o * 16 for o, i in shapes) / sum(o * i for o, i in shapes)
         assert rows["skm-g16", b]["bits_per_weight_linears"] == pytest.approx(grouped)
-        assert rows["skm-g16", b]["report"]["settings"]["sensitivity_weighted"] is True
-        distilled = rows["edkm-tensor", b]["report"]["settings"]
-        assert distilled["steps"] == 2 and distilled["teacher_sequences"] == quality.DEFAULT_RECIPE.teacher_sequences
-        assert distilled["distillation_weight"] == quality.DEFAULT_RECIPE.distillation_weight
-        assert rows["edkm-ce-scaled", b]["report"]["settings"]["distillation_weight"] == 0
-        assert len(rows["edkm-tensor", b]["report"]["details"]["train_loss"]) >= 1
+        assert rows["skm-g16", b]["report"]["settings"]["start"] == "fisher"
+        assert rows["ptq-channel", b]["report"]["settings"]["start"] == "post_training"
+        assert rows["ptq-channel", b]["bits_per_weight_linears"] == pytest.approx(expected)
+        trained = rows["edkm-tensor", b]["report"]
+        assert trained["settings"]["steps"] == 2 and trained["settings"]["block_epochs"] == 1
+        assert list(trained["details"]["stages"]) == [
+            "float model and teacher text",
+            "start",
+            "block-wise reconstruction",
+            "end-to-end distillation",
+            "palettize and measure",
+        ]
+        assert trained["details"]["stages"]["end-to-end distillation"]["steps"] == 2
+    # every method calibrated on the same windows: 2 of the calibration text and 2 of the float model's samples
+    assert results["settings"]["calib_samples"] == 4 and results["settings"]["calib_seq_len"] == 32
     model, tokenizer, _ = models.load_causal_lm(str(tmp_path / "model"))
     for label, path in (("in_domain", "eval.txt"), ("out_of_domain", "ood.txt")):
         ids = data.load_text(str(tmp_path / path)).token_ids(tokenizer, max_tokens=200)
@@ -113,7 +124,7 @@ def test_quality_harness_refuses_the_same_text_for_evaluation_and_calibration(tm
     with pytest.raises(SystemExit):
         quality.parse_args(["--methods", "nothing"])
     with pytest.raises(SystemExit):
-        quality.parse_args(["--edkm-distillation-weight", "2"])
+        quality.parse_args(["--recipe-distillation-weight", "2"])
 
 
 def test_register_method_checks_its_arguments():

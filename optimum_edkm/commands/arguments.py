@@ -12,6 +12,9 @@ from __future__ import annotations
 import argparse
 
 DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_OUTPUT = "runs/optimum-edkm-compress"
+#: held-out tokens ``compress`` scores per evaluation text unless ``--eval-tokens`` says otherwise
+COMPRESS_EVAL_TOKENS = 8192
 LIBRARY_DEFAULT = "default: the library's"
 
 #: ``compress`` option -> ``EDKMConfig`` field
@@ -26,18 +29,57 @@ CONFIG_OPTIONS = {
     "lut_dtype": "lut_dtype",
     "modules_to_not_convert": "modules_to_not_convert",
 }
-#: ``compress`` option -> keyword of ``optimum_edkm.finetune.finetune`` (or of ``EDKMTrainingArguments``)
-FINETUNE_OPTIONS = {
-    "steps": "steps",
-    "seq_len": "seq_len",
-    "batch_size": "batch_size",
-    "learning_rate": "learning_rate",
-    "warmup_steps": "warmup_steps",
-    "seed": "seed",
-    "distillation_weight": "distillation_weight",
-    "distillation_temperature": "distillation_temperature",
-    "temperature_schedule": "temperature_schedule",
-    "clustering_milestone": "clustering_milestone",
+#: ``compress`` option -> ``optimum_edkm.Recipe`` field (every field; tests check the two lists agree)
+RECIPE_OPTIONS = {
+    name: name
+    for name in (
+        "start",
+        "calibration_samples",
+        "calibration_seq_len",
+        "teacher_share",
+        "refits",
+        "block_epochs",
+        "block_learning_rate",
+        "block_train",
+        "steps",
+        "batch_size",
+        "seq_len",
+        "learning_rate",
+        "warmup_steps",
+        "e2e_train",
+        "distillation_weight",
+        "distillation_loss",
+        "distillation_temperature",
+        "seed",
+    )
+}
+#: the choices of the recipe's string fields (``optimum_edkm.pipeline.STARTS``, ``reconstruction.TRAINED``,
+#: ``losses.DIVERGENCES``), repeated here because this module may not import the package
+RECIPE_CHOICES = {
+    "start": ("post_training", "fisher", "kmeans"),
+    "block_train": ("edkm", "lut"),
+    "e2e_train": ("edkm", "lut"),
+    "distillation_loss": ("forward_kl", "reverse_kl", "jsd", "cakld"),
+}
+RECIPE_HELP = {
+    "start": "where eDKM starts: GPTQ onto LUTs (post_training), Fisher-weighted k-means or k-means",
+    "calibration_samples": "calibration windows (Hessians, Fisher diagonal, block-wise reconstruction)",
+    "calibration_seq_len": "tokens per calibration window",
+    "teacher_share": "share of calibration windows and training rows sampled from the float model itself",
+    "refits": "least-squares LUT refits of the post-training start",
+    "block_epochs": "epochs of block-wise reconstruction per decoder layer (0: none)",
+    "block_learning_rate": "learning rate of block-wise reconstruction",
+    "block_train": "what block-wise reconstruction trains: eDKM weights or the LUTs only",
+    "steps": "optimizer steps of end-to-end distillation (0: the start, reconstructed, is the result)",
+    "batch_size": "sequences per end-to-end step",
+    "seq_len": "tokens per end-to-end training row",
+    "learning_rate": "learning rate of end-to-end distillation",
+    "warmup_steps": "warm-up steps of end-to-end distillation",
+    "e2e_train": "what end-to-end distillation trains: eDKM weights or the LUTs only",
+    "distillation_weight": "weight of the divergence to the float model (0: cross-entropy on the text only)",
+    "distillation_loss": "divergence to the float model's next-token distributions",
+    "distillation_temperature": "softmax temperature of the distillation term",
+    "seed": "seed of the windows, the teacher text and the training order",
 }
 
 
@@ -76,7 +118,12 @@ def _evaluation(parser: argparse.ArgumentParser, what: str) -> None:
 def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     """``compress``: load, (distil / fine-tune with eDKM), palettize, save, report size and quality."""
     _model_source(parser)
-    parser.add_argument("--output", "-o", required=True, help="folder to write the palettized model to")
+    parser.add_argument(
+        "--output",
+        "-o",
+        default=DEFAULT_OUTPUT,
+        help=f"folder to write the palettized model to (default {DEFAULT_OUTPUT})",
+    )
     parser.add_argument(
         "--overwrite",
         action="store_true",
@@ -111,45 +158,37 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
         help="modules kept in floating point (default: lm_head and tied modules)",
     )
 
-    training = parser.add_argument_group(
-        "fine-tuning (optimum_edkm.finetune.finetune; unset options keep the recipe's defaults)"
-    )
-    training.add_argument(
-        "--steps",
-        type=int,
-        default=None,
-        help="optimizer steps of eDKM fine-tuning (default 0: palettize the start, as the main job does; the "
-        "quality benchmark's recipe runs 30)",
-    )
-    training.add_argument("--fisher-samples", type=int, default=None, help="Fisher-weighted start windows (0: k-means)")
-    training.add_argument("--learning-rate", type=float, default=None)
-    training.add_argument("--batch-size", type=int, default=None)
-    training.add_argument("--seq-len", type=int, default=None, help="tokens per training window")
-    training.add_argument("--warmup-steps", type=int, default=None)
-    training.add_argument("--seed", type=int, default=None)
-    training.add_argument(
-        "--distillation-weight",
-        type=float,
-        default=None,
-        help="weight of the KL divergence to the float model (a copy of it is kept as the "
-        "teacher, doubling the float weights in memory)",
-    )
-    training.add_argument("--distillation-temperature", type=float, default=None)
-    training.add_argument("--temperature-schedule", choices=("constant", "linear", "cosine"), default=None)
-    training.add_argument(
-        "--clustering-milestone",
-        type=int,
-        default=None,
-        help="optimizer steps of plain fine-tuning before clustering starts",
-    )
-    training.add_argument(
+    recipe = parser.add_argument_group("recipe (optimum_edkm.Recipe; unset options keep DEFAULT_RECIPE's values)")
+    for field in RECIPE_OPTIONS:
+        kind = (
+            str
+            if field in RECIPE_CHOICES
+            else float
+            if "rate" in field or field in ("teacher_share", "distillation_weight", "distillation_temperature")
+            else int
+        )
+        recipe.add_argument(
+            "--" + field.replace("_", "-"),
+            type=kind,
+            choices=RECIPE_CHOICES.get(field),
+            default=None,
+            help=RECIPE_HELP[field],
+        )
+    recipe.add_argument(
         "--train-text",
         default=None,
-        help="file, folder or datasets id (default: the calibration split of the offline Python help topics)",
+        help="file, folder or datasets id: calibration and training text (default: the train split of the "
+        "offline Python help topics)",
     )
-    training.add_argument("--train-split", default=None, help="split of --train-text (datasets ids)")
+    recipe.add_argument("--train-split", default=None, help="split of --train-text (datasets ids)")
 
-    _evaluation(parser, "default: all of them")
+    _evaluation(parser, f"default {COMPRESS_EVAL_TOKENS}; 0: all")
+    parser.add_argument(
+        "--ood-text",
+        default=None,
+        help="out-of-domain evaluation text: file, folder or built-in name (default: gensim-enwiki, Wikipedia "
+        "from the gensim wheel); none: skip",
+    )
     parser.add_argument("--no-eval", action="store_true", help="skip the perplexity measurements")
 
 
@@ -170,25 +209,38 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_coreml_export_arguments(parser: argparse.ArgumentParser) -> None:
-    """``export coreml-edkm``: the options of ``python -m optimum_edkm.export`` (its ``export`` command)."""
+    """Core ML export of a saved palettized model (``optimum-edkm export coreml``, ``optimum-cli export
+    coreml-edkm``, ``optimum-edkm-coreml``)."""
     parser.add_argument("model", help="directory of a model saved by optimum_edkm.save_pretrained after palettize")
     parser.add_argument("output", help="the .mlpackage to write")
     parser.add_argument(
         "--generate",
         action="store_true",
-        help="a stateful generation package (KV cache as Core ML state, prefill and decode steps)",
+        help="export the stateful generation step (KV cache as Core ML states, prefill and decode; "
+        "iOS18+) instead of a fixed window",
     )
     parser.add_argument(
         "--context-length",
         type=int,
         default=None,
-        help="with --generate: most tokens (prompt + generated) per sequence (default 512)",
+        help="with --generate: most tokens (prompt + generated) per sequence (default 512, or the "
+        "model's max_position_embeddings if smaller)",
     )
-    parser.add_argument("--seq-len", type=int, default=64, help="fixed number of tokens per call (default 64)")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--target", default="iOS18", help="minimum deployment target (default iOS18)")
     parser.add_argument(
-        "--capture", choices=("trace", "export"), default="trace", help="torch.jit.trace (default) or torch.export"
+        "--seq-len", type=int, default=64, help="without --generate: fixed number of tokens per call (default 64)"
+    )
+    parser.add_argument("--batch-size", type=int, default=1, help="without --generate: fixed batch size")
+    parser.add_argument(
+        "--target",
+        default="iOS18",
+        help="minimum deployment target: iOS18 (default), macOS15, iOS26, ... or iOS16/iOS17 for "
+        "fixed-window exports of per-tensor 1/2/4/6/8-bit models without per-channel scale",
+    )
+    parser.add_argument(
+        "--capture",
+        choices=("trace", "export"),
+        default="trace",
+        help="without --generate: torch.jit.trace (default) or torch.export",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing package and manifest")
     parser.add_argument("--no-manifest", action="store_true", help="do not write <stem>.manifest.json")
@@ -198,29 +250,25 @@ def add_coreml_export_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="skip the logits comparison (the bit-exact weight checks always run)",
     )
+    parser.set_defaults(coreml_command="export")
 
 
-def coreml_export_argv(args: argparse.Namespace) -> list:
-    """The ``python -m optimum_edkm.export export ...`` command line for parsed ``export coreml-edkm`` options."""
-    argv = [
-        "export",
-        args.model,
-        args.output,
-        "--seq-len",
-        str(args.seq_len),
-        "--batch-size",
-        str(args.batch_size),
-        "--target",
-        args.target,
-        "--capture",
-        args.capture,
-    ]
-    if args.context_length is not None:
-        argv += ["--context-length", str(args.context_length)]
-    for flag in ("generate", "overwrite", "no_manifest", "no_tensors", "no_logits_check"):
-        if getattr(args, flag):
-            argv.append("--" + flag.replace("_", "-"))
-    return argv
+def add_coreml_verify_arguments(parser: argparse.ArgumentParser) -> None:
+    """Check an exported .mlpackage against the saved palettized model (``optimum-edkm export verify``)."""
+    parser.add_argument("package", help="the .mlpackage to check")
+    parser.add_argument("--model", required=True, help="directory of the saved palettized model")
+    parser.add_argument("--manifest", default="auto", help="manifest to check (default: <stem>.manifest.json)")
+    parser.add_argument("--no-logits-check", action="store_true")
+    parser.set_defaults(coreml_command="verify")
+
+
+def add_coreml_commands(parser: argparse.ArgumentParser) -> None:
+    """``coreml`` / ``verify`` subcommands (``optimum-edkm export ...``, ``optimum-edkm-coreml ...``)."""
+    commands = parser.add_subparsers(dest="coreml_command", required=True, metavar="{coreml,verify}")
+    add_coreml_export_arguments(
+        commands.add_parser("coreml", help="convert a saved palettized model to an .mlpackage (LUT ops)")
+    )
+    add_coreml_verify_arguments(commands.add_parser("verify", help="check an .mlpackage against the saved model"))
 
 
 def given(args: argparse.Namespace, mapping: dict) -> dict:

@@ -1,8 +1,11 @@
-"""``optimum-edkm``: the command line without optimum (the same commands as ``optimum-cli edkm``).
+"""``optimum-edkm``: the command line without optimum (the same commands as ``optimum-cli edkm`` and
+``optimum-cli export coreml-edkm``; every option is declared once, in :mod:`.arguments`).
 
-optimum-edkm compress --model MODEL --bits 3 --output OUT [--steps N] [...]
+optimum-edkm compress [--model MODEL] [--bits 3] [--output OUT] [--steps N] [...]   (the main job)
 optimum-edkm evaluate OUT [OTHER_MODEL ...] [--eval-tokens N]
-optimum-edkm export coreml SAVED_DIR OUT.mlpackage [...]      (also: export verify PACKAGE --model SAVED_DIR)
+optimum-edkm export coreml SAVED_DIR OUT.mlpackage [...]
+optimum-edkm export verify PACKAGE --model SAVED_DIR
+optimum-edkm-coreml SAVED_DIR OUT.mlpackage [...] | verify PACKAGE --model SAVED_DIR   (the export alone)
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import logging
 import sys
 from typing import Optional
 
-from .arguments import add_compress_arguments, add_evaluate_arguments
+from .arguments import add_compress_arguments, add_coreml_commands, add_evaluate_arguments
 
 logger = logging.getLogger("optimum_edkm.commands")
 
@@ -24,17 +27,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="optimum-edkm", description="eDKM palettization of Hugging Face LLMs")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{compress,evaluate,export}")
     add_compress_arguments(
-        commands.add_parser("compress", help="load, fine-tune with eDKM, palettize, save; report size and perplexity")
+        commands.add_parser(
+            "compress", help="the main job: post-training start, clustering-aware training, palettize, save, report"
+        )
     )
     add_evaluate_arguments(
         commands.add_parser("evaluate", help="perplexity and size of saved models on the same held-out text")
     )
-    commands.add_parser(
-        "export",
-        help="export coreml SAVED_DIR OUT.mlpackage [...]: Core ML export "
-        "(python -m optimum_edkm.export --help lists the options)",
-        add_help=False,
-    )
+    add_coreml_commands(commands.add_parser("export", help="Core ML export of a saved palettized model"))
+    return parser
+
+
+def build_coreml_parser() -> argparse.ArgumentParser:
+    """``optimum-edkm-coreml``: the ``export`` subcommands alone."""
+    parser = argparse.ArgumentParser(prog="optimum-edkm-coreml", description="Core ML export of palettized models")
+    add_coreml_commands(parser)
     return parser
 
 
@@ -45,23 +52,18 @@ def configure_logging() -> None:
 
 
 def run_command(command: str, args: argparse.Namespace) -> int:
-    """Run ``compress`` or ``evaluate`` for parsed arguments; prints the summary table. Returns the exit status."""
+    """Run ``compress``, ``evaluate`` or ``export`` for parsed arguments; prints the summary. Returns the exit
+    status."""
+    if command == "export":
+        return run_coreml(args)
     from .compress import CommandError
 
     configure_logging()
     try:
         if command == "compress":
-            from .compress import compress
+            from .compress import compress, summary
 
-            report = compress(args)
-            print(report["table"])
-            size = report["size"]
-            print(
-                f"\nsaved to {report['output']}: {report['checkpoint']['file_bytes'] / 2**20:.1f} MiB on disk, "
-                f"{size['bits_per_clustered_weight']:.3f} bits per clustered weight, "
-                f"{size['bits_per_weight']:.2f} bits per parameter overall; report in compress_report.json "
-                f"({report['seconds']['total']:.0f} s)"
-            )
+            print(summary(compress(args)))
         elif command == "evaluate":
             from .evaluate import evaluate_models
 
@@ -74,30 +76,26 @@ def run_command(command: str, args: argparse.Namespace) -> int:
     return 0
 
 
-def run_coreml_export(argv: list) -> int:
-    """``export coreml ...`` / ``export coreml-edkm ...``: handed to ``optimum_edkm.export.cli``."""
-    from optimum_edkm.export.cli import main as export_main
+def run_coreml(args: argparse.Namespace) -> int:
+    """Core ML export or verification (``args.coreml_command``), with the export's exit codes."""
+    from optimum_edkm.export.cli import run
 
-    return export_main(argv)
+    return run(args)
 
 
 def main(argv: Optional[list] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "export":
-        rest = argv[1:]
-        if rest and rest[0] in ("coreml", "coreml-edkm"):
-            return run_coreml_export(rest[1:])
-        if rest and rest[0] == "verify":
-            return run_coreml_export(rest)
-        print(
-            "usage: optimum-edkm export coreml SAVED_DIR OUT.mlpackage [options]\n"
-            "       optimum-edkm export verify PACKAGE --model SAVED_DIR\n"
-            "(python -m optimum_edkm.export --help lists the options)",
-            file=sys.stderr,
-        )
-        return BAD_INPUT
     args = build_parser().parse_args(argv)
     return run_command(args.command, args)
+
+
+def coreml_main(argv: Optional[list] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in ("coreml", "export", "verify", "-h", "--help"):
+        argv.insert(0, "coreml")  # the short form: SAVED_DIR OUT.mlpackage
+    elif argv and argv[0] == "export":
+        argv[0] = "coreml"  # 0.2's name of the subcommand
+    return run_coreml(build_coreml_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -2,17 +2,53 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import os
+from typing import Optional
 
 from ..nn import palettized_storage
 from ..storage import model_size
-from .compress import DTYPES, CommandError, Row, format_table, measure, resolve_device
+from .compress import DTYPES, MIB, CommandError, resolve_device
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ALIAS = "default"
+
+
+@dataclasses.dataclass
+class Row:
+    """One line of the table: a model's perplexity and what it stores."""
+
+    label: str
+    perplexity: Optional[float] = None
+    scored_tokens: Optional[int] = None
+    size_bytes: Optional[int] = None
+    bits_per_weight: Optional[float] = None
+
+
+def measure(model, token_ids, args, label: str) -> Row:
+    from optimum_edkm.evaluation import evaluate_perplexity
+
+    options = {} if args.context_length is None else {"context_length": args.context_length}
+    result = evaluate_perplexity(model, token_ids, progress=not args.no_progress, description=label, **options)
+    logger.info("%s: perplexity %.3f (%d tokens)", label, result.perplexity, result.scored_tokens)
+    return Row(label, result.perplexity, result.scored_tokens)
+
+
+def format_table(rows: list) -> str:
+    """A markdown table of the rows (empty cells where a figure was not measured)."""
+    lines = ["| model | perplexity | scored tokens | size (MiB) | bits per parameter |", "|---|---:|---:|---:|---:|"]
+    for row in rows:
+        cells = [
+            row.label,
+            "" if row.perplexity is None else f"{row.perplexity:.3f}",
+            "" if row.scored_tokens is None else f"{row.scored_tokens:,}",
+            "" if row.size_bytes is None else f"{row.size_bytes / MIB:.1f}",
+            "" if row.bits_per_weight is None else f"{row.bits_per_weight:.2f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def load_for_evaluation(name: str, dtype, device):
@@ -67,8 +103,9 @@ def evaluate_models(args) -> dict:
         "table": format_table(rows),
     }
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2, default=str)
+        from optimum_edkm import atomic
+
+        atomic.write_json(args.json, results, default=str)
     return results
 
 

@@ -1,73 +1,14 @@
-"""``optimum-edkm-coreml`` / ``python -m optimum_edkm.export``: export a saved palettized model to Core ML, or
-verify an export.
-
-    optimum-edkm-coreml SAVED_DIR OUT.mlpackage [--seq-len 64] [--target iOS18] [--batch-size 1]
-                        [--capture trace|export] [--overwrite] [--no-manifest] [--no-tensors] [--no-logits-check]
-    optimum-edkm-coreml SAVED_DIR OUT.mlpackage --generate [--context-length 512] [--target iOS18] ...
-    optimum-edkm-coreml verify OUT.mlpackage --model SAVED_DIR [--no-logits-check]
-"""
+"""What the Core ML commands run (``optimum-edkm export coreml|verify``, ``optimum-cli export coreml-edkm``,
+``optimum-edkm-coreml``): :func:`run` takes the options parsed by ``optimum_edkm.commands.arguments`` (the one
+place they are declared), refuses what it can before loading the model, exports or verifies, and returns the
+exit status."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from typing import Optional
 
 from .errors import CoreMLExportError, VerificationError
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="optimum-edkm-coreml", description="Core ML export of optimum-edkm palettized models"
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    export = commands.add_parser("export", help="convert a saved palettized model to an .mlpackage")
-    export.add_argument("model", help="directory of a model saved by optimum_edkm.save_pretrained after palettize")
-    export.add_argument("output", help="the .mlpackage to write")
-    export.add_argument(
-        "--generate",
-        action="store_true",
-        help="export the stateful generation step (KV cache as Core ML states, prefill and decode; "
-        "iOS18+) instead of a fixed window",
-    )
-    export.add_argument(
-        "--context-length",
-        type=int,
-        default=None,
-        help="with --generate: most tokens (prompt + generated) per sequence (default 512, or the "
-        "model's max_position_embeddings if smaller)",
-    )
-    export.add_argument(
-        "--seq-len", type=int, default=64, help="without --generate: fixed number of tokens per call (default 64)"
-    )
-    export.add_argument("--batch-size", type=int, default=1, help="without --generate: fixed batch size")
-    export.add_argument(
-        "--target",
-        default="iOS18",
-        help="minimum deployment target: iOS18 (default), macOS15, iOS26, ... or iOS16/iOS17 for "
-        "fixed-window exports of per-tensor 1/2/4/6/8-bit models without per-channel scale",
-    )
-    export.add_argument(
-        "--capture",
-        choices=("trace", "export"),
-        default="trace",
-        help="without --generate: torch.jit.trace (default) or torch.export",
-    )
-    export.add_argument("--overwrite", action="store_true", help="replace an existing package and manifest")
-    export.add_argument("--no-manifest", action="store_true", help="do not write <stem>.manifest.json")
-    export.add_argument("--no-tensors", action="store_true", help="do not write <stem>.palettized.safetensors")
-    export.add_argument(
-        "--no-logits-check",
-        action="store_true",
-        help="skip the logits comparison (the bit-exact weight checks always run)",
-    )
-    verify = commands.add_parser("verify", help="check an .mlpackage against the saved palettized model")
-    verify.add_argument("package", help="the .mlpackage to check")
-    verify.add_argument("--model", required=True, help="directory of the saved palettized model")
-    verify.add_argument("--manifest", default="auto", help="manifest to check (default: <stem>.manifest.json)")
-    verify.add_argument("--no-logits-check", action="store_true")
-    return parser
 
 
 def _load(directory: str):
@@ -88,7 +29,7 @@ def _check_arguments(args) -> None:
             f"{args.model} is not a directory: pass the directory written by "
             f"optimum_edkm.save_pretrained(model, directory) after palettize(model)"
         )
-    if args.command == "verify":
+    if args.coreml_command == "verify":
         return
     resolve_target(args.target)
     if not args.output.endswith(".mlpackage"):
@@ -121,16 +62,13 @@ def _export(args):
 EXIT_MISMATCH, EXIT_USAGE, EXIT_MALFORMED = 1, 2, 3
 
 
-def main(argv: Optional[list] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] not in ("export", "verify", "-h", "--help"):
-        argv.insert(0, "export")  # the short form: SAVED_DIR OUT.mlpackage
-    args = _parser().parse_args(argv)
+def run(args) -> int:
+    """Export (``args.coreml_command == "export"``) or verify; prints the summary; returns the exit status."""
     from . import verify_coreml
 
     try:
         _check_arguments(args)
-        if args.command == "export":
+        if args.coreml_command == "export":
             result = _export(args)
             print(result.verification.summary())
             if result.greedy_tokens is not None:

@@ -47,7 +47,7 @@ def _arguments():
 
 class EDKMCompressCommand(BaseOptimumCLICommand):
     COMMAND = CommandInfo(
-        name="compress", help="load, fine-tune with eDKM, palettize, save; report size and perplexity"
+        name="compress", help="the main job: post-training start, clustering-aware training, palettize, save, report"
     )
 
     @staticmethod
@@ -101,9 +101,9 @@ class CoreMLEDKMExportCommand(BaseOptimumCLICommand):
         _arguments().add_coreml_export_arguments(parser)
 
     def run(self):
-        from optimum_edkm.commands.cli import run_coreml_export
+        from optimum_edkm.commands.cli import run_coreml
 
-        status = run_coreml_export(_arguments().coreml_export_argv(self.args))
+        status = run_coreml(self.args)
         if status:
             raise SystemExit(status)
 
