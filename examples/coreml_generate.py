@@ -3,8 +3,8 @@
 Export once (Linux or macOS), from a model saved with ``optimum_edkm.save_pretrained`` (e.g. by
 ``examples/compress.py``, ``optimum-edkm compress``); the tokenizer is read from the same folder:
 
-    optimum-edkm-coreml runs/finetune-edkm runs/smollm2-3bit-gen.mlpackage --generate --context-length 512
-    python examples/coreml_generate.py runs/smollm2-3bit-gen.mlpackage --model runs/finetune-edkm \\
+    optimum-edkm-coreml runs/compress-example runs/smollm2-3bit-gen.mlpackage --generate --context-length 512
+    python examples/coreml_generate.py runs/smollm2-3bit-gen.mlpackage --model runs/compress-example \\
         --prompt "What is a Python decorator?"
 
 The package holds the KV cache as Core ML states: the prompt goes through it in one call (prefill), then each new
