@@ -20,8 +20,8 @@ from ..calibration import (
     layer_by_layer,
     module_names,
 )
-from ..nn import is_clustered
-from .rounding import IMPORTANCES, PaletteCandidate, decoded_palette, output_error, palettize_weight
+from ..nn import Palette, is_clustered
+from .rounding import IMPORTANCES, PaletteCandidate, output_error, palettize_weight
 
 logger = logging.getLogger(__name__)
 
@@ -45,30 +45,21 @@ class PostTrainingResult:
 
 @torch.no_grad()
 def install_palette(module, candidate: PaletteCandidate) -> dict:
-    """Write a palettization into a train-time module: the decoded weight as its float weight, the LUT as its
-    centroids, the scale, and the absolute temperature :meth:`init_clusters` would set for these centroids.
-    Weights whose decoded value would snap to another entry (two entries closer than the 16-bit rounding of the
+    """Write a palettization into a train-time module (:meth:`~optimum_edkm.nn.ClusteredModule.start_from`: the
+    decoded weight as its float weight, the LUT as its centroids, the scale, the absolute temperature). Weights
+    whose decoded value would snap to another entry (two entries closer than the 16-bit rounding of the
     clustered values) keep the value a GPTQ pass rounded instead, so that snapping reproduces the indices.
     Returns ``{"mismatched": n}``: weights whose index snapping still changed (0 unless a refit LUT has such
     near-duplicate entries; the model is then what snapping gives, which is what :func:`palettize` stores)."""
-    rows = module.rows()
-    if candidate.scale is not None:
-        if module.weight_scale is None:
-            raise ValueError("the palette has a per-channel scale but the module has none")
-        module.weight_scale.copy_(candidate.scale)
-    elif module.weight_scale is not None:
-        raise ValueError("the module has a per-channel scale but the palette has none")
-    module.weight_centroids.copy_(candidate.lut.to(module.weight_centroids.dtype))
-    dense = decoded_palette(candidate.indices, candidate.lut, candidate.scale, rows.dtype)
-    rows.copy_(dense)
-    snapped, _ = module.snap()
-    wrong = snapped != candidate.indices
-    if bool(wrong.any()) and candidate.rounded_from is not None:
+    palette = Palette.from_indices(module.palette_format, candidate.indices, candidate.lut, candidate.scale)
+    mismatched = module.start_from(palette)
+    if mismatched and candidate.rounded_from is not None:
+        rows = module.rows()
+        wrong = module.snap()[0] != candidate.indices
         rows[wrong] = candidate.rounded_from[wrong].to(rows.dtype)
-        snapped, _ = module.snap()
-        wrong = snapped != candidate.indices
-    module.set_temperature_from_centroids()
-    return {"mismatched": int(wrong.sum())}
+        module._snap_cache = module._soft_cache = None
+        mismatched = int((module.snap()[0] != candidate.indices).sum())
+    return {"mismatched": mismatched}
 
 
 @torch.no_grad()
