@@ -237,8 +237,8 @@ def init_clusters(
     moved = {name: n for name, n in mismatched.items() if n}
     if moved:
         logger.warning(
-            "%d weight(s) of %d module(s) snap to another LUT entry than their given index (near-duplicate LUT "
-            "entries): %s",
+            "%d weight(s) of %d module(s) lie as near another LUT entry as their given one (near-duplicate LUT "
+            "entries): palettize keeps the given indices, a training step may move them: %s",
             sum(moved.values()),
             len(moved),
             ", ".join(list(moved)[:5]),

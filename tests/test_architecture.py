@@ -59,6 +59,7 @@ LAYERS = {
     "ptq": METHODS_AND_MEASURES,
     "reconstruction": METHODS_AND_MEASURES,
     "finetune": RECIPES,
+    "pipeline": RECIPES,
     "commands": COMMAND_LINE,
     "__init__": TOP,
 }

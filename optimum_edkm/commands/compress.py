@@ -63,7 +63,7 @@ def check_output(output: str, overwrite: bool) -> str:
 def build_config(args):
     """The ``EDKMConfig`` of the options that were given (the layout defaults to the main job's: one LUT per
     output channel); raises on bad values before the model is loaded."""
-    from optimum_edkm import EDKMConfig
+    from optimum_edkm.config import EDKMConfig
     from optimum_edkm.pipeline import DEFAULT_LAYOUT
 
     options = given(args, CONFIG_OPTIONS)
@@ -107,11 +107,12 @@ def evaluation_texts(args) -> dict:
 
 def compress(args) -> dict:
     """Run the job described by parsed ``compress`` arguments; returns the report (also written as JSON)."""
-    import optimum_edkm
     from optimum_edkm import atomic
+    from optimum_edkm.api import checkpoint_bytes, save_pretrained
     from optimum_edkm.data import TRAIN_SPLIT, load_text
     from optimum_edkm.models import load_causal_lm
     from optimum_edkm.nn import palettized_storage
+    from optimum_edkm import pipeline
     from optimum_edkm.pipeline import CompressionData
     from optimum_edkm.storage import model_size
 
@@ -143,15 +144,15 @@ def compress(args) -> dict:
             **{label: text.describe() for label, text in texts.items()},
         },
     )
-    report = optimum_edkm.compress(model, config, recipe, data, progress=not args.no_progress)
-    optimum_edkm.save_pretrained(model, output)
+    report = pipeline.compress(model, config, recipe, data, progress=not args.no_progress)
+    save_pretrained(model, output)
     tokenizer.save_pretrained(output)
     record = {
         "model": info,
         "output": output,
         **report.as_dict(),
         "float_size": float_size.as_dict(),
-        "checkpoint": optimum_edkm.checkpoint_bytes(output),
+        "checkpoint": checkpoint_bytes(output),
         "stored_bits": model_size(model, palettized_storage(model)).as_dict(),
         "total_seconds": time.perf_counter() - started,
     }

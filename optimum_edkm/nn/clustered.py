@@ -98,6 +98,9 @@ class ClusteredModule:
         self.register_buffer("weight_scale", scale)
         self._snap_cache = None
         self._soft_cache = None
+        #: (key, indices) of a palettization given to start_from, kept while neither weight nor LUT changes:
+        #: snapping re-derives indices by nearest entry, which near-duplicate LUT entries make ambiguous
+        self._given_indices = None
 
     @staticmethod
     def _float_arguments(module: nn.Module) -> tuple[tuple, dict]:
@@ -178,10 +181,11 @@ class ClusteredModule:
         ``palette`` is a :class:`~optimum_edkm.nn.Palette` (LUT, indices, scale: a post-training result, a
         palettized module's, :meth:`palette` of another train-time module) or a bare ``[groups, 2**bits]`` LUT
         tensor. The LUT becomes the centroids, the scale the per-channel scale, and with indices every weight takes
-        its decoded value, so that snapping (and :func:`optimum_edkm.palettize` before any training step) gives
-        that palettization back exactly; with a bare LUT the weights keep their values. Returns the number of
-        weights whose snapped index differs from the given one (0 unless two LUT entries are closer than the
-        16-bit rounding of the clustered values)."""
+        its decoded value, and the given indices are kept while neither the weight nor the LUT changes, so that
+        snapping (and :func:`optimum_edkm.palettize` before any training step) gives that palettization back
+        exactly; with a bare LUT the weights keep their values. Returns the number of weights whose nearest LUT
+        entry is not the given one (0 unless two LUT entries are closer than the 16-bit rounding of the clustered
+        values): those keep their index here, but a training step may move them."""
         rows = self.rows()
         given = palette if isinstance(palette, Palette) else None
         lut = palette.lut if given is not None else palette
@@ -214,9 +218,11 @@ class ClusteredModule:
         if given is not None:
             indices = given.indices().to(rows.device)
             rows.copy_(decode(indices, self.weight_centroids.to(self.lut_dtype), self.stored_scale(), dtype=rows.dtype))
-            self._snap_cache = self._soft_cache = None
-            mismatched = int((self.snap()[0] != indices).sum())
+            self._snap_cache = self._soft_cache = self._given_indices = None
+            mismatched = int((self.nearest_indices() != indices).sum())
         self.set_temperature_from_centroids()
+        if given is not None:
+            self._given_indices = (self._snap_key(), indices.to(torch.uint8))
         return mismatched
 
     @torch.no_grad()
@@ -263,13 +269,21 @@ class ClusteredModule:
         return (self.weight._version, self.weight.data_ptr(), self.weight_centroids._version, torch.is_grad_enabled())
 
     @torch.no_grad()
+    def _snap_key(self) -> tuple:
+        return (self.weight._version, self.weight.data_ptr(), id(self.weight_centroids), self.weight_centroids._version)
+
     def snap(self):
-        """Nearest-LUT-entry indices (uint8, ``[out, in]``) and the LUT as it will be stored."""
+        """Indices (uint8, ``[out, in]``) and the LUT as it will be stored: the indices given to :meth:`start_from`
+        while weight and LUT are still as it left them, else :meth:`nearest_indices`."""
         lut = self.weight_centroids.to(self.lut_dtype)
-        assignment = hard_assign(
-            self.rows().detach(), lut.to(self.weight_centroids.dtype), self.spec, scale=self.weight_scale
-        )
-        return assignment.indices, lut
+        if self._given_indices is not None and self._given_indices[0] == self._snap_key():
+            return self._given_indices[1], lut
+        return self.nearest_indices(), lut
+
+    def nearest_indices(self) -> torch.Tensor:
+        """Each weight's nearest entry of the LUT as it will be stored (uint8, ``[out, in]``)."""
+        lut = self.weight_centroids.to(self.lut_dtype).to(self.weight_centroids.dtype)
+        return hard_assign(self.rows().detach(), lut, self.spec, scale=self.weight_scale).indices
 
     def stored_scale(self) -> Optional[torch.Tensor]:
         return None if self.weight_scale is None else self.weight_scale.to(self.lut_dtype)
@@ -277,7 +291,7 @@ class ClusteredModule:
     def snapped_weight(self) -> torch.Tensor:
         """Dense weight after snapping, exactly what the palettized module computes; cached until the weight or
         the centroids change."""
-        key = (self.weight._version, self.weight.data_ptr(), id(self.weight_centroids), self.weight_centroids._version)
+        key = self._snap_key()
         if self._snap_cache is None or self._snap_cache[0] != key:
             indices, lut = self.snap()
             dense = decode(indices, lut, self.stored_scale(), dtype=self.weight.dtype)

@@ -46,20 +46,11 @@ class PostTrainingResult:
 @torch.no_grad()
 def install_palette(module, candidate: PaletteCandidate) -> dict:
     """Write a palettization into a train-time module (:meth:`~optimum_edkm.nn.ClusteredModule.start_from`: the
-    decoded weight as its float weight, the LUT as its centroids, the scale, the absolute temperature). Weights
-    whose decoded value would snap to another entry (two entries closer than the 16-bit rounding of the
-    clustered values) keep the value a GPTQ pass rounded instead, so that snapping reproduces the indices.
-    Returns ``{"mismatched": n}``: weights whose index snapping still changed (0 unless a refit LUT has such
-    near-duplicate entries; the model is then what snapping gives, which is what :func:`palettize` stores)."""
+    decoded weight as its float weight, the LUT as its centroids, the scale, the absolute temperature; palettizing
+    gives the candidate's indices back exactly). Returns ``{"mismatched": n}``: weights whose nearest LUT entry is
+    another than their index (near-duplicate refit LUT entries), which a training step may move."""
     palette = Palette.from_indices(module.palette_format, candidate.indices, candidate.lut, candidate.scale)
-    mismatched = module.start_from(palette)
-    if mismatched and candidate.rounded_from is not None:
-        rows = module.rows()
-        wrong = module.snap()[0] != candidate.indices
-        rows[wrong] = candidate.rounded_from[wrong].to(rows.dtype)
-        module._snap_cache = module._soft_cache = None
-        mismatched = int((module.snap()[0] != candidate.indices).sum())
-    return {"mismatched": mismatched}
+    return {"mismatched": module.start_from(palette)}
 
 
 @torch.no_grad()
