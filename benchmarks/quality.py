@@ -38,7 +38,7 @@ from quality_methods import DEFAULT_METHODS, METHODS, QuantizationReport, RunCon
 from optimum_edkm import __version__, atomic  # noqa: E402
 from optimum_edkm.data import DEFAULT_TEXT, OOD_TEST_TEXT, TEST_SPLIT, TRAIN_SPLIT, load_text  # noqa: E402
 from optimum_edkm.evaluation import effective_bits, evaluate_perplexity  # noqa: E402
-from optimum_edkm.pipeline import DEFAULT_RECIPE, CompressionData, calibration_set  # noqa: E402
+from optimum_edkm.pipeline import DEFAULT_RECIPE, CompressionData, calibration_set, recipe_with  # noqa: E402
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 FULL_DEFAULTS = {"bits": [2, 3, 4], "eval_tokens": 16384}
@@ -164,7 +164,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if value is not None:
             changes[field.name] = value
     try:
-        args.recipe = dataclasses.replace(DEFAULT_RECIPE, **changes)
+        args.recipe = recipe_with(changes)
     except (TypeError, ValueError) as error:
         parser.error(f"invalid --recipe-* option: {error}")
     if any(not 1 <= b <= 8 for b in args.bits):

@@ -32,7 +32,7 @@ DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "validation.jsonl")
 
 
 def parse_args(argv=None):
-    from optimum_edkm.pipeline import DEFAULT_RECIPE
+    from optimum_edkm.pipeline import DEFAULT_RECIPE, recipe_with
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bits", type=int, default=3)
@@ -55,7 +55,7 @@ def parse_args(argv=None):
     parser.add_argument("--summary", action="store_true", help="print every line of --out as a markdown table")
     args = parser.parse_args(argv)
     changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(DEFAULT_RECIPE)}
-    args.recipe = dataclasses.replace(DEFAULT_RECIPE, **{k: v for k, v in changes.items() if v is not None})
+    args.recipe = recipe_with(changes)
     return args
 
 

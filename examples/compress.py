@@ -16,21 +16,25 @@ text's kind) and Wikipedia articles from the gensim wheel (out of domain: nothin
 """
 
 import argparse
-import dataclasses
 import json
 
 import optimum_edkm
 from optimum_edkm import EDKMConfig, atomic
 from optimum_edkm.data import OOD_TEST_TEXT, TEST_SPLIT, TRAIN_SPLIT, load_text
 from optimum_edkm.models import DEFAULT_MODEL_CAVEAT, load_causal_lm
-from optimum_edkm.pipeline import DEFAULT_LAYOUT, DEFAULT_RECIPE, CompressionData
+from optimum_edkm.pipeline import DEFAULT_LAYOUT, DEFAULT_RECIPE, CompressionData, recipe_with
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="Hub id or local folder (default: offline SmolLM2-135M)")
     parser.add_argument("--bits", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=None, help=f"end-to-end steps (default {DEFAULT_RECIPE.steps})")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"end-to-end steps (default {DEFAULT_RECIPE.steps}; 0 alone: the post-training start)",
+    )
     parser.add_argument("--block-epochs", type=int, default=None, help=f"default {DEFAULT_RECIPE.block_epochs}")
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--output", default="runs/compress-example", help="where the palettized model is saved")
@@ -45,8 +49,7 @@ def main():
     for role, text in {"training": train, **held_out}.items():
         print(f"{role} text: {json.dumps(text.describe())}")
 
-    changes = {"steps": args.steps, "block_epochs": args.block_epochs}
-    recipe = dataclasses.replace(DEFAULT_RECIPE, **{k: v for k, v in changes.items() if v is not None})
+    recipe = recipe_with({"steps": args.steps, "block_epochs": args.block_epochs})
     data = CompressionData(
         train_ids=train.token_ids(tokenizer),
         tokenizer=tokenizer,

@@ -201,8 +201,23 @@ class CompressionReport:
         return record
 
 
-#: the main job's recipe (README command 1, ``optimum-edkm compress``); chosen on validation text
-DEFAULT_RECIPE = Recipe()
+#: the main job's recipe (README command 1, ``optimum-edkm compress``), chosen on validation text
+#: (benchmarks/results/validation.jsonl, docs/quality.md): the post-training start, then two epochs of block-wise
+#: reconstruction of the LUTs with frozen assignments (lr 1e-4), which beat the start on both validation texts
+#: within the 15-minute budget of the 2-core machine
+DEFAULT_RECIPE = Recipe(block_epochs=2, block_learning_rate=1e-4, block_train="lut")
+
+
+def recipe_with(changes: dict, base: Optional[Recipe] = None) -> Recipe:
+    """``base`` (default :data:`DEFAULT_RECIPE`) with the fields of ``changes`` that are not None replaced.
+    ``steps=0`` without ``block_epochs`` means no training at all, block-wise included: the post-training start
+    alone (``optimum-edkm compress --steps 0``)."""
+    base = DEFAULT_RECIPE if base is None else base
+    changes = {name: value for name, value in changes.items() if value is not None}
+    if changes.get("steps") == 0 and "block_epochs" not in changes:
+        changes["block_epochs"] = 0
+    return dataclasses.replace(base, **changes)
+
 
 #: the main job's LUT layout (keyword arguments of :class:`~optimum_edkm.EDKMConfig`): one 8-entry LUT per output
 #: channel and no scale (3.19 bits per weight at 3 bits and 576 input columns), the layout that did best on

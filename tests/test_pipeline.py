@@ -12,7 +12,7 @@ import optimum_edkm
 from optimum_edkm import EDKMConfig
 from optimum_edkm.calibration import decoder_layers
 from optimum_edkm.nn import is_clustered, is_palettized
-from optimum_edkm.pipeline import CompressionData, Recipe, calibration_rows, compress
+from optimum_edkm.pipeline import DEFAULT_RECIPE, CompressionData, Recipe, calibration_rows, compress, recipe_with
 from optimum_edkm.ptq import palettize_post_training
 from optimum_edkm.reconstruction import ReconstructionOptions, frozen_assignments, reconstruct_blocks
 
@@ -167,3 +167,16 @@ def test_bad_input_is_refused_before_any_work():
         Recipe(teacher_share=1.5)
     with pytest.raises(ValueError, match="compress needs data"):
         compress(model, EDKMConfig(**PER_CHANNEL))
+
+
+def test_recipe_with_changes_given_fields_and_steps_zero_alone_means_no_training():
+    base = Recipe(block_epochs=2, steps=5, learning_rate=3e-5)
+    assert recipe_with({"steps": None, "learning_rate": 1e-4}, base) == Recipe(
+        block_epochs=2, steps=5, learning_rate=1e-4
+    )
+    untrained = recipe_with({"steps": 0}, base)
+    assert (untrained.steps, untrained.block_epochs) == (0, 0) and not untrained.needs_teacher
+    assert recipe_with({"steps": 0, "block_epochs": 1}, base).block_epochs == 1
+    assert recipe_with({}) == DEFAULT_RECIPE
+    with pytest.raises(ValueError, match="Recipe.block_train"):
+        recipe_with({"block_train": "weights"}, base)

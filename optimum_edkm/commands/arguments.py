@@ -70,7 +70,8 @@ RECIPE_HELP = {
     "block_epochs": "epochs of block-wise reconstruction per decoder layer (0: none)",
     "block_learning_rate": "learning rate of block-wise reconstruction",
     "block_train": "what block-wise reconstruction trains: eDKM weights or the LUTs only",
-    "steps": "optimizer steps of end-to-end distillation (0: the start, reconstructed, is the result)",
+    "steps": "optimizer steps of end-to-end distillation (0 without --block-epochs: no training, the "
+    "post-training start alone)",
     "batch_size": "sequences per end-to-end step",
     "seq_len": "tokens per end-to-end training row",
     "learning_rate": "learning rate of end-to-end distillation",

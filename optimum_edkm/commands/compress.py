@@ -6,7 +6,6 @@ result on the evaluation texts) -> save -> a table on stdout and ``compress_repo
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -76,11 +75,12 @@ def build_config(args):
 
 
 def build_recipe(args):
-    """The :class:`~optimum_edkm.Recipe`: ``DEFAULT_RECIPE`` with the options that were given."""
-    from optimum_edkm.pipeline import DEFAULT_RECIPE
+    """The :class:`~optimum_edkm.Recipe`: ``DEFAULT_RECIPE`` with the options that were given (``--steps 0``
+    alone: the post-training start without any training)."""
+    from optimum_edkm.pipeline import recipe_with
 
     try:
-        return dataclasses.replace(DEFAULT_RECIPE, **given(args, RECIPE_OPTIONS))
+        return recipe_with(given(args, RECIPE_OPTIONS))
     except ValueError as error:
         raise CommandError(str(error).replace("Recipe.", "--").replace("_", "-")) from None
 
@@ -107,12 +107,11 @@ def evaluation_texts(args) -> dict:
 
 def compress(args) -> dict:
     """Run the job described by parsed ``compress`` arguments; returns the report (also written as JSON)."""
-    from optimum_edkm import atomic
+    from optimum_edkm import atomic, pipeline
     from optimum_edkm.api import checkpoint_bytes, save_pretrained
     from optimum_edkm.data import TRAIN_SPLIT, load_text
     from optimum_edkm.models import load_causal_lm
     from optimum_edkm.nn import palettized_storage
-    from optimum_edkm import pipeline
     from optimum_edkm.pipeline import CompressionData
     from optimum_edkm.storage import model_size
 
