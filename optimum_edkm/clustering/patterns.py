@@ -9,8 +9,8 @@ pass, which costs less than storing (and re-reading) a per-weight index.
 
 Two implementations with the same signatures and results:
 
-* :class:`TorchPatternOps` - pure torch, any device and dtype (the reference; fp64 weights always use it);
-* the compiled CPU kernel ``optimum_edkm/kernels/csrc/edkm_patterns.cpp`` (one fused loop per pass, no
+* :class:`TorchPatternOps` - pure torch, any device and dtype (the reference; fp64 weights use it on this path);
+* the compiled CPU kernel ``optimum_edkm/clustering/csrc/edkm_patterns.cpp`` (one fused loop per pass, no
   per-weight temporaries; fp32/bf16/fp16 weights, fp32 tables), used when it builds (:func:`compiled_ops`).
 
 Per-weight outputs agree bit for bit; the per-key gradient sums differ in summation order only (the kernel
@@ -19,13 +19,16 @@ sums in float64).
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
 
 from .uniquify import PATTERNS, bit_patterns, nonfinite_patterns
 
-#: key-indexed tables are ``groups * 65536`` long; above this many entries the sorted path is used instead
+_CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+_SOURCES = ("edkm_patterns.cpp", "edkm_pairs.cpp", "edkm_groups.cpp", "edkm_bindings.cpp")
+#: key-indexed tables are ``groups * 65536`` long; above this many entries other paths run (see ``edkm._plan``)
 MAX_DENSE_KEYS = 1 << 25
 _KIND = {torch.bfloat16: 0, torch.float16: 1}
 _PATTERN_DTYPE = {0: torch.bfloat16, 1: torch.float16}
@@ -115,4 +118,4 @@ def compiled_ops():
     # the kernel loader imports nothing but torch: no dependency of the engine on the layers above it
     from ..extensions import load_extension
 
-    return load_extension("edkm", ("edkm_patterns.cpp", "edkm_pairs.cpp", "edkm_bindings.cpp"), ("-ffp-contract=off",))
+    return load_extension("edkm", _SOURCES, ("-ffp-contract=off",), directory=_CSRC)

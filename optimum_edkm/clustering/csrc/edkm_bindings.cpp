@@ -1,10 +1,10 @@
-// Python bindings of the eDKM engine's compiled parts (loaded by optimum_edkm/clustering/patterns.py).
+// Python bindings of the eDKM engine's compiled parts (loaded by optimum_edkm/clustering/patterns.py from this folder).
 #include <torch/extension.h>
 
 #include <tuple>
 #include <vector>
 
-// Defined in edkm_patterns.cpp and edkm_pairs.cpp (declared here, not in a header: the build cache is keyed on
+// Defined in edkm_patterns.cpp, edkm_pairs.cpp and edkm_groups.cpp (declared here, not in a header: the build cache is keyed on
 // the sources' contents). Every function has a pure-torch reference in optimum_edkm/clustering/.
 namespace edkm {
 
@@ -28,6 +28,15 @@ std::vector<at::Tensor> pairs_backward(const at::Tensor& values, const at::Tenso
                                        const at::Tensor& offsets, const at::Tensor& history,
                                        const at::Tensor& masses, const at::Tensor& pair_grad, double temperature);
 
+// the whole of eDKM per group, one thread a group (edkm_groups.cpp; reference: clustering/edkm.py)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t, at::Tensor> groups_forward(const at::Tensor& weight,
+                                                                       const c10::optional<at::Tensor>& scale,
+                                                                       int64_t kind, const at::Tensor& start,
+                                                                       double temperature, int64_t iterations);
+at::Tensor groups_backward(const at::Tensor& weight, const c10::optional<at::Tensor>& scale, int64_t kind,
+                           const at::Tensor& grad, const at::Tensor& history, const at::Tensor& masses,
+                           double temperature);
+
 }  // namespace edkm
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -37,4 +46,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("weight_grad_pairs", &edkm::weight_grad_pairs, "(local * grad * scale + shift) / scale per weight");
   m.def("pairs_forward", &edkm::pairs_forward, "DKM iterations on distinct pairs: table, centroids, masses");
   m.def("pairs_backward", &edkm::pairs_backward, "local derivative and centroid term of each pair");
+  m.def("groups_forward", &edkm::groups_forward, "eDKM per group: clustered weight, centroids, masses, non-finite count, value ranges");
+  m.def("groups_backward", &edkm::groups_backward, "eDKM per group: the weight's gradient");
 }

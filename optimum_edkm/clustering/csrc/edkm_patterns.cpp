@@ -15,11 +15,9 @@
 //
 // Built with -ffp-contract=off so that a*b+c is never fused: the arithmetic is that of the torch ops.
 
-#include <ATen/ATen.h>
+#include "edkm_common.h"
 
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include <tuple>
 #include <type_traits>
@@ -28,54 +26,10 @@
 namespace edkm {
 namespace {
 
-constexpr int64_t kPatterns = 65536;
 // below this many weights per group and thread, one thread counts the group (zeroing and merging per-thread
 // tables of 65,536 bins would cost more than the count itself)
 constexpr int64_t kMinParallelPerThread = 2 * kPatterns;
 constexpr int64_t kGrainElements = 1 << 15;
-
-enum PatternKind : int64_t { kBFloat16 = 0, kFloat16 = 1 };
-
-template <int64_t K>
-inline uint16_t to_pattern(float value) {
-  if constexpr (K == kBFloat16) {
-    return c10::BFloat16(value).x;
-  } else {
-    return c10::Half(value).x;
-  }
-}
-
-// NaN and +-Inf: all exponent bits set
-inline bool nonfinite_pattern(int64_t kind, int64_t pattern) {
-  const int64_t exponent = kind == kBFloat16 ? 0x7F80 : 0x7C00;
-  return (pattern & exponent) == exponent;
-}
-
-struct Layout {
-  int64_t rows, cols, groups, rows_per_group;
-};
-
-Layout check_layout(const at::Tensor& weight, const c10::optional<at::Tensor>& scale, int64_t groups) {
-  TORCH_CHECK(weight.device().is_cpu(), "edkm_patterns: CPU tensors only");
-  TORCH_CHECK(weight.is_contiguous(), "edkm_patterns: the weight must be contiguous");
-  TORCH_CHECK(weight.dim() >= 1 && weight.numel() > 0, "edkm_patterns: empty weight");
-  Layout layout;
-  layout.rows = weight.size(0);
-  layout.cols = weight.numel() / layout.rows;
-  TORCH_CHECK(groups >= 1 && layout.rows % groups == 0, "edkm_patterns: groups must divide the rows");
-  layout.groups = groups;
-  layout.rows_per_group = layout.rows / groups;
-  if (scale.has_value()) {
-    TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->is_contiguous() && scale->numel() == layout.rows,
-                "edkm_patterns: the scale must be a contiguous float32 tensor with one value per row");
-  }
-  return layout;
-}
-
-void check_grad(const at::Tensor& grad, const at::Tensor& weight) {
-  TORCH_CHECK(grad.sizes() == weight.sizes() && grad.is_contiguous() && grad.scalar_type() == weight.scalar_type(),
-              "edkm_patterns: the gradient must be contiguous with the weight's shape and dtype");
-}
 
 // per-pair float32 values -> a groups x 65536 table (zero where no weight has the key)
 std::vector<float> expand(const at::Tensor& keys, const at::Tensor& per_pair, const Layout& layout, const char* what) {
@@ -230,30 +184,6 @@ void weight_grad_impl(const In* weight, const float* scale, const In* grad, cons
   });
 }
 
-// Dispatch over the weight dtype (float32, bfloat16, float16), the pattern kind and the presence of a scale:
-// fn(In* tag, kind constant, scaled constant), a generic lambda.
-template <typename Fn>
-void dispatch(const at::Tensor& weight, int64_t kind, bool scaled, Fn fn) {
-  TORCH_CHECK(kind == kBFloat16 || kind == kFloat16, "edkm_patterns: kind must be 0 (bfloat16) or 1 (float16)");
-  TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16 ||
-                  weight.scalar_type() == at::kHalf,
-              "edkm_patterns: float32, bfloat16 or float16 weights only (float64 uses the torch path)");
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "edkm_patterns", [&] {
-    scalar_t* tag = nullptr;
-    using BF = std::integral_constant<int64_t, kBFloat16>;
-    using FP = std::integral_constant<int64_t, kFloat16>;
-    if (kind == kBFloat16) {
-      scaled ? fn(tag, BF{}, std::true_type{}) : fn(tag, BF{}, std::false_type{});
-    } else {
-      scaled ? fn(tag, FP{}, std::true_type{}) : fn(tag, FP{}, std::false_type{});
-    }
-  });
-}
-
-const float* scale_ptr(const c10::optional<at::Tensor>& scale) {
-  return scale.has_value() ? scale->data_ptr<float>() : nullptr;
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, int64_t> count_pairs(const at::Tensor& weight,
@@ -261,11 +191,11 @@ std::tuple<at::Tensor, at::Tensor, int64_t> count_pairs(const at::Tensor& weight
                                                         int64_t kind) {
   const Layout layout = check_layout(weight, scale, groups);
   std::vector<Bin> bins;
-  dispatch(weight, kind, scale.has_value(), [&](auto tag, auto kind_c, auto scaled_c) {
+  dispatch(weight, kind, scale.has_value(), false, [&](auto tag, auto kind_c, auto scaled_c) {
     using In = std::remove_pointer_t<decltype(tag)>;
     constexpr int64_t K = decltype(kind_c)::value;
     constexpr bool Scaled = decltype(scaled_c)::value;
-    bins = histogram<In, K, Scaled, false>(weight.data_ptr<In>(), scale_ptr(scale), nullptr, layout);
+    bins = histogram<In, K, Scaled, false>(weight.data_ptr<In>(), scale_ptr<float>(scale), nullptr, layout);
   });
   int64_t nonfinite = 0;
   for (int64_t b = 0; b < static_cast<int64_t>(bins.size()); ++b) {
@@ -280,11 +210,11 @@ at::Tensor gather_pairs(const at::Tensor& weight, const c10::optional<at::Tensor
   const Layout layout = check_layout(weight, scale, groups);
   const std::vector<float> dense = expand(keys, table, layout, "the table");
   at::Tensor out = at::empty_like(weight);
-  dispatch(weight, kind, scale.has_value(), [&](auto tag, auto kind_c, auto scaled_c) {
+  dispatch(weight, kind, scale.has_value(), false, [&](auto tag, auto kind_c, auto scaled_c) {
     using In = std::remove_pointer_t<decltype(tag)>;
     constexpr int64_t K = decltype(kind_c)::value;
     constexpr bool Scaled = decltype(scaled_c)::value;
-    gather_impl<In, K, Scaled>(weight.data_ptr<In>(), scale_ptr(scale), dense.data(), layout, out.data_ptr<In>());
+    gather_impl<In, K, Scaled>(weight.data_ptr<In>(), scale_ptr<float>(scale), dense.data(), layout, out.data_ptr<In>());
   });
   return out;
 }
@@ -294,11 +224,11 @@ std::vector<at::Tensor> sum_pairs(const at::Tensor& weight, const c10::optional<
   const Layout layout = check_layout(weight, scale, groups);
   check_grad(grad, weight);
   std::vector<Bin> bins;
-  dispatch(weight, kind, scale.has_value(), [&](auto tag, auto kind_c, auto scaled_c) {
+  dispatch(weight, kind, scale.has_value(), false, [&](auto tag, auto kind_c, auto scaled_c) {
     using In = std::remove_pointer_t<decltype(tag)>;
     constexpr int64_t K = decltype(kind_c)::value;
     constexpr bool Scaled = decltype(scaled_c)::value;
-    bins = histogram<In, K, Scaled, true>(weight.data_ptr<In>(), scale_ptr(scale), grad.data_ptr<In>(), layout);
+    bins = histogram<In, K, Scaled, true>(weight.data_ptr<In>(), scale_ptr<float>(scale), grad.data_ptr<In>(), layout);
   });
   return compact(bins, true);
 }
@@ -311,11 +241,11 @@ at::Tensor weight_grad_pairs(const at::Tensor& weight, const c10::optional<at::T
   const std::vector<float> local_table = expand(keys, local, layout, "the local derivative");
   const std::vector<float> shift_table = expand(keys, shift, layout, "the centroid term");
   at::Tensor out = at::empty_like(weight);
-  dispatch(weight, kind, scale.has_value(), [&](auto tag, auto kind_c, auto scaled_c) {
+  dispatch(weight, kind, scale.has_value(), false, [&](auto tag, auto kind_c, auto scaled_c) {
     using In = std::remove_pointer_t<decltype(tag)>;
     constexpr int64_t K = decltype(kind_c)::value;
     constexpr bool Scaled = decltype(scaled_c)::value;
-    weight_grad_impl<In, K, Scaled>(weight.data_ptr<In>(), scale_ptr(scale), grad.data_ptr<In>(), local_table.data(),
+    weight_grad_impl<In, K, Scaled>(weight.data_ptr<In>(), scale_ptr<float>(scale), grad.data_ptr<In>(), local_table.data(),
                                     shift_table.data(), layout, out.data_ptr<In>());
   });
   return out;
