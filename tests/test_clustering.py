@@ -48,35 +48,23 @@ def reference_on_rounded_domain(weight, centroids, spec, scale):
     return out, scaled
 
 
-#: how edkm_cluster can run (edkm._plan): compiled per group, keyed by pattern (compiled or torch), torch per weight
-PATHS = ["groups", "patterns", "patterns-torch", "direct"]
-
-
-@pytest.fixture
-def compiled_or_skip():
-    from optimum_edkm.clustering.patterns import compiled_ops
-
-    ops = compiled_ops()
-    if ops is None:
-        pytest.skip("the compiled eDKM kernels could not be built here (no C++ compiler / ninja, or disabled)")
-    return ops
+#: how edkm_cluster can run (edkm._plan): compiled per group; torch keyed by pattern; torch per weight
+PATHS = ["groups", "patterns", "direct"]
 
 
 def use_path(monkeypatch, path):
-    """Make every edkm_cluster call in the test take ``path`` (whatever the layout, thread count or device)."""
+    """Make every edkm_cluster call in the test take ``path`` (whatever the layout, dtype or device)."""
     from optimum_edkm.clustering.patterns import TorchPatternOps, compiled_ops
 
-    ops = compiled_ops() if path in ("groups", "patterns") else None
-    if path in ("groups", "patterns") and ops is None:
-        pytest.skip("the compiled eDKM kernels could not be built here (no C++ compiler / ninja, or disabled)")
+    ops = compiled_ops() if path == "groups" else None
+    if path == "groups" and ops is None:
+        pytest.skip("the compiled eDKM kernel could not be built here (no C++ compiler / ninja, or disabled)")
     original = edkm_module._plan
 
     def plan(weight, spec, groups, kernel):
         chosen = original(weight, spec, groups, kernel)
-        if path == "patterns" and weight.dtype == torch.float64:  # no compiled per-weight passes for float64
-            return chosen._replace(path="patterns", weight_ops=TorchPatternOps, kernel=ops)
-        weight_ops = {"patterns": ops, "patterns-torch": TorchPatternOps}.get(path)
-        return chosen._replace(path=path.split("-")[0], weight_ops=weight_ops, kernel=ops)
+        weight_ops = TorchPatternOps if path == "patterns" else None
+        return chosen._replace(path=path, weight_ops=weight_ops, kernel=ops)
 
     monkeypatch.setattr(edkm_module, "_plan", plan)
 
@@ -317,85 +305,15 @@ def compiled():
     return ops
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("kind", [0, 1], ids=["bf16-patterns", "fp16-patterns"])
-@pytest.mark.parametrize("groups,with_scale", [(1, False), (4, False), (1, True), (4, True)])
-def test_pattern_kernel_equals_torch_reference(compiled, dtype, kind, groups, with_scale):
-    from optimum_edkm.clustering.patterns import TorchPatternOps as reference
-
-    generator = torch.Generator().manual_seed(kind + 2 * groups)
-    weight = (torch.randn(16, 75, generator=generator) * 0.05).to(dtype)
-    weight[0, :3] = torch.tensor([0.0, -0.0, 1e-30])  # signed zeros and a value that flushes
-    scale = torch.rand(16, generator=generator) + 0.5 if with_scale else None
-    grad = torch.randn(16, 75, generator=generator).to(dtype)
-
-    keys, counts, nonfinite = compiled.count_pairs(weight, scale, groups, kind)
-    expected_keys, expected_counts, expected_nonfinite = reference.count_pairs(weight, scale, groups, kind)
-    assert torch.equal(keys, expected_keys) and torch.equal(counts, expected_counts)
-    assert nonfinite == expected_nonfinite == 0 and int(counts.sum()) == weight.numel()
-    # every weight's key is among the pairs (an independent recomputation of the keys)
-    assert bool(torch.isin(reference.keys(weight, scale, groups, kind).long(), keys).all())
-    table, local, shift = (torch.randn(keys.numel(), generator=generator) for _ in range(3))
-    gathered = compiled.gather_pairs(weight, scale, groups, kind, keys, table)
-    assert gathered.dtype == dtype
-    assert torch.equal(gathered, reference.gather_pairs(weight, scale, groups, kind, keys, table))
-    sum_keys, sum_counts, sums = compiled.sum_pairs(weight, scale, groups, kind, grad)
-    ref_keys, ref_counts, ref_sums = reference.sum_pairs(weight, scale, groups, kind, grad)
-    assert torch.equal(sum_keys, keys) and torch.equal(ref_keys, keys)
-    assert torch.equal(sum_counts, counts) and torch.equal(ref_counts, counts)
-    # the kernel sums in float64: compare with an exact float64 recomputation
-    position = torch.searchsorted(keys, reference.keys(weight, scale, groups, kind).long())
-    scaled = grad.double().reshape(16, -1) * (scale.double().unsqueeze(1) if with_scale else 1.0)
-    exact = torch.zeros(keys.numel(), dtype=torch.float64).index_add_(0, position, scaled.float().double().reshape(-1))
-    assert torch.allclose(sums, exact, rtol=0, atol=1e-12)
-    assert torch.allclose(ref_sums.double(), exact, rtol=1e-5, atol=1e-5)
-    assert torch.equal(
-        compiled.weight_grad_pairs(weight, scale, groups, kind, grad, keys, local, shift),
-        reference.weight_grad_pairs(weight, scale, groups, kind, grad, keys, local, shift),
-    )
-
-
-@pytest.mark.parametrize("kind,dtype", [(0, torch.bfloat16), (1, torch.float16)])
-def test_pattern_kernel_counts_nonfinite_weights(compiled, kind, dtype):
-    from optimum_edkm.clustering.patterns import TorchPatternOps as reference
-
-    weight = torch.full((4, 8), 0.5)
-    weight[0, 0], weight[1, 1], weight[2, 2] = float("nan"), float("inf"), -float("inf")
-    weight[3, 3] = 1e6 if kind == 1 else 0.25  # overflows fp16 only
-    expected = 4 if kind == 1 else 3
-    assert compiled.count_pairs(weight, None, 2, kind)[2] == reference.count_pairs(weight, None, 2, kind)[2] == expected
-
-
-@pytest.mark.parametrize("groups", [1, 3])
-def test_pattern_kernel_threads_merge_to_the_same_counts(compiled, groups):
-    """Large enough for per-thread tables (merged after the pass): the result does not depend on threads."""
-    from optimum_edkm.clustering.patterns import TorchPatternOps as reference
-
-    weight = torch.randn(600, 480, generator=torch.Generator().manual_seed(1)) * 0.02
-    grad = torch.randn(600, 480, generator=torch.Generator().manual_seed(2))
-    expected_keys, expected_counts, _ = reference.count_pairs(weight, None, groups, 0)
-    results = []
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        results.append(
-            (*compiled.count_pairs(weight, None, groups, 0)[:2], *compiled.sum_pairs(weight, None, groups, 0, grad))
-        )
-    for keys, counts, sum_keys, sum_counts, sums in results:
-        assert torch.equal(keys, expected_keys) and torch.equal(sum_keys, expected_keys)
-        assert torch.equal(counts, expected_counts) and torch.equal(sum_counts, expected_counts)
-        assert torch.allclose(sums, results[0][4], rtol=0, atol=1e-9)
-
-
-@pytest.mark.parametrize("compiled_path,torch_path", [("patterns", "patterns-torch"), ("groups", "direct")])
+@pytest.mark.parametrize("torch_path", ["patterns", "direct"])
 @pytest.mark.parametrize(
     "bits,group_size,iterations,tolerance",
     [(1, None, 1, 0.0), (3, 2, 3, 0.0), (6, None, 2, 0.0), (4, 3, 10, 1e-3), (3, 1, 3, 0.0), (8, 1, 2, 0.0)],
 )
 def test_compiled_reverse_pass_equals_autograd_in_float64(
-    compiled, compiled_path, torch_path, bits, group_size, iterations, tolerance, monkeypatch
+    compiled, torch_path, bits, group_size, iterations, tolerance, monkeypatch
 ):
-    """The compiled DKM (its reverse pass written out: edkm_pairs.cpp, edkm_groups.cpp) against the torch paths
-    (autograd replay), in float64."""
+    """The compiled kernel (its reverse pass written out) against the torch paths (autograd replay), in float64."""
     weight = bf16_representable((6, 50), seed=bits).requires_grad_(True)
     spec = ClusteringSpec(
         bits=bits, group_size=group_size, temperature=3e-5, iterations=iterations, tolerance=tolerance
@@ -403,7 +321,7 @@ def test_compiled_reverse_pass_equals_autograd_in_float64(
     centroids = init_centroids(weight, spec, seed=bits)
     upstream = torch.randn(weight.shape, generator=torch.Generator().manual_seed(bits), dtype=torch.float64)
     results = []
-    for path in (compiled_path, torch_path):
+    for path in ("groups", torch_path):
         with monkeypatch.context() as patch:
             use_path(patch, path)
             out = edkm_cluster(weight, centroids, spec)
@@ -472,6 +390,27 @@ def test_every_path_and_the_sorted_index_give_the_same_result(monkeypatch):
         assert relative_error(out, results[0][0]) < 1e-13 and relative_error(grad, results[0][1]) < 1e-12
 
 
+def test_group_kernel_with_too_many_values_to_keep_their_attention(compiled, monkeypatch):
+    """8 bits and more than 8,192 distinct values: the kernel recomputes the attention it would otherwise keep."""
+    generator = torch.Generator().manual_seed(9)
+    magnitude = torch.exp(torch.rand(200, 200, generator=generator) * -30)  # 43 binades: ~10,000 bf16 patterns
+    weight = (magnitude * torch.randn(200, 200, generator=generator).sign()).requires_grad_(True)
+    spec = ClusteringSpec(bits=8, temperature=1e-3)
+    assert torch.unique(weight.detach().to(torch.bfloat16)).numel() > 8192
+    centroids = init_centroids(weight, spec)
+    upstream = torch.randn(weight.shape, generator=torch.Generator().manual_seed(10))
+    results = []
+    for path in ("groups", "patterns"):
+        with monkeypatch.context() as patch:
+            use_path(patch, path)
+            out = edkm_cluster(weight, centroids, spec)
+        results.append((out, *torch.autograd.grad(out.weight, weight, upstream)))
+    (compiled_out, compiled_grad), (torch_out, torch_grad) = results
+    assert relative_error(compiled_out.weight, torch_out.weight) < 1e-5
+    assert relative_error(compiled_out.centroids, torch_out.centroids) < 1e-5
+    assert relative_error(compiled_grad, torch_grad) < 1e-4
+
+
 @pytest.mark.parametrize("with_scale", [False, True])
 def test_direct_path_in_chunks_of_groups_equals_one_chunk(with_scale, monkeypatch):
     """Without the compiled kernels, many groups are clustered a chunk of groups at a time (bounded memory)."""
@@ -494,10 +433,13 @@ def test_direct_path_in_chunks_of_groups_equals_one_chunk(with_scale, monkeypatc
     assert relative_error(chunked_grad, whole_grad) < 1e-13
 
 
-def test_group_kernel_results_do_not_depend_on_the_thread_count(compiled):
-    weight = (torch.randn(64, 96, generator=torch.Generator().manual_seed(5)) * 0.02).to(torch.bfloat16)
-    grad = torch.randn(64, 96, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
-    spec = ClusteringSpec(bits=3, group_size=4)
+@pytest.mark.parametrize("group_size", [None, 384, 4])  # with 2 threads: all on one group; a thread a group
+def test_group_kernel_results_do_not_depend_on_the_thread_count(compiled, group_size):
+    """Few groups: every thread counts and writes rows of the same group (tables added up); many: a thread takes
+    whole groups. Either way, the result is that of one thread."""
+    weight = (torch.randn(768, 96, generator=torch.Generator().manual_seed(5)) * 0.02).to(torch.bfloat16)
+    grad = torch.randn(768, 96, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    spec = ClusteringSpec(bits=3, group_size=group_size)
     start = init_centroids(weight, spec).float().contiguous()
     results = []
     for threads in (1, 2):

@@ -15,18 +15,18 @@ Backward: the gradient of weight ``i`` (value ``u = u[idx_i]``) has two parts,
 
 Only the input weight (already held by the model), the starting centroids and the per-channel scale are
 saved for backward (plus the centroids and masses of every iteration, O(iterations x groups x k), with the
-compiled kernels); the distinct values are recomputed from the weight itself.
+compiled kernel); the distinct values are recomputed from the weight itself.
 
-How a call runs (:func:`_plan`; every path computes the same function):
+How a call runs (:func:`_plan`; every path computes the same function, and a weight costs the same whatever the
+number of LUT groups):
 
-* ``"groups"`` - many LUT groups (one per channel, grouped channels), compiled: ``edkm_groups.cpp`` does the whole
-  of eDKM per group, one thread per group, in tables of the group's size: the cost per weight does not depend on
-  the number of groups;
-* ``"patterns"`` - few large groups (one LUT per tensor): each weight is keyed by ``group * 65536 + pattern``
-  (:mod:`.patterns`, compiled or torch); one count and one gather in forward, one per-key sum and one write in
-  backward, parallel over the weights; the DKM runs on the distinct pairs (``edkm_pairs.cpp`` or :mod:`.pairs`);
-* ``"direct"`` - many groups without the compiled kernels (CUDA, or ``kernel=False``): the DKM of :mod:`.pairs` on
-  every weight (count 1), a chunk of groups at a time, recomputed in backward;
+* ``"groups"`` - the compiled CPU kernel (``csrc/edkm_groups.cpp``): the whole of eDKM per group, in tables of the
+  group's patterns (one thread per group when there are many, all threads on one group when there are few);
+* ``"patterns"`` - torch, few large groups (one LUT per tensor): each weight is keyed by ``group * 65536 + pattern``
+  (:mod:`.patterns`), one count and one gather in forward, one per-key sum and one write in backward; the DKM runs
+  on the distinct pairs (:mod:`.pairs`);
+* ``"direct"`` - torch, many small groups (CUDA, or no compiler): the DKM of :mod:`.pairs` on every weight (count
+  1), a chunk of groups at a time, recomputed in backward;
 * ``"sorted"`` - exact values (``unique_dtype=None``): :func:`~.uniquify.uniquify` with a per-weight index.
 """
 
@@ -51,22 +51,18 @@ from .reference import ClusterOutput
 from .spec import UNIQUE_DTYPES, ClusteringSpec
 from .uniquify import PATTERNS, check_rounded, pattern_values, uniquify
 
-_PATTERN_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_GROUP_KERNEL_DTYPES = (*_PATTERN_KERNEL_DTYPES, torch.float64)
-#: with the compiled kernels, at least this many groups per thread run one group per thread ("groups"); fewer,
-#: larger groups are spread over the threads weight by weight ("patterns")
-GROUPS_PER_THREAD = 2
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 #: the "direct" torch path handles groups in chunks of about this many weights x clusters
 DIRECT_CHUNK_ELEMENTS = 1 << 23
 
 
 # --------------------------------------------------------------------------------------------- the plan
 class _Plan(NamedTuple):
-    """How one call runs (see the module docstring) and which parts are compiled."""
+    """How one call runs (see the module docstring)."""
 
     path: str  # "groups", "patterns", "direct" or "sorted"
-    weight_ops: object  # "patterns": TorchPatternOps or the compiled module
-    kernel: object  # the compiled module where the path uses it ("groups"; DKM on pairs), else None
+    weight_ops: object  # "patterns": the per-weight passes (TorchPatternOps)
+    kernel: object  # "groups": the compiled module
     kind: int  # pattern kind (16-bit clustered values)
     pattern_dtype: torch.dtype  # dtype the clustered values are rounded to
 
@@ -86,7 +82,7 @@ def _plan(weight: torch.Tensor, spec: ClusteringSpec, groups: int, kernel: Optio
             )
         elif not sixteen:
             problem = f"it needs 16-bit clustered values (got unique_dtype={spec.unique_dtype})"
-        elif weight.dtype not in _GROUP_KERNEL_DTYPES:
+        elif weight.dtype not in _KERNEL_DTYPES:
             problem = f"it handles float32/bfloat16/float16/float64 weights (got {weight.dtype})"
         if problem:
             raise RuntimeError(
@@ -95,15 +91,11 @@ def _plan(weight: torch.Tensor, spec: ClusteringSpec, groups: int, kernel: Optio
             )
     kind = pattern_kind(target) if sixteen else -1
     if not sixteen:
-        return _Plan("sorted", None, compiled, kind, target)
-    dense_fits = groups * PATTERNS <= MAX_DENSE_KEYS
-    if compiled is not None and weight.dtype in _GROUP_KERNEL_DTYPES:
-        pattern_kernel = weight.dtype in _PATTERN_KERNEL_DTYPES
-        if not dense_fits or groups >= GROUPS_PER_THREAD * torch.get_num_threads() or not pattern_kernel and kernel:
-            return _Plan("groups", None, compiled, kind, target)
-        return _Plan("patterns", compiled if pattern_kernel else TorchPatternOps, compiled, kind, target)
+        return _Plan("sorted", None, None, kind, target)
+    if compiled is not None and weight.dtype in _KERNEL_DTYPES:
+        return _Plan("groups", None, compiled, kind, target)
     # torch: key tables while they are no larger than the weight (or there is one group), else every weight
-    if dense_fits and (groups == 1 or groups * PATTERNS <= weight.numel()):
+    if groups * PATTERNS <= MAX_DENSE_KEYS and (groups == 1 or groups * PATTERNS <= weight.numel()):
         return _Plan("patterns", TorchPatternOps, None, kind, target)
     return _Plan("direct", None, None, kind, target)
 
@@ -166,12 +158,6 @@ def _find_pairs(ctx, weight, rows, scale, scale_c, groups, cdt, grad=None):
     return pairs, torch.zeros(uv.num_pairs, dtype=cdt, device=grad.device).index_add_(0, uv.index, grad.reshape(-1))
 
 
-def _group_offsets(pairs: _Pairs, groups: int) -> torch.Tensor:
-    """(groups + 1,) int64: pairs ``offsets[g]:offsets[g + 1]`` belong to group ``g`` (pairs are sorted by group)."""
-    per_group = torch.bincount(pairs.group, minlength=groups)
-    return torch.cat([per_group.new_zeros(1), per_group.cumsum(0)])
-
-
 # ------------------------------------------------------------------------------------------- the paths
 def _pairs_forward(ctx, weight, start, scale, scale_c, groups, cdt):
     """``"patterns"`` and ``"sorted"``: distinct pairs, DKM on them, the table gathered back per weight."""
@@ -179,17 +165,9 @@ def _pairs_forward(ctx, weight, start, scale, scale_c, groups, cdt):
     rows = _as_rows(weight)
     pairs, _ = _find_pairs(ctx, weight, rows, scale, scale_c, groups, cdt)
     check_temperature(spec.temperature, pairs.values, start, ctx.name)
-    if plan.kernel is not None:
-        table, history, masses = plan.kernel.pairs_forward(
-            pairs.values, pairs.counts, _group_offsets(pairs, groups), start, spec.temperature, spec.iterations,
-            spec.tolerance, False,
-        )  # fmt: skip
-        iterations, new_centroids, state = masses.shape[0], history[-1], (history, masses)
-    else:
-        padded = pad_pairs(pairs.values, pairs.counts, pairs.group, groups)
-        result = dkm(padded.values, padded.values, padded.counts, start, spec)
-        table, new_centroids, state = unpad(padded, result.table), result.centroids, ()
-        iterations = len(result.history) - 1
+    padded = pad_pairs(pairs.values, pairs.counts, pairs.group, groups)
+    result = dkm(padded.values, padded.values, padded.counts, start, spec)
+    table = unpad(padded, result.table)
     if pairs.keys is not None:
         clustered = plan.weight_ops.gather_pairs(rows, scale_c, groups, plan.kind, pairs.keys, table)
     else:
@@ -197,24 +175,18 @@ def _pairs_forward(ctx, weight, start, scale, scale_c, groups, cdt):
         if scale is not None:
             clustered = clustered * scale_c.view(row_view_shape(weight))
         clustered = clustered.to(weight.dtype)
-    return clustered, new_centroids, (iterations, state)
+    return clustered, result.centroids, (len(result.history) - 1, ())
 
 
-def _pairs_backward(ctx, grad_output, weight, start, scale, scale_c, groups, cdt, state):
+def _pairs_backward(ctx, grad_output, weight, start, scale, scale_c, groups, cdt):
     plan, spec = ctx.plan, ctx.spec
     rows = _as_rows(weight)
     grad_rows = grad_output.to(weight.dtype).contiguous()
     pairs, pair_grad = _find_pairs(ctx, weight, rows, scale, scale_c, groups, cdt, grad=grad_rows)
-    if plan.kernel is not None:
-        history, masses = state
-        local, per_weight = plan.kernel.pairs_backward(
-            pairs.values, pairs.counts, _group_offsets(pairs, groups), history, masses, pair_grad, spec.temperature
-        )
-    else:
-        padded = pad_pairs(pairs.values, pairs.counts, pairs.group, groups)
-        grad = pad_pairs(pair_grad, pairs.counts, pairs.group, groups).values * (padded.counts > 0)
-        local, per_weight = dkm_backward(padded.values, padded.counts, start, spec, ctx.iterations, grad)
-        local, per_weight = unpad(padded, local), unpad(padded, per_weight)
+    padded = pad_pairs(pairs.values, pairs.counts, pairs.group, groups)
+    grad = pad_pairs(pair_grad, pairs.counts, pairs.group, groups).values * (padded.counts > 0)
+    local, per_weight = dkm_backward(padded.values, padded.counts, start, spec, ctx.iterations, grad)
+    local, per_weight = unpad(padded, local), unpad(padded, per_weight)
     if pairs.keys is not None:
         return plan.weight_ops.weight_grad_pairs(
             rows, scale_c, groups, plan.kind, grad_rows, pairs.keys, local, per_weight
@@ -314,7 +286,7 @@ class _EDKMFunction(torch.autograd.Function):
                 ctx, weight, start, scale, scale_c, groups, cdt
             )
         ctx.iterations = info["iterations"] = iterations
-        # the per-iteration centroids and masses of the compiled kernels (O(iterations x groups x k)) are saved
+        # the per-iteration centroids and masses of the compiled kernel (O(iterations x groups x k)) are saved
         # like the rest, so that memory meters and saved-tensor policies see them
         ctx.save_for_backward(weight, start, scale, *state)
         new_centroids = new_centroids.to(centroids.dtype)
@@ -338,7 +310,7 @@ class _EDKMFunction(torch.autograd.Function):
         elif plan.path == "direct":
             grad_values = _direct_backward(ctx, grad_output, weight, start, scale, scale_c, groups, cdt)
         else:
-            grad_values = _pairs_backward(ctx, grad_output, weight, start, scale, scale_c, groups, cdt, state)
+            grad_values = _pairs_backward(ctx, grad_output, weight, start, scale, scale_c, groups, cdt)
         return grad_values.view(weight.shape), None, None, None, None, None, None
 
 
@@ -356,10 +328,10 @@ def edkm_cluster(
     when both see the same values), but memory is O(distinct values x k) instead of O(|W| x k), and only
     the weight itself (no copy) and O(groups x k) numbers are kept for backward.
 
-    ``kernel``: ``None`` (default) runs the compiled CPU kernels where they apply (they are built on first use;
-    if the build fails, a warning is issued once and the torch path is used); ``False`` runs the pure-torch
-    reference path; ``True`` requires the kernels and raises where they cannot run. Both paths compute the same
-    function (forward outputs agree bit for bit on the per-weight side; sums differ in rounding order only).
+    ``kernel``: ``None`` (default) runs the compiled CPU kernel where it applies (it is built on first use; if the
+    build fails, a warning is issued once and the torch path is used); ``False`` runs the pure-torch reference
+    path; ``True`` requires the kernel and raises where it cannot run. Both compute the same function (sums differ
+    in rounding order; the kernel flushes attention weights below float32's normal range, 1.2e-38, to 0).
     """
     check_inputs(weight, centroids, spec, scale, name, finite=False)  # finiteness: on the forward's counts
     info = {}

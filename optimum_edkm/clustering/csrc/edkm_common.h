@@ -1,5 +1,5 @@
-// What eDKM's per-weight kernels share (edkm_patterns.cpp, edkm_groups.cpp): the 16-bit key of a weight, the
-// row/group layout of a weight tensor, and the dispatch over weight dtypes, pattern kinds and per-channel scale.
+// The weight side of eDKM's kernel (edkm_groups.cpp): the 16-bit pattern of a clustered value, the row/group layout
+// of a weight tensor, and the dispatch over weight dtypes, pattern kinds and per-channel scale.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -47,7 +47,7 @@ struct Layout {
 
 // weight: contiguous, output channels on dim 0; scale: none, or one contiguous value per row of scale_dtype
 inline Layout check_layout(const at::Tensor& weight, const c10::optional<at::Tensor>& scale, int64_t groups,
-                           at::ScalarType scale_dtype = at::kFloat) {
+                           at::ScalarType scale_dtype) {
   TORCH_CHECK(weight.device().is_cpu(), "edkm: CPU tensors only");
   TORCH_CHECK(weight.is_contiguous(), "edkm: the weight must be contiguous");
   TORCH_CHECK(weight.dim() >= 1 && weight.numel() > 0, "edkm: empty weight");
@@ -74,16 +74,14 @@ const S* scale_ptr(const c10::optional<at::Tensor>& scale) {
   return scale.has_value() ? scale->data_ptr<S>() : nullptr;
 }
 
-// Dispatch over the weight dtype (float32, bfloat16, float16; float64 with allow_double), the pattern kind and the
-// presence of a scale: fn(In* tag, kind constant, scaled constant), a generic lambda.
+// Dispatch over the weight dtype (float32, bfloat16, float16, float64), the pattern kind and the presence of a
+// scale: fn(In* tag, kind constant, scaled constant), a generic lambda.
 template <typename Fn>
-void dispatch(const at::Tensor& weight, int64_t kind, bool scaled, bool allow_double, Fn fn) {
+void dispatch(const at::Tensor& weight, int64_t kind, bool scaled, Fn fn) {
   TORCH_CHECK(kind == kBFloat16 || kind == kFloat16, "edkm: kind must be 0 (bfloat16) or 1 (float16)");
   const auto dtype = weight.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf ||
-                  (allow_double && dtype == at::kDouble),
-              "edkm: float32, bfloat16 or float16 weights only", allow_double ? " (or float64)" : "",
-              "; other dtypes use the torch path");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kDouble,
+              "edkm: float32, bfloat16, float16 or float64 weights only; other dtypes use the torch path");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "edkm", [&] {
     scalar_t* tag = nullptr;
     using BF = std::integral_constant<int64_t, kBFloat16>;
