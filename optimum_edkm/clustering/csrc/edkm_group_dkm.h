@@ -25,8 +25,8 @@ template <typename V>
 struct GroupDKM {
   using T = typename Lanes<V>::T;
   static constexpr int64_t L = Lanes<V>::n;
-  int64_t k;
-  T inv_tau;
+  int64_t k = 0;
+  T inv_tau = 1;
   std::vector<V> a, b;  // k lanes each: attention and a scratch row
   std::vector<uint16_t> active;
   std::vector<V> kept;
@@ -40,7 +40,14 @@ struct GroupDKM {
     int64_t count;
   };
 
-  GroupDKM(int64_t k, T inv_tau) : k(k), inv_tau(inv_tau), a(k), b(k), active(k), grad_ws(k), grad_mass(k) {}
+  void prepare(int64_t clusters, T inverse_temperature) {
+    k = clusters;
+    inv_tau = inverse_temperature;
+    for (auto* row : {&a, &b}) row->resize(k);
+    active.resize(k);
+    grad_ws.resize(k);
+    grad_mass.resize(k);
+  }
 
   // the attention of the values at m (one vector) to centroids c: computed (and kept), or read back
   Attention attend(V uv, int64_t m, const T* c, bool keep, bool reuse) {

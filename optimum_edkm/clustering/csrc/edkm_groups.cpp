@@ -41,6 +41,8 @@ using namespace lanes;
 // Per-thread tables indexed by 16-bit pattern: how many weights of the current group hold it (and in backward the
 // sum of their grad * scale), then its soft-clustered value (forward) or its local derivative and centroid term
 // (backward). Only the group's own patterns are touched, and reset after the group (never a 65,536-entry clear).
+// Every thread keeps its tables from call to call (~1.4 MB, see thread_values): allocating and first touching them
+// anew in each call cost more than a small tensor's whole clustering.
 template <typename T>
 struct GroupValues {
   std::vector<uint32_t> count = std::vector<uint32_t>(kPatterns, 0);
@@ -51,11 +53,9 @@ struct GroupValues {
   std::vector<T> u, n, out_a, out_b, pair_grad, scratch;  // per distinct value (padded)
   int64_t distinct = 0, padded = 0;
   T lowest = 0, highest = 0;  // range of the finite distinct values
-  bool backward;
+  bool backward = false;         // counting gradient sums too (set per call)
 
-  explicit GroupValues(bool backward) : first(kPatterns), second(backward ? kPatterns : 0), backward(backward) {
-    if (backward) grad_sum.assign(kPatterns, 0.0);
-  }
+  GroupValues() : grad_sum(kPatterns, 0.0), first(kPatterns), second(kPatterns) {}
   void clear() {
     for (int64_t m = 0; m < distinct; ++m) {
       count[patterns[m]] = 0;
@@ -79,6 +79,13 @@ struct GroupValues {
     for (int64_t m = 0; m < distinct; ++m) table[patterns[m]] = per_value[m];
   }
 };
+
+template <typename T>
+GroupValues<T>& thread_values(bool backward) {
+  static thread_local GroupValues<T> values;
+  values.backward = backward;
+  return values;
+}
 
 // Sorts a group's distinct 16-bit patterns by value (bfloat16 and float16 alike: sign and magnitude), two passes of
 // a radix sort on the order-preserving key: the order does not depend on how the weights were counted, and the
@@ -228,7 +235,7 @@ void for_each_group(const Layout& layout, bool backward, Count count, Finish fin
   const int64_t threads = at::get_num_threads();
   if (threads == 1 || layout.groups >= kGroupsPerThread * threads) {
     at::parallel_for(0, layout.groups, 1, [&](int64_t g0, int64_t g1) {
-      GroupValues<T> values(backward);
+      GroupValues<T>& values = thread_values<T>(backward);
       for (int64_t g = g0; g < g1; ++g) {
         const int64_t r0 = g * layout.rows_per_group, r1 = r0 + layout.rows_per_group;
         count(values, r0, r1);
@@ -239,36 +246,39 @@ void for_each_group(const Layout& layout, bool backward, Count count, Finish fin
     });
     return;
   }
-  std::vector<GroupValues<T>> part;
-  part.reserve(threads);
-  for (int64_t t = 0; t < threads; ++t) part.emplace_back(backward);
+  GroupValues<T>& own = thread_values<T>(backward);  // this thread's, where the others' counts are added up
+  std::vector<GroupValues<T>*> part(threads, nullptr);
   const int64_t grain = std::max<int64_t>(1, kGrainWeights / layout.cols);
   for (int64_t g = 0; g < layout.groups; ++g) {
     const int64_t r0 = g * layout.rows_per_group, r1 = r0 + layout.rows_per_group;
-    at::parallel_for(r0, r1, grain, [&](int64_t a, int64_t b) { count(part[at::get_thread_num()], a, b); });
-    for (int64_t t = 1; t < threads; ++t) part[0].absorb(part[t]);
-    finish(part[0], g);
-    at::parallel_for(r0, r1, grain, [&](int64_t a, int64_t b) { write(part[0], a, b); });
-    part[0].clear();
+    at::parallel_for(r0, r1, grain, [&](int64_t a, int64_t b) {
+      GroupValues<T>& values = thread_values<T>(backward);
+      part[at::get_thread_num()] = &values;
+      count(values, a, b);
+    });
+    for (GroupValues<T>* other : part) {
+      if (other != nullptr && other != &own) own.absorb(*other);
+    }
+    finish(own, g);
+    at::parallel_for(r0, r1, grain, [&](int64_t a, int64_t b) { write(own, a, b); });
+    own.clear();
   }
 }
 
-// What one thread reuses from group to group: the DKM's buffers and a row of patterns.
+// What one thread reuses from group to group (and from call to call): the DKM's buffers and a row of patterns.
 template <typename V>
 struct ThreadScratch {
   GroupDKM<V> dkm;
   ClusterSums<V> sums;
   std::vector<uint16_t> row;
-
-  ThreadScratch(int64_t k, double tau, int64_t cols)
-      : dkm(k, static_cast<typename Lanes<V>::T>(1.0 / tau)), sums(2 * k), row(cols) {}
 };
 
 template <typename V>
-std::vector<ThreadScratch<V>> thread_scratch(int64_t k, double tau, int64_t cols) {
-  std::vector<ThreadScratch<V>> scratch;
-  scratch.reserve(at::get_num_threads());
-  for (int64_t t = 0; t < at::get_num_threads(); ++t) scratch.emplace_back(k, tau, cols);
+ThreadScratch<V>& thread_scratch(int64_t k, double tau, int64_t cols) {
+  static thread_local ThreadScratch<V> scratch;
+  scratch.dkm.prepare(k, static_cast<typename Lanes<V>::T>(1.0 / tau));
+  scratch.sums.prepare(2 * k);
+  scratch.row.resize(cols);
   return scratch;
 }
 
@@ -282,19 +292,18 @@ void forward_groups(const In* weight, const typename Lanes<V>::T* scale, const L
   auto count = [&](GroupValues<T>& values, int64_t r0, int64_t r1) {
     count_rows<In, T, K, Scaled>(weight, scale, nullptr, layout, r0, r1, values);
   };
-  std::vector<ThreadScratch<V>> scratch = thread_scratch<V>(k, tau, layout.cols);
   auto finish = [&](GroupValues<T>& values, int64_t g) {
     const int64_t bad = finish_group<T, K, L>(values);
     if (bad) nonfinite += bad;
     ranges[2 * g] = values.lowest;
     ranges[2 * g + 1] = values.highest;
-    ThreadScratch<V>& own = scratch[at::get_thread_num()];
+    ThreadScratch<V>& own = thread_scratch<V>(k, tau, layout.cols);
     own.dkm.forward(values.u.data(), values.n.data(), values.padded, history + g * k, masses + g * k, stride,
                     iterations, own.sums, values.out_a.data());
     values.scatter(values.out_a.data(), values.first);
   };
   auto write = [&](GroupValues<T>& values, int64_t r0, int64_t r1) {
-    uint16_t* pattern_of = scratch[at::get_thread_num()].row.data();
+    uint16_t* pattern_of = thread_scratch<V>(k, tau, layout.cols).row.data();
     for (int64_t r = r0; r < r1; ++r) {
       row_patterns<In, T, K, Scaled>(weight + r * layout.cols, scale, r, layout.cols, pattern_of);
       write_row<In, T, Scaled>(pattern_of, values.first.data(), Scaled ? scale[r] : T(1), layout.cols,
@@ -314,10 +323,9 @@ void backward_groups(const In* weight, const typename Lanes<V>::T* scale, const 
   auto count = [&](GroupValues<T>& values, int64_t r0, int64_t r1) {
     count_rows<In, T, K, Scaled>(weight, scale, grad, layout, r0, r1, values);
   };
-  std::vector<ThreadScratch<V>> scratch = thread_scratch<V>(k, tau, layout.cols);
   auto finish = [&](GroupValues<T>& values, int64_t g) {
     finish_group<T, K, L>(values);
-    ThreadScratch<V>& own = scratch[at::get_thread_num()];
+    ThreadScratch<V>& own = thread_scratch<V>(k, tau, layout.cols);
     own.dkm.reverse(values.u.data(), values.n.data(), values.pair_grad.data(), values.padded, history + g * k,
                     masses + g * k, stride, ran, values.out_a.data(), values.out_b.data(), values.scratch.data(),
                     own.sums);
@@ -325,7 +333,7 @@ void backward_groups(const In* weight, const typename Lanes<V>::T* scale, const 
     values.scatter(values.out_b.data(), values.second);
   };
   auto write = [&](GroupValues<T>& values, int64_t r0, int64_t r1) {
-    uint16_t* pattern_of = scratch[at::get_thread_num()].row.data();
+    uint16_t* pattern_of = thread_scratch<V>(k, tau, layout.cols).row.data();
     for (int64_t r = r0; r < r1; ++r) {
       row_patterns<In, T, K, Scaled>(weight + r * layout.cols, scale, r, layout.cols, pattern_of);
       write_grad_row<In, T, Scaled>(pattern_of, values.first.data(), values.second.data(), grad + r * layout.cols,

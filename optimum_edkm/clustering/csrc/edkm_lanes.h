@@ -171,11 +171,15 @@ inline int64_t attention(V u, const typename Lanes<V>::T* c, int64_t k, typename
 template <typename V>
 struct ClusterSums {
   using T = typename Lanes<V>::T;
-  int64_t width, pending = 0;
+  int64_t width = 0, pending = 0;
   std::vector<V> lanes;
   std::vector<double> totals;
 
-  explicit ClusterSums(int64_t width) : width(width), lanes(width), totals(width) {}
+  void prepare(int64_t w) {
+    width = w;
+    lanes.resize(w);
+    totals.resize(w);
+  }
   void reset() {
     std::fill(lanes.begin(), lanes.end(), splat<V>(0));
     std::fill(totals.begin(), totals.end(), 0.0);
