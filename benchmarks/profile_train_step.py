@@ -10,12 +10,14 @@ The setting of ``benchmarks/train_step.py`` (SmolLM2-135M, 8 x 256 tokens of rea
 
 For each phase the ops are listed by self CPU time (time spent in the op itself, not in ops it calls).
 
-    python benchmarks/profile_train_step.py                  # eDKM 3-bit, default offline model
+    python benchmarks/profile_train_step.py                  # eDKM 3-bit, one LUT per tensor, offline model
+    python benchmarks/profile_train_step.py --granularity per_grouped_channel --group-size 1   # one per channel
     python benchmarks/profile_train_step.py --mode plain     # the same step without clustering
     python benchmarks/profile_train_step.py --top 12 --out /tmp/profile.json
 
-Prints tables and writes JSON (default ``benchmarks/results/profile_train_step_<mode>.json``). The profiler
-adds a little overhead per op; compare phases within one profile, and use ``train_step.py`` for step times.
+Prints tables and writes JSON (default ``benchmarks/results/profile_train_step_<mode>.json``, or
+``profile_train_step_edkm_<granularity>[_g<size>][_scale].json`` for another layout than one LUT per tensor).
+The profiler adds a little overhead per op; compare phases within one profile, and use ``train_step.py`` for step times.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from common import machine, write_json  # noqa: E402
+from train_step import add_layout_arguments, edkm_config, layout_name, layout_record  # noqa: E402
 
 STEP_RANGES = {"step::forward": "model forward", "step::backward": "model backward", "step::optimizer": "optimizer"}
 ENGINE_RANGES = {"edkm::forward": "clustering forward", "edkm::backward": "clustering backward"}
@@ -41,7 +44,6 @@ PHASES = ["clustering forward", "model forward", "clustering backward", "model b
 
 def build(args):
     import optimum_edkm
-    from optimum_edkm import EDKMConfig
     from optimum_edkm.data import CALIBRATION_SPLIT, load_text
     from optimum_edkm.models import load_causal_lm
 
@@ -49,7 +51,7 @@ def build(args):
     model, tokenizer, info = load_causal_lm(args.model)
     model.to(args.device)
     if args.mode == "edkm":
-        optimum_edkm.prepare(model, EDKMConfig(bits=args.bits))
+        optimum_edkm.prepare(model, edkm_config(args))
     model.train()
     token_ids = load_text(split=CALIBRATION_SPLIT).token_ids(tokenizer)
     batch = token_ids[: args.batch_size * args.seq_len].view(args.batch_size, args.seq_len).to(args.device)
@@ -117,11 +119,19 @@ def same_allocator_as_train_step() -> None:
         os.execve(sys.executable, [sys.executable] + sys.argv, dict(os.environ, MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD))
 
 
+def result_name(args) -> str:
+    """``edkm`` / ``plain`` for the default layout (the files the docs link), else the layout in the name."""
+    if args.mode == "plain" or (args.granularity == "per_tensor" and not args.per_channel_scale):
+        return args.mode
+    name = f"{args.mode}_{args.granularity}" + (f"_g{args.group_size}" if args.group_size is not None else "")
+    return name + ("_scale" if args.per_channel_scale else "")
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=["edkm", "plain"], default="edkm")
     parser.add_argument("--model", default=None, help="Hub id or local folder (default: offline SmolLM2-135M)")
-    parser.add_argument("--bits", type=int, default=3)
+    add_layout_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=1)
@@ -131,10 +141,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    edkm_config(args)  # a bad layout is refused before the model loads
     args.device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = args.out or os.path.join(ROOT, "benchmarks", "results", f"profile_train_step_{args.mode}.json")
+    out = args.out or os.path.join(ROOT, "benchmarks", "results", f"profile_train_step_{result_name(args)}.json")
 
     model, batch, optimizer, info = build(args)
     unprofiled = [step(model, batch, optimizer, args.device) for _ in range(args.warmup)]
@@ -147,7 +158,8 @@ def main(argv=None) -> dict:
     total = sum(p["total_us"] for p in phases.values())
 
     print(
-        f"{info.get('name', args.model)}, {args.mode}, batch {args.batch_size} x {args.seq_len}, device "
+        f"{info.get('name', args.model)}, {args.mode} ({layout_name(args)}), batch {args.batch_size} x "
+        f"{args.seq_len}, device "
         f"{args.device}, {torch.get_num_threads()} threads; profiled step {seconds:.2f} s (mean of {args.steps}) "
         f"(unprofiled warm-up {', '.join(f'{s:.2f}' for s in unprofiled)} s); load average "
         f"{load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after"
@@ -172,7 +184,8 @@ def main(argv=None) -> dict:
         "setting": {
             "model": info.get("name", args.model),
             "mode": args.mode,
-            "bits": args.bits,
+            **layout_record(args),
+            "layout": layout_name(args),
             "batch": f"{args.batch_size} x {args.seq_len} tokens",
             "optimizer": "AdamW",
         },

@@ -9,10 +9,12 @@ time per step (all threads) is reported too: on a shared machine it is less sens
 being descheduled, though not to it entirely (threads waiting for each other spin).
 
 Modes: ``plain`` (float fine-tuning), ``edkm`` (clustering in the loop, compiled engine kernels where they
-build), ``edkm-torch`` (the same with ``OPTIMUM_EDKM_DISABLE_KERNELS=1``: the pure-torch engine).
+build), ``edkm-torch`` (the same with ``OPTIMUM_EDKM_DISABLE_KERNELS=1``: the pure-torch engine). The LUT layout
+is given as ``EDKMConfig`` spells it (default: one LUT per tensor, no per-channel scale).
 
     python benchmarks/train_step.py                       # default offline model (SmolLM2-135M), 3 bits
     python benchmarks/train_step.py --rounds 2 --modes plain,edkm,edkm-torch
+    python benchmarks/train_step.py --granularity per_grouped_channel --group-size 1 --no-per-channel-scale
     python benchmarks/train_step.py --model HuggingFaceTB/SmolLM2-360M --bits 4
 
 Prints a table and writes JSON (``benchmarks/results/train_step.json``).
@@ -35,9 +37,53 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from common import GIB, PeakMemory, machine, worker_env, worker_result, write_json  # noqa: E402
 
 
+def add_layout_arguments(parser: argparse.ArgumentParser) -> None:
+    """The LUT layout, as ``EDKMConfig`` spells it (shared with profile_train_step.py)."""
+    parser.add_argument("--bits", type=int, default=3)
+    parser.add_argument("--granularity", choices=["per_tensor", "per_grouped_channel"], default="per_tensor")
+    parser.add_argument("--group-size", type=int, default=None, help="output channels per LUT (per_grouped_channel)")
+    parser.add_argument("--per-channel-scale", action=argparse.BooleanOptionalAction, default=False)
+
+
+def edkm_config(args):
+    """``EDKMConfig`` of the layout arguments (its own checks name a bad combination)."""
+    from optimum_edkm import EDKMConfig
+
+    return EDKMConfig(
+        bits=args.bits,
+        granularity=args.granularity,
+        group_size=args.group_size,
+        enable_per_channel_scale=args.per_channel_scale,
+    )
+
+
+def layout_record(args) -> dict:
+    return {
+        "bits": args.bits,
+        "granularity": args.granularity,
+        "group_size": args.group_size,
+        "enable_per_channel_scale": args.per_channel_scale,
+    }
+
+
+def layout_argv(args) -> list:
+    argv = ["--bits", str(args.bits), "--granularity", args.granularity]
+    argv += ["--group-size", str(args.group_size)] if args.group_size is not None else []
+    return argv + ["--per-channel-scale" if args.per_channel_scale else "--no-per-channel-scale"]
+
+
+def layout_name(args) -> str:
+    if args.granularity == "per_tensor":
+        lut = "one LUT per tensor"
+    elif args.group_size == 1:
+        lut = "one LUT per output channel"
+    else:
+        lut = f"one LUT per {args.group_size} output channels"
+    return lut + (", per-channel scale" if args.per_channel_scale else "")
+
+
 def worker(args) -> dict:
     import optimum_edkm
-    from optimum_edkm import EDKMConfig
     from optimum_edkm.data import CALIBRATION_SPLIT, load_text
     from optimum_edkm.models import load_causal_lm
 
@@ -48,7 +94,7 @@ def worker(args) -> dict:
     model, tokenizer, info = load_causal_lm(args.model)
     model.to(device)
     if args.mode.startswith("edkm"):
-        optimum_edkm.prepare(model, EDKMConfig(bits=args.bits))
+        optimum_edkm.prepare(model, edkm_config(args))
     model.train()
     token_ids = load_text(split=CALIBRATION_SPLIT).token_ids(tokenizer)
     need = args.batch_size * args.seq_len
@@ -92,8 +138,8 @@ def engine_kernels_loaded() -> bool:
 
 MODES = {
     "plain": "plain (float weights)",
-    "edkm": "eDKM, {bits}-bit clustering in the loop",
-    "edkm-torch": "eDKM, {bits}-bit, pure-torch engine (no compiled kernels)",
+    "edkm": "eDKM, {bits}-bit clustering in the loop ({layout})",
+    "edkm-torch": "eDKM, {bits}-bit, pure-torch engine, no compiled kernels ({layout})",
 }
 
 
@@ -103,8 +149,7 @@ def run(args, mode: str) -> dict:
         os.path.abspath(__file__),
         "--worker",
         mode,
-        "--bits",
-        str(args.bits),
+        *layout_argv(args),
         "--batch-size",
         str(args.batch_size),
         "--seq-len",
@@ -151,7 +196,7 @@ def pool(runs: list) -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="Hub id or local folder (default: offline SmolLM2-135M)")
-    parser.add_argument("--bits", type=int, default=3)
+    add_layout_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
@@ -162,6 +207,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "train_step.json"))
     parser.add_argument("--worker", choices=list(MODES), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    edkm_config(args)  # a bad layout is refused here, before any worker starts
     if args.worker:
         args.mode = args.worker
         print("RESULT " + json.dumps(worker(args)), flush=True)
@@ -188,7 +234,8 @@ def main(argv=None) -> dict:
         "setting": {
             "model": plain["model"],
             "parameters": plain["parameters"],
-            "bits": args.bits,
+            **layout_record(args),
+            "layout": layout_name(args),
             "batch": f"{args.batch_size} x {args.seq_len} tokens",
             "steps_timed": args.steps,
             "rounds": args.rounds,
@@ -235,7 +282,8 @@ def main(argv=None) -> dict:
             f"{100 * report['ratios'][mode]['memory_overhead']:+.1f}%"
         )
         print(
-            f"| {MODES[mode].format(bits=args.bits)} | {row['median_seconds']:.2f} s | {row['min_seconds']:.2f} s | "
+            f"| {MODES[mode].format(bits=args.bits, layout=layout_name(args))} | {row['median_seconds']:.2f} s | "
+            f"{row['min_seconds']:.2f} s | "
             f"{row['median_cpu_seconds']:.2f} s | {row['peak_bytes'] / GIB:.2f} GiB | {versus} |"
         )
     print()

@@ -1,7 +1,8 @@
-"""Just-in-time build of the package's C++ sources (``optimum_edkm/kernels/csrc/``).
+"""Just-in-time build of the package's C++ sources (each next to the code that uses it).
 
-A layer-0 module: the clustering engine (``clustering.patterns``) and the LUT kernel (``kernels.lut``) both load
-their extensions through it, so neither imports the other.
+A layer-0 module: the clustering engine (``clustering/csrc/``, loaded by ``clustering.patterns``) and the LUT
+kernel (``kernels/csrc/``, loaded by ``kernels.lut``) both load their extensions through it, so neither imports
+the other.
 
 The extension is compiled once per machine and checkout (``torch.utils.cpp_extension.load``, cached under
 ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``) with ``-march=native``. The CPU's feature flags, the
@@ -24,7 +25,9 @@ from typing import Optional, Sequence
 
 logger = logging.getLogger(__name__)
 
-CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "csrc")
+PACKAGE = os.path.dirname(os.path.abspath(__file__))
+#: default source folder (the LUT kernel's); the clustering engine passes its own ``clustering/csrc``
+CSRC = os.path.join(PACKAGE, "kernels", "csrc")
 DISABLE_ENV = "OPTIMUM_EDKM_DISABLE_KERNELS"
 #: a build lock older than this is taken to be left by a killed build (a build takes 1-3 minutes on 2 cores)
 STALE_LOCK_SECONDS = 20 * 60
@@ -47,11 +50,17 @@ def _cpu_fingerprint() -> str:
     return hashlib.sha256(f"{platform.machine()}|{flags}".encode()).hexdigest()[:10]
 
 
+def _headers(paths: Sequence[str]) -> list:
+    """The headers (``*.h``) next to the sources: they are compiled in too, so they are part of the digest."""
+    folders = sorted({os.path.dirname(os.path.abspath(path)) for path in paths})
+    return [os.path.join(folder, n) for folder in folders for n in sorted(os.listdir(folder)) if n.endswith(".h")]
+
+
 def _source_digest(paths: Sequence[str]) -> str:
     import torch
 
     digest = hashlib.sha256(torch.__version__.encode())
-    for path in paths:
+    for path in [*paths, *_headers(paths)]:
         digest.update(os.path.abspath(path).encode())
         with open(path, "rb") as handle:
             digest.update(handle.read())
@@ -89,15 +98,16 @@ def _remove_stale_lock(build_directory: str, now: Optional[float] = None) -> boo
 
 
 @functools.lru_cache(maxsize=None)
-def load_extension(name: str, sources: tuple, extra_cflags: tuple = ()) -> Optional[object]:
-    """Build (once) and import the extension made of ``sources`` (file names under ``csrc/``).
+def load_extension(name: str, sources: tuple, extra_cflags: tuple = (), directory: str = CSRC) -> Optional[object]:
+    """Build (once) and import the extension made of ``sources`` (file names under ``directory``, by default
+    ``kernels/csrc``; headers in that folder are part of the build's digest).
 
     Returns the extension module, or ``None`` when kernels are disabled or the build fails (no compiler, no
     ninja, ...); the failure is reported once as a ``RuntimeWarning`` naming the cause and the fix.
     """
     if kernels_disabled():
         return None
-    paths = [os.path.join(CSRC, source) for source in sources]
+    paths = [os.path.join(directory, source) for source in sources]
     try:
         from torch.utils.cpp_extension import load
 

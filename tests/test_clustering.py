@@ -1,5 +1,6 @@
 """The clustering engine against independent references: plain DKM, float64 recomputation, brute force."""
 
+import dataclasses
 import importlib
 import itertools
 import math
@@ -47,12 +48,35 @@ def reference_on_rounded_domain(weight, centroids, spec, scale):
     return out, scaled
 
 
-CASES = list(itertools.product(range(1, 9), [None, 2], [False, True]))
+#: how edkm_cluster can run (edkm._plan): compiled per group; torch keyed by pattern; torch per weight
+PATHS = ["groups", "patterns", "direct"]
 
 
-@pytest.mark.parametrize("kernel", [None, False], ids=["compiled-pairs", "torch"])
+def use_path(monkeypatch, path):
+    """Make every edkm_cluster call in the test take ``path`` (whatever the layout, dtype or device)."""
+    from optimum_edkm.clustering.patterns import TorchPatternOps, compiled_ops
+
+    ops = compiled_ops() if path == "groups" else None
+    if path == "groups" and ops is None:
+        pytest.skip("the compiled eDKM kernel could not be built here (no C++ compiler / ninja, or disabled)")
+    original = edkm_module._plan
+
+    def plan(weight, spec, groups, kernel):
+        chosen = original(weight, spec, groups, kernel)
+        weight_ops = TorchPatternOps if path == "patterns" else None
+        return chosen._replace(path=path, weight_ops=weight_ops, kernel=ops)
+
+    monkeypatch.setattr(edkm_module, "_plan", plan)
+
+
+CASES = list(itertools.product(range(1, 9), [None, 1, 2], [False, True]))
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("bits,group_size,with_scale", CASES)
-def test_edkm_equals_reference_dkm_in_float64(bits, group_size, with_scale, kernel):
+def test_edkm_equals_reference_dkm_in_float64(bits, group_size, with_scale, path, monkeypatch):
+    use_path(monkeypatch, path)
+    kernel = None
     shape = (6, 37) if bits < 7 else (4, 5, 7)  # odd sizes; a conv-like 3-D weight too
     weight = bf16_representable(shape, seed=bits).requires_grad_(True)
     # scaled rows live in [-1, 1] instead of ~[-0.05, 0.05]: a temperature on the same relative footing
@@ -103,13 +127,22 @@ def test_temperature_controls_softness_and_gradients_match_at_any_temperature():
     assert cold.weight.detach().unique().numel() <= 4
 
 
-def test_early_stop_on_tolerance_is_the_same_in_both_engines():
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("group_size,stop_tolerance", [(None, 3e-5), (1, 3e-4), (4, 3e-4)])
+def test_early_stop_on_tolerance_is_the_same_in_both_engines(path, group_size, stop_tolerance, monkeypatch):
+    use_path(monkeypatch, path)
     weight = bf16_representable((16, 16), seed=5).requires_grad_(True)
-    loose = ClusteringSpec(bits=3, iterations=10, tolerance=1.0)  # every update moves less than 1.0
+    loose = ClusteringSpec(bits=3, group_size=group_size, iterations=10, tolerance=1.0)  # every move is < 1.0
     centroids = init_centroids(weight, loose)
     assert dkm_reference(weight, centroids, loose).iterations == 1
     assert edkm_cluster(weight, centroids, loose).iterations == 1
-    strict = ClusteringSpec(bits=3, iterations=10, tolerance=0.0)
+    # a tolerance that stops the updates after a few iterations, on all groups at once
+    moving = ClusteringSpec(bits=3, group_size=group_size, iterations=10, tolerance=stop_tolerance, temperature=3e-6)
+    ref = dkm_reference(weight, centroids, moving)
+    edkm = edkm_cluster(weight, centroids, moving)
+    assert 1 < ref.iterations < 10 and edkm.iterations == ref.iterations
+    assert relative_error(edkm.weight, ref.weight) < 1e-9 and relative_error(edkm.centroids, ref.centroids) < 1e-9
+    strict = ClusteringSpec(bits=3, group_size=group_size, iterations=10, tolerance=0.0)
     ref = dkm_reference(weight, centroids, strict)
     edkm = edkm_cluster(weight, centroids, strict)
     assert ref.iterations == edkm.iterations
@@ -119,42 +152,66 @@ def test_early_stop_on_tolerance_is_the_same_in_both_engines():
     assert relative_error(g_edkm, g_ref) < 1e-9
 
 
-def test_a_cluster_that_attracts_no_weight_keeps_its_centroid():
-    weight = bf16_representable((8, 8), seed=6).requires_grad_(True)
-    spec = ClusteringSpec(bits=2)
-    centroids = torch.tensor([[-0.01, 0.01, 5.0, 6.0]], dtype=torch.float64)  # two far from every weight
-    ref = dkm_reference(weight, centroids, spec)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("group_size", [None, 1])
+def test_a_cluster_that_attracts_no_weight_keeps_its_centroid(path, dtype, group_size, monkeypatch):
+    use_path(monkeypatch, path)
+    weight = bf16_representable((8, 8), seed=6, dtype=dtype).requires_grad_(True)
+    spec = ClusteringSpec(bits=2, group_size=group_size)
+    groups = 1 if group_size is None else 8
+    centroids = torch.tensor([[-0.01, 0.01, 5.0, 6.0]], dtype=dtype).repeat(groups, 1)  # two far from every weight
+    ref = dkm_reference(weight.double(), centroids.double(), spec)
     edkm = edkm_cluster(weight, centroids, spec)
-    assert ref.centroids[0, 2:].tolist() == [5.0, 6.0] and edkm.centroids[0, 2:].tolist() == [5.0, 6.0]
+    assert (ref.centroids[:, 2:] == torch.tensor([5.0, 6.0])).all() and (
+        edkm.centroids[:, 2:] == ref.centroids[:, 2:]
+    ).all()
     upstream = torch.randn(weight.shape, dtype=torch.float64)
     (g_ref,) = torch.autograd.grad(ref.weight, weight, upstream)
-    (g_edkm,) = torch.autograd.grad(edkm.weight, weight, upstream)
-    assert bool(torch.isfinite(g_ref).all()) and relative_error(g_edkm, g_ref) < 1e-9
+    (g_edkm,) = torch.autograd.grad(edkm.weight, weight, upstream.to(dtype))
+    tolerance = 1e-9 if dtype == torch.float64 else 1e-5
+    assert bool(torch.isfinite(g_ref).all()) and relative_error(g_edkm, g_ref) < tolerance
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("group_size", [None, 8])
-def test_low_precision_within_dtype_rounding_of_float64_oracle(dtype, group_size):
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("group_size,with_scale", [(None, False), (1, False), (16, False), (8, False), (1, True)])
+def test_every_layout_and_dtype_within_rounding_of_float64_oracle(dtype, group_size, with_scale, path, monkeypatch):
+    """Per tensor, one LUT per channel, grouped channels, with a per-channel scale; 16-bit, fp32 and fp64 weights:
+    eDKM (on every path) against plain DKM computed in float64 on the values eDKM clusters."""
+    use_path(monkeypatch, path)
     weight = (torch.randn(32, 48, generator=torch.Generator().manual_seed(7)) * 0.02).to(dtype)
     weight.requires_grad_(True)
-    spec = ClusteringSpec(bits=3, group_size=group_size)
-    centroids = init_centroids(weight, spec)
-    # eDKM clusters 16-bit weights as they are, fp32 weights through their bf16 rounding
-    domain = torch.bfloat16 if dtype == torch.float32 else dtype
-    oracle_weight = weight.detach().to(domain).double().requires_grad_(True)
-    oracle = dkm_reference(oracle_weight, centroids.double(), spec)
+    spec = ClusteringSpec(bits=3, group_size=group_size, temperature=1e-4 if not with_scale else 0.02)
+    scale = per_channel_scale(weight) if with_scale else None
+    centroids = init_centroids(weight, spec, scale=scale)
+    # eDKM clusters 16-bit weights as they are, fp32/fp64 weights through their bf16 rounding (after the scale)
+    domain = torch.bfloat16 if dtype in (torch.float32, torch.float64) else dtype
     upstream = torch.randn(weight.shape, generator=torch.Generator().manual_seed(8))
-    (g_oracle,) = torch.autograd.grad(oracle.weight, oracle_weight, upstream.double())
+    if with_scale:
+        rows = scale.double().unsqueeze(1)
+        clustered = (weight.detach().to(scale.dtype) / scale.unsqueeze(1)).to(domain).double().requires_grad_(True)
+        oracle = dkm_reference(clustered, centroids.double(), spec)
+        (g_oracle,) = torch.autograd.grad(oracle.weight * rows, clustered, upstream.double())
+        expected, g_expected = oracle.weight * rows, g_oracle / rows
+    else:
+        oracle_weight = weight.detach().to(domain).double().requires_grad_(True)
+        oracle = dkm_reference(oracle_weight, centroids.double(), spec)
+        (g_expected,) = torch.autograd.grad(oracle.weight, oracle_weight, upstream.double())
+        expected = oracle.weight
 
-    edkm = edkm_cluster(weight, centroids, spec)
+    edkm = edkm_cluster(weight, centroids, spec, scale=scale)
     (g_edkm,) = torch.autograd.grad(edkm.weight, weight, upstream.to(dtype))
-    tolerance = 2 * torch.finfo(dtype).eps if dtype != torch.float32 else 1e-5
-    assert edkm.weight.dtype == dtype
-    assert relative_error(edkm.weight, oracle.weight) < tolerance
-    assert relative_error(g_edkm, g_oracle) < tolerance
-    # plain DKM computed in the same low precision is no closer to the oracle than eDKM
-    ref = dkm_reference(weight, centroids, spec)
-    assert relative_error(edkm.weight, oracle.weight) <= relative_error(ref.weight, oracle.weight) + tolerance
+    tolerance = {torch.float32: 1e-5, torch.float64: 1e-9}.get(dtype, 2 * torch.finfo(dtype).eps)
+    assert edkm.weight.dtype == dtype and g_edkm.dtype == dtype
+    assert relative_error(edkm.weight, expected) < tolerance
+    assert relative_error(edkm.centroids, oracle.centroids) < max(tolerance, 1e-6)
+    assert relative_error(g_edkm, g_expected) < tolerance
+    assert float(g_expected.abs().max()) > 0
+    if dtype != torch.float64 and not with_scale:
+        # plain DKM computed in the same low precision is no closer to the oracle than eDKM
+        ref = dkm_reference(weight, centroids, spec)
+        assert relative_error(edkm.weight, expected) <= relative_error(ref.weight, expected) + tolerance
 
 
 def test_saved_for_backward_is_100x_smaller_than_reference_dkm():
@@ -175,6 +232,24 @@ def test_saved_for_backward_is_100x_smaller_than_reference_dkm():
     dkm_out.weight.float().sum().backward()
     edkm_out.weight.float().sum().backward()
     assert weight.grad is not None and bool(torch.isfinite(weight.grad).all())
+
+
+@pytest.mark.parametrize("path", ["groups", "direct"])
+def test_one_lut_per_channel_saves_no_per_weight_tensor_for_backward(path, monkeypatch):
+    """Many LUT groups: backward keeps the weight (resident), the centroids and per-iteration centroids and masses
+    (O(iterations x groups x k)), never anything per weight."""
+    use_path(monkeypatch, path)
+    weight = (torch.randn(256, 512, generator=torch.Generator().manual_seed(0)) * 0.02).requires_grad_(True)
+    spec = ClusteringSpec(bits=3, group_size=1)
+    centroids = init_centroids(weight, spec)
+    scale = per_channel_scale(weight)
+    with SavedTensorMeter(resident=[weight, scale]) as meter:
+        out = edkm_cluster(weight, centroids, spec, scale=scale)
+    groups_k = 256 * 8 * 4  # one float32 per group and cluster
+    assert meter.saved_bytes <= (2 * spec.iterations + 2) * groups_k  # start, c_1..c_T, masses
+    assert meter.saved_bytes < weight.numel()  # less than a byte per weight
+    out.weight.sum().backward()
+    assert bool(torch.isfinite(weight.grad).all())
 
 
 def test_saved_tensor_meter_counts_views_once_and_separates_resident():
@@ -230,80 +305,15 @@ def compiled():
     return ops
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("kind", [0, 1], ids=["bf16-patterns", "fp16-patterns"])
-@pytest.mark.parametrize("groups,with_scale", [(1, False), (4, False), (1, True), (4, True)])
-def test_pattern_kernel_equals_torch_reference(compiled, dtype, kind, groups, with_scale):
-    from optimum_edkm.clustering.patterns import TorchPatternOps as reference
-
-    generator = torch.Generator().manual_seed(kind + 2 * groups)
-    weight = (torch.randn(16, 75, generator=generator) * 0.05).to(dtype)
-    weight[0, :3] = torch.tensor([0.0, -0.0, 1e-30])  # signed zeros and a value that flushes
-    scale = torch.rand(16, generator=generator) + 0.5 if with_scale else None
-    grad = torch.randn(16, 75, generator=generator).to(dtype)
-
-    keys, counts, nonfinite = compiled.count_pairs(weight, scale, groups, kind)
-    expected_keys, expected_counts, expected_nonfinite = reference.count_pairs(weight, scale, groups, kind)
-    assert torch.equal(keys, expected_keys) and torch.equal(counts, expected_counts)
-    assert nonfinite == expected_nonfinite == 0 and int(counts.sum()) == weight.numel()
-    # every weight's key is among the pairs (an independent recomputation of the keys)
-    assert bool(torch.isin(reference.keys(weight, scale, groups, kind).long(), keys).all())
-    table, local, shift = (torch.randn(keys.numel(), generator=generator) for _ in range(3))
-    gathered = compiled.gather_pairs(weight, scale, groups, kind, keys, table)
-    assert gathered.dtype == dtype
-    assert torch.equal(gathered, reference.gather_pairs(weight, scale, groups, kind, keys, table))
-    sum_keys, sum_counts, sums = compiled.sum_pairs(weight, scale, groups, kind, grad)
-    ref_keys, ref_counts, ref_sums = reference.sum_pairs(weight, scale, groups, kind, grad)
-    assert torch.equal(sum_keys, keys) and torch.equal(ref_keys, keys)
-    assert torch.equal(sum_counts, counts) and torch.equal(ref_counts, counts)
-    # the kernel sums in float64: compare with an exact float64 recomputation
-    position = torch.searchsorted(keys, reference.keys(weight, scale, groups, kind).long())
-    scaled = grad.double().reshape(16, -1) * (scale.double().unsqueeze(1) if with_scale else 1.0)
-    exact = torch.zeros(keys.numel(), dtype=torch.float64).index_add_(0, position, scaled.float().double().reshape(-1))
-    assert torch.allclose(sums, exact, rtol=0, atol=1e-12)
-    assert torch.allclose(ref_sums.double(), exact, rtol=1e-5, atol=1e-5)
-    assert torch.equal(
-        compiled.weight_grad_pairs(weight, scale, groups, kind, grad, keys, local, shift),
-        reference.weight_grad_pairs(weight, scale, groups, kind, grad, keys, local, shift),
-    )
-
-
-@pytest.mark.parametrize("kind,dtype", [(0, torch.bfloat16), (1, torch.float16)])
-def test_pattern_kernel_counts_nonfinite_weights(compiled, kind, dtype):
-    from optimum_edkm.clustering.patterns import TorchPatternOps as reference
-
-    weight = torch.full((4, 8), 0.5)
-    weight[0, 0], weight[1, 1], weight[2, 2] = float("nan"), float("inf"), -float("inf")
-    weight[3, 3] = 1e6 if kind == 1 else 0.25  # overflows fp16 only
-    expected = 4 if kind == 1 else 3
-    assert compiled.count_pairs(weight, None, 2, kind)[2] == reference.count_pairs(weight, None, 2, kind)[2] == expected
-
-
-@pytest.mark.parametrize("groups", [1, 3])
-def test_pattern_kernel_threads_merge_to_the_same_counts(compiled, groups):
-    """Large enough for per-thread tables (merged after the pass): the result does not depend on threads."""
-    from optimum_edkm.clustering.patterns import TorchPatternOps as reference
-
-    weight = torch.randn(600, 480, generator=torch.Generator().manual_seed(1)) * 0.02
-    grad = torch.randn(600, 480, generator=torch.Generator().manual_seed(2))
-    expected_keys, expected_counts, _ = reference.count_pairs(weight, None, groups, 0)
-    results = []
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        results.append(
-            (*compiled.count_pairs(weight, None, groups, 0)[:2], *compiled.sum_pairs(weight, None, groups, 0, grad))
-        )
-    for keys, counts, sum_keys, sum_counts, sums in results:
-        assert torch.equal(keys, expected_keys) and torch.equal(sum_keys, expected_keys)
-        assert torch.equal(counts, expected_counts) and torch.equal(sum_counts, expected_counts)
-        assert torch.allclose(sums, results[0][4], rtol=0, atol=1e-9)
-
-
+@pytest.mark.parametrize("torch_path", ["patterns", "direct"])
 @pytest.mark.parametrize(
-    "bits,group_size,iterations,tolerance", [(1, None, 1, 0.0), (3, 2, 3, 0.0), (6, None, 2, 0.0), (4, 3, 10, 1e-3)]
+    "bits,group_size,iterations,tolerance",
+    [(1, None, 1, 0.0), (3, 2, 3, 0.0), (6, None, 2, 0.0), (4, 3, 10, 1e-3), (3, 1, 3, 0.0), (8, 1, 2, 0.0)],
 )
-def test_pair_kernel_reverse_pass_equals_autograd_in_float64(compiled, bits, group_size, iterations, tolerance):
-    """The compiled DKM on pairs (its reverse pass written out) against the torch path (autograd replay)."""
+def test_compiled_reverse_pass_equals_autograd_in_float64(
+    compiled, torch_path, bits, group_size, iterations, tolerance, monkeypatch
+):
+    """The compiled kernel (its reverse pass written out) against the torch paths (autograd replay), in float64."""
     weight = bf16_representable((6, 50), seed=bits).requires_grad_(True)
     spec = ClusteringSpec(
         bits=bits, group_size=group_size, temperature=3e-5, iterations=iterations, tolerance=tolerance
@@ -311,8 +321,10 @@ def test_pair_kernel_reverse_pass_equals_autograd_in_float64(compiled, bits, gro
     centroids = init_centroids(weight, spec, seed=bits)
     upstream = torch.randn(weight.shape, generator=torch.Generator().manual_seed(bits), dtype=torch.float64)
     results = []
-    for kernel in (None, False):
-        out = edkm_cluster(weight, centroids, spec, kernel=kernel)
+    for path in ("groups", torch_path):
+        with monkeypatch.context() as patch:
+            use_path(patch, path)
+            out = edkm_cluster(weight, centroids, spec)
         results.append((out, *torch.autograd.grad(out.weight, weight, upstream)))
     (compiled_out, compiled_grad), (torch_out, torch_grad) = results
     assert compiled_out.iterations == torch_out.iterations
@@ -323,7 +335,7 @@ def test_pair_kernel_reverse_pass_equals_autograd_in_float64(compiled, bits, gro
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("group_size,with_scale", [(None, False), (8, True)])
+@pytest.mark.parametrize("group_size,with_scale", [(None, False), (8, True), (1, False), (1, True)])
 def test_compiled_and_torch_paths_agree_in_low_precision(compiled, dtype, group_size, with_scale):
     weight = (torch.randn(32, 40, generator=torch.Generator().manual_seed(4)) * 0.02).to(dtype).requires_grad_(True)
     spec = ClusteringSpec(bits=3, group_size=group_size, temperature=1e-5 if not with_scale else 0.02)
@@ -341,9 +353,11 @@ def test_compiled_and_torch_paths_agree_in_low_precision(compiled, dtype, group_
     assert relative_error(compiled_grad, torch_grad) < tolerance
 
 
-@pytest.mark.parametrize("kernel", [None, False])
-def test_transposed_weight_view_like_conv1d(kernel):
+@pytest.mark.parametrize("path", PATHS)
+def test_transposed_weight_view_like_conv1d(path, monkeypatch):
     """GPT-2's Conv1D presents its [in, out] weight transposed: a non-contiguous view with rows on dim 0."""
+    use_path(monkeypatch, path)
+    kernel = None
     stored = bf16_representable((40, 12), seed=8).requires_grad_(True)
     spec = ClusteringSpec(bits=2, group_size=4)
     centroids = init_centroids(stored.t(), spec)
@@ -356,42 +370,113 @@ def test_transposed_weight_view_like_conv1d(kernel):
     assert relative_error(out.weight, ref.weight) < 1e-9 and relative_error(grad, grad_ref) < 1e-9
 
 
-def test_sorted_index_path_equals_pattern_key_path(monkeypatch):
-    """Above MAX_DENSE_KEYS key-table entries the engine falls back to uniquify's sorted per-weight index."""
+def test_every_path_and_the_sorted_index_give_the_same_result(monkeypatch):
+    """The paths chosen by the number of groups, and the sorted per-weight index of exact (unique_dtype=None)
+    values, on values that are already 16-bit: the same function."""
     weight = bf16_representable((8, 30), seed=12).requires_grad_(True)
     spec = ClusteringSpec(bits=3, group_size=2)
     centroids = init_centroids(weight, spec)
     upstream = torch.randn(weight.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    dense = edkm_cluster(weight, centroids, spec)
-    (dense_grad,) = torch.autograd.grad(dense.weight, weight, upstream)
-    monkeypatch.setattr(edkm_module, "MAX_DENSE_KEYS", 0)
-    assert not edkm_module._plan(weight, spec, 4, None).dense
-    for kernel in (None, False):
-        out = edkm_cluster(weight, centroids, spec, kernel=kernel)
-        (grad,) = torch.autograd.grad(out.weight, weight, upstream)
-        assert relative_error(out.weight, dense.weight) < 1e-13 and relative_error(grad, dense_grad) < 1e-12
+    results = []
+    for path in PATHS + ["sorted"]:
+        with monkeypatch.context() as patch:
+            if path == "sorted":
+                out = edkm_cluster(weight, centroids, dataclasses.replace(spec, unique_dtype=None))
+            else:
+                use_path(patch, path)
+                out = edkm_cluster(weight, centroids, spec)
+        results.append((out.weight, *torch.autograd.grad(out.weight, weight, upstream)))
+    for out, grad in results[1:]:
+        assert relative_error(out, results[0][0]) < 1e-13 and relative_error(grad, results[0][1]) < 1e-12
 
 
-@pytest.mark.parametrize("kernel", [None, False])
-def test_non_finite_and_overflowing_values_are_found_in_the_counts(kernel):
-    spec = ClusteringSpec(bits=2)
+def test_group_kernel_with_too_many_values_to_keep_their_attention(compiled, monkeypatch):
+    """8 bits and more than 8,192 distinct values: the kernel recomputes the attention it would otherwise keep."""
+    generator = torch.Generator().manual_seed(9)
+    magnitude = torch.exp(torch.rand(200, 200, generator=generator) * -30)  # 43 binades: ~10,000 bf16 patterns
+    weight = (magnitude * torch.randn(200, 200, generator=generator).sign()).requires_grad_(True)
+    spec = ClusteringSpec(bits=8, temperature=1e-3)
+    assert torch.unique(weight.detach().to(torch.bfloat16)).numel() > 8192
+    centroids = init_centroids(weight, spec)
+    upstream = torch.randn(weight.shape, generator=torch.Generator().manual_seed(10))
+    results = []
+    for path in ("groups", "patterns"):
+        with monkeypatch.context() as patch:
+            use_path(patch, path)
+            out = edkm_cluster(weight, centroids, spec)
+        results.append((out, *torch.autograd.grad(out.weight, weight, upstream)))
+    (compiled_out, compiled_grad), (torch_out, torch_grad) = results
+    assert relative_error(compiled_out.weight, torch_out.weight) < 1e-5
+    assert relative_error(compiled_out.centroids, torch_out.centroids) < 1e-5
+    assert relative_error(compiled_grad, torch_grad) < 1e-4
+
+
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_direct_path_in_chunks_of_groups_equals_one_chunk(with_scale, monkeypatch):
+    """Without the compiled kernels, many groups are clustered a chunk of groups at a time (bounded memory)."""
+    use_path(monkeypatch, "direct")
+    weight = bf16_representable((12, 20), seed=13).requires_grad_(True)
+    spec = ClusteringSpec(
+        bits=2, group_size=1, iterations=4, tolerance=1e-4, temperature=1e-4 if not with_scale else 0.05
+    )
+    scale = per_channel_scale(weight) if with_scale else None
+    centroids = init_centroids(weight, spec, scale=scale)
+    upstream = torch.randn(weight.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    results = []
+    for chunk in (1 << 23, 3 * 20 * 4):  # everything at once; 3 groups per chunk
+        monkeypatch.setattr(edkm_module, "DIRECT_CHUNK_ELEMENTS", chunk)
+        out = edkm_cluster(weight, centroids, spec, scale=scale)
+        results.append((out, *torch.autograd.grad(out.weight, weight, upstream)))
+    (whole, whole_grad), (chunked, chunked_grad) = results
+    assert whole.iterations == chunked.iterations
+    assert torch.equal(whole.weight, chunked.weight) and torch.equal(whole.centroids, chunked.centroids)
+    assert relative_error(chunked_grad, whole_grad) < 1e-13
+
+
+@pytest.mark.parametrize("group_size", [None, 384, 4])  # with 2 threads: all on one group; a thread a group
+def test_group_kernel_results_do_not_depend_on_the_thread_count(compiled, group_size):
+    """Few groups: every thread counts and writes rows of the same group (tables added up); many: a thread takes
+    whole groups. Either way, the result is that of one thread."""
+    weight = (torch.randn(768, 96, generator=torch.Generator().manual_seed(5)) * 0.02).to(torch.bfloat16)
+    grad = torch.randn(768, 96, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    spec = ClusteringSpec(bits=3, group_size=group_size)
+    start = init_centroids(weight, spec).float().contiguous()
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        out, history, masses, nonfinite, ranges = compiled.groups_forward(weight, None, 0, start, 1e-5, 3)
+        results.append((out, history, masses, compiled.groups_backward(weight, None, 0, grad, history, masses, 1e-5)))
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("group_size", [None, 1])
+def test_non_finite_and_overflowing_values_are_found_in_the_counts(path, group_size, monkeypatch):
+    use_path(monkeypatch, path)
+    spec = ClusteringSpec(bits=2, group_size=group_size)
+    groups = 1 if group_size is None else 4
     bad = torch.full((4, 4), 0.01)
     bad[1, 2] = float("nan")
     with pytest.raises(ValueError, match="'up.weight' contains 1 NaN and 0 infinite values"):
-        edkm_cluster(bad, torch.zeros(1, 4), spec, name="up.weight", kernel=kernel)
+        edkm_cluster(bad, torch.zeros(groups, 4), spec, name="up.weight")
     # finite in float32 but beyond float16: with unique_dtype=float16 it would be clustered as infinity
     large = torch.full((4, 4), 0.01)
     large[0, 0] = 1e6
+    fp16 = dataclasses.replace(spec, unique_dtype=torch.float16)
     with pytest.raises(ValueError, match="overflow torch.float16"):
-        edkm_cluster(large, torch.zeros(1, 4), ClusteringSpec(bits=2, unique_dtype=torch.float16), kernel=kernel)
+        edkm_cluster(large, torch.zeros(groups, 4), fp16)
 
 
 def test_kernel_true_says_why_it_cannot_run(compiled):
-    spec = ClusteringSpec(bits=2)
-    with pytest.raises(RuntimeError, match="float32/bfloat16/float16 weights"):
-        edkm_cluster(torch.randn(4, 4, dtype=torch.float64), torch.zeros(1, 4, dtype=torch.float64), spec, kernel=True)
     with pytest.raises(RuntimeError, match="16-bit clustered values"):
         edkm_cluster(torch.randn(4, 4), torch.zeros(1, 4), ClusteringSpec(bits=2, unique_dtype=None), kernel=True)
+    # every float weight, per tensor or per channel, runs compiled
+    for dtype, group_size in ((torch.float64, None), (torch.float64, 1), (torch.float16, 1)):
+        spec = ClusteringSpec(bits=2, group_size=group_size)
+        weight = torch.randn(4, 4).to(dtype)
+        out = edkm_cluster(weight, init_centroids(weight, spec), spec, kernel=True)
+        assert out.weight.dtype == dtype
 
 
 # ----------------------------------------------------------------------------------------- uniquification
@@ -579,8 +664,8 @@ def test_bad_input_raises_clear_errors():
 # inputs the engine cannot represent: raised, never computed silently
 
 
-@pytest.mark.parametrize("entry", ["init_centroids", "hard_assign", "edkm", "edkm-torch"])
-def test_a_finite_weight_that_overflows_the_16_bit_clustering_dtype_is_named(entry):
+@pytest.mark.parametrize("entry", ["init_centroids", "hard_assign", *PATHS])
+def test_a_finite_weight_that_overflows_the_16_bit_clustering_dtype_is_named(entry, monkeypatch):
     spec = ClusteringSpec(bits=3, unique_dtype=torch.float16)
     weight = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
     centroids = init_centroids(weight, spec)
@@ -591,19 +676,23 @@ def test_a_finite_weight_that_overflows_the_16_bit_clustering_dtype_is_named(ent
         elif entry == "hard_assign":
             hard_assign(weight, centroids, spec, name="layers.0.w")
         else:
-            edkm_cluster(weight, centroids, spec, name="layers.0.w", kernel=None if entry == "edkm" else False)
+            use_path(monkeypatch, entry)
+            edkm_cluster(weight, centroids, spec, name="layers.0.w")
 
 
-@pytest.mark.parametrize("engine", ["edkm", "reference"])
-def test_a_temperature_whose_softmax_overflows_is_refused_and_one_just_above_gives_finite_gradients(engine):
-    import dataclasses
-
+@pytest.mark.parametrize("engine", ["reference", *PATHS])
+@pytest.mark.parametrize("group_size", [None, 1])
+def test_a_temperature_whose_softmax_overflows_is_refused_and_one_just_above_gives_finite_gradients(
+    engine, group_size, monkeypatch
+):
+    if engine != "reference":
+        use_path(monkeypatch, engine)
     weight = torch.randn(8, 64, generator=torch.Generator().manual_seed(1)).requires_grad_()
-    spec = ClusteringSpec(bits=3)
+    spec = ClusteringSpec(bits=3, group_size=group_size)
     centroids = init_centroids(weight.detach(), spec)
     run = (
         (lambda s: edkm_cluster(weight, centroids, s, name="w"))
-        if engine == "edkm"
+        if engine != "reference"
         else (lambda s: dkm_reference(weight, centroids, s, name="w"))
     )
     with pytest.raises(ValueError, match="temperature 1e-40 is too small for 'w'"):

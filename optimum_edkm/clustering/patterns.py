@@ -1,4 +1,4 @@
-"""eDKM's per-weight passes, keyed by 16-bit bit patterns: no per-weight index is ever stored.
+"""eDKM's per-weight passes keyed by 16-bit bit patterns, in torch, and the loader of the compiled kernel.
 
 Every weight maps to a *key* ``group * 65536 + pattern``, the 16-bit pattern of its clustered value (the weight,
 divided by its row's scale, rounded to bf16/fp16). The distinct keys ("pairs", increasing) replace the
@@ -7,32 +7,30 @@ and writes each weight's clustered value from a per-pair table; the backward pas
 key and writes each weight's gradient from two per-pair tables. The key is recomputed from the weight in each
 pass, which costs less than storing (and re-reading) a per-weight index.
 
-Two implementations with the same signatures and results:
-
-* :class:`TorchPatternOps` - pure torch, any device and dtype (the reference; fp64 weights always use it);
-* the compiled CPU kernel ``optimum_edkm/kernels/csrc/edkm_patterns.cpp`` (one fused loop per pass, no
-  per-weight temporaries; fp32/bf16/fp16 weights, fp32 tables), used when it builds (:func:`compiled_ops`).
-
-Per-weight outputs agree bit for bit; the per-key gradient sums differ in summation order only (the kernel
-sums in float64).
+:class:`TorchPatternOps` runs these passes on any device (the torch path with few LUT groups, see ``edkm._plan``).
+The compiled kernel (:func:`compiled_ops`, ``optimum_edkm/clustering/csrc/``) does the same per group, in tables
+indexed by pattern that only the group's weights touch, with the DKM in between.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
 
 from .uniquify import PATTERNS, bit_patterns, nonfinite_patterns
 
-#: key-indexed tables are ``groups * 65536`` long; above this many entries the sorted path is used instead
+_CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+_SOURCES = ("edkm_groups.cpp", "edkm_bindings.cpp")
+#: key-indexed tables are ``groups * 65536`` long; above this many entries other paths run (see ``edkm._plan``)
 MAX_DENSE_KEYS = 1 << 25
 _KIND = {torch.bfloat16: 0, torch.float16: 1}
 _PATTERN_DTYPE = {0: torch.bfloat16, 1: torch.float16}
 
 
 class TorchPatternOps:
-    """Pure-torch reference of the pattern-keyed passes (the compiled kernel has the same functions).
+    """The pattern-keyed passes in torch (any device and dtype).
 
     ``weight`` is contiguous with output channels on dim 0, ``scale`` (optional) a contiguous ``[rows]`` tensor in
     the table dtype, ``kind`` 0 for bf16 patterns and 1 for fp16; keys come back as int64, increasing.
@@ -110,9 +108,9 @@ def pattern_kind(dtype: torch.dtype) -> int:
 
 
 def compiled_ops():
-    """The compiled CPU kernels of the engine (per-weight passes and the DKM on pairs), or ``None`` when they
-    cannot be built (or kernels are disabled with ``OPTIMUM_EDKM_DISABLE_KERNELS=1``)."""
+    """The compiled CPU kernel of the engine (``groups_forward`` / ``groups_backward``: all of eDKM per LUT group), or
+    ``None`` when it cannot be built (or kernels are disabled with ``OPTIMUM_EDKM_DISABLE_KERNELS=1``)."""
     # the kernel loader imports nothing but torch: no dependency of the engine on the layers above it
     from ..extensions import load_extension
 
-    return load_extension("edkm", ("edkm_patterns.cpp", "edkm_pairs.cpp", "edkm_bindings.cpp"), ("-ffp-contract=off",))
+    return load_extension("edkm", _SOURCES, ("-ffp-contract=off",), directory=_CSRC)

@@ -89,20 +89,29 @@ def uniquify(values: torch.Tensor, compute: torch.dtype, name: str = "weight") -
     return _uniquify_sorted(values.to(compute), groups)
 
 
+def _raise_overflow(overflowed: int, dtype: torch.dtype, name: str) -> None:
+    if overflowed:
+        raise ValueError(
+            f"'{name}' has {overflowed} value(s) that overflow {dtype} (largest finite magnitude "
+            f"{torch.finfo(dtype).max:.4g}) once rounded to the clustering dtype (divided by their channel's scale, "
+            f"if any); clustering would treat them as 0. Use a per-channel scale, or unique_dtype=torch.bfloat16 "
+            f"(fp32 range)"
+        )
+
+
+def check_rounded(values: torch.Tensor, name: str = "weight") -> None:
+    """16-bit clustered values of finite weights: a NaN/Inf among them overflowed the 16-bit dtype when rounded to
+    it; raises ``ValueError`` naming ``name``."""
+    _raise_overflow(int((~torch.isfinite(values)).sum()), values.dtype, name)
+
+
 def _uniquify_patterns(values: torch.Tensor, compute: torch.dtype, name: str) -> UniqueValues:
     groups = values.shape[0]
     device = values.device
     idx_dtype = index_dtype(values.numel())
     patterns = bit_patterns(values).reshape(-1)
     pattern_counts = torch.bincount(patterns, minlength=PATTERNS)
-    overflowed = int(pattern_counts[nonfinite_patterns(values.dtype, device)].sum())
-    if overflowed:
-        raise ValueError(
-            f"'{name}' has {overflowed} value(s) that overflow {values.dtype} (largest finite magnitude "
-            f"{torch.finfo(values.dtype).max:.4g}) once rounded to the clustering dtype (divided by their channel's "
-            f"scale, if any); clustering would treat them as 0. Use a per-channel scale, or "
-            f"unique_dtype=torch.bfloat16 (fp32 range)"
-        )
+    _raise_overflow(int(pattern_counts[nonfinite_patterns(values.dtype, device)].sum()), values.dtype, name)
     present = pattern_counts > 0
     slot = (present.cumsum(0) - 1).to(torch.int32)
     table = pattern_values(values.dtype, device, compute)[present]
