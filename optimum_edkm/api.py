@@ -17,6 +17,7 @@ import torch
 from .atomic import commit_folder, resolve_target_folder, write_file
 from .config import EDKMConfig
 from .nn import EDKMTiedLinear, is_clustered, is_palettized
+from .nn.stored16 import float_part_keys, store_float_parts_16bit
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,8 @@ def prepare(model, config: EDKMConfig):
 @torch.no_grad()
 def palettize(model):
     """Finalize: snap every clustered weight to its nearest centroid and replace the module with its
-    palettized form (LUT + packed n-bit indices [+ scale]). In place; returns the model.
+    palettized form (LUT + packed n-bit indices [+ scale]); the float parts (what is not palettized) go to
+    ``EDKMConfig.float_dtype`` (16 bits by default, :mod:`optimum_edkm.nn.stored16`). In place; returns the model.
 
     All replacements are computed before the first one is installed, so an error leaves the model unchanged.
     """
@@ -100,6 +102,8 @@ def palettize(model):
         model.set_submodule(name, replacement)
     for name, _ in heads:
         getattr(model, "all_tied_weights_keys", {}).pop(f"{name}.weight", None)
+    if config.float_dtype_16bit is not None:
+        store_float_parts_16bit(model, config.float_dtype_16bit)
     config.palettized = True
     return model
 
@@ -113,8 +117,9 @@ def size_report(model) -> dict:
     """Bytes and bits per weight of the palettized form of ``model`` (what a checkpoint holds).
 
     ``theoretical_bytes`` = the packed form of every converted weight (:meth:`storage`, indices + LUTs +
-    scales) + every other parameter and buffer at its own dtype (tied tensors once). Works before and after
-    :func:`palettize`.
+    scales) + every other parameter and buffer at the dtype the checkpoint stores it in (its own, or
+    ``EDKMConfig.float_dtype`` for the float parts of a palettized model; tied tensors once). Works before and
+    after :func:`palettize`.
     """
     config = edkm_config(model)
     converted, counted = {}, set()
@@ -135,11 +140,12 @@ def size_report(model) -> dict:
     clustered_weights = sum(storage.numel for storage in converted.values())
     clustered_bytes = sum(storage.stored_bytes for storage in converted.values())
     other_bytes, other_parameters, seen = 0, 0, set(counted)
-    for tensor in model.state_dict(keep_vars=True).values():  # persistent tensors: what a checkpoint holds
+    stored_16bit = set(float_part_keys(model)) if config.float_dtype_16bit is not None else set()
+    for key, tensor in model.state_dict(keep_vars=True).items():  # persistent tensors: what a checkpoint holds
         if id(tensor) in seen:
             continue
         seen.add(id(tensor))
-        other_bytes += _tensor_bytes(tensor)
+        other_bytes += tensor.numel() * 2 if key in stored_16bit else _tensor_bytes(tensor)
         if isinstance(tensor, torch.nn.Parameter):
             other_parameters += tensor.numel()
     theoretical = clustered_bytes + other_bytes

@@ -89,8 +89,9 @@ def _remove_stale_lock(build_directory: str, now: Optional[float] = None) -> boo
 
 
 @functools.lru_cache(maxsize=None)
-def load_extension(name: str, sources: tuple, extra_cflags: tuple = ()) -> Optional[object]:
-    """Build (once) and import the extension made of ``sources`` (file names under ``csrc/``).
+def load_extension(name: str, sources: tuple, extra_cflags: tuple = (), headers: tuple = ()) -> Optional[object]:
+    """Build (once) and import the extension made of ``sources`` (file names under ``csrc/``); ``headers``: the
+    files under ``csrc/`` they include (part of the build's name, so that editing one rebuilds).
 
     Returns the extension module, or ``None`` when kernels are disabled or the build fails (no compiler, no
     ninja, ...); the failure is reported once as a ``RuntimeWarning`` naming the cause and the fix.
@@ -102,7 +103,8 @@ def load_extension(name: str, sources: tuple, extra_cflags: tuple = ()) -> Optio
         from torch.utils.cpp_extension import load
 
         flags = ["-O3", "-march=native", "-fopenmp", *extra_cflags]
-        module_name = f"optimum_edkm_{name}_{_cpu_fingerprint()}_{_source_digest(paths)}"
+        digest = _source_digest(paths + [os.path.join(CSRC, header) for header in headers])
+        module_name = f"optimum_edkm_{name}_{_cpu_fingerprint()}_{digest}"
         build_directory = _build_directory(module_name)
         os.makedirs(build_directory, exist_ok=True)
         _remove_stale_lock(build_directory)
