@@ -140,7 +140,8 @@ def size_report(model) -> dict:
     clustered_weights = sum(storage.numel for storage in converted.values())
     clustered_bytes = sum(storage.stored_bytes for storage in converted.values())
     other_bytes, other_parameters, seen = 0, 0, set(counted)
-    stored_16bit = set(float_part_keys(model)) if config.float_dtype_16bit is not None else set()
+    dtype_16bit = config.float_dtype_16bit
+    stored_16bit = float_part_keys(model, dtype_16bit) if dtype_16bit is not None else set()
     for key, tensor in model.state_dict(keep_vars=True).items():  # persistent tensors: what a checkpoint holds
         if id(tensor) in seen:
             continue

@@ -53,11 +53,12 @@ class EDKMConfig(QuantizationConfigMixin):
         seed: seed of the k-means initialisation (identical on every process).
         uniquify: cluster over distinct 16-bit values (eDKM). ``False`` runs plain DKM (large memory).
         lut_dtype: dtype the LUT and scale are stored in: ``"float16"`` (what Core ML takes) or ``"float32"``.
-        float_dtype: dtype the float parts of the palettized model are stored in (what is not palettized: a tied
-            embedding / output head kept in floating point, norms, ``modules_to_not_convert``): ``"float16"``
-            (default), ``"bfloat16"`` or ``"float32"``. In 16 bits, Linear / Embedding weights stay in 16 bits in
-            memory and are computed with float32 accumulation (:mod:`optimum_edkm.nn.stored16`), and the model
-            still computes in float32. ``None``: as the model holds them (checkpoints saved before this option).
+        float_dtype: dtype the float32 float parts of the palettized model are stored in (what is not
+            palettized: a tied embedding / output head kept in floating point, norms, ``modules_to_not_convert``):
+            ``"float16"`` (default), ``"bfloat16"`` or ``"float32"``; parts already in 16 bits keep their dtype.
+            In 16 bits, Linear / Embedding weights stay in 16 bits in memory and are computed with float32
+            accumulation (:mod:`optimum_edkm.nn.stored16`), and the model still computes in float32. ``None``: as
+            the model holds them (checkpoints saved before this option).
         palettized: set by ``optimum_edkm.palettize``: the checkpoint holds LUTs and packed indices.
     """
 

@@ -192,20 +192,20 @@ def init_clusters(model, config: EDKMConfig, progress: bool = True) -> None:
 
 
 def float_parts_as_stored(model, state: dict, config: EDKMConfig) -> dict:
-    """``state`` with the float parts of a palettized model (:func:`~optimum_edkm.nn.stored16.float_part_keys`)
-    cast to ``config.float_dtype``; tensors that share storage (tied weights) stay shared."""
+    """``state`` with the float parts of a palettized model that are wider than ``config.float_dtype``
+    (:func:`~optimum_edkm.nn.stored16.float_part_keys`) cast to it; tensors that share storage (tied weights) stay
+    shared."""
     if config.float_dtype is None:
         return state
     dtype = config.float_dtype_16bit or torch.float32
     cast = {}
     state = dict(state)
-    for key in float_part_keys(model) & set(state):
+    for key in float_part_keys(model, dtype) & set(state):
         tensor = state[key]
-        if tensor.dtype != dtype:
-            memo = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-            if memo not in cast:
-                cast[memo] = tensor.to(dtype)
-            state[key] = cast[memo]
+        memo = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if memo not in cast:
+            cast[memo] = tensor.to(dtype)
+        state[key] = cast[memo]
     return state
 
 

@@ -4,6 +4,7 @@
 The first test in a fresh machine builds the C++ extension (20-60 s, once; cached afterwards).
 """
 
+import importlib.util
 import itertools
 import os
 import subprocess
@@ -295,6 +296,41 @@ def test_disabled_kernels_use_the_reference_path():
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "reference path" in done.stdout
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None,
+    reason="Triton is not installed here (pip install triton==3.9.0 runs next to torch 2.13 CPU, ~1 GB); the "
+    "CUDA path's kernel is then tested through its interpreter",
+)
+def test_triton_kernel_matches_float64_in_the_interpreter():
+    """The CUDA kernel (optimum_edkm/kernels/triton_lut.py) run by Triton's interpreter on CPU tensors: every bit
+    width, one LUT and one per row, scale and bias or neither, float32 and bfloat16 x, K and N not multiples of
+    the tiles."""
+    script = textwrap.dedent("""
+        import itertools, torch
+        from optimum_edkm.clustering import decode, pack_indices
+        from optimum_edkm.kernels.triton_lut import triton_lut_linear
+        for bits, groups, extras, dtype in itertools.product(
+            range(1, 9), [1, 20], [False, True], [torch.float32, torch.bfloat16]
+        ):
+            g = torch.Generator().manual_seed(bits)
+            idx = torch.randint(0, 2**bits, (20, 40), dtype=torch.uint8, generator=g)
+            lut = torch.randn(groups, 2**bits, generator=g).half()
+            scale = (torch.rand(20, generator=g) + 0.5).half() if extras else None
+            bias = torch.randn(20, generator=g) if extras else None
+            x = torch.randn(3, 40, generator=g).to(dtype)
+            y = triton_lut_linear(x, pack_indices(idx, bits), lut, scale, bias, 40, 20, bits, block_n=16, block_k=16)
+            exact = x.double() @ decode(idx, lut, scale, dtype=torch.float64).t()
+            exact = exact + (0 if bias is None else bias.double())
+            tol = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps  # y rounded to x's dtype
+            assert y.dtype == dtype and y.shape == (3, 20)
+            assert float((y.double() - exact).abs().max()) <= tol * float(exact.abs().max()), (bits, groups, dtype)
+        print("TRITON OK")
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert "TRITON OK" in done.stdout, done.stderr[-3000:]
 
 
 @pytest.mark.gpu

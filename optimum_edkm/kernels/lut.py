@@ -2,9 +2,10 @@
 
 :func:`lut_linear` is what :class:`~optimum_edkm.PalettizedLinear` calls. On CPU it runs the C++ kernel
 (``csrc/lut_linear.cpp``, registered as the torch operator ``torch.ops.optimum_edkm.lut_linear`` with a fake
-implementation, so ``torch.compile`` sees it as one opaque node); everywhere else, and when the kernel cannot be
-built or the rows are not byte-aligned, it runs :func:`reference_lut_linear`: the pure-torch ``unpack_indices``
-+ ``decode`` + ``F.linear``.
+implementation, so ``torch.compile`` sees it as one opaque node); on CUDA, for a few rows of ``x``, the Triton
+kernel of :mod:`.triton_lut` when Triton is installed; everywhere else, and when the kernel cannot be built or
+the rows are not byte-aligned, it runs :func:`reference_lut_linear`: the pure-torch ``unpack_indices`` +
+``decode`` + ``F.linear``.
 
 The kernel reads the packed stream in place (no second copy of the weight): for a few rows of ``x`` (decoding
 tokens) it expands each chunk of indices in registers and never materialises the dense weight; from
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from ..clustering import decode, unpack_indices
 from ..extensions import load_extension
+from . import triton_lut
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +159,8 @@ def _forward(x, packed, lut, scale, bias, in_features, out_features, bits):
         return _kernel("linear")(
             x, packed, lut, scale, bias, in_features, out_features, bits, GEMM_MIN_ROWS, GEMM_TILE_BYTES
         )
+    if x.is_cuda and x.numel() <= triton_lut.MAX_ROWS * in_features and triton_lut.triton_available():
+        return triton_lut.triton_lut_linear(x, packed, lut, scale, bias, in_features, out_features, bits)
     return reference_lut_linear(x, packed, lut, scale, bias, in_features, out_features, bits)
 
 

@@ -8,7 +8,9 @@ floating point, norms, layers in ``modules_to_not_convert``) is stored in float1
 * every other floating-point parameter or buffer (norm weights, biases) keeps the model's dtype in memory and
   holds values rounded to the 16-bit dtype, so the checkpoint stores it in 16 bits without loss.
 
-Tied weights stay tied: modules that share one float weight share one 16-bit weight.
+Only float32 (or wider) tensors are converted: a model that already holds its float parts in 16 bits (a bfloat16
+model) keeps them as they are. Tied weights stay tied: modules that share one float weight share one 16-bit
+weight.
 """
 
 from __future__ import annotations
@@ -107,8 +109,12 @@ class Embedding16(nn.Embedding):
 _CLASSES_16 = ((nn.Linear, Linear16), (nn.Embedding, Embedding16))
 
 
-def _class_16(module: nn.Module) -> Optional[type]:
-    if isinstance(module, (Linear16, Embedding16)):
+def _wider(tensor: Optional[torch.Tensor], dtype: torch.dtype) -> bool:
+    return tensor is not None and tensor.is_floating_point() and tensor.element_size() > torch.finfo(dtype).bits // 8
+
+
+def _class_16(module: nn.Module, dtype: torch.dtype) -> Optional[type]:
+    if isinstance(module, (Linear16, Embedding16)) or not _wider(getattr(module, "weight", None), dtype):
         return None
     for float_class, class_16 in _CLASSES_16:
         if isinstance(module, float_class):
@@ -131,7 +137,7 @@ def store_float_parts_16bit(model: nn.Module, dtype: torch.dtype, *, on_meta: bo
     be loaded into; the 16-bit modules are built on the meta device in ``dtype``, nothing is rounded."""
     replaced = {}  # id(float weight) -> 16-bit parameter (tied weights stay tied)
     for name, module in list(_float_part_modules(model)):
-        class_16 = _class_16(module)
+        class_16 = _class_16(module, dtype)
         if class_16 is None:
             continue
         new = class_16.empty_like(module, dtype)
@@ -154,16 +160,17 @@ def store_float_parts_16bit(model: nn.Module, dtype: torch.dtype, *, on_meta: bo
                 b for key, b in module._buffers.items() if key not in module._non_persistent_buffers_set
             ]
             for tensor in tensors:
-                if tensor is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                if _wider(tensor, dtype):
                     tensor.copy_(tensor.to(dtype))
 
 
-def float_part_keys(model: nn.Module) -> set:
-    """State-dict keys of the float parts of ``model`` (the tensors ``EDKMConfig.float_dtype`` stores)."""
+def float_part_keys(model: nn.Module, dtype: torch.dtype) -> set:
+    """State-dict keys of the float parts of ``model`` wider than ``dtype`` (the tensors a checkpoint stores in
+    ``dtype``, ``EDKMConfig.float_dtype``)."""
     keys = set()
     for name, module in _float_part_modules(model):
         prefix = f"{name}." if name else ""
         for key, tensor in list(module._parameters.items()) + list(module._buffers.items()):
-            if tensor is not None and tensor.is_floating_point() and key not in module._non_persistent_buffers_set:
+            if _wider(tensor, dtype) and key not in module._non_persistent_buffers_set:
                 keys.add(prefix + key)
     return keys

@@ -217,8 +217,10 @@ std::vector<int64_t> output_shape(const at::Tensor& x, int64_t out_features) {
 template <typename Pick>
 at::Tensor fused(const Problem& p, const at::Tensor& x, const Pick& pick, bool tables) {
   const int64_t m_rows = x.numel() / p.in;
-  const at::Tensor xf = x.reshape({m_rows, p.in}).to(at::kFloat).contiguous();
-  at::Tensor y = at::empty({m_rows, p.out}, x.options().dtype(at::kFloat));
+  // float32 x and y as they are (decoding makes ~200 calls a token: every dispatcher call saved counts)
+  const bool direct = x.scalar_type() == at::kFloat && x.is_contiguous();
+  const at::Tensor xf = direct ? x : x.reshape({m_rows, p.in}).to(at::kFloat).contiguous();
+  at::Tensor y = at::empty(output_shape(x, p.out), x.options().dtype(at::kFloat));
   const float* xp = xf.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   for (int64_t m0 = 0; m0 < m_rows;) {
@@ -238,8 +240,7 @@ at::Tensor fused(const Problem& p, const at::Tensor& x, const Pick& pick, bool t
                    [&](int64_t a, int64_t b) { fn(pass, xt, yt, a, b); });
     m0 += mt;
   }
-  const at::Tensor result = x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
-  return result.view(output_shape(x, p.out));
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
 // The compute-bound path: tiles of at most tile_bytes of the weight, as fp32 rows (tile(r0, rows) fills and
@@ -274,9 +275,9 @@ at::Tensor tiled_gemm(const Problem& p, const at::Tensor& x, const c10::optional
 // benchmarks/inference.py --kernel-sweep on SmolLM2's layer shapes). Portable LUT loops: only one row through
 // the table kernel; otherwise their decode is slow enough that BLAS on a decoded copy wins from the first row.
 int64_t default_gemm_min_rows(int isa, const Problem& p) {
-  if (p.bits == 0) return isa == kScalar ? 1 : 16;  // dense 16-bit rows
-  if (isa == kAvx512) return 64;
-  if (isa == kAvx2) return 32;
+  if (isa == kAvx512) return p.bits == 0 ? 40 : 32;
+  if (isa == kAvx2) return 24;
+  if (p.bits == 0) return 1;  // dense 16-bit rows
   return scalar_table_applies(p) ? 2 : 1;
 }
 
