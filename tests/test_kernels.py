@@ -33,7 +33,23 @@ FORCE_FUSED, FORCE_GEMM = 1 << 30, 1
 
 
 def isas():
-    return supported_isas() if kernel_available() else []
+    """Every loop variant this CPU runs: each instruction set, and with AVX-512 also its 16-lane loops for one row of
+    x (by default one row of a <= 3-bit LUT or 16-bit weight runs the 8-lane loops there)."""
+    names = supported_isas() if kernel_available() else []
+    return names + ["avx512-wide"] * ("avx512" in names)
+
+
+def use_isa(name):
+    """Run the kernels on loop variant ``name`` (of :func:`isas`); returns the function that restores the default."""
+    isa, _, wide = name.partition("-")
+    set_kernel_isa(isa)
+    previous = lut_module._state["extension"].set_narrow_one_row(not wide)
+
+    def restore():
+        lut_module._state["extension"].set_narrow_one_row(previous)
+        set_kernel_isa("best")
+
+    return restore
 
 
 needs_kernel = pytest.mark.skipif("not kernel_available()", reason="the C++ LUT kernel could not be built here")
@@ -41,9 +57,9 @@ needs_kernel = pytest.mark.skipif("not kernel_available()", reason="the C++ LUT 
 
 @pytest.fixture
 def isa(request):
-    set_kernel_isa(request.param)
+    restore = use_isa(request.param)
     yield request.param
-    set_kernel_isa("best")
+    restore()
 
 
 def make_palette(out_f, in_f, bits, groups=1, scale=True, bias=False, lut_dtype=torch.float16, seed=0):
@@ -513,10 +529,10 @@ def test_greedy_generation_equals_the_reference_path_on_every_instruction_set(em
         compiled = lut_module._state["direct"][name]
         monkeypatch.setitem(lut_module._state["direct"], name, lambda *a, f=compiled, n=name: calls.append(n) or f(*a))
     for isa in isas():
-        set_kernel_isa(isa)
+        restore = use_isa(isa)
         try:
             for batch, ids in prompts.items():
                 assert torch.equal(generate(ids), reference[batch]), (isa, batch)
         finally:
-            set_kernel_isa("best")
+            restore()
     assert "linear" in calls and ("linear16" in calls) == (embedding_bits is None)

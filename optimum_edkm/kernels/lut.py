@@ -34,7 +34,7 @@ GEMM_MIN_ROWS = 0
 GEMM_TILE_BYTES = 8 << 20
 
 _SOURCES = ("lut_linear.cpp", "lut_scalar.cpp", "lut_avx2.cpp", "lut_avx512.cpp")
-_HEADERS = ("lut_kernels.h",)
+_HEADERS = ("lut_kernels.h", "lut_loops.h")
 #: rows of ``x`` from which :func:`linear16` converts tiles of the 16-bit weight and uses torch's GEMM; 0 = default
 LINEAR16_GEMM_MIN_ROWS = 0
 

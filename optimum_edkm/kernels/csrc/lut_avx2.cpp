@@ -1,16 +1,25 @@
-// AVX2 + FMA + F16C loops of the LUT linear kernel (see lut_kernels.h), compiled with function target attributes.
+// AVX2 + FMA + F16C loops of the LUT linear kernel (see lut_kernels.h): the row types and vector operations of
+// this instruction set, and the shared loops of lut_loops.h compiled for it (a target region, so the file builds
+// on any x86 compiler and runs only where lut_linear.cpp detected the features).
 //
-// The AVX-512 file's scheme on 8 lanes, with R * MT = 4 accumulators (16 registers): 8 indices of up to 4 bits
-// fit one 32-bit word, broadcast from memory to the 8 lanes and shifted by vpsrlvd (lane i by i * bits); vpermps
-// looks up 8 entries (1-3 bits: the LUT replicated to 8; 4 bits: two lookups blended on bit 3; 5-8 bits: a
-// gather). 16-bit dense rows: vcvtph2ps / a shift.
+// 8 lanes, R * MT = 4 accumulators (16 registers). Expanding a LUT chunk: 8 indices of up to 4 bits fit one
+// 32-bit word, broadcast from memory to the 8 lanes and shifted by vpsrlvd (lane i by i * bits); vpermps looks up
+// 8 entries (1-3 bits: the LUT replicated to 8; 4 bits: two lookups blended on bit 3; 5-8 bits: a gather).
+// 16-bit dense rows: vcvtph2ps / a shift.
 
 #include "lut_kernels.h"
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 
-#define T256 __attribute__((target("avx2,fma,f16c")))
+// every function from here to the end of the region is compiled for this instruction set (lut_linear.cpp calls
+// them only where the CPU has it); nothing of torch or the standard library is defined inside
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#endif
 
 namespace edkm_lut {
 namespace {
@@ -32,24 +41,24 @@ template <int BITS>
 struct Unpack {
   __m256i shifts;
 
-  T256 Unpack() {
+  Unpack() {
     // up to 4 bits: lane i reads the whole word; 5-8 bits: lanes 0-3 the low half, lanes 4-7 the high half
     const int step = BITS;
     const int base = BITS <= 4 ? 4 * BITS : 0;
     shifts = _mm256_setr_epi32(0, step, 2 * step, 3 * step, base, base + step, base + 2 * step, base + 3 * step);
   }
-  T256 inline __m256i from_word(uint64_t word) const {
+  inline __m256i from_word(uint64_t word) const {
     if constexpr (BITS <= 4) return _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts);
     const __m128i lo = _mm_set1_epi32(static_cast<int>(word)), hi = _mm_set1_epi32(static_cast<int>(word >> (4 * BITS)));
     return _mm256_srlv_epi32(_mm256_set_m128i(hi, lo), shifts);
   }
   // the chunk at src with a whole-word load (the caller guarantees 4 / 8 readable bytes)
-  T256 inline __m256i operator()(const uint8_t* src) const {
+  inline __m256i operator()(const uint8_t* src) const {
     if constexpr (BITS <= 4) return _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(load_u32(src))), shifts);
     return from_word(load_u64(src));
   }
   // the first `bytes` bytes at src only
-  T256 inline __m256i partial(const uint8_t* src, int64_t bytes) const { return from_word(load_bytes(src, bytes)); }
+  inline __m256i partial(const uint8_t* src, int64_t bytes) const { return from_word(load_bytes(src, bytes)); }
 };
 
 template <int BITS>
@@ -57,7 +66,7 @@ struct Lut {
   __m256 a, b;                                   // entries (replicated to 8 lanes) / entries 0-7, entries 8-15
   alignas(32) float values[BITS >= 5 ? 256 : 1];  // 5-8 bits: the gather's source
 
-  T256 inline void load(const Problem& p, int64_t group) {
+  inline void load(const Problem& p, int64_t group) {
     constexpr int entries = 1 << BITS;
     if constexpr (BITS <= 4) {
       if (p.lut_type == kF16) {
@@ -98,7 +107,7 @@ struct Lut {
     }
   }
 
-  T256 inline __m256 operator()(__m256i idx) const {
+  inline __m256 operator()(__m256i idx) const {
     if constexpr (BITS <= 3) return _mm256_permutevar8x32_ps(a, idx);
     if constexpr (BITS == 4) {
       const __m256 low = _mm256_permutevar8x32_ps(a, idx), high = _mm256_permutevar8x32_ps(b, idx);
@@ -117,16 +126,16 @@ struct LutRow {
   Lut<BITS> lut;
   const uint8_t* row;
 
-  T256 inline void start(const Problem& p, int64_t r) {
+  inline void start(const Problem& p, int64_t r) {
     lut.load(p, p.rows_per_group == 1 ? r : r / p.rows_per_group);
     row = p.weight + r * p.row_bytes;
   }
   template <bool kGuarded>
-  T256 inline __m256 chunk(const Consts& unpack, int64_t k) const {
+  inline __m256 chunk(const Consts& unpack, int64_t k) const {
     const uint8_t* src = row + k / 8 * BITS;
     return lut(kGuarded ? unpack.partial(src, BITS) : unpack(src));
   }
-  T256 inline __m256 tail(const Consts& unpack, int64_t k, int64_t count) const {
+  inline __m256 tail(const Consts& unpack, int64_t k, int64_t count) const {
     return lut(unpack.partial(row + k / 8 * BITS, (count * BITS + 7) / 8));
   }
 };
@@ -141,158 +150,82 @@ struct DenseRow {
   static constexpr int64_t kPrefetchBlocks = 4;
   const uint16_t* row;
 
-  T256 inline void start(const Problem& p, int64_t r) {
+  inline void start(const Problem& p, int64_t r) {
     row = reinterpret_cast<const uint16_t*>(p.weight) + r * p.in;
   }
-  T256 static inline __m256 widen(__m128i h) {
+  static inline __m256 widen(__m128i h) {
     if constexpr (TYPE == kF16) return _mm256_cvtph_ps(h);
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
   }
   template <bool kGuarded>
-  T256 inline __m256 chunk(const Consts&, int64_t k) const {
+  inline __m256 chunk(const Consts&, int64_t k) const {
     return widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k)));
   }
-  T256 inline __m256 tail(const Consts&, int64_t k, int64_t count) const {
+  inline __m256 tail(const Consts&, int64_t k, int64_t count) const {
     alignas(16) uint16_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     std::memcpy(part, row + k, count * 2);
     return widen(_mm_load_si128(reinterpret_cast<const __m128i*>(part)));
   }
 };
 
-template <int N>
-T256 inline void reduce(const __m256* acc, float* sums) {
-  if constexpr (N == 8 || N == 4) {
-    const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
-    if constexpr (N == 4) {
-      // [acc0..3 over lanes 0-3 | acc0..3 over lanes 4-7]
-      _mm_storeu_ps(sums, _mm_add_ps(_mm256_castps256_ps128(s0123), _mm256_extractf128_ps(s0123, 1)));
+// 8 fp32 lanes; 4 accumulators per pass (of 16 registers)
+struct Simd {
+  using Vec = __m256;
+  static constexpr int64_t kLanes = 8;
+  static constexpr int kRowsPerPass = 4;
+
+  static inline __m256i first(int64_t count) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static inline Vec zero() { return _mm256_setzero_ps(); }
+  static inline Vec set1(float value) { return _mm256_set1_ps(value); }
+  static inline Vec load(const float* src) { return _mm256_loadu_ps(src); }
+  static inline Vec load_first(const float* src, int64_t count) { return _mm256_maskload_ps(src, first(count)); }
+  static inline Vec keep_first(Vec v, int64_t count) { return _mm256_and_ps(v, _mm256_castsi256_ps(first(count))); }
+  static inline Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+  static inline Vec mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+  static inline void store(float* dst, Vec v) { _mm256_storeu_ps(dst, v); }
+  static inline void store_first(float* dst, Vec v, int64_t count) { _mm256_maskstore_ps(dst, first(count), v); }
+
+  // sums[j] = sum of the lanes of acc[j], j < N
+  template <int N>
+  static inline void reduce(const Vec* acc, float* sums) {
+    if constexpr (N == 8 || N == 4) {
+      const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+      if constexpr (N == 4) {
+        // [acc0..3 over lanes 0-3 | acc0..3 over lanes 4-7]
+        _mm_storeu_ps(sums, _mm_add_ps(_mm256_castps256_ps128(s0123), _mm256_extractf128_ps(s0123, 1)));
+      } else {
+        const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+        _mm256_storeu_ps(sums, _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
+                                             _mm256_permute2f128_ps(s0123, s4567, 0x31)));
+      }
     } else {
-      const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
-      _mm256_storeu_ps(sums, _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
-                                           _mm256_permute2f128_ps(s0123, s4567, 0x31)));
-    }
-  } else {
-    for (int j = 0; j < N; ++j) {
-      __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[j]), _mm256_extractf128_ps(acc[j], 1));
-      s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-      sums[j] = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+      for (int j = 0; j < N; ++j) {
+        __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[j]), _mm256_extractf128_ps(acc[j], 1));
+        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        sums[j] = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+      }
     }
   }
-}
+};
 
-// rows [r, r + R) times MT rows of x; kGuarded: chunk loads read only their own bytes (rows near the buffer's end)
-template <class Row, int MT, int R, bool kGuarded>
-T256 void block(const Problem& p, const typename Row::Consts& consts, const float* x, float* y, int64_t r) {
-  Row rows[R];
-  for (int i = 0; i < R; ++i) rows[i].start(p, r + i);
-  __m256 acc[R * MT];
-  for (int j = 0; j < R * MT; ++j) acc[j] = _mm256_setzero_ps();
-  const int64_t full = p.in & ~int64_t(7);
-  // the rows Row::kPrefetchBlocks blocks ahead, a slice per chunk (see lut_avx512.cpp)
-  const uint8_t* ahead = p.weight + (r + Row::kPrefetchBlocks * R) * p.row_bytes;
-  for (int64_t k = 0; k < full; k += 8) {
-    for (int64_t offset = 0; offset < R * Row::kChunkBytes; offset += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(ahead + k / 8 * R * Row::kChunkBytes + offset), _MM_HINT_T0);
-    for (int i = 0; i < R; ++i) {
-      const __m256 w = rows[i].template chunk<kGuarded>(consts, k);
-      for (int m = 0; m < MT; ++m)
-        acc[i * MT + m] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + m * p.in + k), acc[i * MT + m]);
-    }
-  }
-  if (full < p.in) {
-    const int64_t count = p.in - full;
-    alignas(32) int32_t mask_bits[8];
-    for (int j = 0; j < 8; ++j) mask_bits[j] = j < count ? -1 : 0;
-    const __m256i lanes = _mm256_load_si256(reinterpret_cast<const __m256i*>(mask_bits));
-    for (int i = 0; i < R; ++i) {
-      // lanes past the row's end are zero in w and x (a LUT entry there could be anything)
-      const __m256 w = _mm256_and_ps(rows[i].tail(consts, full, count), _mm256_castsi256_ps(lanes));
-      for (int m = 0; m < MT; ++m)
-        acc[i * MT + m] = _mm256_fmadd_ps(w, _mm256_maskload_ps(x + m * p.in + full, lanes), acc[i * MT + m]);
-    }
-  }
-  alignas(32) float sums[R * MT];
-  reduce<R * MT>(acc, sums);
-  for (int m = 0; m < MT; ++m) {
-    float row_sums[R];
-    for (int i = 0; i < R; ++i) row_sums[i] = sums[i * MT + m];
-    store_rows(p, y, m, r, row_sums, R);
-  }
-}
-
-template <class Row, int MT>
-T256 void gemv(const Problem& p, const float* x, float* y, int64_t r0, int64_t r1) {
-  constexpr int R = MT >= 4 ? 1 : 4 / MT;
-  const typename Row::Consts consts;
-  const int64_t unguarded = unguarded_rows(p, Row::kOverread), unguarded_end = unguarded < r1 ? unguarded : r1;
-  int64_t r = r0;
-  for (; r + R <= unguarded_end; r += R) block<Row, MT, R, false>(p, consts, x, y, r);
-  for (; r < r1; ++r) block<Row, MT, 1, true>(p, consts, x, y, r);
-}
-
-template <int BITS>
-T256 void decode(const Problem& p, float* dense, int64_t r0, int64_t r1) {
-  const Unpack<BITS> unpack;
-  LutRow<BITS> row;
-  const int64_t full = p.in & ~int64_t(7), count = p.in - full;
-  const int64_t unguarded_end = unguarded_rows(p, LutRow<BITS>::kOverread);
-  for (int64_t r = r0; r < r1; ++r) {
-    row.start(p, r);
-    float* dst = dense + (r - r0) * p.in;
-    const __m256 s = _mm256_set1_ps(row_scale(p, r));
-    for (int64_t k = 0; k < full; k += 8) {
-      const __m256 w = r < unguarded_end ? row.template chunk<false>(unpack, k) : row.template chunk<true>(unpack, k);
-      _mm256_storeu_ps(dst + k, _mm256_mul_ps(w, s));
-    }
-    if (count) {
-      alignas(32) float part[8];
-      _mm256_store_ps(part, _mm256_mul_ps(row.tail(unpack, full, count), s));
-      std::memcpy(dst + full, part, count * sizeof(float));
-    }
-  }
-}
-
-template <class Row>
-GemvFn for_rows_of_x(int mt) {
-  switch (mt) {
-    case 1: return &gemv<Row, 1>;
-    case 2: return &gemv<Row, 2>;
-    case 4: return &gemv<Row, 4>;
-    default: return &gemv<Row, 8>;
-  }
-}
+#include "lut_loops.h"
 
 }  // namespace
+}  // namespace edkm_lut
 
-GemvFn avx2_lut_gemv(int bits, int mt) {
-  switch (bits) {
-    case 1: return for_rows_of_x<LutRow<1>>(mt);
-    case 2: return for_rows_of_x<LutRow<2>>(mt);
-    case 3: return for_rows_of_x<LutRow<3>>(mt);
-    case 4: return for_rows_of_x<LutRow<4>>(mt);
-    case 5: return for_rows_of_x<LutRow<5>>(mt);
-    case 6: return for_rows_of_x<LutRow<6>>(mt);
-    case 7: return for_rows_of_x<LutRow<7>>(mt);
-    default: return for_rows_of_x<LutRow<8>>(mt);
-  }
-}
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
 
-DecodeFn avx2_lut_decode(int bits) {
-  switch (bits) {
-    case 1: return &decode<1>;
-    case 2: return &decode<2>;
-    case 3: return &decode<3>;
-    case 4: return &decode<4>;
-    case 5: return &decode<5>;
-    case 6: return &decode<6>;
-    case 7: return &decode<7>;
-    default: return &decode<8>;
-  }
-}
+namespace edkm_lut {
 
-GemvFn avx2_dense_gemv(Dtype weight_type, int mt) {
-  return weight_type == kBF16 ? for_rows_of_x<DenseRow<kBF16>>(mt) : for_rows_of_x<DenseRow<kF16>>(mt);
-}
+GemvFn avx2_lut_gemv(int bits, int mt) { return lut_gemv_for<Loops>(bits, mt); }
+DecodeFn avx2_lut_decode(int bits) { return lut_decode_for<Loops>(bits); }
+GemvFn avx2_dense_gemv(Dtype weight_type, int mt) { return dense_gemv_for<Loops>(weight_type, mt); }
 
 }  // namespace edkm_lut
 

@@ -1,20 +1,25 @@
-// AVX-512 (F/BW/VL/DQ) loops of the LUT linear kernel (see lut_kernels.h). Compiled with function target
-// attributes, so the file builds on any x86 compiler and runs only where lut_linear.cpp detected the features.
+// AVX-512 (F/BW/VL/DQ) loops of the LUT linear kernel (see lut_kernels.h): the row types and vector operations
+// of this instruction set, and the shared loops of lut_loops.h compiled for it (a target region, so the file
+// builds on any x86 compiler and runs only where lut_linear.cpp detected the features).
 //
-// A pass multiplies R weight rows with MT rows of x at once (R * MT = 8 accumulators: enough independent FMA
-// chains to hide their latency, few enough to stay in registers): each 16-weight chunk of a row is expanded in
-// registers and FMA'd into the MT rows of x, the x chunk is loaded once for the R rows, and the 8 accumulators
-// are reduced together at the end of the rows. Expanding a LUT chunk: 16 indices are 2 * bits bytes; vpermw puts
-// the two 16-bit words holding index i into lane i, vpsrlvd shifts it down, and vpermps looks the low 4 bits up
-// in a register holding the row's LUT (replicated with period 2**bits, so the next index's bits above do not
-// matter); 5 bits: vpermt2ps over two registers; 6-8 bits: a gather. 16-bit dense rows: vcvtph2ps / a shift.
+// 16 lanes, R * MT = 8 accumulators. Expanding a LUT chunk: 16 indices are 2 * bits bytes; vpermw puts the two
+// 16-bit words holding index i into lane i, vpsrlvd shifts it down, and vpermps looks the low 4 bits up in a
+// register holding the row's LUT (replicated with period 2**bits, so the next index's bits above do not matter);
+// 5 bits: vpermt2ps over two registers; 6-8 bits: a gather. 16-bit dense rows: vcvtph2ps / a shift.
 
 #include "lut_kernels.h"
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 
-#define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+// every function from here to the end of the region is compiled for this instruction set (lut_linear.cpp calls
+// them only where the CPU has it); nothing of torch or the standard library is defined inside
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+#endif
 
 namespace edkm_lut {
 namespace {
@@ -24,7 +29,7 @@ template <int BITS>
 struct Unpack {
   __m512i words, shifts;
 
-  T512 Unpack() {
+  Unpack() {
     alignas(64) int16_t w[32];
     alignas(64) int32_t s[16];
     for (int i = 0; i < 16; ++i) {
@@ -35,17 +40,17 @@ struct Unpack {
     words = _mm512_load_si512(w);
     shifts = _mm512_load_si512(s);
   }
-  T512 inline __m512i expand(__m128i raw) const {
+  inline __m512i expand(__m128i raw) const {
     // up to 7 bits the words read lie in the low 128 bits: the upper ones may stay undefined
     const __m512i wide = BITS < 8 ? _mm512_castsi128_si512(raw) : _mm512_zextsi128_si512(raw);
     return _mm512_srlv_epi32(_mm512_permutexvar_epi16(words, wide), shifts);
   }
   // the chunk at src, read with a plain 16-byte load (the caller guarantees 16 readable bytes)
-  T512 inline __m512i operator()(const uint8_t* src) const {
+  inline __m512i operator()(const uint8_t* src) const {
     return expand(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
   }
   // the first `bytes` bytes at src only
-  T512 inline __m512i partial(const uint8_t* src, int64_t bytes) const {
+  inline __m512i partial(const uint8_t* src, int64_t bytes) const {
     return expand(_mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << bytes) - 1), src));
   }
 };
@@ -56,7 +61,7 @@ struct Lut {
   __m512 a, b;                                   // entries (replicated to 16 lanes), entries 16-31 (5 bits)
   alignas(64) float values[BITS >= 6 ? 256 : 1];  // 6-8 bits: the gather's source
 
-  T512 inline void load(const Problem& p, int64_t group) {
+  inline void load(const Problem& p, int64_t group) {
     constexpr int entries = 1 << BITS;
     if constexpr (BITS <= 4) {
       if (p.lut_type == kF16) {
@@ -95,7 +100,7 @@ struct Lut {
     }
   }
 
-  T512 inline __m512 operator()(__m512i idx) const {
+  inline __m512 operator()(__m512i idx) const {
     if constexpr (BITS <= 4) return _mm512_permutexvar_ps(idx, a);
     if constexpr (BITS == 5) return _mm512_permutex2var_ps(a, idx, b);
     return _mm512_i32gather_ps(_mm512_and_si512(idx, _mm512_set1_epi32((1 << BITS) - 1)), values, 4);
@@ -112,16 +117,16 @@ struct LutRow {
   Lut<BITS> lut;
   const uint8_t* row;
 
-  T512 inline void start(const Problem& p, int64_t r) {
+  inline void start(const Problem& p, int64_t r) {
     lut.load(p, p.rows_per_group == 1 ? r : r / p.rows_per_group);
     row = p.weight + r * p.row_bytes;
   }
   template <bool kGuarded>
-  T512 inline __m512 chunk(const Consts& unpack, int64_t k) const {
+  inline __m512 chunk(const Consts& unpack, int64_t k) const {
     const uint8_t* src = row + k / 8 * BITS;
     return lut(kGuarded ? unpack.partial(src, 2 * BITS) : unpack(src));
   }
-  T512 inline __m512 tail(const Consts& unpack, int64_t k, int64_t count) const {
+  inline __m512 tail(const Consts& unpack, int64_t k, int64_t count) const {
     return lut(unpack.partial(row + k / 8 * BITS, (count * BITS + 7) / 8));
   }
 };
@@ -137,149 +142,72 @@ struct DenseRow {
   static constexpr int64_t kPrefetchBlocks = 4;
   const uint16_t* row;
 
-  T512 inline void start(const Problem& p, int64_t r) {
+  inline void start(const Problem& p, int64_t r) {
     row = reinterpret_cast<const uint16_t*>(p.weight) + r * p.in;
   }
-  T512 static inline __m512 widen(__m256i h) {
+  static inline __m512 widen(__m256i h) {
     if constexpr (TYPE == kF16) return _mm512_cvtph_ps(h);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   }
   template <bool kGuarded>
-  T512 inline __m512 chunk(const Consts&, int64_t k) const {
+  inline __m512 chunk(const Consts&, int64_t k) const {
     return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k)));
   }
-  T512 inline __m512 tail(const Consts&, int64_t k, int64_t count) const {
+  inline __m512 tail(const Consts&, int64_t k, int64_t count) const {
     return widen(_mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << count) - 1), row + k));
   }
 };
 
-// sums[j] = sum of the lanes of acc[j], j < N
-template <int N>
-T512 inline void reduce(const __m512* acc, float* sums) {
-  if constexpr (N == 8) {
-    __m256 h[8];
-    for (int j = 0; j < 8; ++j) h[j] = _mm256_add_ps(_mm512_castps512_ps256(acc[j]), _mm512_extractf32x8_ps(acc[j], 1));
-    const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
-    const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(h[4], h[5]), _mm256_hadd_ps(h[6], h[7]));
-    // s0123: [h0..h3 over lanes 0-3 | h0..h3 over lanes 4-7]
-    _mm256_storeu_ps(sums, _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
-                                         _mm256_permute2f128_ps(s0123, s4567, 0x31)));
-  } else {
-    for (int j = 0; j < N; ++j) sums[j] = _mm512_reduce_add_ps(acc[j]);
-  }
-}
+// 16 fp32 lanes; 8 accumulators per pass (of 32 registers)
+struct Simd {
+  using Vec = __m512;
+  static constexpr int64_t kLanes = 16;
+  static constexpr int kRowsPerPass = 8;
 
-// rows [r, r + R) times MT rows of x; kGuarded: the rows end so close to the buffer's end that chunk loads
-// read only their own bytes
-template <class Row, int MT, int R, bool kGuarded>
-T512 void block(const Problem& p, const typename Row::Consts& consts, const float* x, float* y, int64_t r) {
-  Row rows[R];
-  for (int i = 0; i < R; ++i) rows[i].start(p, r + i);
-  __m512 acc[R * MT];
-  for (int j = 0; j < R * MT; ++j) acc[j] = _mm512_setzero_ps();
-  const int64_t full = p.in & ~int64_t(15);
-  // the rows Row::kPrefetchBlocks blocks ahead, a slice per chunk: a pass reads R interleaved streams, which the
-  // hardware prefetcher alone follows at about half the memory bandwidth
-  const uint8_t* ahead = p.weight + (r + Row::kPrefetchBlocks * R) * p.row_bytes;
-  for (int64_t k = 0; k < full; k += 16) {
-    for (int64_t offset = 0; offset < R * Row::kChunkBytes; offset += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(ahead + k / 16 * R * Row::kChunkBytes + offset), _MM_HINT_T0);
-    __m512 xv[MT];
-    for (int m = 0; m < MT; ++m) xv[m] = _mm512_loadu_ps(x + m * p.in + k);
-    for (int i = 0; i < R; ++i) {
-      const __m512 w = rows[i].template chunk<kGuarded>(consts, k);
-      for (int m = 0; m < MT; ++m) acc[i * MT + m] = _mm512_fmadd_ps(w, xv[m], acc[i * MT + m]);
+  static inline __mmask16 first(int64_t count) { return static_cast<__mmask16>((1u << count) - 1); }
+  static inline Vec zero() { return _mm512_setzero_ps(); }
+  static inline Vec set1(float value) { return _mm512_set1_ps(value); }
+  static inline Vec load(const float* src) { return _mm512_loadu_ps(src); }
+  static inline Vec load_first(const float* src, int64_t count) { return _mm512_maskz_loadu_ps(first(count), src); }
+  static inline Vec keep_first(Vec v, int64_t count) { return _mm512_maskz_mov_ps(first(count), v); }
+  static inline Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline Vec mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+  static inline void store(float* dst, Vec v) { _mm512_storeu_ps(dst, v); }
+  static inline void store_first(float* dst, Vec v, int64_t count) { _mm512_mask_storeu_ps(dst, first(count), v); }
+
+  // sums[j] = sum of the lanes of acc[j], j < N
+  template <int N>
+  static inline void reduce(const Vec* acc, float* sums) {
+    if constexpr (N == 8) {
+      __m256 h[8];
+      for (int j = 0; j < 8; ++j) h[j] = _mm256_add_ps(_mm512_castps512_ps256(acc[j]), _mm512_extractf32x8_ps(acc[j], 1));
+      const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
+      const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(h[4], h[5]), _mm256_hadd_ps(h[6], h[7]));
+      // s0123: [h0..h3 over lanes 0-3 | h0..h3 over lanes 4-7]
+      _mm256_storeu_ps(sums, _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
+                                           _mm256_permute2f128_ps(s0123, s4567, 0x31)));
+    } else {
+      for (int j = 0; j < N; ++j) sums[j] = _mm512_reduce_add_ps(acc[j]);
     }
   }
-  if (full < p.in) {
-    const int64_t count = p.in - full;
-    const __mmask16 lanes = static_cast<__mmask16>((1u << count) - 1);
-    for (int i = 0; i < R; ++i) {
-      // lanes past the row's end are zero in w and x (a LUT entry there could be anything)
-      const __m512 w = _mm512_maskz_mov_ps(lanes, rows[i].tail(consts, full, count));
-      for (int m = 0; m < MT; ++m)
-        acc[i * MT + m] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(lanes, x + m * p.in + full), acc[i * MT + m]);
-    }
-  }
-  alignas(32) float sums[R * MT];
-  reduce<R * MT>(acc, sums);
-  for (int m = 0; m < MT; ++m) {
-    float row_sums[R];
-    for (int i = 0; i < R; ++i) row_sums[i] = sums[i * MT + m];
-    store_rows(p, y, m, r, row_sums, R);
-  }
-}
+};
 
-template <class Row, int MT>
-T512 void gemv(const Problem& p, const float* x, float* y, int64_t r0, int64_t r1) {
-  constexpr int R = MT >= 8 ? 1 : 8 / MT;
-  const typename Row::Consts consts;
-  const int64_t unguarded = unguarded_rows(p, Row::kOverread), unguarded_end = unguarded < r1 ? unguarded : r1;
-  int64_t r = r0;
-  for (; r + R <= unguarded_end; r += R) block<Row, MT, R, false>(p, consts, x, y, r);
-  for (; r < r1; ++r) block<Row, MT, 1, true>(p, consts, x, y, r);
-}
-
-template <int BITS>
-T512 void decode(const Problem& p, float* dense, int64_t r0, int64_t r1) {
-  const Unpack<BITS> unpack;
-  LutRow<BITS> row;
-  const int64_t full = p.in & ~int64_t(15), count = p.in - full;
-  const __mmask16 lanes = static_cast<__mmask16>((1u << count) - 1);
-  const int64_t unguarded_end = unguarded_rows(p, LutRow<BITS>::kOverread);
-  for (int64_t r = r0; r < r1; ++r) {
-    row.start(p, r);
-    float* dst = dense + (r - r0) * p.in;
-    const __m512 s = _mm512_set1_ps(row_scale(p, r));
-    for (int64_t k = 0; k < full; k += 16) {
-      const __m512 w = r < unguarded_end ? row.template chunk<false>(unpack, k) : row.template chunk<true>(unpack, k);
-      _mm512_storeu_ps(dst + k, _mm512_mul_ps(w, s));
-    }
-    if (count) _mm512_mask_storeu_ps(dst + full, lanes, _mm512_mul_ps(row.tail(unpack, full, count), s));
-  }
-}
-
-template <class Row>
-GemvFn for_rows_of_x(int mt) {
-  switch (mt) {
-    case 1: return &gemv<Row, 1>;
-    case 2: return &gemv<Row, 2>;
-    case 4: return &gemv<Row, 4>;
-    default: return &gemv<Row, 8>;
-  }
-}
+#include "lut_loops.h"
 
 }  // namespace
+}  // namespace edkm_lut
 
-GemvFn avx512_lut_gemv(int bits, int mt) {
-  switch (bits) {
-    case 1: return for_rows_of_x<LutRow<1>>(mt);
-    case 2: return for_rows_of_x<LutRow<2>>(mt);
-    case 3: return for_rows_of_x<LutRow<3>>(mt);
-    case 4: return for_rows_of_x<LutRow<4>>(mt);
-    case 5: return for_rows_of_x<LutRow<5>>(mt);
-    case 6: return for_rows_of_x<LutRow<6>>(mt);
-    case 7: return for_rows_of_x<LutRow<7>>(mt);
-    default: return for_rows_of_x<LutRow<8>>(mt);
-  }
-}
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
 
-DecodeFn avx512_lut_decode(int bits) {
-  switch (bits) {
-    case 1: return &decode<1>;
-    case 2: return &decode<2>;
-    case 3: return &decode<3>;
-    case 4: return &decode<4>;
-    case 5: return &decode<5>;
-    case 6: return &decode<6>;
-    case 7: return &decode<7>;
-    default: return &decode<8>;
-  }
-}
+namespace edkm_lut {
 
-GemvFn avx512_dense_gemv(Dtype weight_type, int mt) {
-  return weight_type == kBF16 ? for_rows_of_x<DenseRow<kBF16>>(mt) : for_rows_of_x<DenseRow<kF16>>(mt);
-}
+GemvFn avx512_lut_gemv(int bits, int mt) { return lut_gemv_for<Loops>(bits, mt); }
+DecodeFn avx512_lut_decode(int bits) { return lut_decode_for<Loops>(bits); }
+GemvFn avx512_dense_gemv(Dtype weight_type, int mt) { return dense_gemv_for<Loops>(weight_type, mt); }
 
 }  // namespace edkm_lut
 

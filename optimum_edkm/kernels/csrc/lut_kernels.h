@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace edkm_lut {
 
@@ -61,6 +62,51 @@ GemvFn avx2_dense_gemv(Dtype weight_type, int mt);
 GemvFn avx512_lut_gemv(int bits, int mt);
 DecodeFn avx512_lut_decode(int bits);
 GemvFn avx512_dense_gemv(Dtype weight_type, int mt);
+
+// ------------------------------------------------------------------------------------- picking a loop
+// Each instruction-set file describes its loops as a struct `Loops` with the row types `Lut<BITS>` and
+// `Dense<TYPE>` and the function templates `gemv<Row, MT>` and `decode<BITS>`; these helpers pick one for the
+// run-time bit width, weight type and rows of x.
+template <class Loops, class Row>
+GemvFn gemv_for_rows(int mt) {
+  switch (mt) {
+    case 1: return &Loops::template gemv<Row, 1>;
+    case 2: return &Loops::template gemv<Row, 2>;
+    case 4: return &Loops::template gemv<Row, 4>;
+    default: return &Loops::template gemv<Row, 8>;
+  }
+}
+
+// pick(std::integral_constant<int, bits>) for bits in [1, 8]
+template <class Pick>
+auto for_bits(int bits, const Pick& pick) {
+  switch (bits) {
+    case 1: return pick(std::integral_constant<int, 1>());
+    case 2: return pick(std::integral_constant<int, 2>());
+    case 3: return pick(std::integral_constant<int, 3>());
+    case 4: return pick(std::integral_constant<int, 4>());
+    case 5: return pick(std::integral_constant<int, 5>());
+    case 6: return pick(std::integral_constant<int, 6>());
+    case 7: return pick(std::integral_constant<int, 7>());
+    default: return pick(std::integral_constant<int, 8>());
+  }
+}
+
+template <class Loops>
+GemvFn lut_gemv_for(int bits, int mt) {
+  return for_bits(bits, [mt](auto b) { return gemv_for_rows<Loops, typename Loops::template Lut<decltype(b)::value>>(mt); });
+}
+
+template <class Loops>
+DecodeFn lut_decode_for(int bits) {
+  return for_bits(bits, [](auto b) -> DecodeFn { return &Loops::template decode<decltype(b)::value>; });
+}
+
+template <class Loops>
+GemvFn dense_gemv_for(Dtype weight_type, int mt) {
+  if (weight_type == kBF16) return gemv_for_rows<Loops, typename Loops::template Dense<kBF16>>(mt);
+  return gemv_for_rows<Loops, typename Loops::template Dense<kF16>>(mt);
+}
 
 // ---------------------------------------------------------------------------------------------- scalar reads
 inline float f16_to_float(uint16_t h) {

@@ -54,7 +54,17 @@ Dtype dtype_of(at::ScalarType type) {
   return type == at::kHalf ? kF16 : type == at::kBFloat16 ? kBF16 : kF32;
 }
 
+// One row of x (decoding at batch 1) of 1-3-bit LUT or 16-bit rows runs faster on 8 lanes than on 16 where the CPU
+// has both (Sapphire Rapids, benchmarks/inference.py --kernel-sweep: 256-bit operations have 3 vector ports, 512-bit
+// ones 2, and the 8-lane loop keeps up with memory); wider LUTs and more rows of x use the 16-lane loops.
+std::atomic<bool> g_narrow_one_row{true};
+
+int loops_for(int isa, int64_t bits, int mt) {
+  return isa == kAvx512 && mt == 1 && bits <= 3 && g_narrow_one_row.load() ? kAvx2 : isa;
+}
+
 GemvFn lut_gemv_for(int isa, int64_t bits, int mt) {
+  isa = loops_for(isa, bits, mt);
   GemvFn fn = isa == kAvx512 ? avx512_lut_gemv(bits, mt) : isa == kAvx2 ? avx2_lut_gemv(bits, mt) : nullptr;
   return fn ? fn : scalar_lut_gemv(bits, mt);
 }
@@ -65,6 +75,7 @@ DecodeFn lut_decode_for(int isa, int64_t bits) {
 }
 
 GemvFn dense_gemv_for(int isa, Dtype type, int mt) {
+  isa = loops_for(isa, 0, mt);
   GemvFn fn = isa == kAvx512 ? avx512_dense_gemv(type, mt) : isa == kAvx2 ? avx2_dense_gemv(type, mt) : nullptr;
   return fn ? fn : scalar_dense_gemv(type, mt);
 }
@@ -342,6 +353,8 @@ int64_t set_isa(const std::string& name) {
 
 std::string current_isa() { return isa_name(g_isa.load()); }
 
+bool set_narrow_one_row(bool enabled) { return g_narrow_one_row.exchange(enabled); }
+
 std::vector<std::string> supported_isas() {
   std::vector<std::string> names;
   for (int isa = kScalar; isa <= kBestIsa; ++isa) names.emplace_back(isa_name(isa));
@@ -372,5 +385,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("linear16", &edkm_lut::linear16, "linear16 without the dispatcher (eager, no autograd)");
   module.def("set_isa", &edkm_lut::set_isa, "Force an instruction set (best, avx512, avx2, scalar); returns its id");
   module.def("current_isa", &edkm_lut::current_isa, "The instruction set the kernels use now");
+  module.def("set_narrow_one_row", &edkm_lut::set_narrow_one_row,
+             "One row of x of <= 3-bit LUT / 16-bit rows on 8 lanes where AVX-512 is in use (default true; false: "
+             "the 16-lane loops, for comparisons); returns the previous setting");
   module.def("supported_isas", &edkm_lut::supported_isas, "Instruction sets this CPU and build can run, lowest first");
 }

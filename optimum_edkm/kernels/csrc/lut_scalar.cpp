@@ -108,7 +108,7 @@ void gemv_dense(const Problem& p, const float* x, float* y, int64_t r0, int64_t 
 }
 
 template <int BITS>
-void decode(const Problem& p, float* dense, int64_t r0, int64_t r1) {
+void decode_rows(const Problem& p, float* dense, int64_t r0, int64_t r1) {
   GroupLut lut;
   for (int64_t r = r0; r < r1; ++r) {
     lut.load(p, r / p.rows_per_group);
@@ -121,25 +121,33 @@ void decode(const Problem& p, float* dense, int64_t r0, int64_t r1) {
   }
 }
 
-template <int BITS>
-GemvFn lut_for_rows_of_x(int mt) {
-  switch (mt) {
-    case 1: return &gemv_lut<BITS, 1>;
-    case 2: return &gemv_lut<BITS, 2>;
-    case 4: return &gemv_lut<BITS, 4>;
-    default: return &gemv_lut<BITS, 8>;
-  }
-}
+// The loops of this file, for the pickers of lut_kernels.h (row types are tags: the loops take BITS / TYPE).
+struct Loops {
+  template <int BITS>
+  struct Lut {
+    static constexpr bool kLut = true;
+    static constexpr int kBits = BITS;
+  };
+  template <int TYPE>
+  struct Dense {
+    static constexpr bool kLut = false;
+    static constexpr int kType = TYPE;
+  };
 
-template <int TYPE>
-GemvFn dense_for_rows_of_x(int mt) {
-  switch (mt) {
-    case 1: return &gemv_dense<TYPE, 1>;
-    case 2: return &gemv_dense<TYPE, 2>;
-    case 4: return &gemv_dense<TYPE, 4>;
-    default: return &gemv_dense<TYPE, 8>;
+  template <class Row, int MT>
+  static void gemv(const Problem& p, const float* x, float* y, int64_t r0, int64_t r1) {
+    if constexpr (Row::kLut) {
+      gemv_lut<Row::kBits, MT>(p, x, y, r0, r1);
+    } else {
+      gemv_dense<Row::kType, MT>(p, x, y, r0, r1);
+    }
   }
-}
+
+  template <int BITS>
+  static void decode(const Problem& p, float* dense, int64_t r0, int64_t r1) {
+    decode_rows<BITS>(p, dense, r0, r1);
+  }
+};
 
 // Tables of every LUT group for one row of x: [groups][in / 8 * 8 / G][K**G].
 template <int BITS>
@@ -168,35 +176,9 @@ void build_tables(const Problem& p, const float* x, float* tables) {
 
 }  // namespace
 
-GemvFn scalar_lut_gemv(int bits, int mt) {
-  switch (bits) {
-    case 1: return lut_for_rows_of_x<1>(mt);
-    case 2: return lut_for_rows_of_x<2>(mt);
-    case 3: return lut_for_rows_of_x<3>(mt);
-    case 4: return lut_for_rows_of_x<4>(mt);
-    case 5: return lut_for_rows_of_x<5>(mt);
-    case 6: return lut_for_rows_of_x<6>(mt);
-    case 7: return lut_for_rows_of_x<7>(mt);
-    default: return lut_for_rows_of_x<8>(mt);
-  }
-}
-
-DecodeFn scalar_lut_decode(int bits) {
-  switch (bits) {
-    case 1: return &decode<1>;
-    case 2: return &decode<2>;
-    case 3: return &decode<3>;
-    case 4: return &decode<4>;
-    case 5: return &decode<5>;
-    case 6: return &decode<6>;
-    case 7: return &decode<7>;
-    default: return &decode<8>;
-  }
-}
-
-GemvFn scalar_dense_gemv(Dtype weight_type, int mt) {
-  return weight_type == kBF16 ? dense_for_rows_of_x<kBF16>(mt) : dense_for_rows_of_x<kF16>(mt);
-}
+GemvFn scalar_lut_gemv(int bits, int mt) { return lut_gemv_for<Loops>(bits, mt); }
+DecodeFn scalar_lut_decode(int bits) { return lut_decode_for<Loops>(bits); }
+GemvFn scalar_dense_gemv(Dtype weight_type, int mt) { return dense_gemv_for<Loops>(weight_type, mt); }
 
 // The tables cost entries / G adds per x element and per LUT group; a weight row costs one lookup per G weights.
 // (4 bits: tables of 256 entries per pair fall out of L1 and measured slower than decode + GEMM)
