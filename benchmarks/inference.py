@@ -304,7 +304,8 @@ def measure_decode(model, tokenizer, new_tokens, batch, device) -> tuple:
 
 
 def matches_reference(model, tokenizer, new_tokens: int, device) -> dict:
-    """``{instruction set: greedy tokens equal to the pure-torch path's}`` at batch 1."""
+    """``{loop variant: greedy tokens equal to the pure-torch path's}`` at batch 1, for every instruction set (and,
+    with AVX-512, its 16-lane loops for one row of x, ``avx512-wide``)."""
     import torch
 
     from optimum_edkm.kernels import lut as lut_module
@@ -317,10 +318,13 @@ def matches_reference(model, tokenizer, new_tokens: int, device) -> dict:
     finally:
         lut_module.kernel_available = kernel_available
     result = {}
-    for isa in supported_isas():
+    for variant in supported_isas() + ["avx512-wide"] * ("avx512" in supported_isas()):
+        isa, _, wide = variant.partition("-")
         set_kernel_isa(isa)
-        result[isa] = bool(torch.equal(greedy(model, tokenizer, new_tokens, 1, device), reference))
+        lut_module._state["extension"].set_narrow_one_row(not wide)
+        result[variant] = bool(torch.equal(greedy(model, tokenizer, new_tokens, 1, device), reference))
     set_kernel_isa("best")
+    lut_module._state["extension"].set_narrow_one_row(True)
     return result
 
 

@@ -208,6 +208,7 @@ def model_card_section(model) -> str:
         f"| checkpoint size | {report['theoretical_bytes'] / 2**20:.2f} MiB "
         f"({report['bits_per_weight']:.2f} bits per parameter overall) |",
         f"| kept in floating point | {', '.join(config.modules_to_not_convert or []) or 'nothing'} |",
+        f"| float parts stored in | {config.float_dtype or 'the model dtype'} |",
         "",
         "Load it with optimum-edkm installed (without it, transformers cannot read the packed weights):",
         "",
