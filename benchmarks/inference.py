@@ -4,8 +4,8 @@ For every configuration and thread count (``--threads``), in a fresh process: lo
 * prefill throughput: forward passes over ``--prefill-batch`` x ``--prefill-len`` tokens (tokens/s, best of
   ``--prefill-runs`` after one warm-up);
 * decode throughput at each batch size of ``--decode-batches``: greedy ``generate`` of ``--new-tokens`` tokens
-  from a short prompt (the same prompt in every row of the batch), timed from the first generated token to the
-  last (tokens/s, all rows counted);
+  from a short prompt (the same prompt in every row of the batch; no end-of-sequence stop), timed from the first
+  generated token to the last (tokens/s, all rows counted);
 * the checkpoint's file size, the model footprint (bytes of distinct parameter/buffer storages), resident memory
   after loading and the peak during the measurements (process VmHWM);
 * once per configuration (``--check-tokens``, first run): whether greedy generation at batch 1 equals the pure-torch
@@ -82,9 +82,10 @@ class Config:
             return f"llama.cpp {self.gguf} (re-quantized from Q4_1)"
         if self.bits is None:
             return "float32"
+        granularity = {None: "per-tensor LUT", 1: "LUT per output row"}
         parts = [
             f"{self.bits}-bit",
-            "per-tensor LUT" if self.group_size is None else f"LUT per {self.group_size} rows",
+            granularity.get(self.group_size, f"LUT per {self.group_size} rows"),
             "scale" if self.scale else "no scale",
         ]
         if self.lm_head_bits:
@@ -286,8 +287,8 @@ def greedy(model, tokenizer, new_tokens: int, batch: int, device, clock=None):
         out = model.generate(
             **inputs,
             max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
             do_sample=False,
+            eos_token_id=None,  # exactly new_tokens tokens, without min_new_tokens' per-step masking of the vocabulary
             pad_token_id=tokenizer.eos_token_id or 0,
             stopping_criteria=criteria,
         )

@@ -146,3 +146,14 @@ def test_a_checkpoint_saved_before_float_dtype_existed_loads_unchanged(tiny_llam
 def test_a_bad_float_dtype_names_the_choices():
     with pytest.raises(ValueError, match=r"float_dtype must be one of \('float16', 'bfloat16', 'float32'\)"):
         EDKMConfig(float_dtype="int8")
+
+
+def test_the_core_ml_export_copy_is_float32_and_keeps_the_tie(tiny_llama_dir, input_ids):
+    from optimum_edkm.export.common import export_copy
+
+    model = _palettized(tiny_llama_dir)
+    copy = export_copy(model)
+    assert copy.lm_head.weight is copy.model.embed_tokens.weight  # stored once in the exported model too
+    assert copy.lm_head.weight.dtype == torch.float32
+    assert model.lm_head.weight.dtype == torch.float16  # the model itself is untouched
+    torch.testing.assert_close(_logits(copy, input_ids), _logits(model, input_ids), rtol=1e-5, atol=1e-5)
