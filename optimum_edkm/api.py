@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 from .atomic import commit_folder, resolve_target_folder, write_file
 from .config import EDKMConfig
 from .nn import EDKMTiedLinear, is_clustered, is_palettized, palettized_storage
+from .nn.stored16 import float_part_keys, store_float_parts_16bit
 from .storage import model_size
 
 logger = logging.getLogger(__name__)
@@ -115,7 +116,8 @@ def palettes_of(model) -> dict:
 @torch.no_grad()
 def palettize(model):
     """Finalize: snap every clustered weight to its nearest centroid and replace the module with its
-    palettized form (LUT + packed n-bit indices [+ scale]). In place; returns the model.
+    palettized form (LUT + packed n-bit indices [+ scale]); the float parts (what is not palettized) go to
+    ``EDKMConfig.float_dtype`` (16 bits by default, :mod:`optimum_edkm.nn.stored16`). In place; returns the model.
 
     All replacements are computed before the first one is installed, so an error leaves the model unchanged.
     """
@@ -135,6 +137,8 @@ def palettize(model):
         model.set_submodule(name, replacement)
     for name, _ in heads:
         getattr(model, "all_tied_weights_keys", {}).pop(f"{name}.weight", None)
+    if config.float_dtype_16bit is not None:
+        store_float_parts_16bit(model, config.float_dtype_16bit)
     config.palettized = True
     return model
 
@@ -145,14 +149,17 @@ def size_report(model) -> dict:
     rule (:func:`optimum_edkm.storage.model_size`).
 
     ``theoretical_bytes`` = the packed form of every converted weight (:meth:`storage`, indices + LUTs +
-    scales) + every other parameter and buffer at its own dtype (tied tensors once). ``float_parameters`` are the
-    parameters that stay in floating point (embeddings, heads, norms, biases, skipped modules) and
+    scales) + every other parameter and buffer at the dtype the checkpoint stores it in (its own, or
+    ``EDKMConfig.float_dtype`` for the float parts of a palettized model; tied tensors once). ``float_parameters``
+    are the parameters that stay in floating point (embeddings, heads, norms, biases, skipped modules) and
     ``float_parameter_share`` / ``float_byte_share`` their share of the parameters / of ``theoretical_bytes``:
     where a large float embedding (a 262,144-token vocabulary) dominates, the size is set by them. Works before
     and after :func:`palettize`.
     """
     config = edkm_config(model)
-    size = model_size(model, palettized_storage(model))
+    dtype_16bit = config.float_dtype_16bit
+    stored_16bit = float_part_keys(model, dtype_16bit) if dtype_16bit is not None else set()
+    size = model_size(model, palettized_storage(model), tensor_bits={key: 16 for key in stored_16bit})
     return {
         "bits": config.bits,
         "granularity": config.granularity,
@@ -216,6 +223,7 @@ def model_card_section(model) -> str:
         f"| kept in floating point | {', '.join(config.modules_to_not_convert or []) or 'nothing'} |",
         f"| parameters in floating point | {report['float_parameters']:,} ({report['float_parameter_share']:.1%} of "
         f"the parameters, {report['float_byte_share']:.1%} of the checkpoint) |",
+        f"| float parts stored in | {config.float_dtype or 'the model dtype'} |",
         "",
         "Load it with optimum-edkm installed (without it, transformers cannot read the packed weights):",
         "",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 from typing import Any, Optional
 
+import torch
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .clustering import ClusteringSpec
@@ -25,6 +26,7 @@ QUANT_METHOD = "edkm"
 #: size-mismatch table: the one field of ours it prints, so it names the fix. Both forms load.
 SAVED_QUANT_METHOD = "edkm (pip install optimum-edkm, then import optimum_edkm before from_pretrained)"
 GRANULARITIES = ("per_tensor", "per_grouped_channel")
+FLOAT_DTYPES = ("float16", "bfloat16", "float32")
 #: fields of optimum-edkm 0.1 configs that are now training-time options (accepted when loading old checkpoints)
 _TRAINING_TIME_FIELDS = ("shard", "offload")
 
@@ -55,6 +57,12 @@ class EDKMConfig(QuantizationConfigMixin):
         seed: seed of the k-means initialisation (identical on every process).
         uniquify: cluster over distinct 16-bit values (eDKM). ``False`` runs plain DKM (large memory).
         lut_dtype: dtype the LUT and scale are stored in: ``"float16"`` (what Core ML takes) or ``"float32"``.
+        float_dtype: dtype the float32 float parts of the palettized model are stored in (what is not
+            palettized: a tied embedding / output head kept in floating point, norms, ``modules_to_not_convert``):
+            ``"float16"`` (default), ``"bfloat16"`` or ``"float32"``; parts already in 16 bits keep their dtype.
+            In 16 bits, Linear / Embedding weights stay in 16 bits in memory and are computed with float32
+            accumulation (:mod:`optimum_edkm.nn.stored16`), and the model still computes in float32. ``None``: as
+            the model holds them (checkpoints saved before this option).
         palettized: set by ``optimum_edkm.palettize``: the checkpoint holds LUTs and packed indices.
     """
 
@@ -73,6 +81,7 @@ class EDKMConfig(QuantizationConfigMixin):
         seed: int = 0,
         uniquify: bool = True,
         lut_dtype: str = "float16",
+        float_dtype: Optional[str] = "float16",
         palettized: bool = False,
         **kwargs: Any,
     ):
@@ -108,6 +117,7 @@ class EDKMConfig(QuantizationConfigMixin):
         self.seed = seed
         self.uniquify = uniquify
         self.lut_dtype = lut_dtype
+        self.float_dtype = float_dtype
         self.palettized = palettized
         self.post_init()
 
@@ -134,6 +144,7 @@ class EDKMConfig(QuantizationConfigMixin):
             "seed",
             "uniquify",
             "lut_dtype",
+            "float_dtype",
             "palettized",
         ]
 
@@ -186,6 +197,23 @@ class EDKMConfig(QuantizationConfigMixin):
         check_int(self.seed, "EDKMConfig.seed")
         if self.lut_dtype not in LUT_DTYPES:
             raise ValueError(f"EDKMConfig.lut_dtype must be one of {tuple(LUT_DTYPES)}, got {self.lut_dtype!r}")
+        if self.float_dtype is not None and self.float_dtype not in FLOAT_DTYPES:
+            raise ValueError(
+                f"EDKMConfig.float_dtype must be one of {FLOAT_DTYPES} (or None: keep the model's dtype), got "
+                f"{self.float_dtype!r}"
+            )
+
+    @classmethod
+    def from_dict(cls, config_dict, return_unused_kwargs=False, **kwargs):
+        # a config saved before float_dtype existed describes float parts stored in the model's own dtype
+        if "float_dtype" not in config_dict:
+            config_dict = {**config_dict, "float_dtype": None}
+        return super().from_dict(config_dict, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    @property
+    def float_dtype_16bit(self) -> Optional[torch.dtype]:
+        """The 16-bit torch dtype of the float parts, ``None`` when they are not stored in 16 bits."""
+        return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(self.float_dtype)
 
     # ------------------------------------------------------------------------------------------ per module
     def bits_for(self, name: str, kind: str) -> Optional[int]:

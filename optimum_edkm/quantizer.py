@@ -34,6 +34,7 @@ from .nn import (
     is_clustered,
     is_palettized,
 )
+from .nn.stored16 import Embedding16, Linear16, float_part_keys, store_float_parts_16bit
 
 logger = logging.getLogger(__name__)
 
@@ -262,6 +263,24 @@ def check_initialisation(plans: dict, importance: Optional[dict], palettes: Opti
             )
 
 
+def float_parts_as_stored(model, state: dict, config: EDKMConfig) -> dict:
+    """``state`` with the float parts of a palettized model that are wider than ``config.float_dtype``
+    (:func:`~optimum_edkm.nn.stored16.float_part_keys`) cast to it; tensors that share storage (tied weights) stay
+    shared."""
+    if config.float_dtype is None:
+        return state
+    dtype = config.float_dtype_16bit or torch.float32
+    cast = {}
+    state = dict(state)
+    for key in float_part_keys(model, dtype) & set(state):
+        tensor = state[key]
+        memo = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if memo not in cast:
+            cast[memo] = tensor.to(dtype)
+        state[key] = cast[memo]
+    return state
+
+
 def _checkpoint_folder(checkpoint_files) -> Optional[str]:
     folders = {os.path.dirname(os.path.abspath(str(f))) for f in checkpoint_files or []}
     return folders.pop() if len(folders) == 1 else None
@@ -293,6 +312,17 @@ class EDKMHfQuantizer(HfQuantizer):
             )
 
     def update_dtype(self, dtype):
+        # transformers writes the dtype of a model's first parameter to config.json: for a palettized model whose
+        # float parts are stored in 16 bits, that is the 16-bit embedding, not the dtype the model computes in
+        config = self.quantization_config
+        if self.pre_quantized and config.palettized and dtype is not None and dtype == config.float_dtype_16bit:
+            logger.info(
+                "the float parts of this palettized model are stored in %s; it computes in float32 (call "
+                "model.to(%s) after loading to compute in 16 bits)",
+                config.float_dtype,
+                dtype,
+            )
+            return torch.float32
         return dtype
 
     @property
@@ -316,6 +346,8 @@ class EDKMHfQuantizer(HfQuantizer):
         check_initialisation(plans, *self.initialisation)
         form = ("palettized" if config.palettized else "train-checkpoint") if self.pre_quantized else "clustered"
         convert_model(model, config, plans, form)
+        if form == "palettized" and config.float_dtype_16bit is not None:
+            store_float_parts_16bit(model, config.float_dtype_16bit, on_meta=True)
         config.modules_to_not_convert = skip
         if self.pre_quantized and checkpoint_files is not None:
             verify_checkpoint(model, config, checkpoint_files)
@@ -342,6 +374,8 @@ class EDKMHfQuantizer(HfQuantizer):
 
     def get_state_dict_and_metadata(self, model):
         state = checkpoint_state_dict(model)
+        if self.quantization_config.palettized:
+            state = float_parts_as_stored(model, state, self.quantization_config)
         return state, commit_record(model, self.quantization_config, state)
 
     def is_serializable(self, *args, **kwargs):
@@ -372,9 +406,11 @@ class EDKMHfQuantizer(HfQuantizer):
             for name, module in model.named_modules()
             if is_clustered(module)
             or is_palettized(module)
-            or isinstance(module, (EDKMTiedLinear, PalettizedTiedLinear))
+            or isinstance(module, (EDKMTiedLinear, PalettizedTiedLinear, Linear16, Embedding16))
         ]
-        tied = any(isinstance(module, (EDKMTiedLinear, PalettizedTiedLinear)) for _, module in converted)
+        tied = any(
+            isinstance(module, (EDKMTiedLinear, PalettizedTiedLinear, Linear16, Embedding16)) for _, module in converted
+        )
         # every float module is built before the first one is installed (a tied head reads its embedding)
         replacements = [(name, module.to_float(dtype)) for name, module in converted]
         for name, plain in replacements:

@@ -198,11 +198,17 @@ class ModelSize:
 COMPRESSED_TENSOR_PREFIX = "weight"
 
 
-def model_size(model, storage: Optional[Mapping[str, WeightStorage]] = None, unquantized_bits: Optional[int] = None):
+def model_size(
+    model,
+    storage: Optional[Mapping[str, WeightStorage]] = None,
+    unquantized_bits: Optional[int] = None,
+    tensor_bits: Optional[Mapping[str, int]] = None,
+):
     """The :class:`ModelSize` of ``model`` (a ``torch.nn.Module``) whose modules named in ``storage``
     (``named_modules`` names; default none) store their ``weight`` as described; every other tensor of its
-    state dict costs ``unquantized_bits`` per element if floating point and that is given, its dtype's width
-    otherwise. Tensors shared between modules (tied embeddings) count once."""
+    state dict costs ``tensor_bits[key]`` per element where given (a float part a checkpoint stores in 16 bits),
+    else ``unquantized_bits`` if floating point and that is given, else its dtype's width. Tensors shared between
+    modules (tied embeddings) count once."""
     storage = {} if storage is None else storage
     if unquantized_bits is not None:
         check_int(unquantized_bits, "unquantized_bits", 1)
@@ -237,13 +243,16 @@ def model_size(model, storage: Optional[Mapping[str, WeightStorage]] = None, unq
         compressed_weights += description.numel
     parameters = {_tensor_key(parameter) for parameter in model.parameters()}
     model_bits, model_bytes, weights, seen = compressed_bits, compressed_bytes, compressed_weights, set(covered)
-    for tensor in model.state_dict(keep_vars=True).values():  # persistent tensors: what a checkpoint holds
+    tensor_bits = tensor_bits or {}
+    for name, tensor in model.state_dict(keep_vars=True).items():  # persistent tensors: what a checkpoint holds
         key = _tensor_key(tensor)
         if key in seen:
             continue
         seen.add(key)
         width = tensor.element_size() * 8
-        if unquantized_bits is not None and tensor.is_floating_point():
+        if name in tensor_bits:
+            width = tensor_bits[name]
+        elif unquantized_bits is not None and tensor.is_floating_point():
             width = unquantized_bits
         model_bits += tensor.numel() * width
         model_bytes += math.ceil(tensor.numel() * width / 8)

@@ -4,6 +4,7 @@
 The first test in a fresh machine builds the C++ extension (20-60 s, once; cached afterwards).
 """
 
+import importlib.util
 import itertools
 import os
 import subprocess
@@ -16,8 +17,10 @@ import torch
 from optimum_edkm.clustering import decode, pack_indices
 from optimum_edkm.kernels import (
     kernel_available,
+    linear16,
     lut_decode,
     lut_linear,
+    reference_linear16,
     reference_lut_linear,
     set_kernel_isa,
     supported_isas,
@@ -30,7 +33,23 @@ FORCE_FUSED, FORCE_GEMM = 1 << 30, 1
 
 
 def isas():
-    return supported_isas() if kernel_available() else []
+    """Every loop variant this CPU runs: each instruction set, and with AVX-512 also its 16-lane loops for one row of
+    x (by default one row of a <= 3-bit LUT or 16-bit weight runs the 8-lane loops there)."""
+    names = supported_isas() if kernel_available() else []
+    return names + ["avx512-wide"] * ("avx512" in names)
+
+
+def use_isa(name):
+    """Run the kernels on loop variant ``name`` (of :func:`isas`); returns the function that restores the default."""
+    isa, _, wide = name.partition("-")
+    set_kernel_isa(isa)
+    previous = lut_module._state["extension"].set_narrow_one_row(not wide)
+
+    def restore():
+        lut_module._state["extension"].set_narrow_one_row(previous)
+        set_kernel_isa("best")
+
+    return restore
 
 
 needs_kernel = pytest.mark.skipif("not kernel_available()", reason="the C++ LUT kernel could not be built here")
@@ -38,9 +57,9 @@ needs_kernel = pytest.mark.skipif("not kernel_available()", reason="the C++ LUT 
 
 @pytest.fixture
 def isa(request):
-    set_kernel_isa(request.param)
+    restore = use_isa(request.param)
     yield request.param
-    set_kernel_isa("best")
+    restore()
 
 
 def make_palette(out_f, in_f, bits, groups=1, scale=True, bias=False, lut_dtype=torch.float16, seed=0):
@@ -77,12 +96,14 @@ def call_op(x, packed, lut, scale, bias, in_f, out_f, bits, gemm_min_rows, tile_
 @pytest.mark.parametrize("bits", range(1, 9))
 def test_fused_kernel_matches_float64_for_every_bit_width(isa, bits):
     # in_features: a multiple of 16, of 8 only, and neither (tails of the AVX-512 / AVX2 / scalar loops)
+    # groups: one LUT, one per 4 rows, one per row (the main job's layout); LUTs in fp16, fp32 and bf16
     for in_f, groups, scale, bias, rows in itertools.product(
-        [48, 40, 24 + 4 * (bits % 2 == 0)], [1, 3], [False, True], [False, True], [1, 3, 17]
+        [48, 40, 24 + 4 * (bits % 2 == 0)], [1, 3, 12], [False, True], [False, True], [1, 3, 17]
     ):
         if (in_f * bits) % 8:
             continue
-        indices, packed, lut, row_scale, row_bias = make_palette(12, in_f, bits, groups, scale, bias)
+        lut_dtype = (torch.float16, torch.float32, torch.bfloat16)[(in_f + groups + rows) % 3]
+        indices, packed, lut, row_scale, row_bias = make_palette(12, in_f, bits, groups, scale, bias, lut_dtype)
         x = torch.randn(rows, in_f)
         y = call_op(x, packed, lut, row_scale, row_bias, in_f, 12, bits, FORCE_FUSED)
         check_against_float64(y, x, indices, lut, row_scale, row_bias)
@@ -157,6 +178,8 @@ def test_two_threads_share_output_rows(isa):
         for bits, groups, rows, gemm_min_rows in [
             (3, 1, 1, 0),
             (3, 2, 1, 0),
+            (3, 1024, 1, 0),  # one LUT per row
+            (3, 1024, 8, FORCE_FUSED),
             (4, 1, 2, FORCE_FUSED),
             (2, 4, 5, FORCE_GEMM),
         ]:
@@ -178,6 +201,53 @@ def test_tied_lm_head_shape_at_4_bits():
     y = lut_linear(x, packed, lut, row_scale, None, 576, 49152, 4)  # 70 rows: tiles of 8 MiB + GEMM
     exact = x.double() @ decode(indices, lut, row_scale, dtype=torch.float64).t()
     assert float((y.double() - exact).abs().max()) <= 1e-4 * float(exact.abs().max())
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", isas(), indirect=True)
+@pytest.mark.parametrize("weight_dtype", [torch.float16, torch.bfloat16])
+def test_linear16_matches_float64(isa, weight_dtype):
+    """Fused GEMV on 16-bit weights (1-17 rows of x, in_features a multiple of 16, of 8 only, and neither) and the
+    tiled GEMM path (600 rows, whole weight or tiles of 7 rows), against float64 on the 16-bit values."""
+    generator = torch.Generator().manual_seed(0)
+    cases = list(itertools.product([48, 40, 37], [1, 3, 8, 17], [False, True], [0], [8 << 20]))
+    cases += [(40, 600, True, 1, 8 << 20), (40, 600, False, 1, 7 * 40 * 4)]
+    for in_f, rows, bias, gemm_min_rows, tile_bytes in cases:
+        weight = torch.randn(21, in_f, generator=generator).to(weight_dtype)
+        row_bias = torch.randn(21, generator=generator).to(weight_dtype) if bias else None
+        x = torch.randn(rows, in_f, generator=generator)
+        y = torch.ops.optimum_edkm.linear16(x, weight, row_bias, gemm_min_rows, tile_bytes)
+        exact = x.double() @ weight.double().t() + (0 if row_bias is None else row_bias.double())
+        magnitude = x.double().abs() @ weight.double().abs().t() + (0 if row_bias is None else row_bias.double().abs())
+        assert y.dtype == x.dtype and y.shape == exact.shape
+        assert bool(((y.double() - exact).abs() <= 2e-6 * in_f**0.5 * magnitude + 1e-30).all())
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_linear16_input_dtypes_and_the_reference_path(dtype):
+    weight, bias = torch.randn(24, 64).half(), torch.randn(24).half()
+    x = torch.randn(2, 5, 64).to(dtype)
+    y = linear16(x, weight, bias)
+    reference = reference_linear16(x, weight, bias)
+    assert y.dtype == dtype and y.shape == (2, 5, 24)
+    tol = 1e-5 if dtype == torch.float32 else 4 * torch.finfo(dtype).eps
+    torch.testing.assert_close(y, reference, rtol=tol, atol=tol * float(reference.abs().max()))
+    # float64 inputs and gradients take the pure-torch path
+    assert torch.equal(linear16(x.double(), weight, bias), reference_linear16(x.double(), weight, bias))
+    leaf = x.float().requires_grad_(True)
+    linear16(leaf, weight, bias).sum().backward()
+    torch.testing.assert_close(leaf.grad, weight.float().sum(0).expand_as(leaf))
+
+
+@needs_kernel
+def test_linear16_bad_inputs_name_the_problem():
+    with pytest.raises(RuntimeError, match="float16/bfloat16"):
+        torch.ops.optimum_edkm.linear16(torch.randn(1, 8), torch.randn(4, 8), None, 0, 8 << 20)
+    with pytest.raises(RuntimeError, match="last dimension must be in_features=8"):
+        torch.ops.optimum_edkm.linear16(torch.randn(1, 9), torch.randn(4, 8).half(), None, 0, 8 << 20)
+    with pytest.raises(RuntimeError, match=r"bias must be a contiguous float \[4\]"):
+        torch.ops.optimum_edkm.linear16(torch.randn(1, 8), torch.randn(4, 8).half(), torch.randn(5), 0, 8 << 20)
 
 
 def test_rows_not_byte_aligned_fall_back_to_the_reference():
@@ -244,6 +314,41 @@ def test_disabled_kernels_use_the_reference_path():
     assert "reference path" in done.stdout
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None,
+    reason="Triton is not installed here (pip install triton==3.9.0 runs next to torch 2.13 CPU, ~1 GB); the "
+    "CUDA path's kernel is then tested through its interpreter",
+)
+def test_triton_kernel_matches_float64_in_the_interpreter():
+    """The CUDA kernel (optimum_edkm/kernels/triton_lut.py) run by Triton's interpreter on CPU tensors: every bit
+    width, one LUT and one per row, scale and bias or neither, float32 and bfloat16 x, K and N not multiples of
+    the tiles."""
+    script = textwrap.dedent("""
+        import itertools, torch
+        from optimum_edkm.clustering import decode, pack_indices
+        from optimum_edkm.kernels.triton_lut import triton_lut_linear
+        for bits, groups, extras, dtype in itertools.product(
+            range(1, 9), [1, 20], [False, True], [torch.float32, torch.bfloat16]
+        ):
+            g = torch.Generator().manual_seed(bits)
+            idx = torch.randint(0, 2**bits, (20, 40), dtype=torch.uint8, generator=g)
+            lut = torch.randn(groups, 2**bits, generator=g).half()
+            scale = (torch.rand(20, generator=g) + 0.5).half() if extras else None
+            bias = torch.randn(20, generator=g) if extras else None
+            x = torch.randn(3, 40, generator=g).to(dtype)
+            y = triton_lut_linear(x, pack_indices(idx, bits), lut, scale, bias, 40, 20, bits, block_n=16, block_k=16)
+            exact = x.double() @ decode(idx, lut, scale, dtype=torch.float64).t()
+            exact = exact + (0 if bias is None else bias.double())
+            tol = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps  # y rounded to x's dtype
+            assert y.dtype == dtype and y.shape == (3, 20)
+            assert float((y.double() - exact).abs().max()) <= tol * float(exact.abs().max()), (bits, groups, dtype)
+        print("TRITON OK")
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert "TRITON OK" in done.stdout, done.stderr[-3000:]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none in this environment)")
 def test_cuda_uses_decode_and_matmul():
@@ -280,8 +385,8 @@ def palettized_llama():
 @needs_kernel
 def test_palettized_llama_logits_equal_with_and_without_kernel(palettized_llama, input_ids, monkeypatch):
     calls = []
-    fused_op = lut_module._state["linear"]
-    monkeypatch.setitem(lut_module._state, "linear", lambda *args: calls.append(args[7]) or fused_op(*args))
+    fused = lut_module._state["direct"]["linear"]
+    monkeypatch.setitem(lut_module._state["direct"], "linear", lambda *args: calls.append(args[7]) or fused(*args))
     with torch.no_grad():
         fused = palettized_llama(input_ids).logits
         assert sorted(set(calls)) == [3, 4] and len(calls) == 14  # every palettized projection, both widths
@@ -363,3 +468,71 @@ def test_two_checkouts_get_their_own_build_folder(tmp_path):
     copy = tmp_path / "lut_linear.cpp"
     copy.write_bytes(open(source, "rb").read())
     assert extensions._source_digest([source]) != extensions._source_digest([str(copy)])
+
+
+def palettized_tiny_llama(embedding_bits=None, seed=0):
+    """A tiny tied Llama in the main job's layout (3-bit linears, one LUT per output row, no scale) with random
+    palettes, its float parts in 16 bits (``EDKMConfig.float_dtype`` default); ``embedding_bits``: the tied
+    embedding / output head palettized too (one LUT per row)."""
+    from conftest import tiny_llama_config
+    from transformers import AutoModelForCausalLM
+
+    from optimum_edkm.nn import PalettizedEmbedding, PalettizedTiedLinear
+    from optimum_edkm.nn.stored16 import store_float_parts_16bit
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(tie=True, max_position_embeddings=128)).eval()
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head"]
+    if embedding_bits is not None:
+        targets.append(("model.embed_tokens", model.model.embed_tokens))
+    for index, (name, module) in enumerate(targets):
+        embedding = isinstance(module, torch.nn.Embedding)
+        out_f, in_f = module.weight.shape
+        bits = embedding_bits if embedding else 3
+        palette = PaletteFormat(bits=bits, group_size=1)
+        layer = (
+            PalettizedEmbedding(out_f, in_f, palette) if embedding else PalettizedLinear(in_f, out_f, False, palette)
+        )
+        _, packed, lut, _, _ = make_palette(out_f, in_f, bits, groups=out_f, scale=False, seed=seed + index)
+        layer.weight.copy_(packed)
+        layer.weight_lut.copy_(lut * (1.0 if embedding else 0.2))
+        model.set_submodule(name, layer)
+        if embedding:
+            model.lm_head = PalettizedTiedLinear(layer)
+    store_float_parts_16bit(model, torch.float16)
+    return model
+
+
+@needs_kernel
+@pytest.mark.parametrize("embedding_bits", [None, 4])
+def test_greedy_generation_equals_the_reference_path_on_every_instruction_set(embedding_bits, monkeypatch):
+    """64 greedy tokens at batch 1 and batch 8 (rows of x through the one-, two-, four- and eight-row loops while
+    prompts are read and tokens decoded) match the pure-torch path token for token on every instruction set."""
+    from optimum_edkm.nn.stored16 import Embedding16, Linear16
+
+    model = palettized_tiny_llama(embedding_bits)
+    if embedding_bits is None:
+        assert isinstance(model.model.embed_tokens, Embedding16) and isinstance(model.lm_head, Linear16)
+        assert model.lm_head.weight.dtype == torch.float16
+    prompts = {1: torch.randint(3, 128, (1, 7), generator=torch.Generator().manual_seed(1))}
+    prompts[8] = torch.randint(3, 128, (8, 5), generator=torch.Generator().manual_seed(2))
+
+    def generate(ids):
+        with torch.no_grad():
+            return model.generate(ids, max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=0)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(lut_module, "kernel_available", lambda: False)
+        reference = {batch: generate(ids) for batch, ids in prompts.items()}
+    calls = []
+    for name in ("linear", "linear16"):
+        compiled = lut_module._state["direct"][name]
+        monkeypatch.setitem(lut_module._state["direct"], name, lambda *a, f=compiled, n=name: calls.append(n) or f(*a))
+    for isa in isas():
+        restore = use_isa(isa)
+        try:
+            for batch, ids in prompts.items():
+                assert torch.equal(generate(ids), reference[batch]), (isa, batch)
+        finally:
+            restore()
+    assert "linear" in calls and ("linear16" in calls) == (embedding_bits is None)

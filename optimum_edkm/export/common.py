@@ -268,11 +268,15 @@ def export_copy(model: nn.Module, records: Optional[dict] = None) -> nn.Module:
                 check_on_lut(records[name], plain.weight)
                 weight = plain.weight
             clone.set_submodule(name, plain)
-    # deep-copied (non-fp32) tensors are the copy's own, so converting them leaves ``model`` untouched
+    # deep-copied (non-fp32) tensors are the copy's own, so converting them leaves ``model`` untouched; a weight
+    # shared by two modules (a tied 16-bit embedding / lm_head) stays shared
+    upcast = {}
     for submodule in clone.modules():
         for key, tensor in list(submodule._parameters.items()):
             if tensor is not None and tensor.is_floating_point() and tensor.dtype != torch.float32:
-                submodule._parameters[key] = nn.Parameter(tensor.detach().float(), requires_grad=False)
+                if id(tensor) not in upcast:
+                    upcast[id(tensor)] = nn.Parameter(tensor.detach().float(), requires_grad=False)
+                submodule._parameters[key] = upcast[id(tensor)]
         for key, tensor in list(submodule._buffers.items()):
             if tensor is not None and tensor.is_floating_point() and tensor.dtype != torch.float32:
                 submodule._buffers[key] = tensor.float()

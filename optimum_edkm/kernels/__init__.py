@@ -6,14 +6,18 @@ reference is used (with one warning) when it does not. Extensions are built by :
 
 * :func:`lut_linear` - the palettized linear layer (fused LUT GEMV on CPU, decode + GEMM for many rows);
 * :func:`lut_decode` - the dense weight of a palettized layer;
-* :func:`reference_lut_linear` - the pure-torch path both are checked against.
+* :func:`reference_lut_linear` - the pure-torch path both are checked against;
+* :func:`linear16` - a linear layer on a float16 / bfloat16 weight with float32 accumulation (the float parts of a
+  palettized model), and its pure-torch path :func:`reference_linear16`.
 """
 
 from .lut import (
     kernel_available,
     kernel_isa,
+    linear16,
     lut_decode,
     lut_linear,
+    reference_linear16,
     reference_lut_linear,
     set_kernel_isa,
     supported_isas,
@@ -22,8 +26,10 @@ from .lut import (
 __all__ = [
     "kernel_available",
     "kernel_isa",
+    "linear16",
     "lut_decode",
     "lut_linear",
+    "reference_linear16",
     "reference_lut_linear",
     "set_kernel_isa",
     "supported_isas",

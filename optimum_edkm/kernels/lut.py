@@ -2,9 +2,10 @@
 
 :func:`lut_linear` is what :class:`~optimum_edkm.PalettizedLinear` calls. On CPU it runs the C++ kernel
 (``csrc/lut_linear.cpp``, registered as the torch operator ``torch.ops.optimum_edkm.lut_linear`` with a fake
-implementation, so ``torch.compile`` sees it as one opaque node); everywhere else, and when the kernel cannot be
-built or the rows are not byte-aligned, it runs :func:`reference_lut_linear`: the pure-torch ``unpack_indices``
-+ ``decode`` + ``F.linear``.
+implementation, so ``torch.compile`` sees it as one opaque node); on CUDA, for a few rows of ``x``, the Triton
+kernel of :mod:`.triton_lut` when Triton is installed; everywhere else, and when the kernel cannot be built or
+the rows are not byte-aligned, it runs :func:`reference_lut_linear`: the pure-torch ``unpack_indices`` +
+``decode`` + ``F.linear``.
 
 The kernel reads the packed stream in place (no second copy of the weight): for a few rows of ``x`` (decoding
 tokens) it expands each chunk of indices in registers and never materialises the dense weight; from
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from ..clustering import decode, unpack_indices
 from ..extensions import load_extension
+from . import triton_lut
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +33,11 @@ GEMM_MIN_ROWS = 0
 #: largest float32 tile of decoded weight rows on the GEMM path (bounds the extra memory of a big lm_head)
 GEMM_TILE_BYTES = 8 << 20
 
-_SOURCES = ("lut_linear.cpp",)
-_state = {"resolved": False, "extension": None, "linear": None, "decode": None}
+_SOURCES = ("lut_linear.cpp", "lut_scalar.cpp", "lut_avx2.cpp", "lut_avx512.cpp")
+#: rows of ``x`` from which :func:`linear16` converts tiles of the 16-bit weight and uses torch's GEMM; 0 = default
+LINEAR16_GEMM_MIN_ROWS = 0
+
+_state = {"resolved": False, "extension": None, "linear": None, "decode": None, "linear16": None, "direct": {}}
 
 
 def _resolve():
@@ -44,6 +49,8 @@ def _resolve():
             _register_fakes()
             _state["linear"] = torch.ops.optimum_edkm.lut_linear.default
             _state["decode"] = torch.ops.optimum_edkm.lut_decode.default
+            _state["linear16"] = torch.ops.optimum_edkm.linear16.default
+            _state["direct"] = {"linear": extension.lut_linear, "linear16": extension.linear16}
             logger.info("LUT kernel loaded (instruction set: %s)", extension.current_isa())
         _state["extension"] = extension
     return _state["extension"]
@@ -56,6 +63,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("optimum_edkm::lut_linear")
     def _lut_linear_fake(x, packed, lut, scale, bias, in_features, out_features, bits, gemm_min_rows, gemm_tile_bytes):
         return x.new_empty((*x.shape[:-1], out_features))
+
+    @torch.library.register_fake("optimum_edkm::linear16")
+    def _linear16_fake(x, weight, bias, gemm_min_rows, gemm_tile_bytes):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
     @torch.library.register_fake("optimum_edkm::lut_decode")
     def _lut_decode_fake(packed, lut, scale, in_features, out_features, bits, dtype):
@@ -133,11 +144,22 @@ def lut_decode(
     return decode(indices, lut, scale, dtype=dtype)
 
 
+def _kernel(name: str):
+    """The compiled function ``name``: the torch operator while ``torch.compile`` traces (one opaque node), else
+    the same C++ function called directly (the dispatcher costs several microseconds a call, and decoding a token
+    makes ~200 calls)."""
+    if torch.compiler.is_compiling():
+        return _state[name]
+    return _state["direct"][name]
+
+
 def _forward(x, packed, lut, scale, bias, in_features, out_features, bits):
     if _kernel_applies(x, in_features, bits):
-        return _state["linear"](
+        return _kernel("linear")(
             x, packed, lut, scale, bias, in_features, out_features, bits, GEMM_MIN_ROWS, GEMM_TILE_BYTES
         )
+    if x.is_cuda and x.numel() <= triton_lut.MAX_ROWS * in_features and triton_lut.triton_available():
+        return triton_lut.triton_lut_linear(x, packed, lut, scale, bias, in_features, out_features, bits)
     return reference_lut_linear(x, packed, lut, scale, bias, in_features, out_features, bits)
 
 
@@ -192,3 +214,32 @@ def lut_linear(
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return _LutLinearFunction.apply(x, packed, lut, scale, bias, in_features, out_features, bits)
     return _forward(x, packed, lut, scale, bias, in_features, out_features, bits)
+
+
+# ------------------------------------------------------------------------------------------------ 16-bit weights
+_WEIGHT16_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def reference_linear16(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Pure-torch path of :func:`linear16`: the weight (and bias) cast to ``x``'s dtype, ``F.linear``."""
+    return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def linear16(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ weight^T + bias`` for a weight stored in float16 / bfloat16 (``[out, in]``), computed in float32
+    whatever the weight's dtype, returned in ``x``'s dtype. On CPU a fused GEMV reads the 16-bit rows once per up
+    to 8 rows of ``x`` (decoding); many rows of ``x`` convert tiles of the weight for torch's GEMM. Elsewhere, and
+    for gradients, :func:`reference_linear16`."""
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    if (
+        not needs_grad
+        and x.is_cpu
+        and x.dtype in _KERNEL_DTYPES
+        and weight.dtype in _WEIGHT16_DTYPES
+        and weight.is_contiguous()
+        and kernel_available()
+    ):
+        return _kernel("linear16")(x, weight, bias, LINEAR16_GEMM_MIN_ROWS, GEMM_TILE_BYTES)
+    return reference_linear16(x, weight, bias)
