@@ -144,6 +144,16 @@ def palettize(model):
 
 
 # --------------------------------------------------------------------------------------------- size
+def stored_size(model):
+    """The :class:`~optimum_edkm.storage.ModelSize` of what a checkpoint of ``model`` holds: the packed form of
+    its clustered / palettized modules, the float parts of an eDKM model at ``EDKMConfig.float_dtype``, every
+    other tensor at its dtype (any model: a float model is all "other")."""
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    dtype_16bit = config.float_dtype_16bit if isinstance(config, EDKMConfig) else None
+    stored_16bit = float_part_keys(model, dtype_16bit) if dtype_16bit is not None else set()
+    return model_size(model, palettized_storage(model), tensor_bits={key: 16 for key in stored_16bit})
+
+
 def size_report(model) -> dict:
     """Bytes and bits per weight of the palettized form of ``model`` (what a checkpoint holds), by the one size
     rule (:func:`optimum_edkm.storage.model_size`).
@@ -157,9 +167,7 @@ def size_report(model) -> dict:
     and after :func:`palettize`.
     """
     config = edkm_config(model)
-    dtype_16bit = config.float_dtype_16bit
-    stored_16bit = float_part_keys(model, dtype_16bit) if dtype_16bit is not None else set()
-    size = model_size(model, palettized_storage(model), tensor_bits={key: 16 for key in stored_16bit})
+    size = stored_size(model)
     return {
         "bits": config.bits,
         "granularity": config.granularity,

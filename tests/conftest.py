@@ -93,3 +93,15 @@ def tiny_gpt2_dir(tmp_path_factory):
 @pytest.fixture
 def input_ids():
     return torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+
+
+def round_float_parts(model, dtype=torch.float16):
+    """Round the float parts of a model about to be palettized to the values palettize stores them as
+    (``EDKMConfig.float_dtype``, float16 by default), so that its float32 logits are the reference the palettized
+    model must reproduce exactly."""
+    from optimum_edkm.nn.stored16 import float_part_keys
+
+    tensors = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for key in float_part_keys(model, dtype):
+            tensors[key].copy_(tensors[key].to(dtype))

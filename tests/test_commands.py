@@ -181,7 +181,7 @@ def test_compress_keeps_the_recipe_defaults_for_options_not_given(tiny_model_dir
         recipes.append(recipe)
         raise RuntimeError("stop after the call")
 
-    monkeypatch.setattr(optimum_edkm, "compress", spy)
+    monkeypatch.setattr(optimum_edkm.pipeline, "compress", spy)
     argv = _compress_argv(tiny_model_dir, texts, tmp_path / "out", "--no-eval", "--learning-rate", "0.002")
     with pytest.raises(RuntimeError, match="stop after the call"):
         main(argv + ["--steps", "1", "--e2e-train", "lut"])

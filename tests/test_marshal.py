@@ -325,7 +325,10 @@ def test_edkm_saves_only_the_resident_weight_and_tiny_centroids():
     out.weight.backward(upstream)
     assert m.bytes_resident == nbytes(weight)
     assert m.bytes_offloaded == 0 and m.copies == 0
-    assert m.bytes_on_device == nbytes(centroids.float())
+    # nothing per weight: the starting centroids and, with the compiled kernel, each iteration's centroids and
+    # masses (float64 at most), O(iterations x groups x k)
+    per_centroids = centroids.numel() * 8
+    assert nbytes(centroids.float()) <= m.bytes_on_device <= (2 * spec.iterations + 1) * per_centroids
 
 
 def test_double_backward_through_marshalled_tensors_is_exact():

@@ -105,9 +105,10 @@ def test_training_stages_run_in_order_and_a_given_start_is_kept(tmp_path):
     assert report.stages["start"]["kind"] == "given palettes"
     assert report.stages["end-to-end distillation"]["steps"] == 2
     assert all(is_palettized(m) or not is_clustered(m) for m in model.modules())
-    # the given start was really where training began: the start row is the given model's perplexity
+    # the given start was really where training began: the start row is the given model's perplexity (up to
+    # the 16-bit rounding of the float parts, which palettize applies to ``source`` and not yet to the start row)
     start_ppl = optimum_edkm.evaluation.evaluate_perplexity(source, given.evaluation["a"], 32, progress=False)
-    assert report.rows[1].perplexity["a"] == pytest.approx(start_ppl.perplexity)
+    assert report.rows[1].perplexity["a"] == pytest.approx(start_ppl.perplexity, rel=1e-4)
 
 
 def test_frozen_assignments_train_only_the_lut_and_write_it_back_exactly():

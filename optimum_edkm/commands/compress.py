@@ -108,10 +108,9 @@ def evaluation_texts(args) -> dict:
 def compress(args) -> dict:
     """Run the job described by parsed ``compress`` arguments; returns the report (also written as JSON)."""
     from optimum_edkm import atomic, pipeline
-    from optimum_edkm.api import checkpoint_bytes, save_pretrained
+    from optimum_edkm.api import checkpoint_bytes, save_pretrained, stored_size
     from optimum_edkm.data import TRAIN_SPLIT, load_text
     from optimum_edkm.models import load_causal_lm
-    from optimum_edkm.nn import palettized_storage
     from optimum_edkm.pipeline import CompressionData
     from optimum_edkm.storage import model_size
 
@@ -152,7 +151,7 @@ def compress(args) -> dict:
         **report.as_dict(),
         "float_size": float_size.as_dict(),
         "checkpoint": checkpoint_bytes(output),
-        "stored_bits": model_size(model, palettized_storage(model)).as_dict(),
+        "stored_bits": stored_size(model).as_dict(),
         "total_seconds": time.perf_counter() - started,
     }
     atomic.write_json(os.path.join(output, REPORT_NAME), record, default=str)

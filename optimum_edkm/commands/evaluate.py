@@ -7,8 +7,7 @@ import logging
 import os
 from typing import Optional
 
-from ..nn import palettized_storage
-from ..storage import model_size
+from ..api import stored_size
 from .compress import DTYPES, MIB, CommandError, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -69,9 +68,10 @@ def load_for_evaluation(name: str, dtype, device):
 
 
 def checkpoint_size(model):
-    """``(bytes, bits per parameter)`` of what the checkpoint holds (:func:`optimum_edkm.storage.model_size`):
-    packed indices, LUTs and scales of an eDKM model's modules, every other tensor at its dtype."""
-    size = model_size(model, palettized_storage(model))
+    """``(bytes, bits per parameter)`` of what the checkpoint holds (:func:`optimum_edkm.api.stored_size`):
+    packed indices, LUTs and scales of an eDKM model's modules, its float parts at ``EDKMConfig.float_dtype``,
+    every other tensor at its dtype."""
+    size = stored_size(model)
     return size.model_bytes, size.whole_model
 
 

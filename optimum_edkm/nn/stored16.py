@@ -117,7 +117,9 @@ def _class_16(module: nn.Module, dtype: torch.dtype) -> Optional[type]:
     if isinstance(module, (Linear16, Embedding16)) or not _wider(getattr(module, "weight", None), dtype):
         return None
     for float_class, class_16 in _CLASSES_16:
-        if isinstance(module, float_class):
+        # the exact class only: a subclass has a forward of its own (OPT's learned positions take position_ids)
+        # that a 16-bit replacement would lose; its tensors are rounded in place like a norm's
+        if type(module) is float_class:
             return class_16
     return None
 
