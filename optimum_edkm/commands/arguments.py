@@ -27,6 +27,7 @@ CONFIG_OPTIONS = {
     "iterations": "iterations",
     "embedding_bits": "embedding_bits",
     "lut_dtype": "lut_dtype",
+    "float_dtype": "float_dtype",
     "modules_to_not_convert": "modules_to_not_convert",
 }
 #: ``compress`` option -> ``optimum_edkm.Recipe`` field (every field; tests check the two lists agree)
@@ -151,6 +152,12 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
         "--embedding-bits", type=int, default=None, help="also cluster the input embedding (untied models only)"
     )
     clustering.add_argument("--lut-dtype", choices=("float16", "float32"), default=None)
+    clustering.add_argument(
+        "--float-dtype",
+        choices=("float16", "bfloat16", "float32"),
+        default=None,
+        help="dtype the float parts (a float embedding / lm_head, norms) are stored and run in (default float16)",
+    )
     clustering.add_argument(
         "--modules-to-not-convert",
         nargs="+",
