@@ -3,7 +3,7 @@ float parts (the tied embedding / lm_head, norms) in float32, float16 and bfloat
 
 The source is a palettized checkpoint whose float parts are float32: ``--model-dir`` (saved with
 ``float_dtype="float32"``), or by default the main job's layout (3-bit, one LUT per output channel, no scale:
-``optimum_edkm.finetune.RECIPE_PALETTE``) from k-means without training, built once like ``inference.py``'s
+``optimum_edkm.pipeline.DEFAULT_LAYOUT``) from k-means without training, built once like ``inference.py``'s
 ``job-f32`` row. Each 16-bit variant is what ``palettize`` makes of it (:func:`optimum_edkm.nn.stored16.
 store_float_parts_16bit`), computed in float32. Scored on the validation texts (help topics' validation split,
 news) to choose, and on the test texts (help topics' test split, Wikipedia) to report: the first

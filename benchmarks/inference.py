@@ -11,7 +11,7 @@ For every configuration and thread count (``--threads``), in a fresh process: lo
 * once per configuration (``--check-tokens``, first run): whether greedy generation at batch 1 equals the pure-torch
   reference path (kernels off) token for token, on every instruction set the CPU runs.
 
-The ``job`` rows are the main job's layout (``optimum_edkm.finetune.RECIPE_PALETTE``: 3-bit indices, one LUT per
+The ``job`` rows are the main job's layout (``optimum_edkm.pipeline.DEFAULT_LAYOUT``: 3-bit indices, one LUT per
 output channel, no scale) with the float parts in float16 (the default ``EDKMConfig.float_dtype``): ``job-emb4``
 also palettizes the tied embedding / lm_head at 4 bits (``embedding_bits=4``), ``job-f32`` keeps the float parts in
 float32 (what the main job saved before ``float_dtype``). Their checkpoints are built once (float model ->
@@ -99,7 +99,7 @@ class Config:
         return ", ".join(parts)
 
 
-#: the main job's layout (optimum_edkm.finetune.RECIPE_PALETTE)
+#: the main job's layout (optimum_edkm.pipeline.DEFAULT_LAYOUT)
 JOB = dict(bits=3, group_size=1, scale=False)
 CONFIGS = {
     c.name: c

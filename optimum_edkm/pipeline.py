@@ -403,6 +403,7 @@ def compress(
             "block-wise reconstruction",
             tic,
             error=[(h["error_before"], h["error_after"]) for h in history],
+            layers_kept_as_they_were=[h["layer"] for h in history if not h["trained_kept"]],
             options=dataclasses.asdict(options),
         )
 

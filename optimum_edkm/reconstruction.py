@@ -176,6 +176,24 @@ def _train_layer(layer: nn.Module, calls: list, targets: list, options: Reconstr
     return losses
 
 
+def _snapshot(layer: nn.Module) -> tuple:
+    """What :func:`_restore` needs to put ``layer`` back: its tensors and each clustered module's palettization
+    (whose indices :meth:`ClusteredModule.start_from` pins exactly)."""
+    state = {key: tensor.detach().clone() for key, tensor in layer.state_dict().items()}
+    return state, {m: m.palette() for m in layer.modules() if is_clustered(m)}
+
+
+@torch.no_grad()
+def _restore(layer: nn.Module, saved: tuple) -> None:
+    state, palettes = saved
+    layer.load_state_dict(state)
+    for module, palette in palettes.items():
+        # indices pinned by start_from (near-duplicate LUT entries) are not in the state dict: pin them again
+        # (the weights were then the decoded values, which start_from writes back unchanged)
+        if not torch.equal(module.nearest_indices(), palette.indices().to(module.weight.device)):
+            module.start_from(palette)
+
+
 def reconstruct_blocks(
     model,
     teacher,
@@ -187,8 +205,9 @@ def reconstruct_blocks(
     """Train each decoder layer of the clustered ``model`` to reproduce ``teacher``'s (the float model's) layer
     outputs on ``calibration_ids`` (``[n, seq_len]``), fed the outputs of ``model``'s layers before it.
 
-    Returns per layer ``{"layer", "error_before", "error_after", "seconds", "losses"}`` (mean squared error of
-    the layer's output against the float model's, with snapped weights, before and after training)."""
+    Returns per layer ``{"layer", "error_before", "error_after", "trained_kept", "seconds", "losses"}`` (mean
+    squared error of the layer's output against the float model's, with snapped weights, before and after
+    training; a layer whose error training did not lower is put back as it was, ``trained_kept`` False)."""
     if options.epochs == 0:
         return []
     if len(decoder_layers(model)) != len(decoder_layers(teacher)):
@@ -213,15 +232,23 @@ def reconstruct_blocks(
             with torch.no_grad():
                 targets = [layer_output(float_step.layer(*c.args, **c.kwargs)) for c in float_step.calls]
             float_step.outputs = targets  # the float model's own hidden states feed its next layer
-            _, before = _mean_error(step.layer, step.calls, targets)
+            outputs_before, before = _mean_error(step.layer, step.calls, targets)
+            saved = _snapshot(step.layer)
             losses = _train_layer(step.layer, step.calls, targets, options, seed + step.index)
             step.outputs, after = _mean_error(step.layer, step.calls, targets)
+            # a layer whose error training did not lower (a learning rate too high for this model's weights)
+            # keeps its start, so that the stage never makes a layer worse on the calibration windows
+            kept = after <= before
+            if not kept:
+                _restore(step.layer, saved)
+                step.outputs, after = outputs_before, before
             seconds = time.perf_counter() - started
             history.append(
                 {
                     "layer": step.index,
                     "error_before": before,
                     "error_after": after,
+                    "trained_kept": kept,
                     "seconds": seconds,
                     "losses": losses,
                 }

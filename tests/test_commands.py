@@ -196,6 +196,10 @@ def test_compress_keeps_the_recipe_defaults_for_options_not_given(tiny_model_dir
         "calibration_seq_len": 64,
     }
     assert recipe == dataclasses.replace(DEFAULT_RECIPE, **given)
+    # --steps 0 alone: no training at all, the post-training start is the result
+    with pytest.raises(RuntimeError, match="stop after the call"):
+        main(argv + ["--steps", "0"])
+    assert (recipes[-1].steps, recipes[-1].block_epochs) == (0, 0) and not recipes[-1].needs_teacher
 
 
 def test_compress_with_zero_steps_saves_the_post_training_start_and_distillation_keeps_a_teacher(

@@ -95,7 +95,7 @@ def test_fisher_diagonal_is_the_mean_squared_per_sequence_gradient(tiny_llama_di
     assert set(scores) == set(fisher) and all(v >= 0 for v in scores.values())
 
 
-def test_prepare_weighted_uses_the_fisher_weights(tiny_llama_dir):
+def test_prepare_with_importance_uses_the_fisher_weights(tiny_llama_dir):
     float_model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     torch.manual_seed(1)
     fisher = fisher_diagonal(float_model, torch.randint(3, 128, (200,)), samples=2, seq_len=16)
