@@ -390,7 +390,8 @@ def worker(config: Config, args) -> dict:
         result["peak_rss_bytes"] = status_bytes("VmHWM")
     else:
         result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
-    if args.check_tokens and config.bits is not None and config.kernels and device.type == "cpu":
+    palettized = config.bits is not None or config.saved
+    if args.check_tokens and palettized and config.kernels and device.type == "cpu":
         result["matches_reference"] = matches_reference(model, tokenizer, args.check_tokens, device)
     result["footprint_bytes"] = footprint_bytes(model)  # after the run: includes dense caches, if any
     result["loadavg_end"] = loadavg()

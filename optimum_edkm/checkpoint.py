@@ -98,7 +98,7 @@ def converted_modules(model) -> dict:
 
 
 def canonical_config(config) -> dict:
-    """The quantization config fields the record compares (the package version is informative only)."""
+    """The quantization config fields the record holds (the package version is informative only)."""
     data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     data.pop("edkm_version", None)
     return json.loads(json.dumps(data, sort_keys=True))
@@ -340,7 +340,10 @@ def _check_record(model, config, records: list, modules: dict) -> Optional[dict]
             f"the commit record of {os.path.basename(path)} is damaged ({error}); re-save the model"
         ) from None
     current = canonical_config(config)
-    differing = sorted(k for k in set(saved_config) | set(current) if saved_config.get(k) != current.get(k))
+    # the method's name has two spellings, both this method: 0.2 saved "edkm", 0.3 saves it with the install hint
+    differing = sorted(
+        k for k in set(saved_config) | set(current) if k != "quant_method" and saved_config.get(k) != current.get(k)
+    )
     if differing:
         details = "; ".join(
             f"{k}: saved {saved_config.get(k)!r}, config.json {current.get(k)!r}" for k in differing[:4]

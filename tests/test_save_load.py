@@ -312,6 +312,23 @@ def test_an_edited_config_json_is_refused_naming_the_field(saved, change, field)
         AutoModelForCausalLM.from_pretrained(saved)
 
 
+def test_a_checkpoint_saved_by_0_2_with_the_plain_method_name_loads(saved, input_ids):
+    """0.2 wrote ``quant_method: "edkm"`` in config.json and in the commit record; 0.3 writes it with the install
+    hint. Both spellings name the same method: the record check must not call the old one an edited config."""
+    expected = AutoModelForCausalLM.from_pretrained(saved).eval()
+    _edit_config(saved, lambda q: q.update(quant_method="edkm"))
+    path = os.path.join(saved, "model.safetensors")
+    with safe_open(path, "pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(path)
+    record = json.loads(metadata[KEY_CONFIG])
+    record["quant_method"] = "edkm"
+    save_file(tensors, path, metadata={**metadata, KEY_CONFIG: json.dumps(record, sort_keys=True)})
+    loaded = AutoModelForCausalLM.from_pretrained(saved).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids).logits, expected(input_ids).logits)
+
+
 def _flip_byte(directory, key, position=3):
     """Flip one byte of tensor ``key`` in place in the file (header and record untouched)."""
     from optimum_edkm.checkpoint import read_header
