@@ -135,10 +135,15 @@ def test_frozen_assignments_train_only_the_lut_and_write_it_back_exactly():
     assert not hasattr(module, "frozen_assignment")
 
 
-def test_block_wise_reconstruction_lowers_each_layers_error_against_the_float_layer():
+def reconstruction_case():
+    """(float teacher, its 2-bit k-means clustered copy, calibration ids) for block-wise reconstruction."""
     teacher = tiny_llama()
     model = optimum_edkm.prepare(copy.deepcopy(teacher), EDKMConfig(**{**PER_CHANNEL, "bits": 2}))
-    ids = torch.randint(3, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+    return teacher, model, torch.randint(3, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+
+
+def test_block_wise_reconstruction_lowers_each_layers_error_against_the_float_layer():
+    teacher, model, ids = reconstruction_case()
     for train in ("edkm", "lut"):
         trial = copy.deepcopy(model)
         history = reconstruct_blocks(
@@ -151,9 +156,7 @@ def test_block_wise_reconstruction_lowers_each_layers_error_against_the_float_la
 
 
 def test_a_layer_that_training_makes_worse_is_put_back_exactly():
-    teacher = tiny_llama()
-    model = optimum_edkm.prepare(copy.deepcopy(teacher), EDKMConfig(**{**PER_CHANNEL, "bits": 2}))
-    ids = torch.randint(3, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+    teacher, model, ids = reconstruction_case()
     for train in ("edkm", "lut"):
         trial = copy.deepcopy(model)
         start = optimum_edkm.palettes_of(trial)

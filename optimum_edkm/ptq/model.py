@@ -35,7 +35,8 @@ class PostTrainingResult:
             :class:`~optimum_edkm.storage.WeightStorage` (indices, LUT, scale), for the bits accounting.
         settings: the options and the configuration the model was palettized with.
         details: per module, the output error ``tr((W - Q) H (W - Q)^T)`` of every candidate (``"output_error"``),
-            the one kept (``"chosen"``) and the weights whose snapping still changed (``"mismatched"``).
+            the one kept (``"chosen"``) and the weights whose nearest LUT entry is not their index (``"mismatched"``:
+            near-duplicate entries; palettizing keeps the index, a training step may move them).
     """
 
     storage: dict

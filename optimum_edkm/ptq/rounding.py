@@ -341,8 +341,9 @@ def _as_snapped(
 ) -> PaletteCandidate:
     """The candidate as snapping will store it. A refit LUT may hold two entries closer than the 16-bit rounding
     of the clustered values; a weight decoded from one of them then snaps to the other. Such weights take the
-    entry snapping gives (repeated until stable), and the error is recomputed. A GPTQ pass's candidate is exact
-    as it is: where its decoded value would snap elsewhere, :func:`install_palette` writes the value it rounded."""
+    entry snapping gives (repeated until stable), and the error is recomputed. A GPTQ pass's candidate is kept as
+    it is: its indices are what each column was rounded to, and :func:`install_palette` installs them exactly
+    (:meth:`~optimum_edkm.nn.ClusteredModule.start_from` keeps given indices)."""
     if candidate.rounded_from is not None:
         return candidate
     indices = candidate.indices
